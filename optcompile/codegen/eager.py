@@ -1,0 +1,19 @@
+"""IR → the eager backend: a per-tensor loop of in-place torch ops (``_single_tensor_<name>``).
+
+It is also the gradient-release path (one parameter at a time) and the reference the other
+backends are tested against."""
+from __future__ import annotations
+
+from ..ir import Program
+from .tensor_code import Dialect, emit_body
+
+
+def context(prog: Program) -> dict:
+    lines: list[str] = []
+    written: list[str] = []
+    for stage in prog.stages():  # per tensor, a reduction is complete before the next stage
+        body, w = emit_body(prog, Dialect(), stage)
+        lines += body
+        written += [x for x in w if x not in written]
+    return {"name": f"_single_tensor_{prog.functional}", "body": lines, "writeback": written,
+            "uses_numel": "numel" in "\n".join(lines)}

@@ -1,0 +1,18 @@
+"""IR → the foreach backend: ``torch._foreach_*`` over the tensors of one (device, dtype) group
+(``_foreach_<name>``). Reductions are per tensor (lists of floats), so stages run one after the
+other over the whole list."""
+from __future__ import annotations
+
+from ..ir import Program
+from .tensor_code import ForeachDialect, emit_body
+
+
+def context(prog: Program) -> dict:
+    lines: list[str] = []
+    written: list[str] = []
+    for stage in prog.stages():
+        body, w = emit_body(prog, ForeachDialect(), stage)
+        lines += body
+        written += [x for x in w if x not in written]
+    return {"name": f"_foreach_{prog.functional}", "body": lines, "writeback": written,
+            "uses_numel": "numel" in "\n".join(lines)}

@@ -1,0 +1,113 @@
+"""Host-side Python for per-step scalars (bias corrections, ρ_t, decay factors, branch flags).
+
+Every backend computes its host scalars with this one printer, in one generated function per
+spec, so eager, foreach, Triton and C see bit-identical scalars.
+"""
+from __future__ import annotations
+
+import sympy
+from sympy.printing.pycode import PythonCodePrinter
+
+from ..ir import TRUE, HostScalar, Program
+
+
+class HostPrinter(PythonCodePrinter):
+    """Python floats and bools; ``math`` for transcendental functions; conditions as ``and/or``."""
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Rational(self, expr):
+        return repr(float(expr.p) / float(expr.q))
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Max(self, expr):
+        return "max(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Min(self, expr):
+        return "min(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Abs(self, expr):
+        return f"abs({self._print(expr.args[0])})"
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"(({x}) > 0) - (({x}) < 0)"
+
+    def _print_And(self, expr):
+        return "(" + " and ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " or ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+
+    def _print_Not(self, expr):
+        return f"(not {self._print(expr.args[0])})"
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_Mod(self, expr):
+        a, b = expr.args
+        return f"({self.parenthesize(a, 100)} % {self.parenthesize(b, 100)})"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp == sympy.Rational(1, 2):
+            return f"math.sqrt({self._print(base)})"
+        if exp == -sympy.Rational(1, 2):
+            return f"(1.0 / math.sqrt({self._print(base)}))"
+        if exp == -1:
+            return f"(1.0 / {self.parenthesize(base, 100)})"
+        return f"{self.parenthesize(base, 100)}**{self.parenthesize(exp, 100)}"
+
+    def _print_Piecewise(self, expr):
+        out = []
+        for value, cond in expr.args:
+            if cond == TRUE:
+                out.append(f"({self._print(value)})")
+                break
+            out.append(f"({self._print(value)}) if ({self._print(cond)}) else ")
+        else:
+            out.append("None")
+        return "(" + "".join(out) + ")"
+
+
+_PRINTER = HostPrinter({"fully_qualified_modules": True, "standard": "python3"})
+
+
+def pyexpr(expr) -> str:
+    """One host expression as Python source."""
+    return _PRINTER.doprint(sympy.sympify(expr))
+
+
+def host_lines(prog: Program) -> list[str]:
+    """``name = expr`` for each host scalar, in dependency order, guarded where lowering said so."""
+    lines = []
+    for h in prog.host:
+        value = pyexpr(h.expr)
+        if h.guard != TRUE:
+            zero = "False" if h.kind == "bool" else "0.0"
+            value = f"{value} if {pyexpr(h.guard)} else {zero}"
+        lines.append(f"{h.name} = {value}")
+    return lines
+
+
+def used_host_names(prog: Program) -> list[str]:
+    """The host values the per-element and per-tensor code reads, sorted (the kernel interface)."""
+    host = prog.host_names() | {"update_parameters", "kahan"}
+    used = set()
+    for s in prog.body:
+        used |= {x.name for x in sympy.sympify(s.expr).free_symbols | sympy.sympify(s.guard).free_symbols}
+    return sorted(used & host)
+
+
+def host_of(prog: Program) -> dict[str, HostScalar]:
+    return {h.name: h for h in prog.host}

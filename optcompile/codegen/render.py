@@ -1,0 +1,225 @@
+"""The one Jinja environment, and the module contexts built from a Program.
+
+Templates hold structure (signatures, loops, the class); every line of math comes from a printer.
+A rendered module is stamped with a header whose ``body:`` hash covers everything below it, so
+the loader can tell a torn or edited file from a good one.
+"""
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import sympy
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from ..ir import TRUE, Program
+from ..fingerprint import cache_key, templates_hash
+from ..paths import specs_dir, templates_dir
+from ..version import __version__
+from . import eager, foreach
+from .header import stamp
+from .host import host_lines, pyexpr, used_host_names
+from .tensor_code import Dialect, TensorCode
+
+LOW_PRECISION_NOTE = "bf16/fp16 are computed in fp32 and rounded once per store"
+_ENV: Environment | None = None
+
+
+def env() -> Environment:
+    global _ENV
+    if _ENV is None:
+        _ENV = Environment(loader=FileSystemLoader(str(templates_dir())), undefined=StrictUndefined,
+                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    return _ENV
+
+
+def spec_display_path(path: str) -> str:
+    p = Path(path).resolve()
+    try:
+        return "specs/" + p.relative_to(specs_dir().resolve()).as_posix()
+    except ValueError:
+        return p.name
+
+
+def traffic(prog: Program) -> str:
+    """Bytes an ideal fused pass moves per parameter (fp32, no Kahan): the benchmark's yardstick."""
+    reads, writes = ["param", "grad"], []
+    for s in prog.body:
+        names = {x.name for x in sympy.sympify(s.expr).free_symbols}
+        reads += [n for n in sorted(names) if n in prog.stored() and n not in reads and n != "kahan_comp"]
+        t = getattr(s, "target", None)
+        if t in prog.stored() and t not in writes and t != "kahan_comp":
+            writes.append(t)
+    short = lambda xs: " ".join(xs)  # noqa: E731
+    return (f"{prog.name} fp32: reads {short(reads)}, writes {short(writes)} = "
+            f"{4 * (len(reads) + len(writes))} B/param/step")
+
+
+def header(prog: Program, spec_source: bytes, body: str, backend: str = "py", comment: str = "#") -> str:
+    path = spec_display_path(prog.spec_path)
+    return stamp(comment=comment, spec_path=path, name=prog.name, spec_sha=hashlib.sha256(spec_source).hexdigest(),
+                 version=__version__, templates_sha=templates_hash(), passes=", ".join(prog.passes),
+                 key=cache_key(prog.functional, spec_source, backend), body=body, traffic=traffic(prog))
+
+
+# ── the Python module: host scalars, state init, eager, foreach, functional and class ───────────
+_ANNOT = {"float": "float", "int": "int", "bool": "bool"}
+SHARED_DOCS = {
+    "kahan_sum": "Enables Kahan summation for more accurate parameter updates when training in low "
+                 "precision (float16 or bfloat16). If unspecified, automatically applies for low precision "
+                 "parameters",
+    "foreach": "Enables the foreach implementation. If unspecified, uses the fused CPU kernel or Triton "
+               "where they apply, else foreach on GPUs and the for-loop on CPU",
+    "triton": "Enables the generated multi-tensor Triton kernels. If unspecified, used for params on a GPU "
+              "when Triton works there",
+    "gradient_release": "Fuses optimizer step and zero_grad as part of the parameter's backward pass. "
+                        "Requires model hooks created with `prepare_for_gradient_release`",
+    "fused": "Enables the generated fused multi-tensor C kernel for CPU params (keyword-only). If "
+             "unspecified, used for CPU params when a C compiler is available",
+}
+
+
+def _wrap(name: str, doc: str, default: str | None) -> str:
+    """One Args entry, wrapped at 100 columns with a hanging indent (torch's docstring style)."""
+    text = f"{name}: " + doc[0].upper() + doc[1:] + (f" (default: {default})" if default is not None else "")
+    return textwrap.fill(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 12).strip()
+
+
+def _annotation(a) -> str:
+    if a.kind == "tuple":
+        return "tuple[" + ", ".join([_ANNOT[a.type]] * len(a.keys)) + "]"
+    if a.kind == "optional_float":
+        return "float | None"
+    return _ANNOT[a.type]
+
+
+def _default(a) -> str | None:
+    from ..spec import REQUIRED
+    if a.default is REQUIRED:
+        return None
+    if a.kind == "tuple":
+        return "(" + ", ".join(repr(v) for v in a.default) + ")"
+    return repr(a.default)
+
+
+def _validation(a) -> list[str]:
+    """optimi's ValueErrors, generated from each argument's sympy domain."""
+    if a.domain is None:
+        return []
+    dom = a.domain
+    out = []
+    values = [(f"{a.name}[{i}]", k, a.labels[i]) for i, k in enumerate(a.keys)] if a.kind == "tuple" \
+        else [(a.name, a.name, a.labels[0])]
+    for expr, _, label in values:
+        conds = []
+        if dom.inf != -sympy.oo:
+            conds.append(f"{float(dom.inf)!r} {'<' if dom.left_open else '<='} {expr}")
+        if dom.sup != sympy.oo:
+            conds.append(f"{expr} {'<' if dom.right_open else '<='} {float(dom.sup)!r}")
+        if not conds:
+            continue
+        cond = " and ".join(conds) if len(conds) > 1 else conds[0]
+        shown = f"{{{expr}=}}" if "[" in expr else f"{expr}={{{expr}}}"
+        out.append((f"if not ({cond}):", f'raise ValueError(f"Invalid {label}: {shown}")'))
+    return out
+
+
+def _init_lines(prog: Program) -> list[str]:
+    """``_init_state``: optimi's lazy allocation, with ``kahan_comp`` always present."""
+    code = TensorCode(prog, Dialect())
+    code.host = {k for a in prog.args for k in a.keys} | {"kahan"}
+    keys = sorted({x.name for st in prog.states for x in sympy.sympify(st.init).free_symbols | sympy.sympify(
+        st.when).free_symbols} & {k for a in prog.args for k in a.keys})
+    lines = [f"{k} = group[{k!r}]" for k in keys]
+    if any(sympy.Symbol("grad", real=True) in sympy.sympify(st.init).free_symbols for st in prog.states):
+        lines.append("grad = param.grad")
+    for st in prog.states:
+        init = sympy.piecewise_fold(sympy.sympify(st.init))
+        block = []
+        branches = init.args if isinstance(init, sympy.Piecewise) else ((init, TRUE),)
+        for i, (value, cond) in enumerate(branches):
+            code.lines, code.indent = [], ""
+            if value.is_Number and value == 0:
+                rhs = "torch.zeros_like(param, memory_format=torch.preserve_format)"
+            elif value.is_Number:
+                rhs = f"torch.full_like(param, {float(value)!r}, memory_format=torch.preserve_format)"
+            else:
+                rhs = code.atom(value)
+                if rhs in ("param", "grad"):
+                    rhs = f"{rhs}.detach().clone(memory_format=torch.preserve_format)"
+            body = code.lines + [f"state[{st.name!r}] = {rhs}"]
+            if cond == TRUE and i == 0:
+                block += body
+            else:
+                block.append(("if" if i == 0 else "elif" if cond != TRUE else "else") +
+                             ("" if cond == TRUE else f" {pyexpr(cond)}") + ":")
+                block += ["    " + x for x in body]
+        if st.when != TRUE:
+            lines.append(f"if {pyexpr(st.when)}:")
+            lines += ["    " + x for x in block]
+            lines += ["else:", f"    state[{st.name!r}] = None"]
+        else:
+            lines += block
+    return lines
+
+
+def module_context(prog: Program) -> dict:
+    host_inputs = [k for a in prog.args for k in a.keys] + (["step"] if prog.uses_step else []) + \
+        ["update_parameters", "kahan"]
+    used = used_host_names(prog)
+    states = [s.name for s in prog.states if s.name != "kahan_comp"]
+    spec_args = [a for a in prog.args]
+    first_line, _, rest = (prog.doc or prog.name).partition("\n")
+    return {
+        "prog": prog,
+        "name": prog.name,
+        "fn": prog.functional,
+        "summary": first_line.strip(),
+        "doc_rest": rest.strip("\n"),
+        "args": [{"name": a.name, "annotation": _annotation(a), "default": _default(a),
+                  "doc": _wrap(a.name, a.doc or SHARED_DOCS.get(a.name, a.name), _default(a)), "keys": a.keys, "kind": a.kind} for a in spec_args],
+        "kahan_default": repr(prog.kahan_default),
+        "validations": [v for a in spec_args for v in _validation(a)],
+        "host_inputs": host_inputs,
+        "host_lines": host_lines(prog),
+        "host_used": used,
+        "states": states,
+        "state_lists": [f"{s}s" for s in states] + ["kahan_comps"],
+        "buffers": ["param", "grad"] + states + ["kahan_comp"],
+        "init_lines": _init_lines(prog),
+        "eager": eager.context(prog),
+        "foreach": foreach.context(prog),
+        "uses_step": prog.uses_step,
+        "runtime_docs": [_wrap(n, SHARED_DOCS[n], d) for n, d in (("kahan_sum", repr(prog.kahan_default)),
+                         ("foreach", "None"), ("triton", "None"), ("gradient_release", "False"), ("fused", "None"))],
+        "max_lr": prog.arg("max_lr") is not None,
+        "traffic": traffic(prog),
+        "functional_params": _functional_params(prog),
+        "hyper_keys": repr(tuple(k for a in prog.args for k in a.keys)),
+        "hyper_dict": "{" + ", ".join(f"{k!r}: {k}" for a in prog.args for k in a.keys) + "}",
+        "state_names": repr(tuple(states)),
+    }
+
+
+def _functional_params(prog: Program) -> list[str]:
+    """optimi's functional keyword arguments: hyperparameters, ``step``, then the decay switches."""
+    out = []
+    for a in prog.args:
+        if a.injected_by and prog.uses_step and "step: Tensor" not in out:
+            out.append("step: Tensor")
+        for k in a.keys:
+            if a.kind == "optional_float":
+                out.append(f"{k}: float | None = None")
+            elif a.kind == "flag":
+                out.append(f"{k}: bool = False" if a.name == "decouple_lr" else f"{k}: bool")
+            else:
+                out.append(f"{k}: {_ANNOT[a.type]}")
+    if prog.uses_step and "step: Tensor" not in out:
+        out.append("step: Tensor")
+    return out
+
+
+def render_module(prog: Program, spec_source: bytes) -> str:
+    body = env().get_template("module.py.j2").render(**module_context(prog))
+    return header(prog, spec_source, body) + body

@@ -1,0 +1,492 @@
+"""IR statements → in-place torch code, shared by the eager and foreach backends.
+
+A statement ``x ← e`` is compiled the way a person writes torch.optim code: when ``e`` is linear
+in ``x`` the buffer is updated in place (``lerp_``, ``mul_``, ``add_``, ``addcmul_``,
+``addcdiv_``); anything else is built into a fresh temporary with out-of-place ops followed by
+in-place ops on that temporary, so each statement allocates at most what it must. The two
+backends differ only in how an op is spelled (:class:`Dialect`): ``x.add_(y)`` versus
+``torch._foreach_add_(xs, ys)``.
+"""
+from __future__ import annotations
+
+import itertools
+
+import sympy
+
+from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from .host import HostPrinter, host_of, pyexpr
+
+
+class Dialect:
+    """How eager code spells an op on one tensor."""
+
+    per_tensor_scalars_are_lists = False
+
+    def new(self, fn: str, *args: str, **kw: str) -> str:
+        return f"torch.{fn}({_args(args, kw)})"
+
+    def inplace(self, target: str, fn: str, *args: str, **kw: str) -> str:
+        return f"{target}.{fn}_({_args(args, kw)})"
+
+    def copy(self, target: str, src: str) -> str:
+        return f"{target}.copy_({src})"
+
+    def clone(self, x: str) -> str:
+        return f"{x}.clone()"
+
+    def where(self, c: str, a: str, b: str) -> str:
+        return f"torch.where({c}, {a}, {b})"
+
+    def compare(self, op: str, a: str, b: str) -> str:
+        return f"torch.{op}({a}, {b})"
+
+    def reduce(self, op: str, x: str) -> str:
+        return f"{x}.{op}().item()"
+
+    def numel(self) -> str:
+        return "param.numel()"
+
+    def sync(self, name: str) -> list[str]:
+        """After storing a low-precision buffer that is read again: read back the rounded value."""
+        return [f"if {name} is not {name}_s:", f"    {name}_s.copy_({name})", f"    {name}.copy_({name}_s)"]
+
+    def writeback(self, name: str) -> list[str]:
+        return [f"{name}_s.copy_({name})"]
+
+
+class ForeachDialect(Dialect):
+    """How foreach code spells an op on a list of tensors (one device and dtype)."""
+
+    per_tensor_scalars_are_lists = True
+
+    def new(self, fn: str, *args: str, **kw: str) -> str:
+        if fn in _NO_FOREACH:
+            names = [f"_a{i}" for i in range(len(args))]
+            return f"[torch.{fn}({_args(names, kw)}) for {', '.join(names)} in zip({', '.join(args)})]"
+        return f"torch._foreach_{fn}({_args(args, kw)})"
+
+    def inplace(self, target: str, fn: str, *args: str, **kw: str) -> str:
+        return f"torch._foreach_{fn}_({_args((target,) + tuple(args), kw)})"
+
+    def copy(self, target: str, src: str) -> str:
+        return f"torch._foreach_copy_({target}, {src})"
+
+    def clone(self, x: str) -> str:
+        return f"[_x.clone() for _x in {x}]"
+
+    def where(self, c: str, a: str, b: str) -> str:
+        return f"[torch.where(_c, _a, _b) for _c, _a, _b in zip({c}, {a}, {b})]"
+
+    def compare(self, op: str, a: str, b: str) -> str:
+        return f"[torch.{op}(_a, _b) for _a, _b in zip({a}, {b})]"
+
+    def reduce(self, op: str, x: str) -> str:
+        return f"[_x.{op}().item() for _x in {x}]"
+
+    def numel(self) -> str:
+        return "[_p.numel() for _p in param]"
+
+    def sync(self, name: str) -> list[str]:
+        return [f"if lowp:", f"    torch._foreach_copy_({name}_s, {name})", f"    torch._foreach_copy_({name}, {name}_s)"]
+
+    def writeback(self, name: str) -> list[str]:
+        return [f"torch._foreach_copy_({name}_s, {name})"]
+
+
+_NO_FOREACH = {"square", "where", "rsqrt_scalar"}
+
+
+def _args(args, kw) -> str:
+    parts = list(args) + [f"{k}={v}" for k, v in kw.items() if v is not None]
+    return ", ".join(parts)
+
+
+class TensorCode:
+    """Emit the body of one backend function for ``prog``, statement by statement."""
+
+    def __init__(self, prog: Program, dialect: Dialect):
+        self.prog, self.d = prog, dialect
+        self.host = prog.host_names() | {"update_parameters", "kahan"}
+        self.host_defs = host_of(prog)
+        self.tscalars = prog.tensor_scalar_names()
+        self.stored = set(prog.stored())
+        self.lines: list[str] = []
+        self.indent = ""
+        self.owned: set[str] = set()
+        self.tmp = itertools.count()
+        self.scalar_tmp = itertools.count()
+        self.written_later: set[str] = set()
+
+    # ── classification ─────────────────────────────────────────────────────────────────────────
+    def is_scalar(self, e) -> bool:
+        return {s.name for s in sympy.sympify(e).free_symbols} <= self.host | self.tscalars
+
+    def is_host(self, e) -> bool:
+        return {s.name for s in sympy.sympify(e).free_symbols} <= self.host
+
+    def emit(self, line: str) -> None:
+        self.lines.append(self.indent + line)
+
+    def new_tmp(self) -> str:
+        name = f"_t{next(self.tmp)}"
+        self.owned.add(name)
+        return name
+
+    # ── scalars ────────────────────────────────────────────────────────────────────────────────
+    def scalar(self, e) -> str:
+        """A scalar operand: host values print inline; per-tensor values are lists in foreach."""
+        e = sympy.sympify(e)
+        text = pyexpr(e)
+        per_tensor = sorted({s.name for s in e.free_symbols} & self.tscalars)
+        if not per_tensor or not self.d.per_tensor_scalars_are_lists:
+            return text
+        if len(per_tensor) == 1 and e == sympy.Symbol(per_tensor[0], real=True):
+            return per_tensor[0]
+        name = f"_s{next(self.scalar_tmp)}"
+        self.emit(f"{name} = [{text} for {', '.join(per_tensor)} in zip({', '.join(per_tensor)})]")
+        return name
+
+    def numeric_one(self, e) -> bool:
+        return sympy.sympify(e) == 1
+
+    def _host_value(self, e):
+        """Substitute host definitions back, to recognise ``a`` and ``1 - a`` as a lerp pair."""
+        e = sympy.sympify(e)
+        for _ in range(8):
+            sub = {sympy.Symbol(n, real=True): self.host_defs[n].expr for n in
+                   {s.name for s in e.free_symbols} if n in self.host_defs and self.host_defs[n].kind == "float"}
+            if not sub:
+                break
+            e = e.xreplace(sub)
+        return e
+
+    # ── statements ─────────────────────────────────────────────────────────────────────────────
+    def statement(self, s) -> None:
+        if isinstance(s, Reduction):
+            x = self.atom(s.expr)
+            self.emit(f"{s.name} = {self.d.reduce(s.op, x)}")
+        elif isinstance(s, TensorScalar):
+            text = pyexpr(s.expr)
+            per_tensor = sorted({x.name for x in sympy.sympify(s.expr).free_symbols} & self.tscalars)
+            if self.d.per_tensor_scalars_are_lists and per_tensor:
+                self.emit(f"{s.name} = [{text} for {', '.join(per_tensor)} in zip({', '.join(per_tensor)})]")
+            else:
+                self.emit(f"{s.name} = {text}")
+        else:
+            self.assign(s.target, sympy.sympify(s.expr))
+
+    def assign(self, target: str, e) -> None:
+        in_place = target in self.stored or target in self.owned
+        if in_place and sympy.Symbol(target, real=True) in e.free_symbols and self.linear_update(target, e):
+            return
+        if isinstance(e, sympy.Symbol) and not self.is_scalar(e):
+            src = e.name
+            if target in self.stored:
+                self.emit(self.d.copy(target, src))
+            elif src in self.written_later:  # a snapshot: the source is updated in place later
+                self.emit(f"{target} = {self.d.clone(src)}")
+                self.owned.add(target)
+            else:  # an alias: nothing writes the source again
+                self.emit(f"{target} = {src}")
+                self.owned.discard(target)
+            return
+        value = self.fresh(e)
+        if target in self.stored:
+            self.emit(self.d.copy(target, value))
+        elif self.lines and self.lines[-1].startswith(f"{self.indent}{value} = ") and \
+                not any(value in line for line in self.lines[:-1]):
+            self.lines[-1] = self.lines[-1].replace(f"{value} = ", f"{target} = ", 1)  # one op: name it directly
+            self.owned.add(target)
+        else:
+            self.emit(f"{target} = {value}")
+            self.owned.add(target)
+
+    def linear_update(self, target: str, e) -> bool:
+        """``x ← a·x + Σ cᵢ·fᵢ`` (or ``c·(…)``) in place. False when ``e`` is not of that form."""
+        x = sympy.Symbol(target, real=True)
+        outer = sympy.Integer(1)
+        if isinstance(e, sympy.Mul):
+            scal = [f for f in e.args if self.is_scalar(f)]
+            rest = [f for f in e.args if not self.is_scalar(f)]
+            if len(rest) == 1 and isinstance(rest[0], sympy.Add):
+                outer, e = sympy.Mul(*scal), rest[0]
+        a, others = sympy.Integer(0), []
+        for term in sympy.Add.make_args(e):
+            c, t = self.split_scalar(term)
+            if t == x:
+                a += c
+            elif x in t.free_symbols:
+                return False
+            else:
+                others.append((c, t))
+        if a == 0:
+            return False
+        if len(others) == 1 and isinstance(others[0][1], sympy.Symbol) and self.numeric_one(outer):
+            c, t = others[0]
+            if sympy.expand(self._host_value(a) + self._host_value(c)) == 1 and self.is_host(c):
+                self.emit(self.d.inplace(target, "lerp", self.atom(t), self.scalar(c)))
+                return True
+        if not self.numeric_one(a):
+            self.mul_by(target, a)
+        for c, t in others:
+            self.accumulate(target, c, t)
+        if not self.numeric_one(outer):
+            self.mul_by(target, outer)
+        return True
+
+    def mul_by(self, target: str, c) -> None:
+        line = self.d.inplace(target, "mul", self.scalar(c))
+        if self.is_host(c) and not sympy.sympify(c).is_Number:
+            self.emit(f"if {pyexpr(c)} != 1:")  # e.g. 1 - decay with weight_decay=0: skip a pass
+            self.emit("    " + line)
+        else:
+            self.emit(line)
+
+    def split_scalar(self, term):
+        """``term = c · t`` with ``c`` scalar (host or per-tensor) and ``t`` the tensor part."""
+        if isinstance(term, sympy.Mul):
+            c = [f for f in term.args if self.is_scalar(f)]
+            t = [f for f in term.args if not self.is_scalar(f)]
+            return sympy.Mul(*c), sympy.Mul(*t)
+        if self.is_scalar(term):
+            return term, sympy.Integer(1)
+        return sympy.Integer(1), term
+
+    def accumulate(self, target: str, c, t) -> None:
+        """``target += c·t`` with the fewest ops: add_, addcmul_, addcdiv_."""
+        if t == 1:
+            self.emit(self.d.inplace(target, "add", self.scalar(c)))
+            return
+        num, den = self.split_fraction(t)
+        lists = self.d.per_tensor_scalars_are_lists and not self.is_host(c)
+        value = None if self.numeric_one(c) else self.scalar(c)
+        if len(num) == 2 and not den and not lists:
+            self.emit(self.d.inplace(target, "addcmul", self.atom(num[0]), self.atom(num[1]), value=value))
+        elif len(num) == 2 and not den:
+            self.emit(self.d.inplace(target, "addcmul", self.atom(num[0]), self.atom(num[1]), value))
+        elif len(num) == 1 and len(den) == 1:
+            kw = {"value": value} if not lists else {}
+            args = (self.atom(num[0]), self.atom(den[0])) + ((value,) if lists else ())
+            self.emit(self.d.inplace(target, "addcdiv", *args, **kw))
+        elif len(num) == 1 and not den and c == -1:
+            self.emit(self.d.inplace(target, "sub", self.atom(num[0])))
+        elif len(num) == 1 and not den and not lists:
+            self.emit(self.d.inplace(target, "add", self.atom(num[0]), alpha=value))
+        else:
+            tmp = self.fresh(t)
+            if value is None:
+                self.emit(self.d.inplace(target, "add", tmp))
+            elif lists:
+                self.emit(self.d.inplace(tmp, "mul", value))
+                self.emit(self.d.inplace(target, "add", tmp))
+            else:
+                self.emit(self.d.inplace(target, "add", tmp, alpha=value))
+
+    def split_fraction(self, t):
+        """Tensor factors of a product, as numerator and denominator lists (``x**2`` → x, x)."""
+        num, den = [], []
+        for f in sympy.Mul.make_args(t):
+            base, exp = (f.args if isinstance(f, sympy.Pow) else (f, sympy.Integer(1)))
+            if exp.is_Integer and 0 < exp <= 2:
+                num += [base] * int(exp)
+            elif exp.is_Integer and -2 <= exp < 0:
+                den += [base] * int(-exp)
+            else:
+                num.append(f)
+        if len(den) == 2 and len(num) <= 1:
+            return num, [sympy.Mul(*den)]
+        return num, den
+
+    # ── expressions into fresh temporaries ─────────────────────────────────────────────────────
+    def atom(self, e) -> str:
+        e = sympy.sympify(e)
+        if isinstance(e, sympy.Symbol) and not self.is_scalar(e):
+            return e.name
+        return self.fresh(e)
+
+    def operand(self, e) -> str:
+        """A tensor name or a scalar expression (for ops that take either)."""
+        return self.scalar(e) if self.is_scalar(e) else self.atom(e)
+
+    def fresh(self, e) -> str:
+        """Build ``e`` into a new temporary that this code owns; return its name."""
+        e = sympy.sympify(e)
+        if isinstance(e, sympy.Add):
+            return self.fresh_add(e)
+        if isinstance(e, sympy.Mul):
+            return self.fresh_mul(e)
+        if isinstance(e, sympy.Pow):
+            return self.fresh_pow(e)
+        tmp = self.new_tmp()
+        if isinstance(e, sympy.Symbol):
+            self.emit(f"{tmp} = {self.d.clone(e.name)}")
+        elif isinstance(e, (sympy.Max, sympy.Min)):
+            fn, clamp = ("maximum", "clamp_min") if isinstance(e, sympy.Max) else ("minimum", "clamp_max")
+            tensors = [a for a in e.args if not self.is_scalar(a)]
+            scalars = [a for a in e.args if self.is_scalar(a)]
+            first = self.atom(tensors[0])
+            if len(tensors) > 1:
+                self.emit(f"{tmp} = {self.d.new(fn, first, self.atom(tensors[1]))}")
+                for t in tensors[2:]:
+                    self.emit(self.d.inplace(tmp, fn, self.atom(t)))
+            else:
+                self.emit(f"{tmp} = {self.d.new(clamp, first, self.scalar(scalars.pop(0)))}")
+            for s in scalars:
+                self.emit(self.d.inplace(tmp, clamp, self.scalar(s)))
+        elif isinstance(e, sympy.Piecewise):
+            self.fresh_where(tmp, e)
+        elif isinstance(e, (sympy.Abs, sympy.sign, sympy.exp, sympy.log)):
+            fn = {sympy.Abs: "abs", sympy.sign: "sign", sympy.exp: "exp", sympy.log: "log"}[e.func]
+            return self.unary(fn, e.args[0])
+        else:
+            raise NotImplementedError(f"cannot print {e.func.__name__} in torch code: {e}")
+        return tmp
+
+    def unary(self, fn: str, arg) -> str:
+        if isinstance(arg, sympy.Symbol):
+            tmp = self.new_tmp()
+            self.emit(f"{tmp} = {self.d.new(fn, arg.name)}")
+            return tmp
+        inner = self.fresh(arg)
+        self.emit(self.d.inplace(inner, fn))
+        return inner
+
+    def fresh_add(self, e) -> str:
+        terms = [self.split_scalar(t) for t in sympy.Add.make_args(e)]
+        scalar_part = sympy.Add(*[c for c, t in terms if t == 1])
+        tensor_terms = [(c, t) for c, t in terms if t != 1]
+        # start from a bare tensor if there is one: torch.add / addcmul / addcdiv fuse the next term
+        start = next((i for i, (c, t) in enumerate(tensor_terms) if self.numeric_one(c) and
+                      isinstance(t, sympy.Symbol)), None)
+        nxt = [i for i in range(len(tensor_terms)) if i != start]
+        if start is not None and nxt and self.is_host(tensor_terms[nxt[0]][0]):
+            base = tensor_terms[start][1].name
+            c, t = tensor_terms[nxt[0]]
+            tensor_terms = [x for i, x in enumerate(tensor_terms) if i not in (start, nxt[0])]
+            num, den = self.split_fraction(t)
+            value = None if self.numeric_one(c) else self.scalar(c)
+            tmp = self.new_tmp()
+            if len(num) == 1 and len(den) == 1:
+                self.emit(f"{tmp} = {self.d.new('addcdiv', base, self.atom(num[0]), self.atom(den[0]), value=value)}")
+            elif len(num) == 2 and not den:
+                self.emit(f"{tmp} = {self.d.new('addcmul', base, self.atom(num[0]), self.atom(num[1]), value=value)}")
+            elif c == -1:
+                self.emit(f"{tmp} = {self.d.new('sub', base, self.atom(t))}")
+            else:
+                self.emit(f"{tmp} = {self.d.new('add', base, self.atom(t), alpha=value)}")
+        else:
+            c, t = tensor_terms.pop(0)
+            tmp = self.fresh(t)
+            if not self.numeric_one(c):
+                self.emit(self.d.inplace(tmp, "mul", self.scalar(c)))
+        for c, t in tensor_terms:
+            self.accumulate(tmp, c, t)
+        if scalar_part != 0:
+            self.emit(self.d.inplace(tmp, "add", self.scalar(scalar_part)))
+        return tmp
+
+    def fresh_mul(self, e) -> str:
+        c, t = self.split_scalar(e)
+        num, den = self.split_fraction(t)
+        tmp = self.new_tmp()
+        if not num:
+            self.emit(f"{tmp} = {self.d.new('reciprocal', self.atom(den.pop(0)))}")
+        elif len(num) >= 2:
+            self.emit(f"{tmp} = {self.d.new('mul', self.atom(num[0]), self.atom(num[1]))}")
+            num = num[2:]
+        elif den:
+            self.emit(f"{tmp} = {self.d.new('div', self.atom(num[0]), self.atom(den.pop(0)))}")
+            num = []
+        elif not self.numeric_one(c):
+            self.emit(f"{tmp} = {self.d.new('mul', self.atom(num[0]), self.scalar(c))}")
+            return tmp
+        else:
+            self.emit(f"{tmp} = {self.d.clone(self.atom(num[0]))}")
+            num = []
+        for f in num:
+            self.emit(self.d.inplace(tmp, "mul", self.atom(f)))
+        for f in den:
+            self.emit(self.d.inplace(tmp, "div", self.atom(f)))
+        if not self.numeric_one(c):
+            self.emit(self.d.inplace(tmp, "mul", self.scalar(c)))
+        return tmp
+
+    def fresh_pow(self, e) -> str:
+        base, exp = e.args
+        if self.is_scalar(base):
+            tmp = self.new_tmp()
+            self.emit(f"{tmp} = {self.d.new('pow', self.scalar(base), self.atom(exp))}")
+            return tmp
+        fn = {sympy.Rational(1, 2): "sqrt", -sympy.Rational(1, 2): "rsqrt", sympy.Integer(-1): "reciprocal"}.get(exp)
+        if fn:
+            return self.unary(fn, base)
+        tmp = self.new_tmp()
+        if exp == 2:
+            x = self.atom(base)
+            self.emit(f"{tmp} = {self.d.new('mul', x, x)}")
+        else:
+            self.emit(f"{tmp} = {self.d.new('pow', self.atom(base), self.scalar(exp))}")
+        return tmp
+
+    def fresh_where(self, tmp: str, e) -> None:
+        (value, cond), rest = e.args[0], e.args[1:]
+        other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
+        c = self.condition(cond)
+        self.emit(f"{tmp} = {self.d.where(c, self.operand(value), self.operand(other))}")
+
+    def condition(self, cond) -> str:
+        ops = {sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge", sympy.StrictLessThan: "lt",
+               sympy.LessThan: "le", sympy.Equality: "eq", sympy.Unequality: "ne"}
+        if type(cond) in ops:
+            a, b = cond.args
+            if self.is_scalar(a):
+                a, b = b, a
+                swap = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
+                op = swap.get(ops[type(cond)], ops[type(cond)])
+            else:
+                op = ops[type(cond)]
+            return self.d.compare(op, self.atom(a), self.operand(b))
+        logic = {sympy.And: "logical_and", sympy.Or: "logical_or"}
+        if type(cond) in logic:
+            parts = [self.condition(a) for a in cond.args]
+            out = parts[0]
+            for p in parts[1:]:
+                out = self.d.compare(logic[type(cond)], out, p)
+            return out
+        raise NotImplementedError(f"tensor condition {cond}")
+
+
+def guard_text(guard) -> str | None:
+    return None if guard == TRUE else pyexpr(guard)
+
+
+def emit_body(prog: Program, dialect: Dialect, stmts) -> tuple[list[str], list[str]]:
+    """Statements with their guards (consecutive ones share an ``if``), then the buffers to write
+    back when compute views are fp32 copies of low-precision storage.
+
+    A stored buffer that a later statement reads is synced right after the write, so the read sees
+    the rounded value: this is what makes Kahan summation measure the real rounding error.
+    """
+    code = TensorCode(prog, dialect)
+    stmts = list(stmts)
+    out: list[str] = []
+    written: list[str] = []
+    current = None
+    for i, s in enumerate(stmts):
+        g = guard_text(s.guard)
+        code.lines, code.indent = [], ""
+        code.written_later = {getattr(r, "target", None) for r in stmts[i + 1:]}
+        code.statement(s)
+        target = getattr(s, "target", None)
+        if target in code.stored:
+            if target not in written:
+                written.append(target)
+            later = set().union(*[{x.name for x in sympy.sympify(r.expr).free_symbols} for r in stmts[i + 1:]])
+            if target in later:
+                code.lines += dialect.sync(target)
+        pad = "    " if g is not None else ""
+        if g is not None and g != current:
+            out.append(f"if {g}:")
+        out += [pad + line for line in code.lines]
+        current = g
+    return out, written

@@ -1,0 +1,55 @@
+"""The whole pipeline in one call: spec → IR → passes → finalize → sources for every backend."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from .ir import Program
+from .lower import finalize, lower
+from .passes import run_passes
+from .spec import OptimizerSpec, load_spec
+from .verify import verify
+
+# file suffix → renderer(program, spec_source) -> text. Backends register themselves here.
+GENERATORS: dict[str, Callable[[Program, bytes], str]] = {}
+
+
+def _register_builtin_generators() -> None:
+    from .codegen import render
+    GENERATORS.setdefault(".py", render.render_module)
+    try:
+        from .codegen import triton as triton_codegen
+        GENERATORS.setdefault("_triton.py", triton_codegen.render)
+    except ImportError:
+        pass
+    try:
+        from .codegen import c as c_codegen
+        GENERATORS.setdefault("_fused.c", c_codegen.render)
+    except ImportError:
+        pass
+
+
+def as_spec(spec_or_path) -> OptimizerSpec:
+    if isinstance(spec_or_path, OptimizerSpec):
+        if not hasattr(spec_or_path, "source"):
+            spec_or_path.source = Path(spec_or_path.file).read_bytes() if os.path.isfile(spec_or_path.file) else b""
+            spec_or_path.path = spec_or_path.file
+        return spec_or_path
+    return load_spec(spec_or_path)
+
+
+def build_program(spec: OptimizerSpec, until: str | None = None) -> Program:
+    """Lower and run the passes; ``until`` stops after that pass (for ``optcompile show --after``)."""
+    prog = lower(spec)
+    if os.environ.get("OPTCOMPILE_VERIFY") == "1":
+        verify(prog)
+    prog = run_passes(prog, until=until)
+    return finalize(prog) if until is None else prog
+
+
+def generate_sources(spec: OptimizerSpec) -> dict[str, str]:
+    """``{suffix: text}`` for every registered backend, e.g. ``{".py": ..., "_triton.py": ...}``."""
+    _register_builtin_generators()
+    prog = build_program(spec)
+    return {suffix: gen(prog, spec.source) for suffix, gen in GENERATORS.items()}

@@ -1,0 +1,183 @@
+"""The IR: what one optimizer step computes, with nothing left of the DSL's Python.
+
+Three levels, by where a value lives:
+
+* ``HostScalar`` — depends only on hyperparameters, flags and the step: computed once per step
+  per param group on the host (bias corrections, ρ_t, weight-decay factors, branch conditions).
+* ``TensorScalar`` and ``Reduction`` — one value per parameter tensor (StableAdamW's RMS).
+* ``Assign`` — per element. Statements run in order with *mutable* semantics: ``param``, ``grad``,
+  states and temps are variables; an assignment to ``param`` or a state stores it, and a later read
+  sees the stored value (rounded to the buffer's dtype). ``guard`` is a host boolean: the statement
+  only runs when it is true (eager: ``if``; Triton: ``tl.constexpr``; C: a hoisted branch).
+
+Programs are frozen; passes return new ones (``Program.replace``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import sympy
+
+PARAM = sympy.Symbol("param", real=True)
+GRAD = sympy.Symbol("grad", real=True)
+STEP = sympy.Symbol("step", integer=True, positive=True)
+NUMEL = sympy.Symbol("numel", integer=True, positive=True)
+KAHAN_COMP = sympy.Symbol("kahan_comp", real=True)
+TRUE = sympy.true
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A constructor argument. ``keys`` are the param_group keys (``betas`` → beta1, beta2)."""
+
+    name: str
+    kind: str  # "float" | "tuple" | "flag" | "optional_float"
+    default: Any
+    keys: tuple[str, ...]
+    domain: Any = None
+    labels: tuple[str, ...] = ()
+    doc: str = ""
+    injected_by: str = ""  # the pass that added it, "" for spec arguments
+    type: str = "float"  # annotation of each value: float, int or bool
+    after: str | None = None  # placed right after this argument (e.g. SGD's torch_init after max_lr)
+
+
+@dataclass(frozen=True)
+class StateBuffer:
+    """A per-parameter buffer in ``optimizer.state[p]``. ``when`` is a host condition on group values
+    (checked at allocation); ``init`` may use param, grad and hyperparameters."""
+
+    name: str
+    init: Any = sympy.Integer(0)
+    when: Any = TRUE
+    dtype: str = "param"  # "param": the param's dtype, as optimi stores states
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class HostScalar:
+    name: str
+    expr: Any
+    kind: str = "float"  # "float" | "bool"
+    origin: str = ""
+    guard: Any = TRUE  # computed only when true (RAdam's rect: sqrt of a negative otherwise), else 0
+
+    @property
+    def sym(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name) if self.kind == "bool" else sympy.Symbol(self.name, real=True)
+
+
+@dataclass(frozen=True)
+class Assign:
+    target: str
+    expr: Any
+    guard: Any = TRUE
+    origin: str = ""
+    role: str = ""  # "update" (spec.update), "kahan", "decay_l2": what passes added or look for
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """``name ← op(expr)`` over all elements of one tensor; ``op`` is sum, mean or max."""
+
+    name: str
+    op: str
+    expr: Any
+    guard: Any = TRUE
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class TensorScalar:
+    name: str
+    expr: Any
+    guard: Any = TRUE
+    origin: str = ""
+
+
+Stmt = Union[Assign, Reduction, TensorScalar]
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    functional: str
+    doc: str
+    spec_path: str
+    args: tuple[Arg, ...]
+    states: tuple[StateBuffer, ...]
+    host: tuple[HostScalar, ...]
+    body: tuple[Stmt, ...]
+    update_lr: Any  # the effective learning rate of spec.update (host or tensor scalar expr)
+    weight_decay: str | None
+    kahan_default: bool | None
+    uses_step: bool
+    passes: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def replace(self, **changes) -> "Program":
+        return dataclasses.replace(self, **changes)
+
+    # ── lookups ────────────────────────────────────────────────────────────────────────────────
+    def arg(self, name: str) -> Arg | None:
+        return next((a for a in self.args if a.name == name), None)
+
+    def host_names(self) -> set[str]:
+        keys = {k for a in self.args for k in a.keys}
+        return keys | {h.name for h in self.host} | {"step"}
+
+    def tensor_scalar_names(self) -> set[str]:
+        return {s.name for s in self.body if isinstance(s, (TensorScalar, Reduction))} | {"numel"}
+
+    def stored(self) -> tuple[str, ...]:
+        """Buffers written back to memory, in a fixed order: param first, then states."""
+        return ("param",) + tuple(s.name for s in self.states)
+
+    def stages(self) -> list[list[Stmt]]:
+        """Split the body at reductions: a stage may only use reductions of earlier stages.
+
+        Stages never move a statement backwards (stage numbers are monotonic in body order), so the
+        reads and writes of buffers keep their order.
+        """
+        stage_of: dict[str, int] = {}
+        stages: list[list[Stmt]] = [[]]
+        current = 0
+        for stmt in self.body:
+            deps = [stage_of[s.name] + (1 if isinstance(self._def(s.name), Reduction) else 0)
+                    for s in sympy.sympify(stmt.expr).free_symbols if s.name in stage_of]
+            current = max([current] + deps)
+            while len(stages) <= current:
+                stages.append([])
+            stages[current].append(stmt)
+            if isinstance(stmt, (Reduction, TensorScalar)):
+                stage_of[stmt.name] = current
+        return stages
+
+    def _def(self, name: str):
+        return next((s for s in self.body if getattr(s, "name", None) == name), None)
+
+    # ── text form, for golden tests and `optcompile show --ir` ────────────────────────────────
+    def dump(self) -> str:
+        out = [f"program {self.name}  (passes: {', '.join(self.passes) or '-'})"]
+        for a in self.args:
+            inj = f"  [{a.injected_by}]" if a.injected_by else ""
+            out.append(f"  arg {a.name}: {a.kind} = {a.default!r}{inj}")
+        for s in self.states:
+            when = "" if s.when == TRUE else f"  when {s.when}"
+            out.append(f"  state {s.name} = {s.init}{when}")
+        for h in self.host:
+            out.append(f"  host {h.name}: {h.kind} = {h.expr}")
+        for i, stage in enumerate(self.stages()):
+            out.append(f"  stage {i}:")
+            for st in stage:
+                guard = "" if st.guard == TRUE else f"if {st.guard}: "
+                if isinstance(st, Assign):
+                    out.append(f"    {guard}{st.target} = {st.expr}")
+                elif isinstance(st, Reduction):
+                    out.append(f"    {guard}{st.name} = {st.op}({st.expr})  # per tensor")
+                else:
+                    out.append(f"    {guard}{st.name} = {st.expr}  # per tensor scalar")
+        out.append(f"  update lr = {self.update_lr}")
+        return "\n".join(out) + "\n"

@@ -1,0 +1,129 @@
+"""Load generated modules as Python modules (by file path, never ``exec``: Triton needs
+``inspect.getsource``), from the checked-in ``generated/`` when fresh, else from the cache."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import cache
+from .codegen.header import body_hash_ok, parse_key
+from .fingerprint import cache_key
+from .paths import builtin_specs, generated_dir
+
+_BACKEND_SUFFIX = {"triton": "_triton.py", "fused": "_fused.c"}
+_BACKEND_LOADERS: dict = {}  # name → callable(info, path) -> step function (registered by backends)
+
+
+class CompileReport:
+    """What the last ``compile_spec`` did, for the CLI: files, cache hits, seconds."""
+
+    def __init__(self):
+        self.files: list[tuple[str, bool]] = []
+        self.seconds = 0.0
+
+
+def import_path(module_name: str, path: Path):
+    if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == str(path):
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def compile_to_cache(spec_or_path, report: CompileReport | None = None) -> Path:
+    """Generate every backend's file for a spec into the cache; returns the Python module's path."""
+    from .compiler import as_spec, generate_sources
+    t0 = time.perf_counter()
+    spec = as_spec(spec_or_path)
+    key = cache_key(spec.functional, spec.source, "py")
+    sources: dict | None = None
+
+    def build(suffix):
+        def _b():
+            nonlocal sources
+            if sources is None:
+                sources = generate_sources(spec)
+            return sources[suffix]
+        return _b
+
+    from .compiler import GENERATORS, _register_builtin_generators
+    _register_builtin_generators()
+    main = None
+    for suffix in GENERATORS:
+        path, hit = cache.get_or_build(f"{key}{suffix}", build(suffix))
+        if report is not None:
+            report.files.append((str(path), hit))
+        main = main or path
+    if report is not None:
+        report.seconds = time.perf_counter() - t0
+    return main
+
+
+def compile_spec(spec_or_path, report: CompileReport | None = None):
+    """Compile a spec (path or OptimizerSpec) and return its Optimizer class."""
+    path = compile_to_cache(spec_or_path, report)
+    module = import_path(f"optcompile.generated.{path.stem.replace('-', '_')}", path)
+    return getattr(module, module._INFO.name)
+
+
+def builtin_module(functional: str):
+    """The generated module of a built-in spec: ``generated/`` if fresh, else compiled into the cache."""
+    name = f"optcompile.generated.{functional}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec_path = next((p for p in builtin_specs() if p.stem == functional), None)
+    if spec_path is None:
+        raise AttributeError(f"no built-in optimizer spec {functional!r}")
+    checked_in = generated_dir() / f"{functional}.py"
+    key = cache_key(functional, spec_path.read_bytes(), "py")
+    if checked_in.exists():
+        text = checked_in.read_text(encoding="utf-8")
+        if parse_key(text) == key and body_hash_ok(text):
+            return import_path(name, checked_in)
+    if os.environ.get("OPTCOMPILE_DISABLE_JIT") == "1":
+        raise RuntimeError(f"generated/{functional}.py is missing or stale and OPTCOMPILE_DISABLE_JIT=1; run "
+                           f"`optcompile compile {spec_path}` or unset OPTCOMPILE_DISABLE_JIT")
+    return import_path(name, compile_to_cache(spec_path))
+
+
+def register_backend_loader(name: str, fn) -> None:
+    _BACKEND_LOADERS[name] = fn
+
+
+def has_backend(name: str) -> bool:
+    _import_backend_runtimes()
+    return name in _BACKEND_LOADERS
+
+
+def _import_backend_runtimes() -> None:
+    for mod in ("optcompile.backends.triton_runtime", "optcompile.backends.fused_runtime"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def load_backend(info, name: str):
+    """The step function of backend ``name`` for a loaded module (files beside the module)."""
+    _import_backend_runtimes()
+    if name not in _BACKEND_LOADERS:
+        raise RuntimeError(f"backend {name!r} is not available in this build of optcompile")
+    module_file = Path(sys.modules[info.module].__file__)
+    path = module_file.with_name(module_file.stem + _BACKEND_SUFFIX[name])
+    if not path.exists() or not body_hash_ok(path.read_text(encoding="utf-8")):
+        # the checked-in or cached file is missing or torn: regenerate next to the cache entry
+        spec_path = next((p for p in builtin_specs() if p.stem == info.functional), None)
+        if spec_path is None:
+            raise RuntimeError(f"{path} is missing or corrupt; recompile the spec with optcompile.compile_spec")
+        path = compile_to_cache(spec_path).with_name(
+            cache_key(info.functional, spec_path.read_bytes(), "py") + _BACKEND_SUFFIX[name])
+    return _BACKEND_LOADERS[name](info, path)

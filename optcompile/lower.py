@@ -1,0 +1,345 @@
+"""Spec → IR: classify every value by where it lives, turn SSA versions into variables, split
+host-level ``Piecewise`` into guarded statements, and (after the passes) hoist host math out of
+per-element code and eliminate common subexpressions.
+
+The author's algebra is kept: sympy's canonical ordering happens, but nothing is expanded or
+factored, so a built-in spec can reproduce optimi's rounding step for step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import sympy
+from sympy.logic.boolalg import Boolean, BooleanAtom
+
+from . import ir
+from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, Program, Reduction, StateBuffer,
+                 TensorScalar)
+from .spec import OptimizerSpec, SpecError
+
+
+def lower(spec: OptimizerSpec) -> Program:
+    """The IR of a spec exactly as written: no weight decay, Kahan or accumulation yet."""
+    file = spec.file
+    state_syms = {st.symbol: st for st in spec.states}
+    buffers = {PARAM} | set(state_syms)
+    arg_syms = {s for a in spec.args for s in a.symbols}
+    host_syms = set(arg_syms) | {STEP}
+    tscalar_syms: set[sympy.Symbol] = {NUMEL}
+    if not spec._updated:
+        raise SpecError("the spec never calls spec.update(direction, lr=...)", file, spec.origin.line)
+    if "lr" not in {a.name for a in spec.args}:
+        raise SpecError("missing required hyperparameter `lr`: declare lr = spec.hyper('lr', domain=Interval(0, oo))",
+                        file, spec.origin.line)
+
+    stmts = _resolve_versions(spec, buffers)
+    host: list[HostScalar] = []
+    body: list = []
+    names = _Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
+                   | {"param", "grad"} | set(spec.lets))
+    update_lr = None
+
+    def where(stmt) -> str:
+        return f"{file}:{stmt.origin.line}"
+
+    def guard_of(cond, stmt):
+        return _host_guard(cond, host, host_syms, names, file, stmt.origin.line)
+
+    for stmt in stmts:
+        expr = stmt.expr
+        syms = expr.free_symbols
+        if stmt.kind == "let":
+            if syms <= host_syms:
+                kind = "bool" if isinstance(expr, Boolean) else "float"
+                host.append(HostScalar(stmt.target.name, expr, kind, where(stmt)))
+                host_syms.add(stmt.target)
+            elif syms <= host_syms | tscalar_syms:
+                body.append(TensorScalar(stmt.target.name, expr, TRUE, where(stmt)))
+                tscalar_syms.add(stmt.target)
+            else:
+                if isinstance(expr, Boolean) and not syms & (tscalar_syms | {GRAD, PARAM} | set(state_syms)):
+                    raise SpecError("a boolean let must depend only on hyperparameters and step", file,
+                                    stmt.origin.line, expr)
+                body.extend(_split_piecewise(stmt.target.name, expr, TRUE, stmt, host_syms, guard_of, names))
+        elif stmt.kind == "reduce":
+            if not (syms - host_syms - tscalar_syms):
+                raise SpecError("a reduction needs a per-element operand (param, grad or a state)", file,
+                                stmt.origin.line, expr)
+            body.append(Reduction(stmt.target.name, _reduction_op(spec, stmt), expr, TRUE,
+                                  where(stmt)))
+            tscalar_syms.add(stmt.target)
+        else:  # state / update / param writes
+            guard = guard_of(stmt.when, stmt) if stmt.when is not TRUE and stmt.when != TRUE else TRUE
+            if stmt.kind == "state":
+                st = state_syms[stmt.target]
+                if st.when is not True and st.when != TRUE:
+                    guard = sympy.And(guard, guard_of(st.when, stmt))
+            if stmt.kind == "update":
+                update_lr = stmt.lr
+                if stmt.lr.free_symbols - host_syms - tscalar_syms:
+                    raise SpecError("the learning rate of spec.update must not depend on param, grad or states",
+                                    file, stmt.origin.line, stmt.lr)
+            split = _split_piecewise(stmt.target.name, expr, guard, stmt, host_syms, guard_of, names)
+            if stmt.kind == "update":
+                split = [dataclasses.replace(a, role="update") if a.target == "param" else a for a in split]
+            body.extend(split)
+
+    for st in spec.states:
+        bad = st.init.free_symbols - arg_syms - {PARAM, GRAD}
+        if bad:
+            raise SpecError(f"state {st.name!r}: init may use only param, grad and hyperparameters, not "
+                            f"{', '.join(sorted(s.name for s in bad))}", file, st.origin.line, st.init)
+    _check_host_conditions(spec, host, tscalar_syms)
+    host_defs = {h.sym: h.expr for h in host}
+    states = tuple(StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
+                               f"{file}:{st.origin.line}") for st in spec.states)
+    args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after)
+                 for a in spec.args)
+    prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
+                   states=states, host=tuple(host), body=tuple(body), update_lr=update_lr,
+                   weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
+                   meta={"decouple_wd": spec.decouple_wd, "decoupled_flag": spec.decoupled_flag})
+    _check_unused(spec, prog)
+    return prog
+
+
+def finalize(prog: Program) -> Program:
+    """After the passes: hoist host math out of per-element code, CSE each statement, place host
+    scalars used only under a guard inside that guard, and record whether the step is used."""
+    host = list(prog.host)
+    host_names = prog.host_names()
+    hoisted: dict = {}
+    counter = itertools.count()
+
+    def hoist(expr):
+        expr = sympy.sympify(expr)
+        if isinstance(expr, (sympy.Symbol, sympy.Number, BooleanAtom)) or not expr.args:
+            return expr
+        if isinstance(expr, sympy.Expr) and expr.free_symbols and {s.name for s in expr.free_symbols} <= host_names:
+            if _trivial_host(expr):
+                return expr
+            if expr not in hoisted:
+                name = f"h{next(counter)}"
+                while name in host_names:
+                    name = f"h{next(counter)}"
+                hoisted[expr] = HostScalar(name, expr, "float")
+                host.append(hoisted[expr])
+            return hoisted[expr].sym
+        return expr.func(*[hoist(a) for a in expr.args]) if not isinstance(expr, sympy.Piecewise) else \
+            sympy.Piecewise(*[(hoist(e), c) for e, c in expr.args])
+
+    body: list = []
+    cse_names = _Namer({s.name for s in prog.body if hasattr(s, "name")} | {s.target for s in prog.body
+                       if isinstance(s, Assign)} | host_names | set(prog.stored()) | {"grad"})
+    for stmt in prog.body:
+        expr = hoist(stmt.expr)
+        if isinstance(stmt, Assign):
+            temps, (expr,) = sympy.cse([expr], symbols=(sympy.Symbol(cse_names.fresh("t"), real=True)
+                                                        for _ in itertools.count()), order="canonical")
+            for name, value in temps:
+                body.append(Assign(name.name, value, stmt.guard, stmt.origin))
+            body.append(dataclasses.replace(stmt, expr=expr))
+        else:
+            body.append(dataclasses.replace(stmt, expr=expr))
+    prog = prog.replace(host=tuple(host), body=tuple(body))
+    prog = _guard_host_scalars(prog)
+    used = set().union(*(sympy.sympify(h.expr).free_symbols for h in prog.host)) | \
+        set().union(*(sympy.sympify(s.expr).free_symbols for s in prog.body))
+    return prog.replace(uses_step=STEP in used or prog.meta.get("uses_step", False))
+
+
+# ── helpers ────────────────────────────────────────────────────────────────────────────────────
+class _Namer:
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def fresh(self, prefix: str) -> str:
+        for i in itertools.count():
+            name = f"{prefix}{i}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+
+def _reduction_op(spec: OptimizerSpec, stmt) -> str:
+    return next(r.op for r in spec.reductions if r.symbol == stmt.target)
+
+
+def _trivial_host(expr) -> bool:
+    """Host expressions printed inline rather than hoisted: ``-lr``, ``2*x``."""
+    if isinstance(expr, sympy.Mul) and len(expr.args) == 2:
+        a, b = expr.args
+        return a.is_Number and isinstance(b, sympy.Symbol)
+    return False
+
+
+def _expand(expr, defs: dict):
+    """Host lets replaced by their definitions: state init runs from param-group values alone."""
+    expr = sympy.sympify(expr)
+    for _ in range(16):
+        new = expr.xreplace(defs)
+        if new == expr:
+            return expr
+        expr = new
+    return expr
+
+
+def _when_expr(when):
+    return TRUE if when is True else when
+
+
+def _host_guard(cond, host: list, host_syms: set, names: _Namer, file: str, line: int):
+    """A host condition as a boolean symbol: itself if already one, else a new host scalar."""
+    cond = sympy.sympify(cond)
+    if cond == TRUE or cond is True:
+        return TRUE
+    if cond.free_symbols - host_syms:
+        bad = ", ".join(sorted(s.name for s in cond.free_symbols - host_syms))
+        raise SpecError(f"condition uses per-element or per-tensor values ({bad}); a `when=` or branch "
+                        "condition must depend only on hyperparameters and step", file, line, cond)
+    if isinstance(cond, sympy.Symbol):
+        return cond
+    if isinstance(cond, sympy.Not) and isinstance(cond.args[0], sympy.Symbol):
+        return cond
+    for h in host:
+        if h.kind == "bool" and h.expr == cond:
+            return h.sym
+    h = HostScalar(names.fresh("cond"), cond, "bool", f"{file}:{line}")
+    host.append(h)
+    host_syms.add(h.sym)
+    return h.sym
+
+
+def _split_piecewise(target: str, expr, guard, stmt, host_syms, guard_of, names: _Namer) -> list:
+    """``x = Piecewise((a, c1), (b, True))`` with host conditions → guarded assignments."""
+    expr = sympy.sympify(expr)
+    origin = f"{stmt.origin.file}:{stmt.origin.line}" if hasattr(stmt.origin, "file") else str(stmt.origin)
+    out: list = []
+    # a host-conditioned Piecewise inside a larger expression: one statement per branch
+    nested = [p for p in sympy.preorder_traversal(expr) if isinstance(p, sympy.Piecewise) and p is not expr
+              and all(c.free_symbols <= host_syms for _, c in p.args)]
+    if nested:
+        pw = nested[0]
+        taken = sympy.false
+        for value, cond in pw.args:
+            g = guard_of(cond, stmt) if cond != TRUE else TRUE
+            branch = sympy.And(guard, g, sympy.Not(taken)) if taken != sympy.false else sympy.And(guard, g)
+            out.extend(_split_piecewise(target, expr.xreplace({pw: value}), branch, stmt, host_syms, guard_of, names))
+            taken = sympy.Or(taken, g)
+        return out
+    if isinstance(expr, sympy.Piecewise) and all(c.free_symbols <= host_syms for _, c in expr.args):
+        taken = sympy.false
+        for value, cond in expr.args:
+            g = guard_of(cond, stmt) if cond != TRUE else TRUE
+            branch = sympy.And(guard, g, sympy.Not(taken)) if taken != sympy.false else sympy.And(guard, g)
+            out.extend(_split_piecewise(target, value, branch, stmt, host_syms, guard_of, names))
+            taken = sympy.Or(taken, g)
+        return out
+    out.append(Assign(target, expr, sympy.simplify_logic(guard) if guard != TRUE else TRUE, origin))
+    return out
+
+
+def _resolve_versions(spec: OptimizerSpec, buffers: set) -> list:
+    """Rewrite SSA values (``m = spec.assign(m, ...)``) as reads of mutable buffers, inserting a
+    snapshot temp where the author reads a value after its buffer was overwritten."""
+    from .spec import Stmt
+    version_of: dict = {b: (b, -1) for b in buffers}  # symbol → (buffer, index of defining stmt)
+    version_of.update(spec.alias)
+    writes: dict = {}  # buffer → indices of writing stmts
+    for i, st in enumerate(spec.stmts):
+        if st.kind in ("state", "update", "param"):
+            writes.setdefault(st.target, []).append(i)
+
+    def stale(sym, at: int) -> bool:
+        buf, defined = version_of[sym]
+        return any(defined < w < at for w in writes.get(buf, ()))
+
+    snapshots: dict = {}  # version symbol → (snapshot name, index of the overwriting write)
+    for i, st in enumerate(spec.stmts):
+        exprs = [st.expr] + ([st.lr] if st.lr is not None else [])
+        for sym in set().union(*(e.free_symbols for e in exprs)):
+            if sym in version_of and stale(sym, i) and sym not in snapshots:
+                buf, defined = version_of[sym]
+                first_write = min(w for w in writes[buf] if w > defined)
+                label = "old" if defined < 0 else f"v{defined}"
+                snapshots[sym] = (f"{buf.name}_{label}", first_write)
+    out = []
+    for i, st in enumerate(spec.stmts):
+        for sym, (name, at) in sorted(snapshots.items(), key=lambda kv: kv[1][0]):
+            if at == i:
+                out.append(Stmt(sympy.Symbol(name, real=True), version_of[sym][0], st.origin, "let"))
+                spec.lets.setdefault(name, st.origin)
+        sub = {}
+        for sym in set(st.expr.free_symbols) | (st.lr.free_symbols if st.lr is not None else set()):
+            if sym in snapshots and stale(sym, i):
+                sub[sym] = sympy.Symbol(snapshots[sym][0], real=True)
+            elif sym in version_of:
+                sub[sym] = version_of[sym][0]
+        out.append(Stmt(st.target, st.expr.xreplace(sub), st.origin, st.kind, st.when,
+                        st.lr.xreplace(sub) if st.lr is not None else None))
+    return out
+
+
+def _check_host_conditions(spec: OptimizerSpec, host, tscalar_syms) -> None:
+    for h in host:
+        if sympy.sympify(h.expr).free_symbols & tscalar_syms:
+            raise SpecError("a per-tensor reduction cannot be used in a host value or condition", spec.file,
+                            int(h.origin.rsplit(":", 1)[1]), h.expr)
+
+
+def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
+    """Every declared argument and state must be used: an unused one is almost always a typo."""
+    used = set()
+    for h in prog.host:
+        used |= sympy.sympify(h.expr).free_symbols
+    for s in prog.body:
+        used |= sympy.sympify(s.expr).free_symbols | sympy.sympify(s.guard).free_symbols
+    for st in prog.states:
+        used |= sympy.sympify(st.init).free_symbols | sympy.sympify(st.when).free_symbols
+    used |= sympy.sympify(prog.update_lr).free_symbols
+    used_names = {s.name for s in used}
+    for a in spec.args:
+        if a.name == "weight_decay" and spec.weight_decay is not None:
+            continue
+        if a.name == spec.decoupled_flag:
+            continue
+        if not any(s.name in used_names for s in a.symbols):
+            raise SpecError(f"argument {a.name!r} is declared but never used", spec.file, a.origin.line)
+    for st in spec.states:
+        if st.name not in used_names:
+            raise SpecError(f"state {st.name!r} is declared but never read", spec.file, st.origin.line)
+
+
+def _guard_host_scalars(prog: Program) -> Program:
+    """Give each host float used only under a common guard that guard (evaluated as 0 otherwise)."""
+    uses: dict[str, list] = {}
+    for s in prog.body:
+        for sym in sympy.sympify(s.expr).free_symbols:
+            uses.setdefault(sym.name, []).append(s.guard)
+    for h in prog.host:
+        for sym in sympy.sympify(h.expr).free_symbols:
+            uses.setdefault(sym.name, []).append(None)  # resolved below, in order
+    host = list(prog.host)
+    for i in reversed(range(len(host))):
+        h = host[i]
+        if h.kind != "float" or h.name not in uses:
+            continue
+        guards = [g if g is not None else _guard_of_host_user(host, h.name) for g in uses[h.name]]
+        if any(g is None or g == TRUE for g in guards):
+            continue
+        common = set.intersection(*[_conjuncts(g) for g in guards])
+        if common:
+            host[i] = HostScalar(h.name, h.expr, h.kind, h.origin, sympy.And(*sorted(common, key=str)))
+    return prog.replace(host=tuple(host))
+
+
+def _guard_of_host_user(host, name):
+    users = [h for h in host if name in {s.name for s in sympy.sympify(h.expr).free_symbols}]
+    if not users or any(u.guard == TRUE for u in users):
+        return None
+    return sympy.And(*[u.guard for u in users]) if len(users) == 1 else None
+
+
+def _conjuncts(g) -> set:
+    return set(g.args) if isinstance(g, sympy.And) else {g}

@@ -1,0 +1,29 @@
+"""The middle of the pipeline, in order. Each pass is ``Program -> Program`` and idempotent;
+``verify`` runs after each one when ``OPTCOMPILE_VERIFY=1`` (always in the tests)."""
+from __future__ import annotations
+
+import os
+
+from ..ir import Program
+from ..verify import verify
+from .accumulate import accumulate_only_states
+from .kahan import add_kahan_summation
+from .precision import compute_in_fp32
+from .weight_decay import add_weight_decay
+
+PIPELINE = (add_weight_decay, accumulate_only_states, add_kahan_summation, compute_in_fp32)
+PASS_NAMES = tuple(p.__name__ for p in PIPELINE)
+
+
+def run_passes(prog: Program, until: str | None = None) -> Program:
+    """Apply PIPELINE in order (stopping after ``until`` if given)."""
+    check = os.environ.get("OPTCOMPILE_VERIFY") == "1"
+    for p in PIPELINE:
+        prog = p(prog)
+        if p.__name__ not in prog.passes:
+            prog = prog.replace(passes=prog.passes + (p.__name__,))
+        if check:
+            verify(prog, after=p.__name__)
+        if until and p.__name__ == until:
+            break
+    return prog

@@ -1,0 +1,251 @@
+"""The Optimizer every generated class derives from: optimi's runtime contract, written once.
+
+Generated modules supply the math (host scalars, state allocation, one function per backend);
+this module supplies what is the same for every algorithm: param groups and lazy state, the int32
+``step`` in param groups, backend choice, grouping by (device, dtype), gradient release and
+optimizer accumulation. Importing it does not import sympy or the compiler.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+BACKENDS = ("eager", "foreach", "triton", "fused")
+
+
+def fp32(x):
+    """The compute view of a buffer: itself in fp32/fp64, an fp32 copy in bf16/fp16 (lists too)."""
+    if x is None:
+        return None
+    if isinstance(x, list):
+        if not x or x[0] is None or x[0].dtype not in LOW_PRECISION:
+            return x
+        return [t.float() for t in x]
+    return x.float() if x.dtype in LOW_PRECISION else x
+
+
+@dataclass
+class OptimizerInfo:
+    """What a generated module tells the runtime about its algorithm."""
+
+    name: str
+    functional: str
+    keys: tuple[str, ...]
+    states: tuple[str, ...]
+    uses_step: bool
+    host: Callable[..., dict]
+    init_state: Callable
+    backends: dict[str, Callable]
+    module: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def backend(self, name: str) -> Callable:
+        if name not in self.backends:
+            from .loader import load_backend  # triton / fused live in their own generated files
+            self.backends[name] = load_backend(self, name)
+        return self.backends[name]
+
+
+def _group_by_device_and_dtype(params, lists):
+    """Indices of params per (device, dtype); one group (no copy) in the common case."""
+    first = params[0]
+    if all(p.device == first.device and p.dtype == first.dtype for p in params):
+        return [(first.device, first.dtype, params, lists)]
+    groups: dict = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    return [(dev, dt, [params[i] for i in idx], [[lst[i] for i in idx] for lst in lists])
+            for (dev, dt), idx in groups.items()]
+
+
+def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_release=False) -> str:
+    """Explicit choices win (fused, then triton, then foreach); otherwise the fastest that works:
+    Triton on GPUs, the fused C kernel on CPU, foreach on other devices, the for-loop last."""
+    if fused:
+        return "fused"
+    if triton:
+        return "triton"
+    if foreach and not gradient_release:
+        return "foreach"
+    if foreach is False and triton is False and fused is False:
+        return "eager"
+    device = params[0].device
+    from . import backends_available as avail
+    if device.type == "cpu":
+        if fused is None and avail.fused_cpu():
+            return "fused"
+        return "eager"
+    if triton is None and avail.triton_on(device):
+        return "triton"
+    return "eager" if gradient_release or foreach is False else "foreach"
+
+
+def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
+                   kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
+                   optimizer_accumulation=False) -> None:
+    """One optimizer step over lists of tensors; the body of every generated functional API."""
+    if gradient_release and foreach:
+        raise ValueError(f"Gradient release {gradient_release=} and foreach {foreach=} cannot be used together")
+    if isinstance(params, torch.Tensor):
+        params, grads = [params], [grads]
+        state_lists = [[s] for s in state_lists]
+        kahan_comps = [kahan_comps]
+    if not params:
+        return
+    if kahan_comps is None:
+        kahan_comps = [None] * len(params)
+    hypers = dict(hypers)
+    if hypers.get("decouple_lr") and hypers.get("max_lr") is None:
+        hypers["max_lr"] = hypers["lr"]
+    if info.uses_step:
+        step.add_(1)
+        hypers["step"] = int(step.item())
+    name = choose_backend(params, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
+    impl = info.backend(name)
+    for _, dtype, ps, lists in _group_by_device_and_dtype(params, [grads, *state_lists, kahan_comps]):
+        host = info.host(**hypers, update_parameters=not optimizer_accumulation,
+                         kahan=bool(kahan_sum) and dtype in LOW_PRECISION)
+        impl(ps, *lists, **host)
+
+
+class CompiledOptimizer(Optimizer):
+    """optimi-compatible base: same param-group keys, state layout, errors and warnings."""
+
+    _info: OptimizerInfo
+
+    def __init__(self, params, defaults: dict):
+        if not 0.0 <= defaults["lr"]:
+            raise ValueError(f"Invalid learning rate: lr={defaults['lr']}")
+        if "weight_decay" in defaults and not 0.0 <= defaults["weight_decay"]:
+            raise ValueError(f"Invalid weight decay: weight_decay={defaults['weight_decay']}")
+        if defaults.get("max_lr") is not None and not 0.0 <= defaults["max_lr"]:
+            raise ValueError(f"Invalid maximum learning rate: max_lr={defaults['max_lr']}")
+        if defaults.get("triton"):
+            from . import backends_available as avail
+            if not avail.triton_importable():
+                raise ImportError("Triton could not be imported on this system. Set triton=False or install Triton.")
+        super().__init__(params, defaults)
+        if self.defaults.get("decouple_lr"):
+            high = [g["weight_decay"] for g in self.param_groups
+                    if g.get("decouple_lr", self.defaults["decouple_lr"]) and g.get("weight_decay", 0) >= 1e-3]
+            if high:
+                warnings.warn(f"You are using weight_decay up to {max(high)} which is potentially high for "
+                              "decouple_lr=True. Unlike decoupled weight decay, fully decoupled weight decay does "
+                              "not reduce weight decay by the learning rate.", category=UserWarning, stacklevel=3)
+        self._optimizer_accumulation = False
+        if self.defaults["gradient_release"]:
+            if self.defaults.get("foreach"):
+                warnings.warn("Gradient release (gradient_release=True) and foreach (foreach=True) cannot be used "
+                              "together. Disabling foreach.", category=UserWarning, stacklevel=3)
+            self.defaults["foreach"] = False
+            for group in self.param_groups:
+                group["foreach"] = False
+                for p in group["params"]:
+                    self.state[p]["group"] = group
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        # Fully decoupled decay divides by max_lr: default it to *this group's* lr (optimi uses the
+        # constructor's lr for every group, so a group with its own lr decays at the wrong strength).
+        if group.get("decouple_lr") and group.get("max_lr") is None:
+            group["max_lr"] = group["lr"]
+
+    @property
+    def optimizer_accumulation(self) -> bool:
+        """Accumulate into the optimizer states without updating params (under gradient release)."""
+        return self._optimizer_accumulation
+
+    @optimizer_accumulation.setter
+    def optimizer_accumulation(self, value: bool) -> None:
+        self._optimizer_accumulation = value
+
+    # ── state ──────────────────────────────────────────────────────────────────────────────────
+    def _init_param_state(self, group: dict, state: dict, param: torch.Tensor) -> None:
+        if "kahan_comp" in state:
+            return
+        if param.grad is not None and param.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                               f"(param of shape {tuple(param.shape)}); use a dense gradient")
+        if torch.is_complex(param):
+            raise RuntimeError(f"{type(self).__name__} does not support complex params (shape "
+                               f"{tuple(param.shape)}); optimize torch.view_as_real(param) instead")
+        kahan_sum = group.get("kahan_sum")
+        kahan = (kahan_sum or kahan_sum is None) and param.dtype in LOW_PRECISION
+        if kahan:
+            group["kahan_sum"] = True
+        self._info.init_state(state, param, group, kahan)
+        if group.get("gradient_release") and self._info.uses_step:
+            state["step"] = torch.tensor(0, dtype=torch.int32)
+
+    def _setup_group(self, group: dict) -> None:
+        if not group.get("setup"):
+            group["setup"] = True
+            if self._info.uses_step:
+                group["step"] = torch.tensor(0, dtype=torch.int32)
+
+    def _call(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
+              optimizer_accumulation=False) -> None:
+        hypers = {k: group[k] for k in self._info.keys}
+        run_functional(self._info, params, grads, state_lists, kahan_comps, hypers, step=step,
+                       kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
+                       triton=group.get("triton"), fused=group.get("fused"), gradient_release=gradient_release,
+                       optimizer_accumulation=optimizer_accumulation)
+
+    # ── step ───────────────────────────────────────────────────────────────────────────────────
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, param: torch.Tensor | None = None):
+        """One step over every param with a gradient, or of one ``param`` (gradient release)."""
+        loss = None
+        if closure is not None and param is None:
+            with torch.enable_grad():
+                loss = closure()
+        if param is not None:
+            self._step_param(param)
+            return loss
+        for group in self.param_groups:
+            self._setup_group(group)
+            params, grads, kahan_comps = [], [], []
+            state_lists = [[] for _ in self._info.states]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                self._init_param_state(group, state, p)
+                params.append(p)
+                grads.append(p.grad)
+                for lst, name in zip(state_lists, self._info.states):
+                    lst.append(state[name])
+                kahan_comps.append(state["kahan_comp"])
+            if params:  # optimi increments the step of a group without grads; we leave it alone
+                self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"))
+        return loss
+
+    def _step_param(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        state = self.state[param]
+        group = state["group"]
+        self._init_param_state(group, state, param)
+        self._call(group, param, param.grad, [state[n] for n in self._info.states], state["kahan_comp"],
+                   step=state.get("step"), gradient_release=True,
+                   optimizer_accumulation=self._optimizer_accumulation)
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True, param: torch.Tensor | None = None) -> None:
+        if param is None:
+            super().zero_grad(set_to_none=set_to_none)
+        elif param.grad is not None:
+            if set_to_none:
+                param.grad = None
+            else:
+                if param.grad.grad_fn is not None:
+                    param.grad.detach_()
+                else:
+                    param.grad.requires_grad_(False)
+                param.grad.zero_()

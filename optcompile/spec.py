@@ -1,0 +1,397 @@
+"""The spec DSL: an optimizer written once, as sympy expressions.
+
+A spec file builds one :class:`OptimizerSpec` named ``spec``. Every call records the spec file
+and line it came from, so that any later error (here, in lowering, or in a pass) can point at the
+line the author wrote. Nothing here knows about backends: the spec is data.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import itertools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sympy
+from sympy import (Abs, And, Eq, Ge, Gt, Interval, Le, Lt, Max, Min, Mod, Ne, Not, Or,  # noqa: F401
+                   Piecewise, Rational, oo, sign, sqrt, exp, log)
+
+__all__ = ["OptimizerSpec", "SpecError", "load_spec", "Interval", "oo", "sqrt", "Abs", "sign", "exp",
+           "log", "Max", "Min", "Piecewise", "Eq", "Ne", "Gt", "Ge", "Lt", "Le", "And", "Or", "Not",
+           "Mod", "Rational", "REQUIRED", "RESERVED_NAMES", "SUPPORTED_FUNCTIONS"]
+
+
+class SpecError(ValueError):
+    """A spec is wrong. The message names the spec file, the line and the offending expression."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None, expr: Any = None):
+        self.file, self.line, self.expr, self.reason = file, line, expr, message
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        what = f" (in `{expr}`)" if expr is not None else ""
+        super().__init__(f"{where}{message}{what}")
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+# Names the runtime owns: a spec may not declare hyperparameters, flags or states with them.
+RESERVED_NAMES = frozenset({
+    "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_sum", "foreach", "triton", "fused",
+    "gradient_release", "optimizer_accumulation", "update_parameters", "setup", "decouple_wd",
+    "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults",
+})
+
+# sympy node types a spec may use, and what each means in every backend.
+SUPPORTED_FUNCTIONS = {
+    "sqrt": "square root (x**(1/2)); x**(-1/2) is printed as rsqrt",
+    "Abs": "absolute value", "sign": "sign, with sign(0) = 0", "exp": "e**x", "log": "natural log",
+    "Max": "elementwise maximum", "Min": "elementwise minimum",
+    "Piecewise": "a choice: on host conditions a branch, on tensor conditions a where()",
+    "Mod": "remainder, host scalars only (e.g. step % k)",
+}
+_ALLOWED_NODES = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.Add, sympy.Mul, sympy.Pow,
+                  Abs, sign, exp, log, Max, Min, Piecewise, Mod, sympy.logic.boolalg.BooleanAtom,
+                  sympy.core.relational.Relational, And, Or, Not, sympy.functions.elementary.piecewise.ExprCondPair)
+
+_LABELS = {"lr": "learning rate", "eps": "epsilon", "weight_decay": "weight decay", "momentum": "momentum"}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where in the spec file a declaration was written."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Arg:
+    """One constructor argument: a hyperparameter (float), a tuple of them, or a boolean flag."""
+
+    name: str
+    default: Any
+    symbols: tuple[sympy.Symbol, ...]
+    kind: str  # "float" | "tuple" | "flag"
+    domain: sympy.Set | None
+    doc: str
+    origin: Origin
+    labels: tuple[str, ...] = ()
+    after: str | None = None
+    type: str = "float"
+
+    @property
+    def group_keys(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.symbols)
+
+
+@dataclass
+class State:
+    name: str
+    symbol: sympy.Symbol
+    init: sympy.Expr
+    when: Any  # host condition under which the buffer exists, or True
+    origin: Origin
+
+
+@dataclass
+class Stmt:
+    """One assignment as the author wrote it: a state update, a named value, or the param update."""
+
+    target: sympy.Symbol
+    expr: sympy.Expr
+    origin: Origin
+    kind: str  # "state" | "let" | "update" | "param"
+    when: Any = True
+    lr: sympy.Expr | None = None
+
+
+@dataclass
+class ReductionDecl:
+    symbol: sympy.Symbol
+    op: str
+    expr: sympy.Expr
+    origin: Origin
+
+
+@dataclass
+class OptimizerSpec:
+    """An optimizer as math. See the README's "Write your own optimizer" for the full DSL.
+
+    ``weight_decay`` names the decay style the compiler injects (``"decoupled"``, ``"l2"`` with a
+    ``decouple_wd`` switch, ``"proximal"`` (Adan), or ``None`` for no decay arguments at all);
+    ``kahan_sum`` is the constructor default for Kahan summation of low-precision params.
+    """
+
+    name: str
+    weight_decay: str | None = "decoupled"
+    kahan_sum: bool | None = None
+    decouple_wd: bool = False
+    decoupled_flag: str | None = None
+    doc: str = ""
+    functional: str | None = None
+    args: list[Arg] = field(default_factory=list)
+    states: list[State] = field(default_factory=list)
+    stmts: list[Stmt] = field(default_factory=list)
+    reductions: list[ReductionDecl] = field(default_factory=list)
+    lets: dict[str, Origin] = field(default_factory=dict)
+    file: str = "<spec>"
+    origin: Origin | None = None
+
+    def __post_init__(self) -> None:
+        self.file = _caller_file()
+        self.origin = _origin(self.file)
+        if not self.name.isidentifier():
+            raise SpecError(f"spec name {self.name!r} is not a Python identifier", self.file, self.origin.line)
+        if self.weight_decay not in ("decoupled", "l2", "proximal", None):
+            raise SpecError(f"weight_decay={self.weight_decay!r}: expected 'decoupled', 'l2', 'proximal' or None",
+                            self.file, self.origin.line)
+        if not self.doc:
+            module = sys.modules.get(_spec_module_name(self.file))
+            self.doc = (getattr(module, "__doc__", None) or "").strip() if module else ""
+        self.functional = self.functional or self.name.lower()
+        self.param = sympy.Symbol("param", real=True)
+        self.grad = sympy.Symbol("grad", real=True)
+        self.step = sympy.Symbol("step", integer=True, positive=True)
+        self._names: dict[str, Origin] = {"param": self.origin, "grad": self.origin, "step": self.origin}
+        self._versions = itertools.count(1)
+        self._updated = False
+        self.alias: dict[sympy.Symbol, tuple[sympy.Symbol, int]] = {}  # value after stmt i of a buffer
+
+    # ── declarations ───────────────────────────────────────────────────────────────────────────
+    def hyper(self, name: str, default: Any = REQUIRED, domain: sympy.Set | None = None, *, names=None,
+              doc: str = "", labels=None, after: str | None = None, type: type = float):
+        """A float hyperparameter (``names=`` makes a tuple such as ``betas``); returns its symbol(s)."""
+        origin = _origin(self.file)
+        if isinstance(default, (tuple, list)) or names is not None:
+            names = tuple(names or ())
+            if isinstance(default, (tuple, list)) and len(names) != len(default):
+                raise SpecError(f"hyper {name!r}: {len(names)} names for a default of {len(default)} values",
+                                self.file, origin.line)
+            syms = tuple(self._new_symbol(n, origin) for n in names)
+            labels = tuple(labels or (f"{n} parameter" for n in names))
+            self._add_arg(Arg(name, tuple(default) if default is not REQUIRED else default, syms, "tuple",
+                              domain, doc, origin, labels, after, type.__name__))
+            return syms
+        sym = self._new_symbol(name, origin)
+        self._add_arg(Arg(name, default, (sym,), "float", domain, doc, origin,
+                          (labels or _LABELS.get(name, name),), after, type.__name__))
+        return sym
+
+    def weight_decay_hyper(self, default: float = 0.0, doc: str = ""):
+        """Declare ``weight_decay`` at this place in the signature; the weight-decay pass uses it."""
+        return self.hyper("weight_decay", default, Interval(0, oo), doc=doc or "weight decay coefficient")
+
+    def flag(self, name: str, default: bool = False, *, doc: str = "", after: str | None = None):
+        """A boolean constructor argument, usable in ``Piecewise`` conditions and ``when=``."""
+        origin = _origin(self.file)
+        sym = self._new_symbol(name, origin)
+        self._add_arg(Arg(name, bool(default), (sym,), "flag", None, doc, origin, (name,), after, "bool"))
+        return sym
+
+    def state(self, name: str, init: Any = 0, *, when: Any = True):
+        """A per-parameter buffer saved in ``optimizer.state[p][name]`` (param shape and dtype)."""
+        origin = _origin(self.file)
+        sym = self._new_symbol(name, origin)
+        init = self._expr(init, origin, "init")
+        self.states.append(State(name, sym, init, when, origin))
+        return sym
+
+    def let(self, name: str, expr: Any):
+        """Name a value. Host-only math (hypers, step) runs once per step; the name survives codegen."""
+        origin = _origin(self.file)
+        expr = self._expr(expr, origin, name)
+        sym = self._new_symbol(name, origin, real=not isinstance(expr, sympy.logic.boolalg.Boolean))
+        self.lets[name] = origin
+        self.stmts.append(Stmt(sym, expr, origin, "let"))
+        return sym
+
+    def assign(self, state: sympy.Symbol, expr: Any, *, when: Any = True):
+        """``state ← expr`` (per element). Returns the new value; ``when=`` makes it conditional."""
+        origin = _origin(self.file)
+        if state in (self.param, self.grad) or getattr(state, "name", None) in ("param", "grad", "step"):
+            raise SpecError(f"cannot assign to `{state}`: only states can be assigned (use spec.update for "
+                            "the parameter)", self.file, origin.line, state)
+        base = self._state_of(state, origin)
+        expr = self._expr(expr, origin, base.name)
+        new = sympy.Symbol(f"{base.name}__v{next(self._versions)}", real=True)
+        self.stmts.append(Stmt(base.symbol, expr, origin, "state", when=_cond(when)))
+        self.alias[new] = (base.symbol, len(self.stmts) - 1)
+        return new
+
+    def update(self, direction: Any, *, lr: Any):
+        """The parameter step ``param ← param − lr·direction``; returns the updated param.
+
+        ``lr`` is kept apart so that weight decay can use the effective learning rate and Kahan
+        summation can see the whole Δp.
+        """
+        origin = _origin(self.file)
+        if self._updated:
+            raise SpecError("spec.update called twice; use spec.set_param for later param writes",
+                            self.file, origin.line)
+        direction = self._expr(direction, origin, "update")
+        lr = self._expr(lr, origin, "lr")
+        self._updated = True
+        self.stmts.append(Stmt(self.param, self.param - lr * direction, origin, "update", lr=lr))
+        new = sympy.Symbol(f"param__v{next(self._versions)}", real=True)
+        self.alias[new] = (self.param, len(self.stmts) - 1)
+        return new
+
+    def set_param(self, expr: Any, *, when: Any = True):
+        """A later parameter write after ``update`` (e.g. Ranger's lookahead ``p ← slow``)."""
+        origin = _origin(self.file)
+        if not self._updated:
+            raise SpecError("spec.set_param needs spec.update first", self.file, origin.line)
+        expr = self._expr(expr, origin, "param")
+        self.stmts.append(Stmt(self.param, expr, origin, "param", when=_cond(when)))
+        new = sympy.Symbol(f"param__v{next(self._versions)}", real=True)
+        self.alias[new] = (self.param, len(self.stmts) - 1)
+        return new
+
+    def mean(self, expr: Any):
+        """Mean over all elements of this parameter (a per-tensor reduction)."""
+        return self._reduce("mean", expr)
+
+    def sum(self, expr: Any):
+        """Sum over all elements of this parameter (a per-tensor reduction)."""
+        return self._reduce("sum", expr)
+
+    def max(self, expr: Any):
+        """Maximum over all elements of this parameter (a per-tensor reduction)."""
+        return self._reduce("max", expr)
+
+    def every(self, k: Any):
+        """True on steps that are a multiple of ``k`` (host condition: ``step % k == 0``)."""
+        return Eq(Mod(self.step, k), 0)
+
+    # ── helpers ────────────────────────────────────────────────────────────────────────────────
+    def _reduce(self, op: str, expr: Any):
+        origin = _origin(self.file)
+        expr = self._expr(expr, origin, f"{op}(...)")
+        sym = sympy.Symbol(f"{op}{len(self.reductions)}", real=True)
+        self.reductions.append(ReductionDecl(sym, op, expr, origin))
+        self.stmts.append(Stmt(sym, expr, origin, "reduce"))
+        return sym
+
+    def _add_arg(self, arg: Arg) -> None:
+        if any(a.name == arg.name for a in self.args):
+            raise SpecError(f"argument {arg.name!r} declared twice", self.file, arg.origin.line)
+        self.args.append(arg)
+
+    def _new_symbol(self, name: str, origin: Origin, real: bool = True) -> sympy.Symbol:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SpecError(f"{name!r} is not a valid identifier", self.file, origin.line)
+        if name in RESERVED_NAMES:
+            raise SpecError(f"{name!r} is a reserved name (reserved: {', '.join(sorted(RESERVED_NAMES))})",
+                            self.file, origin.line)
+        if name in self._names:
+            raise SpecError(f"{name!r} is already declared at line {self._names[name].line}", self.file, origin.line)
+        self._names[name] = origin
+        return sympy.Symbol(name, real=True) if real else sympy.Symbol(name)
+
+    def _state_of(self, sym: Any, origin: Origin) -> State:
+        sym = self.alias.get(sym, (sym,))[0]
+        for st in self.states:
+            if st.symbol == sym:
+                return st
+        raise SpecError(f"`{sym}` is not a state: declare it with spec.state(...)", self.file, origin.line, sym)
+
+    def _expr(self, value: Any, origin: Origin, what: str):
+        try:
+            expr = sympy.sympify(value)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise SpecError(f"{what}: {value!r} is not a sympy expression ({exc})", self.file, origin.line) from None
+        for node in sympy.preorder_traversal(expr):
+            if not isinstance(node, _ALLOWED_NODES) and not isinstance(node, sympy.Tuple):
+                fn = getattr(getattr(node, "func", None), "__name__", type(node).__name__)
+                raise SpecError(f"unsupported sympy function {fn!r}; supported: "
+                                f"{', '.join(SUPPORTED_FUNCTIONS)} and + - * / **", self.file, origin.line, expr)
+        known = set(self._names) | {s.name for s in self.alias} | {r.symbol.name for r in self.reductions}
+        for s in sorted(expr.free_symbols, key=lambda s: s.name):
+            if s.name not in known:
+                raise SpecError(f"undefined symbol `{s.name}`: declare it with spec.hyper/flag/state/let",
+                                self.file, origin.line, expr)
+        return expr
+
+
+def _cond(when: Any):
+    return sympy.true if when is True else when
+
+
+def _spec_module_name(file: str) -> str:
+    return "optcompile_spec_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(file))
+
+
+def _caller_file() -> str:
+    here = os.path.abspath(__file__)
+    for frame in inspect.stack()[1:]:
+        if os.path.abspath(frame.filename) != here and not frame.filename.startswith("<"):
+            return frame.filename
+    return "<spec>"
+
+
+def _origin(file: str) -> Origin:
+    """The line in ``file`` that is calling into the DSL right now."""
+    frame = sys._getframe(1)
+    target = os.path.abspath(file)
+    while frame is not None:
+        if os.path.abspath(frame.f_code.co_filename) == target:
+            return Origin(_display(file), frame.f_lineno)
+        frame = frame.f_back
+    return Origin(_display(file), 0)
+
+
+def _display(file: str) -> str:
+    """Spec paths as users type them: relative to the cwd when under it, else absolute."""
+    path = os.path.abspath(file)
+    try:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else path
+    except ValueError:
+        return path
+
+
+def load_spec(path: str | os.PathLike) -> OptimizerSpec:
+    """Execute a spec file and return its ``spec``; any failure becomes a SpecError with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    name = _spec_module_name(str(path))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except SpecError:
+        raise
+    except SyntaxError as exc:
+        raise SpecError(f"syntax error: {exc.msg}", _display(str(path)), exc.lineno) from None
+    except Exception as exc:  # the author's code raised: point at their line
+        tb = exc.__traceback__
+        line = None
+        while tb is not None:
+            if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        raise SpecError(f"spec raised {type(exc).__name__}: {exc}", _display(str(path)), line) from exc
+    finally:
+        sys.modules.pop(name, None)
+    spec = getattr(module, "spec", None)
+    if not isinstance(spec, OptimizerSpec):
+        found = [k for k, v in vars(module).items() if isinstance(v, OptimizerSpec)]
+        if len(found) == 1:
+            spec = getattr(module, found[0])
+        else:
+            raise SpecError("the file defines no `spec = OptimizerSpec(...)`", _display(str(path)), 1)
+    spec.source = path.read_bytes()
+    spec.path = str(path)
+    return spec

@@ -1,0 +1,19 @@
+"""Shared test setup: verify the IR after every pass, and keep the cache in a per-session folder."""
+import os
+import tempfile
+
+os.environ.setdefault("OPTCOMPILE_VERIFY", "1")
+os.environ.setdefault("OPTCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="optcompile-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private, empty cache for tests that inspect cache files."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("OPTCOMPILE_CACHE_DIR", str(d))
+    return d
