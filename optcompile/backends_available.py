@@ -47,4 +47,18 @@ def fused_cpu() -> bool:
     if os.environ.get("OPTCOMPILE_DISABLE_FUSED") == "1":
         return False
     from . import loader
-    return loader.has_backend("fused") and c_compiler() is not None
+    if not loader.has_backend("fused"):
+        return False
+    if c_compiler() is None:
+        _warn_no_compiler()
+        return False
+    return True
+
+
+@functools.cache
+def _warn_no_compiler() -> None:
+    """Once per process: without a C compiler CPU steps use the (slower) Python backends."""
+    import warnings
+    warnings.warn("optcompile: no C compiler found ($CC, cc, gcc or clang), so CPU optimizer steps use the "
+                  "eager backend instead of the fused C kernel; install gcc or set CC to enable it",
+                  UserWarning, stacklevel=4)

@@ -19,11 +19,15 @@ from filelock import FileLock
 from .codegen.header import body_hash_ok
 from .version import __version__
 
-_FALLBACK: Path | None = None
+_FALLBACK: dict[Path, Path] = {}  # unusable cache folder → the temp folder used instead (per process)
 
 
 class CacheWarning(UserWarning):
     """The cache could not be used as asked (unwritable folder, corrupt entry); it recovered."""
+
+
+class JITDisabledError(RuntimeError):
+    """``OPTCOMPILE_DISABLE_JIT=1`` and the entry is missing or corrupt: nothing may be compiled."""
 
 
 def root() -> Path:
@@ -34,8 +38,9 @@ def root() -> Path:
 
 def cache_dir() -> Path:
     """This compiler version's folder; a temp folder (with a warning) if the root is unusable."""
-    global _FALLBACK
     path = root() / __version__
+    if path in _FALLBACK:
+        return _FALLBACK[path]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
@@ -43,13 +48,19 @@ def cache_dir() -> Path:
         probe.unlink()
         return path
     except OSError as exc:
-        if _FALLBACK is None:
-            _FALLBACK = Path(tempfile.mkdtemp(prefix="optcompile-cache-")) / __version__
-            _FALLBACK.mkdir(parents=True, exist_ok=True)
-            warnings.warn(f"optcompile cache dir {path} is not usable ({exc.strerror or exc}); using "
-                          f"{_FALLBACK} for this process. Set OPTCOMPILE_CACHE_DIR to a writable folder.",
-                          CacheWarning, stacklevel=3)
-        return _FALLBACK
+        fallback = Path(tempfile.mkdtemp(prefix="optcompile-cache-")) / __version__
+        fallback.mkdir(parents=True, exist_ok=True)
+        _FALLBACK[path] = fallback
+        warnings.warn(f"optcompile cache dir {path} is not usable ({exc.strerror or exc}); using "
+                      f"{fallback} for this process. Set OPTCOMPILE_CACHE_DIR to a writable folder.",
+                      CacheWarning, stacklevel=3)
+        return fallback
+
+
+def _lookup_dir() -> Path:
+    """Where an entry would be, without creating anything (a failing build leaves no trace)."""
+    path = root() / __version__
+    return _FALLBACK.get(path, path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -68,23 +79,34 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def get_or_build(name: str, build: Callable[[], str], *, valid: Callable[[Path], bool] | None = None) -> tuple[Path, bool]:
-    """The cache entry ``name``, building it under a lock if missing or invalid.
+    """The cache entry ``name``, building it if missing or invalid.
 
-    Returns ``(path, hit)``. ``build`` returns the file's text; it runs at most once per key across
-    processes, and never leaves a partial file behind if it raises.
+    Returns ``(path, hit)``. ``build`` runs before anything is created on disk, so a spec error
+    leaves the cache exactly as it was; the write happens under a per-entry lock, re-checking
+    first, so concurrent processes leave one valid entry (a few may build the text in parallel;
+    building is pure). Temp files of writers killed mid-write are removed under the lock.
     """
+    check = valid or (lambda p: body_hash_ok(p.read_text(encoding="utf-8")))
+    path = _lookup_dir() / name
+    exists = path.exists()
+    if exists and _safe(check, path):
+        return path, True
+    if os.environ.get("OPTCOMPILE_DISABLE_JIT") == "1":
+        raise JITDisabledError(f"optcompile cache entry {path} is {'corrupt' if exists else 'missing'} and "
+                               "OPTCOMPILE_DISABLE_JIT=1 forbids compiling it; compile it beforehand "
+                               "(`optcompile compile SPEC`) or unset OPTCOMPILE_DISABLE_JIT")
+    text = build()
     folder = cache_dir()
     path = folder / name
-    check = valid or (lambda p: body_hash_ok(p.read_text(encoding="utf-8")))
-    if path.exists() and _safe(check, path):
-        return path, True
     with FileLock(str(folder / f"{name}.lock"), timeout=600):
+        for stale in folder.glob(f".{name}.*.tmp"):  # only lock holders write these: a dead writer's
+            stale.unlink(missing_ok=True)
         if path.exists():
             if _safe(check, path):
                 return path, True
             warnings.warn(f"optcompile cache entry {path} is corrupt (content hash mismatch); rebuilding it",
                           CacheWarning, stacklevel=3)
-        atomic_write(path, build().encode("utf-8"))
+        atomic_write(path, text.encode("utf-8"))
     return path, False
 
 
@@ -107,6 +129,7 @@ def clear() -> int:
 
 def info() -> dict:
     r = root()
-    files = [p for p in r.rglob("*") if p.is_file() and not p.name.endswith(".lock")] if r.exists() else []
+    files = [p for p in r.rglob("*") if p.is_file() and not p.name.endswith(".lock") and not p.name.startswith(".")] \
+        if r.exists() else []  # entries only: not locks, temp files of writers or probes
     return {"root": str(r), "version_dir": str(r / __version__), "entries": len(files),
             "bytes": sum(p.stat().st_size for p in files)}

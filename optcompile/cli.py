@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("action", choices=["info", "clear"])
     k.set_defaults(func=cmd_cache)
     args = parser.parse_args(argv)
+    from .cache import JITDisabledError
     from .spec import SpecError
     try:
         return args.func(args)
-    except SpecError as exc:
+    except (SpecError, JITDisabledError) as exc:
         print(f"optcompile: error: {exc}", file=sys.stderr)
         return 1
 

@@ -116,6 +116,7 @@ class Program:
     uses_step: bool
     passes: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    records: tuple[StateBuffer, ...] = ()  # 0-dim states kept for state_dict layout only (init, never read)
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -167,6 +168,8 @@ class Program:
         for s in self.states:
             when = "" if s.when == TRUE else f"  when {s.when}"
             out.append(f"  state {s.name} = {s.init}{when}")
+        for s in self.records:
+            out.append(f"  record {s.name} = {s.init}  (0-dim, not read by the step)")
         for h in self.host:
             out.append(f"  host {h.name}: {h.kind} = {h.expr}")
         for i, stage in enumerate(self.stages()):

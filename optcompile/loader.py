@@ -2,6 +2,8 @@
 ``inspect.getsource``), from the checked-in ``generated/`` when fresh, else from the cache."""
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 import sys
@@ -100,21 +102,22 @@ def register_backend_loader(name: str, fn) -> None:
 
 
 def has_backend(name: str) -> bool:
-    _import_backend_runtimes()
+    _import_backend_runtime(name)
     return name in _BACKEND_LOADERS
 
 
-def _import_backend_runtimes() -> None:
-    for mod in ("optcompile.backends.triton_runtime", "optcompile.backends.fused_runtime"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+@functools.cache
+def _import_backend_runtime(name: str) -> None:
+    """Import the module that registers backend ``name`` (once; a missing one stays missing)."""
+    try:
+        importlib.import_module(f"optcompile.backends.{name}_runtime")
+    except ImportError:
+        pass
 
 
 def load_backend(info, name: str):
     """The step function of backend ``name`` for a loaded module (files beside the module)."""
-    _import_backend_runtimes()
+    _import_backend_runtime(name)
     if name not in _BACKEND_LOADERS:
         raise RuntimeError(f"backend {name!r} is not available in this build of optcompile")
     module_file = Path(sys.modules[info.module].__file__)

@@ -32,6 +32,10 @@ def lower(spec: OptimizerSpec) -> Program:
     if "lr" not in {a.name for a in spec.args}:
         raise SpecError("missing required hyperparameter `lr`: declare lr = spec.hyper('lr', domain=Interval(0, oo))",
                         file, spec.origin.line)
+    if spec.weight_decay is not None and "weight_decay" not in {a.name for a in spec.args}:
+        raise SpecError(f"weight_decay={spec.weight_decay!r} needs a `weight_decay` hyperparameter: call "
+                        "spec.weight_decay_hyper(default), or pass weight_decay=None for no decay", file,
+                        spec.origin.line)
 
     stmts = _resolve_versions(spec, buffers)
     host: list[HostScalar] = []
@@ -55,6 +59,10 @@ def lower(spec: OptimizerSpec) -> Program:
                 host.append(HostScalar(stmt.target.name, expr, kind, where(stmt)))
                 host_syms.add(stmt.target)
             elif syms <= host_syms | tscalar_syms:
+                if isinstance(expr, Boolean):
+                    raise SpecError("a condition on a per-tensor reduction cannot be lowered (a named "
+                                    "condition is a host value); express the choice arithmetically, e.g. "
+                                    "with Max/Min/sign", file, stmt.origin.line, expr)
                 body.append(TensorScalar(stmt.target.name, expr, TRUE, where(stmt)))
                 tscalar_syms.add(stmt.target)
             else:
@@ -91,15 +99,23 @@ def lower(spec: OptimizerSpec) -> Program:
             raise SpecError(f"state {st.name!r}: init may use only param, grad and hyperparameters, not "
                             f"{', '.join(sorted(s.name for s in bad))}", file, st.origin.line, st.init)
     _check_host_conditions(spec, host, tscalar_syms)
+    _check_conditional_reads(spec, host, body)
     host_defs = {h.sym: h.expr for h in host}
-    states = tuple(StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
-                               f"{file}:{st.origin.line}") for st in spec.states)
+    buffers = [StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
+                           f"{file}:{st.origin.line}") for st in spec.states]
+    states = tuple(b for b, st in zip(buffers, spec.states) if not st.scalar)
+    records = tuple(b for b, st in zip(buffers, spec.states) if st.scalar)
+    for st in spec.states:
+        if st.scalar and any(st.symbol in sympy.sympify(s.expr).free_symbols for s in body):
+            raise SpecError(f"scalar state {st.name!r} is a record for the state_dict and cannot be read by "
+                            "the step; use the hyperparameters it is computed from", file, st.origin.line)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after)
                  for a in spec.args)
     prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
                    states=states, host=tuple(host), body=tuple(body), update_lr=update_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
-                   meta={"decouple_wd": spec.decouple_wd, "decoupled_flag": spec.decoupled_flag})
+                   meta={"decouple_wd": spec.decouple_wd, "decoupled_flag": spec.decoupled_flag,
+                         "state_order": tuple(st.name for st in spec.states)}, records=records)
     _check_unused(spec, prog)
     return prog
 
@@ -119,6 +135,8 @@ def finalize(prog: Program) -> Program:
         if isinstance(expr, sympy.Expr) and expr.free_symbols and {s.name for s in expr.free_symbols} <= host_names:
             if _trivial_host(expr):
                 return expr
+            if isinstance(expr, sympy.Pow) and expr.exp == -1:  # keep the division: x/(1 + λ), not x·h
+                return sympy.Pow(hoist(expr.base), -1)
             if expr not in hoisted:
                 name = f"h{next(counter)}"
                 while name in host_names:
@@ -137,12 +155,13 @@ def finalize(prog: Program) -> Program:
         if isinstance(stmt, Assign):
             temps, (expr,) = sympy.cse([expr], symbols=(sympy.Symbol(cse_names.fresh("t"), real=True)
                                                         for _ in itertools.count()), order="canonical")
+            temps, expr = _inline_reciprocals(temps, expr)
             for name, value in temps:
                 body.append(Assign(name.name, value, stmt.guard, stmt.origin))
             body.append(dataclasses.replace(stmt, expr=expr))
         else:
             body.append(dataclasses.replace(stmt, expr=expr))
-    prog = prog.replace(host=tuple(host), body=tuple(body))
+    prog = prog.replace(host=tuple(host), body=tuple(_guard_temps(prog, body)))
     prog = _guard_host_scalars(prog)
     used = set().union(*(sympy.sympify(h.expr).free_symbols for h in prog.host)) | \
         set().union(*(sympy.sympify(s.expr).free_symbols for s in prog.body))
@@ -164,6 +183,43 @@ class _Namer:
 
 def _reduction_op(spec: OptimizerSpec, stmt) -> str:
     return next(r.op for r in spec.reductions if r.symbol == stmt.target)
+
+
+def _guard_temps(prog: Program, body: list) -> list:
+    """A temporary computed for readers that all run under a common guard gets that guard too
+    (Ranger's ``slow_t`` only on lookahead steps): no per-element work whose result is unused."""
+    stored = set(prog.stored()) | {"grad"}
+    body = list(body)
+    for i in reversed(range(len(body))):
+        s = body[i]
+        if not isinstance(s, Assign) or s.target in stored:
+            continue
+        sym, readers = sympy.Symbol(s.target, real=True), []
+        for r in body[i + 1:]:
+            if sym in sympy.sympify(r.expr).free_symbols:
+                readers.append(r)
+            if isinstance(r, Assign) and r.target == s.target:
+                break
+        if not readers:
+            continue
+        common = set.intersection(*[_conjuncts(r.guard) for r in readers]) - _conjuncts(s.guard) - {TRUE}
+        if common:
+            body[i] = dataclasses.replace(s, guard=sympy.And(s.guard, *sorted(common, key=str)))
+    return body
+
+
+def _inline_reciprocals(temps, expr):
+    """CSE would name ``1/denom`` when two terms divide by it; torch divides (``addcdiv``), and a
+    reciprocal followed by a multiply rounds differently, so reciprocals stay inline (negations too:
+    ``sub`` and ``alpha=-c`` are free)."""
+    keep, sub = [], {}
+    for name, value in temps:
+        value = value.xreplace(sub)
+        if (isinstance(value, sympy.Pow) and value.exp == -1) or (-value).is_Symbol:  # 1/x, -x: not worth a temp
+            sub[name] = value
+        else:
+            keep.append((name, value))
+    return keep, expr.xreplace(sub)
 
 
 def _trivial_host(expr) -> bool:
@@ -288,6 +344,24 @@ def _check_host_conditions(spec: OptimizerSpec, host, tscalar_syms) -> None:
                             int(h.origin.rsplit(":", 1)[1]), h.expr)
 
 
+def _check_conditional_reads(spec: OptimizerSpec, host, body) -> None:
+    """A state with ``when=c`` exists only when ``c`` holds: every read must be guarded by ``c``."""
+    for st in spec.states:
+        if st.when is True or st.when == TRUE:
+            continue
+        when = sympy.sympify(st.when)
+        flag = when if isinstance(when, sympy.Symbol) or (isinstance(when, sympy.Not) and
+                                                          isinstance(when.args[0], sympy.Symbol)) else \
+            next((h.sym for h in host if h.kind == "bool" and h.expr == when), None)
+        for s in body:
+            if st.symbol not in sympy.sympify(s.expr).free_symbols:
+                continue
+            if flag is None or sympy.satisfiable(sympy.And(s.guard, sympy.Not(flag))):
+                raise SpecError(f"state {st.name!r} exists only when `{when}`, but is read here when that may "
+                                f"be false (read before it is defined); guard the read with when= or a "
+                                f"Piecewise on `{when}`", spec.file, int(s.origin.rsplit(":", 1)[1]), s.expr)
+
+
 def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
     """Every declared argument and state must be used: an unused one is almost always a typo."""
     used = set()
@@ -295,7 +369,7 @@ def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
         used |= sympy.sympify(h.expr).free_symbols
     for s in prog.body:
         used |= sympy.sympify(s.expr).free_symbols | sympy.sympify(s.guard).free_symbols
-    for st in prog.states:
+    for st in prog.states + prog.records:
         used |= sympy.sympify(st.init).free_symbols | sympy.sympify(st.when).free_symbols
     used |= sympy.sympify(prog.update_lr).free_symbols
     used_names = {s.name for s in used}
@@ -307,7 +381,7 @@ def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
         if not any(s.name in used_names for s in a.symbols):
             raise SpecError(f"argument {a.name!r} is declared but never used", spec.file, a.origin.line)
     for st in spec.states:
-        if st.name not in used_names:
+        if st.name not in used_names and not st.scalar:
             raise SpecError(f"state {st.name!r} is declared but never read", spec.file, st.origin.line)
 
 
@@ -331,7 +405,29 @@ def _guard_host_scalars(prog: Program) -> Program:
         common = set.intersection(*[_conjuncts(g) for g in guards])
         if common:
             host[i] = HostScalar(h.name, h.expr, h.kind, h.origin, sympy.And(*sorted(common, key=str)))
-    return prog.replace(host=tuple(host))
+    return prog.replace(host=_in_dependency_order(host))
+
+
+def _in_dependency_order(host: list) -> tuple:
+    """Host scalars ordered so that each comes after what its value *and its guard* read (a
+    branch condition is created when the branch is lowered, after the lets used inside it)."""
+    names = {h.name for h in host}
+    done: list = []
+    placed: set = set()
+
+    def place(h, seen=()):
+        if h.name in placed:
+            return
+        deps = {s.name for s in sympy.sympify(h.expr).free_symbols | sympy.sympify(h.guard).free_symbols} & names
+        for d in sorted(deps):
+            if d not in seen and d != h.name:
+                place(next(x for x in host if x.name == d), seen + (h.name,))
+        placed.add(h.name)
+        done.append(h)
+
+    for h in host:
+        place(h)
+    return tuple(done)
 
 
 def _guard_of_host_user(host, name):

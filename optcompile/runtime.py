@@ -105,12 +105,66 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     if info.uses_step:
         step.add_(1)
         hypers["step"] = int(step.item())
+    lists = [params, grads, *state_lists, kahan_comps]
+    if any(torch.is_complex(p) for p in params):
+        lists = [[_real(x) for x in lst] for lst in lists]
+    if any(_is_dtensor(p) for p in params):
+        if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
+            return _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
+                                         fused=fused, gradient_release=gradient_release,
+                                         optimizer_accumulation=optimizer_accumulation)
+        lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
+    _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
+              gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation)
+
+
+def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation):
+    """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend."""
+    params = tensors[0]
     name = choose_backend(params, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
     impl = info.backend(name)
-    for _, dtype, ps, lists in _group_by_device_and_dtype(params, [grads, *state_lists, kahan_comps]):
+    for _, dtype, ps, lists in _group_by_device_and_dtype(params, tensors[1:]):
         host = info.host(**hypers, update_parameters=not optimizer_accumulation,
                          kahan=bool(kahan_sum) and dtype in LOW_PRECISION)
         impl(ps, *lists, **host)
+
+
+def _real(x):
+    """Complex tensors are optimized as their (…, 2) real view, as torch.optim does."""
+    return torch.view_as_real(x) if x is not None and torch.is_complex(x) else x
+
+
+def _is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "to_local")
+
+
+def _is_sharded(x) -> bool:
+    return _is_dtensor(x) and any(not pl.is_replicate() for pl in x.placements)
+
+
+def _needs_whole_tensor(info: OptimizerInfo) -> bool:
+    """Whether the algorithm reads whole-tensor values (reductions, numel), which a local shard of
+    a DTensor does not have. Generated modules may say so in ``extra``; else read the eager code."""
+    if "whole_tensor" not in info.extra:
+        import inspect
+        src = inspect.getsource(info.backends["eager"]) + inspect.getsource(info.host)
+        info.extra["whole_tensor"] = ".item()" in src or "numel()" in src
+    return info.extra["whole_tensor"]
+
+
+def _step_on_full_tensors(info, lists, hypers, **kw) -> None:
+    """Sharded DTensors under an algorithm with per-tensor reductions: every rank gathers the whole
+    tensors, steps them (so a reduction spans all shards and matches the unsharded run bit for
+    bit), and keeps its own shard. Costs an all-gather of param, grad and states per step."""
+    from torch.distributed.tensor import distribute_tensor
+    full = [[x.full_tensor() if _is_dtensor(x) else x for x in lst] for lst in lists]
+    _dispatch(info, full, hypers, **kw)
+    for i, lst in enumerate(lists):
+        if i == 1:
+            continue  # grads are read-only
+        for x, f in zip(lst, full[i]):
+            if _is_dtensor(x):
+                x.to_local().copy_(distribute_tensor(f, x.device_mesh, x.placements, src_data_rank=None).to_local())
 
 
 class CompiledOptimizer(Optimizer):
@@ -147,10 +201,17 @@ class CompiledOptimizer(Optimizer):
                 group["foreach"] = False
                 for p in group["params"]:
                     self.state[p]["group"] = group
+        self.register_state_dict_post_hook(_pack_gradient_release_groups)
+        self.register_load_state_dict_post_hook(_link_gradient_release_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.defaults.get("gradient_release") and hasattr(self, "_optimizer_accumulation"):
+            # a group added after construction steps under gradient release too (optimi: KeyError)
+            group["foreach"] = False
+            for p in group["params"]:
+                self.state[p]["group"] = group
         # Fully decoupled decay divides by max_lr: default it to *this group's* lr (optimi uses the
         # constructor's lr for every group, so a group with its own lr decays at the wrong strength).
         if group.get("decouple_lr") and group.get("max_lr") is None:
@@ -167,14 +228,11 @@ class CompiledOptimizer(Optimizer):
 
     # ── state ──────────────────────────────────────────────────────────────────────────────────
     def _init_param_state(self, group: dict, state: dict, param: torch.Tensor) -> None:
-        if "kahan_comp" in state:
-            return
         if param.grad is not None and param.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                f"(param of shape {tuple(param.shape)}); use a dense gradient")
-        if torch.is_complex(param):
-            raise RuntimeError(f"{type(self).__name__} does not support complex params (shape "
-                               f"{tuple(param.shape)}); optimize torch.view_as_real(param) instead")
+        if "kahan_comp" in state:
+            return
         kahan_sum = group.get("kahan_sum")
         kahan = (kahan_sum or kahan_sum is None) and param.dtype in LOW_PRECISION
         if kahan:
@@ -249,3 +307,32 @@ class CompiledOptimizer(Optimizer):
                 else:
                     param.grad.requires_grad_(False)
                 param.grad.zero_()
+
+
+def _pack_gradient_release_groups(optimizer: CompiledOptimizer, state_dict: dict) -> dict:
+    """state_dict(): each param's ``state["group"]`` is saved as its packed param_group (param
+    indices), not the live dict, which would put a second copy of every param tensor into the
+    checkpoint. optimi reads only hyperparameters from it, so optimi can still load the result."""
+    owner = {i: g for g in state_dict["param_groups"] for i in g["params"]}
+    for i, s in list(state_dict["state"].items()):
+        if "group" in s:
+            state_dict["state"][i] = {**s, "group": owner[i]}  # a copy: s is the live state
+    return state_dict
+
+
+def _link_gradient_release_groups(optimizer: CompiledOptimizer) -> None:
+    """load_state_dict(): point ``state[p]["group"]`` at the live param_group again. torch loads a
+    copy of the saved dict, and steps that read the copy would ignore LR schedulers (optimi bug 5)."""
+    release = optimizer.defaults.get("gradient_release")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not release:
+                if p in optimizer.state:
+                    optimizer.state[p].pop("group", None)
+                continue
+            state = optimizer.state[p]
+            state["group"] = group
+            if optimizer._info.uses_step and "kahan_comp" in state and "step" not in state:
+                # resumed from a normal-step checkpoint: every param continues the group's count
+                step = group.get("step")
+                state["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(0, dtype=torch.int32)

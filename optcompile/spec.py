@@ -101,6 +101,7 @@ class State:
     init: sympy.Expr
     when: Any  # host condition under which the buffer exists, or True
     origin: Origin
+    scalar: bool = False  # a 0-dim record (optimi's eps_sq), never read by the math
 
 
 @dataclass
@@ -198,12 +199,19 @@ class OptimizerSpec:
         self._add_arg(Arg(name, bool(default), (sym,), "flag", None, doc, origin, (name,), after, "bool"))
         return sym
 
-    def state(self, name: str, init: Any = 0, *, when: Any = True):
-        """A per-parameter buffer saved in ``optimizer.state[p][name]`` (param shape and dtype)."""
+    def state(self, name: str, init: Any = 0, *, when: Any = True, scalar: bool = False):
+        """A per-parameter buffer saved in ``optimizer.state[p][name]`` (param shape and dtype).
+
+        ``scalar=True`` records a 0-dim tensor (param dtype) computed once from hyperparameters at
+        allocation, kept only so that state_dicts match another library's layout (optimi's
+        StableAdamW ``eps_sq``); it is never passed to the step, so the math cannot read it.
+        """
         origin = _origin(self.file)
         sym = self._new_symbol(name, origin)
         init = self._expr(init, origin, "init")
-        self.states.append(State(name, sym, init, when, origin))
+        if scalar and init.free_symbols & {self.param, self.grad}:
+            raise SpecError(f"scalar state {name!r}: init may use hyperparameters only", self.file, origin.line, init)
+        self.states.append(State(name, sym, init, when, origin, scalar))
         return sym
 
     def let(self, name: str, expr: Any):
@@ -228,7 +236,7 @@ class OptimizerSpec:
         self.alias[new] = (base.symbol, len(self.stmts) - 1)
         return new
 
-    def update(self, direction: Any, *, lr: Any):
+    def update(self, direction: Any, *, lr: Any = None):
         """The parameter step ``param ← param − lr·direction``; returns the updated param.
 
         ``lr`` is kept apart so that weight decay can use the effective learning rate and Kahan
@@ -238,6 +246,9 @@ class OptimizerSpec:
         if self._updated:
             raise SpecError("spec.update called twice; use spec.set_param for later param writes",
                             self.file, origin.line)
+        if lr is None:
+            raise SpecError("spec.update needs the learning rate: spec.update(direction, lr=lr)",
+                            self.file, origin.line, direction)
         direction = self._expr(direction, origin, "update")
         lr = self._expr(lr, origin, "lr")
         self._updated = True

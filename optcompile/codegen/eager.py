@@ -4,6 +4,8 @@ It is also the gradient-release path (one parameter at a time) and the reference
 backends are tested against."""
 from __future__ import annotations
 
+import itertools
+
 from ..ir import Program
 from .tensor_code import Dialect, emit_body
 
@@ -11,8 +13,10 @@ from .tensor_code import Dialect, emit_body
 def context(prog: Program) -> dict:
     lines: list[str] = []
     written: list[str] = []
-    for stage in prog.stages():  # per tensor, a reduction is complete before the next stage
-        body, w = emit_body(prog, Dialect(), stage)
+    tmp = itertools.count()
+    stages = prog.stages()
+    for i, stage in enumerate(stages):  # per tensor, a reduction is complete before the next stage
+        body, w = emit_body(prog, Dialect(), stage, tmp, after=sum(stages[i + 1:], []))
         lines += body
         written += [x for x in w if x not in written]
     return {"name": f"_single_tensor_{prog.functional}", "body": lines, "writeback": written,

@@ -3,6 +3,8 @@
 other over the whole list."""
 from __future__ import annotations
 
+import itertools
+
 from ..ir import Program
 from .tensor_code import ForeachDialect, emit_body
 
@@ -10,8 +12,10 @@ from .tensor_code import ForeachDialect, emit_body
 def context(prog: Program) -> dict:
     lines: list[str] = []
     written: list[str] = []
-    for stage in prog.stages():
-        body, w = emit_body(prog, ForeachDialect(), stage)
+    tmp = itertools.count()
+    stages = prog.stages()
+    for i, stage in enumerate(stages):
+        body, w = emit_body(prog, ForeachDialect(), stage, tmp, after=sum(stages[i + 1:], []))
         lines += body
         written += [x for x in w if x not in written]
     return {"name": f"_foreach_{prog.functional}", "body": lines, "writeback": written,

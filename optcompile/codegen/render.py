@@ -129,12 +129,17 @@ def _init_lines(prog: Program) -> list[str]:
     """``_init_state``: optimi's lazy allocation, with ``kahan_comp`` always present."""
     code = TensorCode(prog, Dialect())
     code.host = {k for a in prog.args for k in a.keys} | {"kahan"}
-    keys = sorted({x.name for st in prog.states for x in sympy.sympify(st.init).free_symbols | sympy.sympify(
-        st.when).free_symbols} & {k for a in prog.args for k in a.keys})
+    keys = sorted({x.name for st in prog.states + prog.records for x in sympy.sympify(st.init).free_symbols |
+                   sympy.sympify(st.when).free_symbols} & {k for a in prog.args for k in a.keys})
     lines = [f"{k} = group[{k!r}]" for k in keys]
     if any(sympy.Symbol("grad", real=True) in sympy.sympify(st.init).free_symbols for st in prog.states):
         lines.append("grad = param.grad")
     for st in prog.states:
+        if st.name == "kahan_comp":  # 0-dim records first, so the state_dict keys keep optimi's order
+            for r in prog.records:
+                record = f"torch.tensor({pyexpr(r.init)}, dtype=param.dtype, device=param.device)"
+                lines += ([f"state[{r.name!r}] = {record}"] if r.when == TRUE else
+                          [f"state[{r.name!r}] = {record} if {pyexpr(r.when)} else None"])
         init = sympy.piecewise_fold(sympy.sympify(st.init))
         block = []
         branches = init.args if isinstance(init, sympy.Piecewise) else ((init, TRUE),)
@@ -165,8 +170,8 @@ def _init_lines(prog: Program) -> list[str]:
 
 
 def module_context(prog: Program) -> dict:
-    host_inputs = [k for a in prog.args for k in a.keys] + (["step"] if prog.uses_step else []) + \
-        ["update_parameters", "kahan"]
+    keys = step_keys(prog)
+    host_inputs = keys + (["step"] if prog.uses_step else []) + ["update_parameters", "kahan"]
     used = used_host_names(prog)
     states = [s.name for s in prog.states if s.name != "kahan_comp"]
     spec_args = [a for a in prog.args]
@@ -180,7 +185,9 @@ def module_context(prog: Program) -> dict:
         "args": [{"name": a.name, "annotation": _annotation(a), "default": _default(a),
                   "doc": _wrap(a.name, a.doc or SHARED_DOCS.get(a.name, a.name), _default(a)), "keys": a.keys, "kind": a.kind} for a in spec_args],
         "kahan_default": repr(prog.kahan_default),
-        "validations": [v for a in spec_args for v in _validation(a)],
+        # optimi checks its own arguments first, then the base class checks lr and weight_decay
+        "validations": [v for a in sorted(spec_args, key=lambda a: ("lr", "weight_decay").index(a.name) + 1
+                                          if a.name in ("lr", "weight_decay") else 0) for v in _validation(a)],
         "host_inputs": host_inputs,
         "host_lines": host_lines(prog),
         "host_used": used,
@@ -196,23 +203,50 @@ def module_context(prog: Program) -> dict:
         "max_lr": prog.arg("max_lr") is not None,
         "traffic": traffic(prog),
         "functional_params": _functional_params(prog),
-        "hyper_keys": repr(tuple(k for a in prog.args for k in a.keys)),
-        "hyper_dict": "{" + ", ".join(f"{k!r}: {k}" for a in prog.args for k in a.keys) + "}",
+        "hyper_keys": repr(tuple(keys)),
+        "hyper_dict": "{" + ", ".join(f"{k!r}: {k}" for k in keys) + "}",
+        "functional_positional": _functional_positional(prog),
         "state_names": repr(tuple(states)),
     }
 
 
+def step_keys(prog: Program) -> list[str]:
+    """param_group keys the step reads, in argument order. Keys used only to allocate state
+    (SGD's ``torch_init``) are not arguments of the functional form, as in optimi."""
+    used = {x.name for h in prog.host for x in sympy.sympify(h.expr).free_symbols | sympy.sympify(h.guard).free_symbols}
+    for st in prog.body:
+        used |= {x.name for x in sympy.sympify(st.expr).free_symbols | sympy.sympify(st.guard).free_symbols}
+    init_only = {k for st in prog.states + prog.records for k in
+                 {x.name for x in sympy.sympify(st.init).free_symbols | sympy.sympify(st.when).free_symbols}} - used
+    return [k for a in prog.args for k in a.keys if k not in init_only]
+
+
+def _functional_positional(prog: Program) -> list[str]:
+    """``params, grads, <state>s…, kahan_comps=None`` with optimi's annotations; 0-dim records
+    (``eps_sqs``) are accepted in their place and ignored, since the step never reads them."""
+    order = prog.meta.get("state_order") or [s.name for s in prog.states + prog.records]
+    conditional = {s.name for s in prog.states if s.when != TRUE}
+    out = ["params: list[Tensor]", "grads: list[Tensor]"]
+    out += [f"{n}s: list[Tensor | None]" if n in conditional else f"{n}s: list[Tensor]" for n in order
+            if n != "kahan_comp"]
+    return out + ["kahan_comps: list[Tensor | None] | None = None"]
+
+
 def _functional_params(prog: Program) -> list[str]:
-    """optimi's functional keyword arguments: hyperparameters, ``step``, then the decay switches."""
+    """optimi's functional keyword arguments: hyperparameters, ``step``, then the decay switches;
+    arguments placed after those (Adan's ``adam_wd``) keep their constructor default."""
     out = []
+    keys = set(step_keys(prog))
     for a in prog.args:
         if a.injected_by and prog.uses_step and "step: Tensor" not in out:
             out.append("step: Tensor")
         for k in a.keys:
+            if k not in keys:
+                continue
             if a.kind == "optional_float":
                 out.append(f"{k}: float | None = None")
             elif a.kind == "flag":
-                out.append(f"{k}: bool = False" if a.name == "decouple_lr" else f"{k}: bool")
+                out.append(f"{k}: bool = {a.default!r}" if a.name == "decouple_lr" or a.after else f"{k}: bool")
             else:
                 out.append(f"{k}: {_ANNOT[a.type]}")
     if prog.uses_step and "step: Tensor" not in out:

@@ -40,8 +40,8 @@ class Dialect:
     def compare(self, op: str, a: str, b: str) -> str:
         return f"torch.{op}({a}, {b})"
 
-    def reduce(self, op: str, x: str) -> str:
-        return f"{x}.{op}().item()"
+    def reduce(self, op: str, x: str, item: bool = True) -> str:
+        return f"{x}.{op}()" + (".item()" if item else "")
 
     def numel(self) -> str:
         return "param.numel()"
@@ -80,8 +80,8 @@ class ForeachDialect(Dialect):
     def compare(self, op: str, a: str, b: str) -> str:
         return f"[torch.{op}(_a, _b) for _a, _b in zip({a}, {b})]"
 
-    def reduce(self, op: str, x: str) -> str:
-        return f"[_x.{op}().item() for _x in {x}]"
+    def reduce(self, op: str, x: str, item: bool = True) -> str:
+        return f"[_x.{op}(){'.item()' if item else ''} for _x in {x}]"
 
     def numel(self) -> str:
         return "[_p.numel() for _p in param]"
@@ -94,6 +94,46 @@ class ForeachDialect(Dialect):
 
 
 _NO_FOREACH = {"square", "where", "rsqrt_scalar"}
+
+
+def _per_tensor(text: str, names) -> str:
+    """``[text for a, b in zip(a, b)]``: a per-tensor scalar over the lists of one foreach call."""
+    names = list(names)
+    loop = f"{names[0]} in {names[0]}" if len(names) == 1 else f"{', '.join(names)} in zip({', '.join(names)})"
+    return f"[{text} for {loop}]"
+
+
+class DevicePrinter(HostPrinter):
+    """Per-tensor math on 0-dim tensors (a reduction's ``sqrt``), so it rounds in the compute dtype
+    like the reduction itself and like a kernel would; ``.item()`` happens once, at the end."""
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        fn = {sympy.Rational(1, 2): "torch.sqrt", -sympy.Rational(1, 2): "torch.rsqrt"}.get(exp)
+        return f"{fn}({self._print(base)})" if fn else super()._print_Pow(expr, rational)
+
+
+_DEVICE_PRINTER = DevicePrinter({"fully_qualified_modules": True, "standard": "python3"})
+_DEVICE_NODES = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow)
+
+
+def device_scalars(prog: Program) -> tuple[set[str], set[str]]:
+    """Reductions, and per-tensor scalars computed from reductions alone (``sqrt(mean(…))``),
+    stay 0-dim tensors; returns them and those of them that other code reads as Python floats."""
+    device: set[str] = set()
+    for s in prog.body:
+        if isinstance(s, Reduction):
+            device.add(s.name)
+        elif isinstance(s, TensorScalar):
+            e = sympy.sympify(s.expr)
+            names = {x.name for x in e.free_symbols}
+            if names and names <= device and all(isinstance(n, _DEVICE_NODES) for n in sympy.preorder_traversal(e)):
+                device.add(s.name)
+    floats = set()
+    for s in prog.body:
+        if getattr(s, "name", None) not in device:
+            floats |= {x.name for x in sympy.sympify(s.expr).free_symbols} & device
+    return device, floats
 
 
 def _args(args, kw) -> str:
@@ -116,6 +156,9 @@ class TensorCode:
         self.tmp = itertools.count()
         self.scalar_tmp = itertools.count()
         self.written_later: set[str] = set()
+        self.device, self.floats = device_scalars(prog)
+        self.readers_on_device = {x.name for t in prog.body if getattr(t, "name", None) in self.device
+                                  and isinstance(t, TensorScalar) for x in sympy.sympify(t.expr).free_symbols}
 
     # ── classification ─────────────────────────────────────────────────────────────────────────
     def is_scalar(self, e) -> bool:
@@ -143,7 +186,7 @@ class TensorCode:
         if len(per_tensor) == 1 and e == sympy.Symbol(per_tensor[0], real=True):
             return per_tensor[0]
         name = f"_s{next(self.scalar_tmp)}"
-        self.emit(f"{name} = [{text} for {', '.join(per_tensor)} in zip({', '.join(per_tensor)})]")
+        self.emit(f"{name} = {_per_tensor(text, per_tensor)}")
         return name
 
     def numeric_one(self, e) -> bool:
@@ -161,17 +204,40 @@ class TensorCode:
         return e
 
     # ── statements ─────────────────────────────────────────────────────────────────────────────
+    def device_name(self, name: str) -> str:
+        """The 0-dim tensor of a device scalar that is also read as a float (``mean0_t``)."""
+        return f"{name}_t" if name in self.floats else name
+
     def statement(self, s) -> None:
         if isinstance(s, Reduction):
             x = self.atom(s.expr)
-            self.emit(f"{s.name} = {self.d.reduce(s.op, x)}")
-        elif isinstance(s, TensorScalar):
-            text = pyexpr(s.expr)
-            per_tensor = sorted({x.name for x in sympy.sympify(s.expr).free_symbols} & self.tscalars)
-            if self.d.per_tensor_scalars_are_lists and per_tensor:
-                self.emit(f"{s.name} = [{text} for {', '.join(per_tensor)} in zip({', '.join(per_tensor)})]")
+            if s.name in self.readers_on_device:
+                self.emit(f"{self.device_name(s.name)} = {self.d.reduce(s.op, x, item=False)}")
+                if s.name in self.floats:
+                    self.emit(f"{s.name} = {_per_tensor(f'{s.name}_t.item()', [s.name + '_t']) if self.d.per_tensor_scalars_are_lists else s.name + '_t.item()'}")
             else:
-                self.emit(f"{s.name} = {text}")
+                self.emit(f"{s.name} = {self.d.reduce(s.op, x)}")
+        elif isinstance(s, TensorScalar):
+            e = sympy.sympify(s.expr)
+            per_tensor = sorted({x.name for x in e.free_symbols} & self.tscalars)
+            if s.name in self.device:
+                e = e.xreplace({x: sympy.Symbol(self.device_name(x.name), real=True) for x in e.free_symbols})
+                per_tensor = [self.device_name(n) for n in per_tensor]
+                text = _DEVICE_PRINTER.doprint(e)
+                if s.name in self.readers_on_device and s.name in self.floats:
+                    targets = [(self.device_name(s.name), text), (s.name, f"{s.name}_t.item()")]
+                    per = [per_tensor, [s.name + "_t"]]
+                elif s.name in self.readers_on_device:
+                    targets, per = [(s.name, text)], [per_tensor]
+                else:
+                    targets, per = [(s.name, f"{text}.item()")], [per_tensor]
+            else:
+                targets, per = [(s.name, pyexpr(e))], [per_tensor]
+            for (name, text), names in zip(targets, per):
+                if self.d.per_tensor_scalars_are_lists and names:
+                    self.emit(f"{name} = {_per_tensor(text, names)}")
+                else:
+                    self.emit(f"{name} = {text}")
         else:
             self.assign(s.target, sympy.sympify(s.expr))
 
@@ -215,12 +281,16 @@ class TensorCode:
             c, t = self.split_scalar(term)
             if t == x:
                 a += c
-            elif x in t.free_symbols:
-                return False
+            elif isinstance(t, sympy.Add) and x not in t.free_symbols:
+                # c·(t₁ + t₂): one accumulate per term, e.g. Adan's two addcdivs into the param
+                others += [(c * ci, ti) for ci, ti in map(self.split_scalar, sympy.Add.make_args(t))]
             else:
                 others.append((c, t))
         if a == 0:
             return False
+        for i, (c, t) in enumerate(others):  # a term that reads x is built before x changes
+            if x in t.free_symbols:
+                others[i] = (c, sympy.Symbol(self.fresh(t), real=True))
         if len(others) == 1 and isinstance(others[0][1], sympy.Symbol) and self.numeric_one(outer):
             c, t = others[0]
             if sympy.expand(self._host_value(a) + self._host_value(c)) == 1 and self.is_host(c):
@@ -235,7 +305,11 @@ class TensorCode:
         return True
 
     def mul_by(self, target: str, c) -> None:
-        line = self.d.inplace(target, "mul", self.scalar(c))
+        c = sympy.sympify(c)
+        if isinstance(c, sympy.Pow) and c.exp == -1 and self.is_scalar(c.base):  # x/s: divide, as written
+            c, line = c.base, self.d.inplace(target, "div", self.scalar(c.base))
+        else:
+            line = self.d.inplace(target, "mul", self.scalar(c))
         if self.is_host(c) and not sympy.sympify(c).is_Number:
             self.emit(f"if {pyexpr(c)} != 1:")  # e.g. 1 - decay with weight_decay=0: skip a pass
             self.emit("    " + line)
@@ -351,8 +425,27 @@ class TensorCode:
         self.emit(self.d.inplace(inner, fn))
         return inner
 
+    def lerp_pair(self, terms):
+        """``a·x + b·y`` with host ``a + b == 1`` and tensors ``x``, ``y``: (x, y, b) for lerp(x, y, b).
+
+        The end point is the term whose weight is written ``1 − …`` (torch's ``lerp(m, g, 1 − β)``)."""
+        if len(terms) != 2 or not all(self.is_host(c) and isinstance(t, sympy.Symbol) for c, t in terms):
+            return None
+        (a, x), (b, y) = terms
+        if sympy.expand(self._host_value(a) + self._host_value(b)) != 1:
+            return None
+        if isinstance(self._host_value(a), sympy.Add) and not isinstance(self._host_value(b), sympy.Add):
+            (a, x), (b, y) = (b, y), (a, x)
+        return x, y, b
+
     def fresh_add(self, e) -> str:
         terms = [self.split_scalar(t) for t in sympy.Add.make_args(e)]
+        pair = self.lerp_pair(terms)
+        if pair is not None:
+            x, y, w = pair
+            tmp = self.new_tmp()
+            self.emit(f"{tmp} = {self.d.new('lerp', self.atom(x), self.atom(y), self.scalar(w))}")
+            return tmp
         scalar_part = sympy.Add(*[c for c, t in terms if t == 1])
         tensor_terms = [(c, t) for c, t in terms if t != 1]
         # start from a bare tensor if there is one: torch.add / addcmul / addcdiv fuse the next term
@@ -460,14 +553,17 @@ def guard_text(guard) -> str | None:
     return None if guard == TRUE else pyexpr(guard)
 
 
-def emit_body(prog: Program, dialect: Dialect, stmts) -> tuple[list[str], list[str]]:
+def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tuple[list[str], list[str]]:
     """Statements with their guards (consecutive ones share an ``if``), then the buffers to write
     back when compute views are fp32 copies of low-precision storage.
 
-    A stored buffer that a later statement reads is synced right after the write, so the read sees
-    the rounded value: this is what makes Kahan summation measure the real rounding error.
+    A stored buffer that a later statement reads (here or in a later stage, ``after``) is synced right
+    after the write, so the read sees the rounded value: this is what makes Kahan summation measure
+    the real rounding error.
     """
     code = TensorCode(prog, dialect)
+    if tmp is not None:  # one numbering across stages: a name means one thing in a function
+        code.tmp = tmp
     stmts = list(stmts)
     out: list[str] = []
     written: list[str] = []
@@ -481,7 +577,8 @@ def emit_body(prog: Program, dialect: Dialect, stmts) -> tuple[list[str], list[s
         if target in code.stored:
             if target not in written:
                 written.append(target)
-            later = set().union(*[{x.name for x in sympy.sympify(r.expr).free_symbols} for r in stmts[i + 1:]])
+            later = set().union(*[{x.name for x in sympy.sympify(r.expr).free_symbols}
+                                  for r in stmts[i + 1:] + list(after)])  # `after`: later stages
             if target in later:
                 code.lines += dialect.sync(target)
         pad = "    " if g is not None else ""

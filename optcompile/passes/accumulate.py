@@ -1,6 +1,8 @@
 """Optimizer accumulation (optimi's ``optimizer_accumulation``): on micro-steps the states are
 updated but the parameters are not. Param writes and L2 decay get the runtime guard
-``update_parameters``; whatever then only feeds guarded statements (StableAdamW's RMS reduction)
+``update_parameters``; so does anything after the first param write that reads the param (it
+belongs to the update, e.g. Ranger's lookahead ``slow ← slow + α(p − slow)``: optimi runs it only
+on updating steps). Whatever then only feeds guarded statements (StableAdamW's RMS reduction)
 is guarded too, so accumulation micro-steps skip that work entirely."""
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import dataclasses
 import sympy
 from sympy import And, Symbol
 
-from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from ..ir import PARAM, TRUE, Assign, Program, Reduction, TensorScalar
 
 UPDATE = Symbol("update_parameters")
 
@@ -17,8 +19,16 @@ UPDATE = Symbol("update_parameters")
 def accumulate_only_states(prog: Program) -> Program:
     if any(UPDATE in sympy.sympify(s.guard).free_symbols for s in prog.body):
         return prog
-    body = [dataclasses.replace(s, guard=_and(s.guard, UPDATE))
-            if isinstance(s, Assign) and (s.target == "param" or s.role == "decay_l2") else s for s in prog.body]
+    first = next((i for i, s in enumerate(prog.body) if isinstance(s, Assign) and s.target == "param"), len(prog.body))
+    after_update = {PARAM}  # the updated param and values computed from it
+    body = []
+    for i, s in enumerate(prog.body):
+        reads = sympy.sympify(s.expr).free_symbols
+        if (isinstance(s, Assign) and (s.target == "param" or s.role == "decay_l2")) or (i > first and reads & after_update):
+            if i > first and isinstance(s, Assign) and s.target not in prog.stored():
+                after_update.add(Symbol(s.target, real=True))
+            s = dataclasses.replace(s, guard=_and(s.guard, UPDATE)) if UPDATE not in _conj(s.guard) else s
+        body.append(s)
     # propagate backwards: a value whose every reader is guarded by update_parameters is guarded too
     for i in reversed(range(len(body))):
         s = body[i]

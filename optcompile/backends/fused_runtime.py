@@ -1,0 +1,211 @@
+"""Load ``<stem>_fused.c``: build it with the system C compiler, cache the shared library, call it
+with ctypes.
+
+One library per (source, dtype) is built on first use of that dtype (~0.3 s with gcc) and kept
+in ``<cache dir>/fused/``, keyed by the source's hash, the compiler's identity (path and
+``--version``), the flags and the CPU model: ``-march=native`` code is only valid on the CPU that
+built it. Builds follow the cache's pattern: lock, check again, build in a temp folder, atomic
+rename. Anything that stops the fused path (no compiler, a failed build, fp64 or non-CPU
+tensors, a tensor that is not contiguous) falls back to the generated eager loop, which is the
+reference implementation, with one warning per cause.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import functools
+import hashlib
+import json
+import math
+import operator
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .. import backends_available, cache, loader
+
+_DATA_PTR, _NUMEL, _CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.is_contiguous
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-w")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_LOCK = threading.Lock()
+_WARNED: set[str] = set()
+
+
+class FusedFallbackWarning(UserWarning):
+    """The fused C kernel could not run; the eager backend ran instead (same results, slower)."""
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, FusedFallbackWarning, stacklevel=4)
+
+
+@functools.cache
+def compiler_identity(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{cc}\n{out.strip()}"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """What ``-march=native`` depends on: model name and feature flags (Linux), else the platform."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        fields = {}
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        return f"{fields.get('model name', '')}|{fields.get('flags', fields.get('Features', ''))}"
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"
+
+
+def build(source: Path, dtype_code: int) -> Path:
+    """The shared library of ``source`` for one dtype, from the cache or freshly compiled."""
+    cc = backends_available.c_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
+    text = source.read_bytes()
+    flags = FLAGS + (f"-DOC_DTYPE={dtype_code}",)
+    h = hashlib.sha256()
+    for part in (text, compiler_identity(cc).encode(), " ".join(flags).encode(), cpu_model().encode()):
+        h.update(part + b"\0")
+    folder = cache.cache_dir() / "fused"
+    folder.mkdir(parents=True, exist_ok=True)
+    lib = folder / f"{source.stem}-{dtype_code}-{h.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    with FileLock(str(lib) + ".lock", timeout=600):
+        if lib.exists():
+            return lib
+        with tempfile.TemporaryDirectory(prefix="optcompile-cc-", dir=folder) as tmp:
+            out = Path(tmp) / lib.name
+            proc = subprocess.run([cc, *flags, str(source), "-o", str(out), "-lm"], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(cc).name} failed on {source.name}:\n{proc.stderr[-2000:]}")
+            cache.atomic_write(lib, out.read_bytes())
+    return lib
+
+
+def read_interface(source: Path) -> dict:
+    for line in source.read_text(encoding="utf-8").splitlines()[:20]:
+        if line.startswith("// interface: "):
+            return json.loads(line[len("// interface: "):])
+    raise RuntimeError(f"{source} has no interface line; regenerate it with `optcompile compile`")
+
+
+class FusedStep:
+    """The step function: ``fn(params, grads, *state_lists, kahan_comps, **host)``, one ctypes call
+    per (device, dtype) group."""
+
+    def __init__(self, info, source: Path):
+        self.info, self.source = info, source
+        self.iface = read_interface(source)
+        self.fns: dict[int, object] = {}
+
+    def _fn(self, dtype_code: int):
+        fn = self.fns.get(dtype_code)
+        if fn is None:
+            with _LOCK:
+                fn = self.fns.get(dtype_code)
+                if fn is None:
+                    lib = ctypes.CDLL(str(build(self.source, dtype_code)))
+                    fn = getattr(lib, self.iface["function"])
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                   ctypes.c_int]
+                    self.fns[dtype_code] = fn
+        return fn
+
+    def eager(self, params, *lists, **host):
+        return self.info.backend("eager")(params, *lists, **host)
+
+    def __call__(self, params, *lists, **host):
+        p0 = params[0]
+        code = DTYPES.get(p0.dtype)
+        if p0.device.type != "cpu" or code is None:
+            warn_once(f"dtype:{p0.device}:{p0.dtype}", f"the fused C kernel runs fp32/bf16/fp16 CPU tensors; "
+                      f"{p0.dtype} on {p0.device} uses the eager backend")
+            return self.eager(params, *lists, **host)
+        try:
+            fn = self._fn(code)
+        except Exception as exc:  # no compiler, failed build, unloadable library: never crash a step
+            warn_once(f"build:{self.source}", f"optcompile could not build the fused C kernel "
+                      f"({type(exc).__name__}: {str(exc).strip()[:500]}); using the eager backend instead")
+            return self.eager(params, *lists, **host)
+        ptrs = self._pointers(params, lists)
+        if ptrs is None:
+            return self._mixed(params, lists, host)
+        numel = list(map(_NUMEL, params))
+        spills = len(self.iface["buffers"]) - 1 - len(lists)
+        scratch = [torch.empty(k, dtype=torch.float32) for _ in range(spills) for k in numel]
+        ptrs.extend(map(_DATA_PTR, scratch))
+        c_numel = array.array("q", numel)
+        # None (max_lr without decouple_lr) is only read under a flag that is off: NaN marks it
+        c_host = array.array("d", [math.nan if host[k] is None else float(host[k]) for k in self.iface["host"]]
+                             or [0.0])
+        flags = sum(1 << i for i, f in enumerate(self.iface["flags"]) if host[f])
+        rc = fn(len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], c_host.buffer_info()[0], flags,
+                torch.get_num_threads())
+        if rc == 2:
+            raise RuntimeError(f"{self.info.name}: a state this step needs is None (was kahan_sum or a "
+                               "hyperparameter that allocates state changed after the first step?)")
+        if rc != 0:
+            raise MemoryError("the fused C kernel could not allocate its scratch memory")
+
+    @staticmethod
+    def _pointers(params, lists):
+        """Data pointers, buffer-major, with 0 for absent states; None if a tensor does not fit
+        (another dtype or device, not contiguous). map() keeps this C-speed for 10k tensors."""
+        dtype, n = params[0].dtype, len(params)
+        ptrs = array.array("q")
+        for lst in (params, *lists):
+            if lst[0] is None and lst[-1] is None and all(t is None for t in lst):
+                ptrs.frombytes(bytes(8 * n))  # an absent state: NULL, never touched (its guard is off)
+                continue
+            try:
+                if set(map(_DTYPE, lst)) != {dtype} or not all(map(_CONTIGUOUS, lst)) or not all(map(_IS_CPU, lst)):
+                    return None
+                ptrs.extend(map(_DATA_PTR, lst))
+            except (TypeError, AttributeError):  # None among tensors: the kernel checks what it needs
+                del ptrs[len(ptrs) - len(ptrs) % n:]
+                for t in lst:
+                    if t is not None and (t.dtype is not dtype or not t.is_contiguous() or t.device.type != "cpu"):
+                        return None
+                    ptrs.append(0 if t is None else t.data_ptr())
+        return ptrs
+
+    def _mixed(self, params, lists, host):
+        """Tensors the kernel cannot take directly (strided, mixed dtypes) take the eager loop."""
+        dtype = params[0].dtype
+        fast = [i for i in range(len(params)) if all(
+            lst[i] is None or (lst[i].dtype is dtype and lst[i].is_contiguous() and lst[i].device.type == "cpu")
+            for lst in (params, *lists))]
+        slow = [i for i in range(len(params)) if i not in set(fast)]
+        if fast:
+            self([params[i] for i in fast], *[[lst[i] for i in fast] for lst in lists], **host)
+        if slow:
+            self.eager([params[i] for i in slow], *[[lst[i] for i in slow] for lst in lists], **host)
+
+
+def load(info, path: Path):
+    return FusedStep(info, path)
+
+
+if os.environ.get("OPTCOMPILE_DISABLE_FUSED") != "1":
+    loader.register_backend_loader("fused", load)

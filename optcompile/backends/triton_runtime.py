@@ -1,0 +1,195 @@
+"""Runtime of the generated Triton kernels: the device tables of a multi-tensor launch, and the
+``"triton"`` backend loader.
+
+A step over N tensors is one launch per stage. Program ``i`` reads ``program_tensor[i]`` and
+``program_start[i]`` and finds that tensor's buffers in per-buffer tables of ``data_ptr`` values
+(``pointers[b][t]``; 0 for an absent state, which constexpr guards never touch). The tables are
+built once and cached while the same buffers (same data pointers and sizes) come back, so a
+steady training loop pays one dictionary lookup per step; the layout part (which depends only on
+the sizes) and the pointer part are cached separately, because fresh gradients from
+``zero_grad(set_to_none=True)`` change pointers but not sizes.
+
+Triton is imported only when a generated kernel module is loaded: ``TRITON_INTERPRET`` must be set
+before that import to run kernels on CPU tensors.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .. import loader
+
+_CACHE_SIZE = 64  # tables kept per kind (gradient release builds one per parameter)
+_LAYOUTS: OrderedDict = OrderedDict()
+_POINTERS: OrderedDict = OrderedDict()
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class UnsupportedTensors(TypeError):
+    """These tensors cannot run in the Triton kernels (dtype, layout, device)."""
+
+
+@dataclass
+class Layout:
+    """Device tables that depend only on the tensors' sizes (and the block size)."""
+
+    n_tensors: int
+    n_programs: int
+    numels: torch.Tensor  # int64 [n_tensors]
+    program_tensor: torch.Tensor  # int64 [n_programs]
+    program_start: torch.Tensor  # int64 [n_programs]
+    tensor_first_program: torch.Tensor  # int64 [n_tensors + 1]
+    partials: torch.Tensor  # fp32 [n_reductions, n_programs]
+    totals: torch.Tensor  # fp32 [n_reductions, n_tensors]
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.n_programs,)
+
+
+@dataclass
+class Pointers:
+    table: torch.Tensor  # int64 [n_buffers, n_tensors]: data_ptr, 0 for an absent state
+    aligned: bool  # all 16-byte aligned and every numel a multiple of 16: kernels may use vector loads
+
+
+@dataclass
+class LaunchPlan:
+    layout: Layout
+    pointers: torch.Tensor  # int64 [n_buffers, n_tensors]
+    aligned: bool
+    dtype: object  # tl dtype of param and states
+    grad_dtype: object
+
+    def __getattr__(self, name):  # grid, numels, program_tensor, … come from the layout
+        return getattr(self.__dict__["layout"], name)
+
+
+def _lru(cache: OrderedDict, key, build):
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return hit
+
+
+def _layout(device: torch.device, numels: tuple[int, ...], block: int, n_reductions: int) -> Layout:
+    n = torch.tensor(numels, dtype=torch.int64)
+    blocks = (n + block - 1) // block
+    first = torch.zeros(len(numels) + 1, dtype=torch.int64)
+    torch.cumsum(blocks, 0, out=first[1:])
+    n_programs = int(first[-1])
+    program_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
+    program_start = (torch.arange(n_programs, dtype=torch.int64) - first[program_tensor]) * block
+    table = torch.cat([n, program_tensor, program_start, first]).to(device)  # one host → device copy
+    numels_d, program_tensor_d, program_start_d, first_d = table.split(
+        [len(numels), n_programs, n_programs, len(numels) + 1])
+    partials = torch.zeros(n_reductions, max(n_programs, 1), dtype=torch.float32, device=device)
+    totals = torch.zeros(n_reductions, len(numels), dtype=torch.float32, device=device)
+    return Layout(len(numels), n_programs, numels_d, program_tensor_d, program_start_d, first_d, partials, totals)
+
+
+def _check(buffers, dtype) -> None:
+    """Every present tensor must be dense, shaped and strided like its param, on its device."""
+    params = buffers[0]
+    for b, tensors in enumerate(buffers[1:], 1):
+        for p, t in zip(params, tensors):
+            if t is None:
+                continue
+            if t.device != p.device or t.shape != p.shape or t.stride() != p.stride():
+                raise UnsupportedTensors("a gradient or state does not match its param's device, shape or strides")
+            if b > 1 and t.dtype != dtype:
+                raise UnsupportedTensors(f"a state is {t.dtype} but its param is {dtype}")
+    for p in params:
+        if not _dense(p):
+            raise UnsupportedTensors("a param is not dense (a strided or overlapping view)")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Elements fill ``data_ptr .. data_ptr + numel`` exactly (contiguous, channels_last, …)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def launch_plan(buffers, block_size: int, n_reductions: int = 0) -> LaunchPlan:
+    """The tables for one launch over ``buffers`` = (params, grads, *states, kahan_comps)."""
+    params = buffers[0]
+    p0 = params[0]
+    if p0.dtype not in _TL_DTYPES:
+        raise UnsupportedTensors(f"the Triton kernels compute in fp32 and store fp32/bf16/fp16, not {p0.dtype}")
+    grads = buffers[1]
+    if grads[0].dtype not in _TL_DTYPES:
+        raise UnsupportedTensors(f"gradients of dtype {grads[0].dtype} are not supported")
+    import triton.language as tl
+    numels = tuple(p.numel() for p in params)
+    key = (p0.device, p0.dtype, grads[0].dtype, block_size) + tuple(
+        0 if t is None else t.data_ptr() for tensors in buffers for t in tensors) + numels
+    layout = _lru(_LAYOUTS, (p0.device, block_size, n_reductions, numels),
+                  lambda: _layout(p0.device, numels, block_size, n_reductions))
+
+    def pointers():
+        _check(buffers, p0.dtype)
+        rows = [[0 if t is None else t.data_ptr() for t in tensors] for tensors in buffers]
+        aligned = all(x % 16 == 0 for row in rows for x in row) and all(n % 16 == 0 for n in numels)
+        return Pointers(torch.tensor(rows, dtype=torch.int64).to(p0.device), aligned)
+
+    ptrs = _lru(_POINTERS, key, pointers)
+    return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
+                      getattr(tl, _TL_DTYPES[grads[0].dtype]))
+
+
+def clear_tables() -> None:
+    """Forget cached device tables (tests; freeing memory after a model is dropped)."""
+    _LAYOUTS.clear()
+    _POINTERS.clear()
+
+
+# ── the backend loader ─────────────────────────────────────────────────────────────────────────
+CPU_HINT = ("Triton kernels need a GPU. To run them on CPU (slowly, for testing) set TRITON_INTERPRET=1 "
+            "in the environment before triton is imported; otherwise use triton=False (foreach=True or "
+            "fused=True, or leave them None to choose automatically)")
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def load(info, path):
+    """Import ``<stem>_triton.py`` and return its launcher, wrapped with the device check and an
+    eager fallback for tensors the kernels cannot take (fp64, non-dense, mismatched layouts)."""
+    module = loader.import_path(f"optcompile.generated.{path.stem.replace('-', '_')}", path)
+    launcher = getattr(module, f"_triton_{info.functional}")
+    kernel = next(v for k, v in vars(module).items() if k.endswith("_kernel"))
+    interpreted = _interpreted(kernel)
+
+    def step(params, *lists, **host):
+        device = params[0].device
+        if device.type == "cpu" and not interpreted:
+            raise RuntimeError(f"{info.name}(triton=True) got CPU tensors. {CPU_HINT}")
+        try:
+            launcher(params, *lists, **host)
+        except UnsupportedTensors as exc:
+            warnings.warn(f"{info.name}: Triton kernels skipped ({exc}); using the for-loop backend",
+                          UserWarning, stacklevel=3)
+            info.backend("eager")(params, *lists, **host)
+
+    step.launcher = launcher
+    step.module = module
+    return step
+
+
+if importlib.util.find_spec("triton") is not None:
+    loader.register_backend_loader("triton", load)

@@ -1,0 +1,311 @@
+"""IR → the fused CPU backend: one multi-tensor C function per spec (``<stem>_fused.c``).
+
+The generated file holds, per stage, one element loop per *variant*: the host booleans that guard
+statements (``kahan``, ``update_parameters``, ``decay_l2`` …) are specialised away in Python, so
+every inner loop is straight-line, branch-free fp32 code that the C compiler vectorises. The
+exported ``<fn>_fused_step`` looks the variant up in a table indexed by the flag bits, cuts
+every tensor into chunks and runs the chunks in an OpenMP ``parallel for``; a stage that ends in a
+reduction writes one partial per chunk, and the partials are summed per tensor (in chunk order,
+so results do not depend on the thread count) before the next stage runs.
+
+Numerics follow the other backends: storage is ``OC_T`` (float, bf16 bits or ``_Float16``,
+chosen by ``-DOC_DTYPE`` at build time), math is fp32, a store rounds to nearest-even, and a
+later read of a stored buffer sees the rounded value (``OC_ROUND``). Scalar subexpressions
+(host and per-tensor) are computed in double before the loop and rounded to float once, as
+torch rounds a Python float scalar: ``param.mul_(1 - decay)`` and ``param * _c0`` agree.
+"""
+from __future__ import annotations
+
+import json
+
+import sympy
+from sympy.codegen.ast import float32, real
+from sympy.printing.c import C99CodePrinter
+
+from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from .host import used_host_names
+
+
+class CPrinter(C99CodePrinter):
+    """fp32 element math: ``sqrtf``, ``x*x`` for squares, float literals, ternaries for Piecewise."""
+
+    def __init__(self, settings=None):
+        super().__init__({"type_aliases": {real: float32}, **(settings or {})})
+
+    def _print_Float(self, expr):
+        return _flit(float(expr))
+
+    def _print_Rational(self, expr):
+        return _flit(float(expr.p) / float(expr.q))
+
+    def _print_Integer(self, expr):
+        return _flit(float(int(expr)))
+
+    def _print_Half(self, expr):
+        return "0.5f"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        b = self.parenthesize(base, 50)
+        if exp == sympy.Rational(1, 2):
+            return f"sqrtf({self._print(base)})"
+        if exp == -sympy.Rational(1, 2):
+            return f"(1.0f / sqrtf({self._print(base)}))"
+        if exp.is_Integer and 1 <= exp <= 4:
+            return "(" + "*".join([b] * int(exp)) + ")"
+        if exp.is_Integer and -4 <= exp <= -1:
+            return "(1.0f / (" + "*".join([b] * int(-exp)) + "))"
+        return f"powf({self._print(base)}, {self._print(exp)})"
+
+    def _print_Piecewise(self, expr):
+        (value, cond), rest = expr.args[0], expr.args[1:]
+        if cond == TRUE:
+            return self._print(value)
+        other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
+        return f"(({self._print(cond)}) ? ({self._print(value)}) : ({self._print(other)}))"
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"((float)(({x}) > 0.0f) - (float)(({x}) < 0.0f))"
+
+    def _print_And(self, expr):
+        return "(" + " && ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " || ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+
+
+class DoublePrinter(C99CodePrinter):
+    """Scalar math, once per tensor and chunk, in double: what Python computes on the host."""
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Rational(self, expr):
+        return repr(float(expr.p) / float(expr.q))
+
+    def _print_Integer(self, expr):
+        return repr(float(int(expr)))
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp == sympy.Rational(1, 2):
+            return f"sqrt({self._print(base)})"
+        if exp == -1:
+            return f"(1.0 / {self.parenthesize(base, 50)})"
+        return f"pow({self._print(base)}, {self._print(exp)})"
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"((double)(({x}) > 0.0) - (double)(({x}) < 0.0))"
+
+
+_C, _D = CPrinter(), DoublePrinter()
+
+
+def _flit(x: float) -> str:
+    text = repr(x)
+    if "e" not in text and "." not in text and "inf" not in text and "nan" not in text:
+        text += ".0"
+    return text + "f"
+
+
+def cexpr(expr) -> str:
+    """One per-element expression as C (golden-tested)."""
+    return _C.doprint(sympy.sympify(expr))
+
+
+# ── the program as loops ─────────────────────────────────────────────────────────────────────────
+def _syms(e) -> set[str]:
+    return {s.name for s in sympy.sympify(e).free_symbols}
+
+
+def _flags(prog: Program) -> list[str]:
+    """Host booleans that guard statements: each combination is a specialised loop."""
+    return sorted(set().union(*[_syms(s.guard) for s in prog.body]))
+
+
+def _on(guard, env: dict) -> bool:
+    g = sympy.sympify(guard)
+    g = g.xreplace({s: sympy.true if env[s.name] else sympy.false for s in g.free_symbols})
+    return bool(g == TRUE)
+
+
+class _Stage:
+    """One element loop: its statements, variants, per-tensor scalars and reductions."""
+
+    def __init__(self, index, stmts):
+        self.index = index
+        self.elem = [s for s in stmts if isinstance(s, (Assign, Reduction))]
+        self.tscalars = [s for s in stmts if isinstance(s, TensorScalar)]
+        self.reductions = [s for s in stmts if isinstance(s, Reduction)]
+        self.variants: list[dict] = []
+        self.table: list[int] = []
+
+
+def context(prog: Program) -> dict:
+    fn = prog.functional
+    flags = _flags(prog)
+    stored = list(prog.stored())
+    host_used = used_host_names(prog)
+    host_bools = [h.name for h in prog.host if h.kind == "bool"] + ["update_parameters", "kahan"]
+    host_floats = [n for n in host_used if n not in host_bools and n not in flags]
+    tscalar_names = [s.name for s in prog.body if isinstance(s, (TensorScalar, Reduction))]
+    scalar_src = {n: f"h[{i}]" for i, n in enumerate(host_floats)}
+    scalar_src.update({n: f"ts[{i}]" for i, n in enumerate(tscalar_names)})
+    scalar_src["numel"] = "(double)numel"
+    stages = [_Stage(i, st) for i, st in enumerate(prog.stages())]
+    spills = _spills(prog, stages, stored)
+    buffers = [{"name": b, "ctype": "OC_T", "const": b == "grad"} for b in ["param", "grad"] + stored[1:]]
+    buffers += [{"name": f"spill_{n}", "ctype": "float", "const": False} for n in spills]
+
+    for st in stages:
+        seen: dict = {}
+        for bits in range(1 << len(flags)):
+            env = {f: bool(bits >> i & 1) for i, f in enumerate(flags)}
+            active = tuple(i for i, s in enumerate(st.elem) if _on(s.guard, env))
+            if not active:
+                st.table.append(-1)
+                continue
+            if active not in seen:
+                seen[active] = len(st.variants)
+                st.variants.append(_variant(prog, st, [st.elem[i] for i in active], stored, scalar_src,
+                                            spills, f"{fn}_stage{st.index}_v{len(st.variants)}", env,
+                                            [b["name"] for b in buffers]))
+            st.table.append(seen[active])
+    return {
+        "fn": fn,
+        "name": prog.name,
+        "flags": flags,
+        "host_floats": host_floats,
+        "tscalars": tscalar_names,
+        "buffers": buffers,
+        "stages": [{"index": st.index, "variants": st.variants, "table": st.table,
+                    "tscalars": [_tscalar(s, host_floats, tscalar_names, flags) for s in st.tscalars],
+                    "reductions": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": tscalar_names.index(r.name),
+                                    "guard": _guard_c(r.guard, flags)} for k, r in enumerate(st.reductions)]}
+                   for st in stages],
+        "n_tscalars": max(1, len(tscalar_names)),
+        "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
+                                 "buffers": [b["name"] for b in buffers]}, sort_keys=True),
+    }
+
+
+def _guard_c(guard, flags) -> str:
+    """A host guard over the flag bits, for per-tensor statements (outside element loops)."""
+    if guard == TRUE:
+        return "1"
+    g = sympy.sympify(guard)
+    return _C.doprint(g.xreplace({s: sympy.Symbol(f"OC_FLAG({flags.index(s.name)})") for s in g.free_symbols}))
+
+
+def _tscalar(s: TensorScalar, host_floats, tscalar_names, flags) -> dict:
+    src = {n: f"h[{i}]" for i, n in enumerate(host_floats)}
+    src.update({n: f"ts_t[{i}]" for i, n in enumerate(tscalar_names)})
+    src.update({n: f"OC_FLAG({i})" for i, n in enumerate(flags)})
+    src["numel"] = "(double)numel[t]"
+    expr = sympy.sympify(s.expr)
+    expr = expr.xreplace({x: sympy.Symbol(src[x.name], **x.assumptions0) for x in expr.free_symbols})
+    return {"name": s.name, "slot": tscalar_names.index(s.name), "expr": _D.doprint(expr),
+            "guard": _guard_c(s.guard, flags)}
+
+
+def _spills(prog, stages, stored) -> dict[str, int]:
+    """Element locals (temps, a reassigned ``grad``) read in a later stage than the one that sets
+    them, with that stage: they go through an fp32 scratch buffer."""
+    out: dict[str, int] = {}
+    defined: dict[str, int] = {}
+    for st in stages:
+        local: set[str] = set()
+        for s in st.elem:
+            for n in sorted(_syms(s.expr)):
+                if n in defined and n not in local and n not in stored and n not in out:
+                    out[n] = defined[n]
+            if isinstance(s, Assign) and s.target not in stored:
+                local.add(s.target)
+        for n in local:
+            defined.setdefault(n, st.index)
+    return out
+
+
+def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_names) -> dict:
+    """Straight-line C for one flag combination: loads, statements, rounding, stores."""
+    scalar_names = set(scalar_src)
+    hoisted: dict = {}
+    body: list[str] = []
+    declared: set[str] = set()
+    loads: list[str] = []
+    written: list[str] = []
+    reductions: list[dict] = []
+    later_reads = [set().union(*[_syms(r.expr) for r in stmts[i + 1:]]) for i in range(len(stmts))]
+    for i, s in enumerate(stmts):
+        for n in sorted(_syms(s.expr)):
+            if n in scalar_names or n in declared:
+                continue
+            if n in spills and spills[n] < st.index:
+                loads.append(f"float {n} = spill_{n}_ptr[i];")
+            elif n in stored or n == "grad":
+                loads.append(f"float {n} = OC_LOAD({n}_ptr[i]);")
+            else:
+                raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
+            declared.add(n)
+        rhs = cexpr(_hoist(s.expr, scalar_names, hoisted))
+        if isinstance(s, Reduction):
+            acc = f"acc_{s.name}"
+            reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": st.reductions.index(s)})
+            body.append(f"{acc} = fmaxf({acc}, {rhs});" if s.op == "max" else f"{acc} += {rhs};")
+            continue
+        t = s.target
+        if t in stored and t in later_reads[i]:
+            rhs = f"OC_ROUND({rhs})"  # a later read sees the stored (rounded) value
+        decl = "" if t in declared else "float "
+        declared.add(t)
+        body.append(f"{decl}{t} = {rhs};")
+        if t in stored and t not in written:
+            written.append(t)
+    stores = [f"{b}_ptr[i] = OC_STORE({b});" for b in stored if b in written]
+    for n, stage in spills.items():
+        if stage == st.index and n in declared:
+            stores.append(f"spill_{n}_ptr[i] = {n};")
+        elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
+            stores.append("spill_grad_ptr[i] = OC_LOAD(grad_ptr[i]);")
+    uses = set(loads_names(loads)) | set(written) | {n for n in spills if n in declared}
+    if any(line.startswith("spill_grad_ptr") for line in stores):
+        uses |= {"grad"}
+    used = sorted(set().union(*[v[2] for v in hoisted.values()]))
+    mask = sum(1 << i for i, b in enumerate(buffer_names) if b in uses or b.removeprefix("spill_") in uses)
+    return {"name": name, "mask": mask, "flags": ", ".join(f"{k}={int(v)}" for k, v in sorted(env.items())) or "none",
+            "scalars": [{"name": n, "src": scalar_src[n]} for n in used],
+            "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()], "loads": loads, "body": body,
+            "stores": stores, "reductions": reductions, "uses": sorted(uses)}
+
+
+def loads_names(loads: list[str]) -> list[str]:
+    return [line.split()[1] for line in loads if line.startswith("float ")]
+
+
+def _hoist(expr, scalar_names: set, hoisted: dict):
+    """Replace every maximal scalar-only subexpression by a float constant computed in double."""
+    expr = sympy.sympify(expr)
+    syms = _syms(expr)
+    if syms and syms <= scalar_names and not expr.is_Number:
+        key = sympy.srepr(expr)
+        if key not in hoisted:
+            cname = f"c{len(hoisted)}" if not isinstance(expr, sympy.Symbol) else f"{expr.name}_f"
+            hoisted[key] = (cname, _D.doprint(expr), syms)
+        return sympy.Symbol(hoisted[key][0], real=True)
+    if not expr.args or expr.is_Number:
+        return expr
+    if isinstance(expr, sympy.Piecewise):
+        return sympy.Piecewise(*[(_hoist(v, scalar_names, hoisted), _hoist(c, scalar_names, hoisted))
+                                 for v, c in expr.args], evaluate=False)
+    args = [_hoist(a, scalar_names, hoisted) for a in expr.args]
+    return expr.func(*args, evaluate=False) if isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)) \
+        else expr.func(*args)
+
+
+def render(prog: Program, spec_source: bytes) -> str:
+    from .render import env, header
+    body = env().get_template("fused.c.j2").render(**context(prog))
+    return header(prog, spec_source, body, backend="c", comment="//") + body
+

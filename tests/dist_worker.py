@@ -1,0 +1,126 @@
+"""One rank of tests/test_distributed.py (launched twice with torchrun-style env: RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT). ``dist_worker.py OUT.pt NAMES REDUCTION_SPEC``.
+
+Runs, on CPU with gloo: DDP training; FSDP2 (fully_shard) training with the eager and foreach
+backends; and single steps on hand-made sharded DTensors. Rank 0 saves the full results; the test
+compares them with the single-process runs of the same functions here (``reference_*``).
+"""
+import os
+import sys
+import warnings
+
+import torch
+
+STEPS = 4
+BATCH = 16  # per rank
+
+
+def model_and_data(seed=0, world=2):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    xs = torch.randn(STEPS, BATCH * world, 6, generator=g)
+    ys = torch.randn(STEPS, BATCH * world, 3, generator=g)
+    return model, xs, ys
+
+
+def opt_class(name: str):
+    from optcompile import loader
+    if name.endswith(".py"):
+        return loader.compile_spec(name)
+    module = loader.builtin_module(name)
+    return getattr(module, module._INFO.name)
+
+
+def kwargs(name: str) -> dict:
+    return {"momentum": 0.9} if name == "sgd" else {}
+
+
+def make(name, params, foreach):
+    return opt_class(name)(params, lr=1e-2, foreach=foreach, triton=False, fused=False, **kwargs(name))
+
+
+def train(model, opt, xs, ys, rank=0, world=1):
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        lo, hi = rank * len(x) // world, (rank + 1) * len(x) // world
+        torch.nn.functional.mse_loss(model(x[lo:hi]), y[lo:hi]).backward()
+        opt.step()
+
+
+def reference_training(name, foreach):
+    model, xs, ys = model_and_data()
+    train(model, make(name, model.parameters(), foreach), xs, ys)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def shard_inputs(seed=1):
+    """Full tensors for the single-step check: odd sizes, so shards are uneven."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 3), (5,), (1, 4)]
+    return [torch.randn(s, generator=g) for s in shapes], [[torch.randn(s, generator=g) for s in shapes]
+                                                           for _ in range(3)]
+
+
+def reference_steps(name, foreach):
+    params, grads = shard_inputs()
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = make(name, ps, foreach)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in ps]
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out, names, red_spec = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    warnings.simplefilter("ignore")
+
+    for foreach in (False, True):
+        model, xs, ys = model_and_data(world=world)
+        ddp = DDP(model)
+        train(ddp, make("adamw", ddp.parameters(), foreach), xs, ys, rank, world)
+        results[("ddp", "adamw", foreach)] = [p.detach().clone() for p in model.parameters()]
+
+    for name in names + [red_spec]:
+        for foreach in (False, True):
+            model, xs, ys = model_and_data(world=world)
+            for layer in (model[0], model[2]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = make(name, model.parameters(), foreach)
+            train(model, opt, xs, ys, rank, world)
+            results[("fsdp2", name, foreach)] = [p.full_tensor().detach().clone() for p in model.parameters()]
+            results[("fsdp2_local_shape", name, foreach)] = [tuple(p.to_local().shape) for p in model.parameters()]
+
+            params, grads = shard_inputs()
+            ps = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in params]
+            opt = make(name, ps, foreach)
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = distribute_tensor(g, mesh, [Shard(0)])
+                opt.step()
+            results[("dtensor", name, foreach)] = [p.full_tensor().detach().clone() for p in ps]
+            state = opt.state[ps[0]]
+            results[("dtensor_state_type", name, foreach)] = sorted(
+                {type(v).__name__ for v in state.values() if torch.is_tensor(v) and v.dim() > 0})
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The fused C backend against the eager backend (the reference), for every built-in spec.
+
+Both compute in fp32 and round once per store, so they differ only where the C compiler
+associates or contracts (FMA) an expression differently from torch's op-by-op evaluation:
+a few fp32 ulps, which in bf16 shows up as an occasional one-ulp difference when the fp32
+value sits next to a rounding boundary. Tolerances below say this per dtype.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from optcompile import backends_available
+from optcompile.backends import fused_runtime
+from optcompile.loader import builtin_module, compile_spec
+from optcompile.paths import builtin_specs, generated_dir
+from optcompile.runtime import run_functional
+
+pytestmark = [pytest.mark.fused,
+              pytest.mark.skipif(backends_available.c_compiler() is None, reason="no C compiler")]
+
+SPECS = [p.stem for p in builtin_specs()]
+CHUNK = 16384  # OC_CHUNK in templates/fused.c.j2
+SHAPES = [(), (1,), (0,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (33, 7)]
+# hyperparameters that switch on every pass a spec has (weight decay, momentum, dampening …)
+OPTIONS = {"sgd": [{"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.0}, {"momentum": 0.9, "dampening": True}],
+           "adam": [{"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_wd": True}]}
+DEFAULT = [{"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr": True}]
+
+
+def _group(cls, kw):
+    """A param group as the class builds it (defaults filled in), without its params."""
+    opt = cls([torch.zeros(1, requires_grad=True)], lr=1e-2, **{k: v for k, v in kw.items() if _accepts(cls, k)})
+    return {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+
+
+def _accepts(cls, name):
+    import inspect
+    return name in inspect.signature(cls.__init__).parameters
+
+
+def _setup(name, shapes, dtype, kahan, seed=0):
+    module = builtin_module(name)
+    info, cls = module._INFO, getattr(module, module._INFO.name)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    return info, cls, params, grads
+
+
+def _run(name, kw, dtype, kahan, backend, steps, shapes=SHAPES, accumulate_at=(), seed=0):
+    info, cls, params, grads0 = _setup(name, shapes, dtype, kahan, seed)
+    group = _group(cls, kw)
+    hypers = {k: group[k] for k in info.keys}
+    states = [{} for _ in params]
+    for p, g, st in zip(params, grads0, states):
+        p.grad = g
+        info.init_state(st, p, group, kahan)
+    step = torch.tensor(0, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    flags = dict(foreach=False, triton=False, fused=False) if backend == "eager" else dict(fused=True)
+    for k in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+        run_functional(info, params, grads, [[st[s] for st in states] for s in info.states],
+                       [st["kahan_comp"] for st in states], hypers, step=step if info.uses_step else None,
+                       kahan_sum=kahan, optimizer_accumulation=k in accumulate_at, **flags)
+    return params, states
+
+
+def _compare(a, b, dtype, what, ulps=4):
+    """fp32: a few ulps per step from association / FMA contraction, accumulated over steps.
+    bf16: those fp32 ulps flip a rounding rarely; a flip is one bf16 ulp (2^-8..2^-7 relative)
+    and a flipped state moves later steps by a few more. Returns the number of differing values."""
+    a, b = a.float(), b.float()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), what
+    if dtype == torch.float32:
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6, msg=what)
+        return 0
+    diff = (a - b).abs()
+    ulp = torch.maximum(a.abs(), b.abs()) * 2.0 ** -7
+    # plus: a flipped value feeds later steps (an update, Adan's gradient difference) and moves
+    # them by about one ulp of the tensor's typical magnitude
+    atol = 0.0 if ulps == 1 else ulps * 2.0 ** -7 * float(a.abs().mean()) + 5e-4
+    assert (diff <= ulps * ulp + atol + 1e-30).all(), f"{what}: more than {ulps} bf16 ulps apart"
+    return int((diff > 0).sum())
+
+
+@pytest.mark.parametrize("dtype,kahan", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16-kahan"])
+@pytest.mark.parametrize("name", SPECS)
+def test_fused_matches_eager(name, dtype, kahan):
+    """Params and every state entry, odd sizes (0-d, empty, chunk ± 1), accumulation micro-steps,
+    enough steps for RAdam's rectification to switch on (ρ_t > 5 from step 6)."""
+    flips = total = 0
+    for kw in OPTIONS.get(name, DEFAULT):
+        ref_p, ref_s = _run(name, kw, dtype, kahan, "eager", steps=7, accumulate_at=(2,))
+        out_p, out_s = _run(name, kw, dtype, kahan, "fused", steps=7, accumulate_at=(2,))
+        for i, (a, b) in enumerate(zip(ref_p, out_p)):
+            flips += _compare(a, b, dtype, f"{name} {kw} param {i} {tuple(a.shape)}")
+            total += a.numel()
+        for i, (sa, sb) in enumerate(zip(ref_s, out_s)):
+            for key, va in sa.items():
+                if key == "kahan_comp" and va is not None:  # compare what it compensates: param + comp
+                    _compare(ref_p[i].float() + va.float(), out_p[i].float() + sb[key].float(), dtype,
+                             f"{name} {kw} param {i} + kahan_comp")
+                elif isinstance(va, torch.Tensor) and va.dim() == out_p[i].dim():
+                    flips += _compare(va, sb[key], dtype, f"{name} {kw} state {key} of param {i}")
+                    total += va.numel()
+    # measured: 0.01-0.1% for most specs; up to ~1.5% in Adan's exp_avg_diff, an average of
+    # gradient differences where β·m + (1−β)·Δg cancels, so fp32 ulps of the operands (torch's
+    # lerp formula vs ours) are large against the result and flip its bf16 rounding more often
+    assert flips <= 0.02 * total, f"{flips} of {total} values differ"
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
+def test_bf16_one_step_is_one_ulp_at_most(name):
+    """From identical inputs one step differs only where fp32 rounding flips a bf16 rounding."""
+    kw = OPTIONS.get(name, DEFAULT)[0]
+    flips = total = 0
+    for kahan in (False, True):
+        ref_p, ref_s = _run(name, kw, torch.bfloat16, kahan, "eager", steps=1)
+        out_p, out_s = _run(name, kw, torch.bfloat16, kahan, "fused", steps=1)
+        for i, (a, b) in enumerate(zip(ref_p, out_p)):
+            flips += _compare(a, b, torch.bfloat16, f"{name} param {i}", ulps=1)
+            total += a.numel()
+    assert flips <= 0.001 * total, f"{flips} of {total}"
+
+
+def test_many_tensors_and_threads_agree():
+    """300 tensors in one call; the chunk partition (and so the result) is thread-count independent."""
+    shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=torch.Generator().manual_seed(3))]
+    ref_p, _ = _run("adamw", {"weight_decay": 0.1}, torch.float32, False, "eager", 3, shapes)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_p, one_s = _run("adamw", {"weight_decay": 0.1}, torch.float32, False, "fused", 3, shapes)
+        torch.set_num_threads(2)
+        two_p, two_s = _run("adamw", {"weight_decay": 0.1}, torch.float32, False, "fused", 3, shapes)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(ref_p, one_p, two_p):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+        assert torch.equal(b, c)
+
+
+def test_non_contiguous_falls_back_correctly():
+    module = builtin_module("adamw")
+    torch.manual_seed(0)
+    base = [torch.randn(40, 30), torch.randn(64)]
+    out = {}
+    for fused in (False, True):
+        ps = [base[0].clone().t().requires_grad_(), base[1].clone().requires_grad_()]  # a transposed view
+        opt = module.AdamW(ps, lr=1e-2, fused=fused, foreach=False, triton=False)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        out[fused] = ps
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+REDUCE_SPEC = '''
+"""A test spec with two per-tensor reductions in two stages, like StableAdamW, and L2 decay
+(a reassigned grad read by later stages)."""
+from optcompile.spec import Interval, Max, OptimizerSpec, oo, sqrt
+
+spec = OptimizerSpec("RmsClipped", weight_decay="l2")
+lr = spec.hyper("lr", domain=Interval(0, oo), doc="Learning rate")
+beta2 = spec.hyper("beta2", default=0.99, domain=Interval.Ropen(0, 1), doc="Second moment decay")
+spec.weight_decay_hyper(0.01)
+eps = spec.hyper("eps", default=1e-6, domain=Interval(0, oo), doc="Epsilon")
+g = spec.grad
+v = spec.state("exp_avg_sq")
+v = spec.assign(v, beta2 * v + (1 - beta2) * g**2)
+rms = spec.let("rms", sqrt(spec.mean(g**2 / Max(v, eps**2))))
+peak = spec.sum(g * g)  # (a bare reduction: spec.let of a lone symbol is read as a condition)
+lr_t = spec.let("lr_t", lr / Max(1, rms))
+spec.update(g / (sqrt(v) + eps) / (peak + 1), lr=lr_t)
+'''
+
+
+def test_reduction_spec(tmp_path):
+    """Three stages: the mean, then the sum, are complete before their uses; grad (L2-decayed in
+    stage 0) goes through a scratch buffer into stages 1 and 2."""
+    path = tmp_path / "rmsclipped.py"
+    path.write_text(REDUCE_SPEC)
+    cls = compile_spec(path)
+    torch.manual_seed(0)
+    base = [torch.randn(s) for s in SHAPES if s != (0,)] + [torch.randn(3 * CHUNK + 5)]
+    out = {}
+    for fused in (False, True):
+        ps = [b.clone().requires_grad_() for b in base]
+        opt = cls(ps, lr=1e-2, fused=fused, foreach=False, triton=False)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[fused] = (ps, [opt.state[p]["exp_avg_sq"] for p in ps])
+    source = Path(sys.modules[cls._info.module].__file__)
+    assert "spill_grad_ptr" in source.with_name(source.stem + "_fused.c").read_text()
+    for a, b in zip(out[False][0] + out[False][1], out[True][0] + out[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # sums in another order: ulps
+
+
+# ── storage rounding, bit for bit against torch ─────────────────────────────────────────────────
+def _converter(tmp_path, dtype_code):
+    """The generated file's own OC_STORE, compiled alone into a float → storage-bits function."""
+    text = (generated_dir() / "adamw_fused.c").read_text()
+    start = text.index("#define OC_CHUNK")
+    end = text.index("#endif", start) + len("#endif")
+    src = tmp_path / "conv.c"
+    src.write_text(text[start:end] + textwrap.dedent("""
+        void convert(const float *in, OC_T *out, int64_t n) {
+            for (int64_t i = 0; i < n; i++) out[i] = OC_STORE(in[i]);
+        }
+    """))
+    src.write_text("#include <stdint.h>\n#include <string.h>\n" + src.read_text())
+    lib = tmp_path / f"conv{dtype_code}.so"
+    cc = backends_available.c_compiler()
+    subprocess.run([cc, *fused_runtime.FLAGS, f"-DOC_DTYPE={dtype_code}", str(src), "-o", str(lib)], check=True)
+    fn = ctypes.CDLL(str(lib)).convert
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+
+    def convert(x: torch.Tensor, dtype) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=dtype)
+        fn(x.data_ptr(), out.data_ptr(), x.numel())
+        return out
+    return convert
+
+
+EDGE_BITS = [0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F808001, 0x00008000, 0x00018000, 0x0000FFFF, 0x807FFFFF,
+             0x00000001, 0x80000000, 0x00000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF,
+             0xFF7F8000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FFFFFFF]
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.bfloat16, 1), (torch.float16, 2)], ids=["bf16", "fp16"])
+def test_store_rounding_is_torchs(tmp_path, dtype, code):
+    """Ties to even, subnormals, ±inf, the largest finite values (which round to inf), NaNs, and
+    200k random bit patterns: the same bits as ``x.to(dtype)`` (NaN payloads may differ)."""
+    convert = _converter(tmp_path, code)
+    rand = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    bits = torch.tensor([b - 2**32 if b >= 2**31 else b for b in EDGE_BITS], dtype=torch.int64)
+    x = torch.cat([bits, rand]).to(torch.int32).view(torch.float32)
+    if dtype == torch.float16:  # also the fp16 range edges: 65504, the rounding to inf, subnormals
+        x = torch.cat([x, torch.tensor([65504.0, 65519.99, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 6e-8, -1e-9])])
+    ours, ref = convert(x, dtype), x.to(dtype)
+    nan = torch.isnan(x)
+    assert torch.isnan(ours[nan].float()).all()
+    assert torch.equal(ours[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
+# ── build cache and fallbacks ───────────────────────────────────────────────────────────────────
+def test_library_cache_key(monkeypatch, cache_dir):
+    source = generated_dir() / "sgd_fused.c"
+    lib = fused_runtime.build(source, 0)
+    assert lib.exists() and fused_runtime.build(source, 0) == lib  # second call: the cached file
+    monkeypatch.setattr(fused_runtime, "cpu_model", lambda: "another cpu")
+    assert fused_runtime.build(source, 0) != lib  # -march=native code belongs to one CPU model
+
+
+FALLBACK = r'''
+import sys, warnings
+import torch
+warnings.simplefilter("always")
+from optcompile import AdamW
+def run(**kw):
+    torch.manual_seed(0)
+    ps = [torch.randn(100, requires_grad=True), torch.randn(3, 3, requires_grad=True)]
+    opt = AdamW(ps, lr=1e-2, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+    return ps, [str(w.message) for w in caught]
+ref, none = run(foreach=False, triton=False, fused=False)
+out, warned = run(fused=MODE)
+assert all(torch.equal(a, b) for a, b in zip(ref, out)), "fallback results differ from eager"
+print(len(warned), warned)
+'''
+
+
+@pytest.mark.parametrize("cc,mode", [("/nonexistent/cc", "None"), ("/nonexistent/cc", "True"),
+                                     ("/bin/false", "True")], ids=["no-compiler-auto", "no-compiler-fused",
+                                                                   "compiler-fails"])
+def test_fallback_warns_once(tmp_path, cc, mode):
+    """No compiler (CC unusable, nothing on PATH) or a failing one: one warning, eager results."""
+    env = dict(os.environ, CC=cc, PATH=str(tmp_path), OPTCOMPILE_CACHE_DIR=str(tmp_path / "cache"))
+    code = FALLBACK.replace("MODE", mode)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count = int(proc.stdout.split()[0])
+    assert count == 1, proc.stdout
+    assert re.search(r"compiler|C kernel", proc.stdout)
