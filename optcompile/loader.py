@@ -89,10 +89,14 @@ def builtin_module(functional: str):
     key = cache_key(functional, spec_path.read_bytes(), "py")
     if checked_in.exists():
         text = checked_in.read_text(encoding="utf-8")
-        if parse_key(text) == key and body_hash_ok(text):
-            return import_path(name, checked_in)
+        if parse_key(text) == key:
+            if body_hash_ok(text):
+                return import_path(name, checked_in)
+            import warnings  # same key, different body: hand-edited or corrupt, never imported
+            warnings.warn(f"{checked_in} was edited or is corrupt (content hash mismatch); using a fresh "
+                          "compile from the cache instead", cache.CacheWarning, stacklevel=2)
     if os.environ.get("OPTCOMPILE_DISABLE_JIT") == "1":
-        raise RuntimeError(f"generated/{functional}.py is missing or stale and OPTCOMPILE_DISABLE_JIT=1; run "
+        raise cache.JITDisabledError(f"generated/{functional}.py is missing or stale and OPTCOMPILE_DISABLE_JIT=1; run "
                            f"`optcompile compile {spec_path}` or unset OPTCOMPILE_DISABLE_JIT")
     return import_path(name, compile_to_cache(spec_path))
 

@@ -38,6 +38,7 @@ def lower(spec: OptimizerSpec) -> Program:
                         spec.origin.line)
 
     stmts = _resolve_versions(spec, buffers)
+    bool_syms = {s for a in spec.args if a.kind == "flag" for s in a.symbols}
     host: list[HostScalar] = []
     body: list = []
     names = _Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
@@ -55,18 +56,24 @@ def lower(spec: OptimizerSpec) -> Program:
         syms = expr.free_symbols
         if stmt.kind == "let":
             if syms <= host_syms:
-                kind = "bool" if isinstance(expr, Boolean) else "float"
+                # a sympy Symbol is also a Boolean: a let that merely renames a hyper is a float
+                kind = "bool" if (isinstance(expr, Boolean) and not isinstance(expr, sympy.Symbol)) or \
+                    expr in bool_syms else "float"
+                if kind == "bool":
+                    bool_syms.add(stmt.target)
                 host.append(HostScalar(stmt.target.name, expr, kind, where(stmt)))
                 host_syms.add(stmt.target)
             elif syms <= host_syms | tscalar_syms:
-                if isinstance(expr, Boolean):
+                if isinstance(expr, Boolean) and not isinstance(expr, sympy.Symbol):
                     raise SpecError("a condition on a per-tensor reduction cannot be lowered (a named "
                                     "condition is a host value); express the choice arithmetically, e.g. "
                                     "with Max/Min/sign", file, stmt.origin.line, expr)
                 body.append(TensorScalar(stmt.target.name, expr, TRUE, where(stmt)))
                 tscalar_syms.add(stmt.target)
             else:
-                if isinstance(expr, Boolean) and not syms & (tscalar_syms | {GRAD, PARAM} | set(state_syms)):
+                _check_elementwise_choices(expr, tscalar_syms, file, stmt.origin.line)
+                if isinstance(expr, Boolean) and not isinstance(expr, sympy.Symbol) and \
+                        not syms & (tscalar_syms | {GRAD, PARAM} | set(state_syms)):
                     raise SpecError("a boolean let must depend only on hyperparameters and step", file,
                                     stmt.origin.line, expr)
                 body.extend(_split_piecewise(stmt.target.name, expr, TRUE, stmt, host_syms, guard_of, names))
@@ -88,6 +95,7 @@ def lower(spec: OptimizerSpec) -> Program:
                 if stmt.lr.free_symbols - host_syms - tscalar_syms:
                     raise SpecError("the learning rate of spec.update must not depend on param, grad or states",
                                     file, stmt.origin.line, stmt.lr)
+            _check_elementwise_choices(expr, tscalar_syms, file, stmt.origin.line)
             split = _split_piecewise(stmt.target.name, expr, guard, stmt, host_syms, guard_of, names)
             if stmt.kind == "update":
                 split = [dataclasses.replace(a, role="update") if a.target == "param" else a for a in split]
@@ -115,7 +123,8 @@ def lower(spec: OptimizerSpec) -> Program:
                    states=states, host=tuple(host), body=tuple(body), update_lr=update_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
                    meta={"decouple_wd": spec.decouple_wd, "decoupled_flag": spec.decoupled_flag,
-                         "state_order": tuple(st.name for st in spec.states)}, records=records)
+                         "state_order": tuple(st.name for st in spec.states),
+                         "group_constants": tuple(spec.group_constants.items())}, records=records)
     _check_unused(spec, prog)
     return prog
 
@@ -181,6 +190,18 @@ class _Namer:
                 return name
 
 
+def _check_elementwise_choices(expr, tscalar_syms: set, file: str, line: int) -> None:
+    """A per-element Piecewise may branch on host values (a guard) or on elements (a where), but
+    not on a per-tensor value: no backend has a per-tensor select inside its element loop."""
+    for pw in sympy.preorder_traversal(expr):
+        if isinstance(pw, sympy.Piecewise):
+            for _, cond in pw.args:
+                if sympy.sympify(cond).free_symbols & tscalar_syms:
+                    raise SpecError("an elementwise Piecewise cannot branch on a per-tensor reduction; compute a "
+                                    "per-tensor factor instead, e.g. f = spec.let('f', Piecewise((1, r > 1), "
+                                    "(0, True))) and use f*a + (1 - f)*b", file, line, cond)
+
+
 def _reduction_op(spec: OptimizerSpec, stmt) -> str:
     return next(r.op for r in spec.reductions if r.symbol == stmt.target)
 
@@ -196,10 +217,8 @@ def _guard_temps(prog: Program, body: list) -> list:
             continue
         sym, readers = sympy.Symbol(s.target, real=True), []
         for r in body[i + 1:]:
-            if sym in sympy.sympify(r.expr).free_symbols:
+            if sym in sympy.sympify(r.expr).free_symbols:  # readers of any later version: safe superset
                 readers.append(r)
-            if isinstance(r, Assign) and r.target == s.target:
-                break
         if not readers:
             continue
         common = set.intersection(*[_conjuncts(r.guard) for r in readers]) - _conjuncts(s.guard) - {TRUE}

@@ -120,10 +120,10 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
 
 def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation):
     """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend."""
-    params = tensors[0]
-    name = choose_backend(params, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
-    impl = info.backend(name)
-    for _, dtype, ps, lists in _group_by_device_and_dtype(params, tensors[1:]):
+    for _, dtype, ps, lists in _group_by_device_and_dtype(tensors[0], tensors[1:]):
+        # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
+        impl = info.backend(choose_backend(ps, foreach=foreach, triton=triton, fused=fused,
+                                           gradient_release=gradient_release))
         host = info.host(**hypers, update_parameters=not optimizer_accumulation,
                          kahan=bool(kahan_sum) and dtype in LOW_PRECISION)
         impl(ps, *lists, **host)
@@ -203,6 +203,7 @@ class CompiledOptimizer(Optimizer):
                     self.state[p]["group"] = group
         self.register_state_dict_post_hook(_pack_gradient_release_groups)
         self.register_load_state_dict_post_hook(_link_gradient_release_groups)
+        self.register_load_state_dict_post_hook(_keep_constructor_only_keys)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -214,6 +215,8 @@ class CompiledOptimizer(Optimizer):
                 self.state[p]["group"] = group
         # Fully decoupled decay divides by max_lr: default it to *this group's* lr (optimi uses the
         # constructor's lr for every group, so a group with its own lr decays at the wrong strength).
+        # torch's OneCycleLR overwrites group["max_lr"] with its peak lr: the same meaning, so fully
+        # decoupled decay then applies weight_decay·lr_t/peak (tests/test_integration.py).
         if group.get("decouple_lr") and group.get("max_lr") is None:
             group["max_lr"] = group["lr"]
 
@@ -288,7 +291,10 @@ class CompiledOptimizer(Optimizer):
         if param.grad is None:
             return
         state = self.state[param]
-        group = state["group"]
+        group = state.get("group")
+        if group is None:  # optimi: KeyError('group')
+            raise ValueError("step(param=...) needs an optimizer built with gradient_release=True that holds "
+                             f"this param (shape {tuple(param.shape)})")
         self._init_param_state(group, state, param)
         self._call(group, param, param.grad, [state[n] for n in self._info.states], state["kahan_comp"],
                    step=state.get("step"), gradient_release=True,
@@ -318,6 +324,14 @@ def _pack_gradient_release_groups(optimizer: CompiledOptimizer, state_dict: dict
         if "group" in s:
             state_dict["state"][i] = {**s, "group": owner[i]}  # a copy: s is the live state
     return state_dict
+
+
+def _keep_constructor_only_keys(optimizer: CompiledOptimizer) -> None:
+    """load_state_dict(): a group loaded from an optimi checkpoint lacks our own keys (``fused``);
+    keep this optimizer's constructor value instead of silently switching backend."""
+    for group in optimizer.param_groups:
+        if "fused" in optimizer.defaults:
+            group.setdefault("fused", optimizer.defaults["fused"])
 
 
 def _link_gradient_release_groups(optimizer: CompiledOptimizer) -> None:

@@ -3,12 +3,47 @@
 A spec file builds one :class:`OptimizerSpec` named ``spec``. Every call records the spec file
 and line it came from, so that any later error (here, in lowering, or in a pass) can point at the
 line the author wrote. Nothing here knows about backends: the spec is data.
+
+DSL reference (``specs/*.py`` use all of it):
+
+* ``OptimizerSpec(name, weight_decay=..., kahan_sum=None, decouple_wd=False, decoupled_flag=None,
+  group_constants={})``: ``weight_decay`` is the decay the compiler injects: ``"decoupled"``
+  (p·(1 − lr·wd)), ``"l2"`` (g + wd·p, with a ``decouple_wd`` switch defaulting to ``decouple_wd``),
+  ``"proximal"`` (Adan: (p − lr·d)/(1 + lr·wd), or decoupled when the flag named by
+  ``decoupled_flag`` is on) or ``None``; all add ``decouple_lr``/``max_lr``. ``kahan_sum`` is the
+  constructor default. ``group_constants`` are fixed param_group entries kept only for another
+  library's state_dict layout (AdamW's ``decouple_wd=True``).
+* ``hyper(name, default, domain, names=, type=int|float, after=)``: a constructor argument (a tuple
+  such as ``betas`` with ``names=``); ``domain`` (a sympy Interval) generates optimi's ValueErrors.
+  ``flag(name, default, after=)``: a bool. ``after="max_lr"`` places it after the injected ones.
+* ``state(name, init=0, when=True)``: a per-param buffer (param shape and dtype); ``init`` may use
+  ``param``, ``grad`` and hypers (Ranger's ``init=param``, Adan's ``init=-grad``); ``when`` is a
+  host condition for its existence. ``state(..., scalar=True)``: a 0-dim record computed at
+  allocation for state_dict layout only (StableAdamW's ``eps_sq``), never read by the step.
+* ``let(name, expr)``: a named value; where it lives follows from what it reads: hypers and
+  ``step`` → host scalar (once per step), reductions → per-tensor scalar, else per element.
+* ``assign(state, expr, when=)``: ``state ← expr`` (SSA: returns the new value; reading an older
+  value later snapshots it). ``when`` is a host condition (e.g. ``spec.every(k)``).
+* ``update(direction, lr=)``: ``param ← param − lr·direction``, once; ``lr`` may be per tensor
+  (StableAdamW's clipped ``lr_t``) and is the lr weight decay uses. ``set_param(expr, when=)``:
+  a later param write (Ranger's ``p ← slow``).
+* ``mean/sum/max(expr)``: per-tensor reductions; math on them alone (``sqrt(mean(…))``) is done in
+  the compute dtype before it becomes a Python float.
+* ``every(k)``: ``step % k == 0``. ``Piecewise`` on host conditions becomes guarded branches (a host
+  let used only in one branch is computed only there: RAdam's ``rect``); on per-element conditions
+  a ``where``.
+* Semantics the passes add: anything after the param update that reads the param (lookahead) runs
+  only on updating steps (optimizer accumulation) and, under Kahan summation, reads the exact
+  param ``param + kahan_comp``; every param write is Kahan-compensated.
+* Rounding: the author's algebra is kept (sympy may reorder factors); to pin the rounding of a
+  product of three or more host values, name two-factor parts with ``let`` (RAdam's ``rect``).
 """
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import itertools
+import keyword
 import os
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +81,17 @@ RESERVED_NAMES = frozenset({
     "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_sum", "foreach", "triton", "fused",
     "gradient_release", "optimizer_accumulation", "update_parameters", "setup", "decouple_wd",
     "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults",
+})
+
+# Names the generated code itself uses (modules, helpers) or that no backend language accepts.
+GENERATED_CODE_NAMES = frozenset({
+    "torch", "math", "tl", "triton", "libdevice", "fp32", "Tensor", "Iterable", "LOW_PRECISION",
+    "CompiledOptimizer", "OptimizerInfo", "run_functional", "launch_plan", "BLOCK_SIZE", "lowp",
+} | set(keyword.kwlist) | {
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "enum", "extern",
+    "float", "goto", "inline", "int", "long", "register", "restrict", "short", "signed", "sizeof",
+    "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "fmaxf", "fminf",
+    "sqrtf", "fabsf", "expf", "logf", "powf", "NULL", "INFINITY", "NAN",
 })
 
 # sympy node types a spec may use, and what each means in every backend.
@@ -126,11 +172,12 @@ class ReductionDecl:
 
 @dataclass
 class OptimizerSpec:
-    """An optimizer as math. See the README's "Write your own optimizer" for the full DSL.
+    """An optimizer as math (see the module docstring for the DSL reference).
 
     ``weight_decay`` names the decay style the compiler injects (``"decoupled"``, ``"l2"`` with a
     ``decouple_wd`` switch, ``"proximal"`` (Adan), or ``None`` for no decay arguments at all);
-    ``kahan_sum`` is the constructor default for Kahan summation of low-precision params.
+    ``kahan_sum`` is the constructor default for Kahan summation of low-precision params;
+    ``group_constants`` are fixed param_group entries kept for state_dict layout.
     """
 
     name: str
@@ -138,6 +185,7 @@ class OptimizerSpec:
     kahan_sum: bool | None = None
     decouple_wd: bool = False
     decoupled_flag: str | None = None
+    group_constants: dict = field(default_factory=dict)
     doc: str = ""
     functional: str | None = None
     args: list[Arg] = field(default_factory=list)
@@ -304,6 +352,9 @@ class OptimizerSpec:
         if name in RESERVED_NAMES:
             raise SpecError(f"{name!r} is a reserved name (reserved: {', '.join(sorted(RESERVED_NAMES))})",
                             self.file, origin.line)
+        if name in GENERATED_CODE_NAMES or name.startswith(("_", "oc_")):
+            raise SpecError(f"{name!r} clashes with the generated code (Python/C keywords, module names, and "
+                            "names starting with '_' or 'oc_' are reserved)", self.file, origin.line)
         if name in self._names:
             raise SpecError(f"{name!r} is already declared at line {self._names[name].line}", self.file, origin.line)
         self._names[name] = origin

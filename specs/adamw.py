@@ -7,7 +7,7 @@ with decay $p \leftarrow p(1-\gamma\lambda)$ applied by the compiler's weight-de
 """
 from optcompile.spec import Interval, OptimizerSpec, oo, sqrt
 
-spec = OptimizerSpec("AdamW", weight_decay="decoupled")
+spec = OptimizerSpec("AdamW", weight_decay="decoupled", group_constants={"decouple_wd": True})  # optimi's groups
 lr = spec.hyper("lr", domain=Interval(0, oo), doc="Learning rate")
 beta1, beta2 = spec.hyper("betas", default=(0.9, 0.99), names=("beta1", "beta2"), domain=Interval.Ropen(0, 1),
                           doc="Coefficients for gradient and squared gradient moving averages")

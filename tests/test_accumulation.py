@@ -15,6 +15,15 @@ KWARGS = {"adam": dict(weight_decay=1e-2), "sgd": dict(momentum=0.9, weight_deca
 MICRO = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors, many small ops: a second intra-op thread only adds synchronisation cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ours(stem):
     module = loader.builtin_module(stem)
     return getattr(module, module._INFO.name)
@@ -73,7 +82,8 @@ def test_accumulation_matches_optimi(stem, dtype):
             if torch.is_tensor(sb.get(name)) and sb[name].dim() > 0:
                 state_tol = tol if dtype == torch.float32 else dict(  # bf16: optimi rounds each op of the
                     rtol=2**-7, atol=max(2e-3, 2**-6 * sb[name].abs().max().item()))  # EMA: 4 ulps of max|state|
-                torch.testing.assert_close(sa[name], sb[name], **state_tol, msg=lambda m, name=name: f"state {name}: {m}")
+                torch.testing.assert_close(sa[name], sb[name], **state_tol,
+                                           msg=lambda m, name=name: f"state {name}: {m}")
         if "step" in sb:
             assert int(sa["step"]) == int(sb["step"]) == 3 * MICRO  # micro-steps count for debiasing
 
@@ -95,7 +105,8 @@ def test_micro_steps_update_states_not_params(stem, dtype):
         updating = (i + 1) % MICRO == 0
         same = [torch.equal(p, b) for p, b in zip(params, before)]
         # an updating step moves params (in bf16 a tiny update may all go into kahan_comp: any, not all)
-        assert not all(same) if updating else all(same), f"micro-step {i}: params {'did not move' if updating else 'moved'}"
+        assert not all(same) if updating else all(same), \
+            f"micro-step {i}: params {'did not move' if updating else 'moved'}"
         assert all(p.grad is None for p in params)
         if i == 1:
             first = {n: opt.state[params[0]][n].clone() for n in cls._info.states

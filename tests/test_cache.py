@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optcompile import cache, cli, loader
+from optcompile import cli, loader
 from optcompile.cache import CacheWarning, JITDisabledError
 from optcompile.codegen.header import body_hash_ok
 from optcompile.version import __version__
@@ -67,7 +67,7 @@ def test_miss_then_hit_and_entries_are_hashed(spec_file, cache_dir):
     assert r1.files and not any(hit for _, hit in r1.files)
     assert all(hit for _, hit in r2.files)
     entries = _entries(cache_dir)
-    assert [Path(f).name for f, _ in r1.files] == [p.name for p in entries]
+    assert sorted(Path(f).name for f, _ in r1.files) == [p.name for p in entries]
     for p in entries:
         assert body_hash_ok(p.read_text()), p
     assert not _temps(cache_dir)
@@ -230,19 +230,32 @@ def test_disable_jit_with_stale_builtin_raises(cache_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(loader, "generated_dir", lambda: tmp_path)  # no checked-in modules
     monkeypatch.delitem(sys.modules, "optcompile.generated.sgd", raising=False)
     monkeypatch.setenv("OPTCOMPILE_DISABLE_JIT", "1")
-    with pytest.raises(RuntimeError, match="OPTCOMPILE_DISABLE_JIT=1"):
+    with pytest.raises(JITDisabledError, match="OPTCOMPILE_DISABLE_JIT=1"):
         loader.builtin_module("sgd")
 
 
-def test_edited_checked_in_module_is_not_imported(cache_dir, tmp_path, monkeypatch):
-    """A hand-edited generated/ file fails its body hash: the loader compiles into the cache."""
-    src = (ROOT / "generated" / "sgd.py").read_text()
-    (tmp_path / "sgd.py").write_text(src.replace("def sgd(", "def sgd_edited(", 1))
+@pytest.mark.parametrize("edited", [False, True])
+def test_edited_checked_in_module_is_not_imported(edited, cache_dir, tmp_path, monkeypatch):
+    """A fresh generated/ file is imported as is; a hand-edited one fails its body hash: the
+    loader warns and compiles into the cache instead."""
+    from optcompile.compiler import generate_sources
+    from optcompile.spec import load_spec
+    src = generate_sources(load_spec(ROOT / "specs" / "sgd.py"))[".py"]
+    if edited:
+        src = src.replace("def sgd(", "def sgd_edited(", 1)
+    (tmp_path / "sgd.py").write_text(src)
     monkeypatch.setattr(loader, "generated_dir", lambda: tmp_path)
     monkeypatch.delitem(sys.modules, "optcompile.generated.sgd", raising=False)
-    module = loader.builtin_module("sgd")
-    assert Path(module.__file__).parent == cache_dir / __version__
-    assert hasattr(module, "sgd")
+    if edited:
+        with pytest.warns(CacheWarning, match="edited or is corrupt"):
+            module = loader.builtin_module("sgd")
+        assert Path(module.__file__).parent == cache_dir / __version__
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            module = loader.builtin_module("sgd")
+        assert Path(module.__file__) == tmp_path / "sgd.py"
+    assert hasattr(module, "sgd") and not hasattr(module, "sgd_edited")
 
 
 def test_cli_cache_info_and_clear(spec_file, cache_dir, capsys):

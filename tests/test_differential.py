@@ -20,6 +20,7 @@ import optcompile
 from reference.ranger import ranger_step
 from reference.stableadamw import stableadamw_step
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are using weight_decay")  # optimi's decouple_lr advice
 STEPS = 20
 OURS = {"eager": dict(foreach=False, triton=False, fused=False), "foreach": dict(foreach=True, triton=False, fused=False)}
 THEIRS = {"eager": dict(foreach=False, triton=False), "foreach": dict(foreach=True, triton=False)}
@@ -216,14 +217,11 @@ def test_group_without_grads_keeps_its_step(name):
                  mlp, odd, on_step=detach_late)
     assert int(ours.param_groups[1]["step"]) == STEPS - 5
     ref = getattr(optimi, name)(late, lr=lr, foreach=False, triton=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: 0.95**s)
-    sched.last_epoch = 4
-    sched.step()  # the same lr schedule position as the late group at step 6
     for i in range(5, STEPS):
+        ref.param_groups[0]["lr"] = lr * 0.95**i  # the late group's place in the LambdaLR schedule
         ref.zero_grad()
         loss_fn(make_params()[0], late, i).backward()
         ref.step()
-        sched.step()
     for a, b in zip(odd, late):
         assert torch.equal(a, b)
 
@@ -256,34 +254,41 @@ def test_stableadamw_fp16_eps_sq_does_not_underflow(backend):
     assert not torch.equal(ours, theirs)  # optimi froze or NaN'd on the underflow steps
 
 
-@pytest.mark.parametrize("backend", OURS)
-def test_ranger_bf16_kahan_lookahead_tracks_fp64_reference(backend):
-    """optimi bug 3: its for-loop and foreach paths compensate the bf16 lookahead differently
-    (extra ``alpha``). Ours is one definition on every backend; checked against an fp64 Ranger
-    (tests/reference/ranger.py) to within bf16 resolution, and eager == foreach exactly."""
-    kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2, k=3, alpha=0.5)
+def _ranger_bf16_rms_error(make_opt, kahan_sum=True):
+    """RMS distance of the exact bf16 trajectory (param + kahan_comp) from fp64 Ranger, 30 steps, k=3."""
+    kw = dict(lr=3e-3, eps=1e-6, weight_decay=1e-2, k=3, alpha=0.5)
     g = torch.Generator().manual_seed(5)
     p64 = torch.randn(2000, generator=g, dtype=torch.float64)
-    results = {}
+    p = p64.bfloat16().requires_grad_()
+    opt = make_opt([p], kahan_sum=kahan_sum, **kw)
+    ref, st = p64.clone(), {"m": torch.zeros_like(p64), "v": torch.zeros_like(p64), "slow": p64.clone()}
+    gg = torch.Generator().manual_seed(6)
+    for t in range(1, 31):
+        p.grad = torch.randn(2000, generator=gg, dtype=torch.float64).bfloat16()
+        grad = p.grad.double()
+        opt.step()
+        ref = ranger_step(ref, grad, st, t=t, beta1=0.9, beta2=0.99, **kw)
+    comp = opt.state[p]["kahan_comp"]
+    exact = p.double() + (comp.double() if comp is not None else 0)
+    return (exact - ref).pow(2).mean().sqrt().item(), (p.detach(), comp, opt.state[p]["la_param"])
+
+
+def test_ranger_bf16_kahan_lookahead_tracks_fp64_reference():
+    """optimi bug 3: its for-loop and foreach paths compensate the bf16 lookahead differently.
+    Ours is one definition on every backend (eager == foreach bit for bit): the lookahead reads the
+    exact param (param + kahan_comp) and ``p ← slow`` keeps slow's unrounded value in kahan_comp.
+    Against an fp64 Ranger (tests/reference/ranger.py), Kahan must help, and be as accurate as
+    optimi's better path (bf16 moments dominate the remaining error: ~0.3 bf16 ulp RMS)."""
+    errs, outs = {}, {}
     for be in OURS:
-        p = p64.bfloat16().requires_grad_()
-        opt = optcompile.Ranger([p], **kw, **OURS[be])
-        ref = p64.clone()
-        st = {"m": torch.zeros_like(ref), "v": torch.zeros_like(ref), "slow": ref.clone()}
-        gg = torch.Generator().manual_seed(6)
-        for t in range(1, 31):
-            grad = torch.randn(2000, generator=gg, dtype=torch.float64)
-            p.grad = grad.bfloat16()
-            opt.step()
-            ref = ranger_step(ref, p.grad.double(), st, t=t, beta1=0.9, beta2=0.99,
-                              **{k: v for k, v in kw.items() if k != "betas"})
-        assert opt.param_groups[0]["kahan_sum"] is True
-        # Kahan keeps the fp32-exact trajectory: param + compensation ≈ fp64 reference
-        exact = p.double() + opt.state[p]["kahan_comp"].double()
-        err = (exact - ref).abs().max().item()
-        assert err < 2e-3, err  # bf16 ulp at |p|~1 is 7.8e-3; without Kahan the drift is larger
-        results[be] = (p.detach().clone(), opt.state[p]["kahan_comp"].clone(), opt.state[p]["la_param"].clone())
-    assert all(torch.equal(a, b) for a, b in zip(results["eager"], results["foreach"]))
+        errs[be], outs[be] = _ranger_bf16_rms_error(lambda p, **kw: optcompile.Ranger(p, **kw, **OURS[be]))
+    assert all(torch.equal(a, b) for a, b in zip(outs["eager"], outs["foreach"]))
+    plain, _ = _ranger_bf16_rms_error(lambda p, **kw: optcompile.Ranger(p, **kw, **OURS["eager"]), kahan_sum=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = [_ranger_bf16_rms_error(lambda p, **kw: optimi.Ranger(p, **kw, **THEIRS[be]))[0] for be in THEIRS]
+    assert errs["eager"] < 0.85 * plain, (errs, plain)
+    assert errs["eager"] < 1.1 * min(theirs), (errs, theirs)
 
 
 # ── torch.optim, where the algorithm coincides (translated arguments) ────────────────────────────
@@ -330,3 +335,44 @@ def test_ranger_lookahead_only_on_updating_steps(k):
                        optimizer_accumulation=i % 4 != 3, **extra)
         assert torch.equal(ps[0], ps[1]) and torch.equal(states[0][2], states[1][2]), i
     assert not torch.equal(states[0][2], p)  # the lookahead did run (on updating steps t = 4, 8, 12)
+
+
+@pytest.mark.parametrize("backend", OURS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_functional_form_matches_optimi(name, backend):
+    """``optcompile.<fn>(params, grads, *states, kahan_comps, **group values)`` on the same tensors
+    as ``optimi.<fn>``: identical after 8 steps (state allocated by one class step in each library)."""
+    import inspect
+    fn = name.lower()
+    lr = LR.get(name, 1e-2)
+    kw = {"weight_decay": 0.01, **({"momentum": 0.9} if name == "SGD" else {})}
+    libs = {}
+    for lib in (optcompile, optimi):
+        ps = [p.detach().clone().requires_grad_() for p in make_params()[1]]
+        extra = OURS[backend] if lib is optcompile else THEIRS[backend]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = getattr(lib, name)(ps, lr=lr, **kw, **extra)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        libs[lib] = (ps, opt)
+    (ours, o_opt), (theirs, t_opt) = libs[optcompile], libs[optimi]
+    sig = inspect.signature(getattr(optimi, fn)).parameters
+    positional = [n for n, p in sig.items() if p.kind is p.POSITIONAL_OR_KEYWORD][2:-1]  # state lists
+    runtime = {"kahan_sum", "foreach", "triton", "gradient_release", "step"}
+    keys = [n for n, p in sig.items() if p.kind is p.KEYWORD_ONLY and n in t_opt.param_groups[0] and n not in runtime]
+    for i in range(8):
+        g = torch.Generator().manual_seed(i)
+        grads = [torch.randn(p.shape, generator=g) for p in ours]
+        for lib, ps, opt in ((optcompile, ours, o_opt), (optimi, theirs, t_opt)):
+            group = opt.param_groups[0]
+            states = [[opt.state[p][n[:-1]] for p in ps] for n in positional]
+            extra = {"step": group["step"]} if "step" in sig else {}
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                getattr(lib, fn)([p.data for p in ps], [x.clone() for x in grads], *states,
+                                 [opt.state[p]["kahan_comp"] for p in ps], **{k: group[k] for k in keys}, **extra,
+                                 foreach=backend == "foreach")
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)

@@ -212,6 +212,18 @@ def test_reduction_spec(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # sums in another order: ulps
 
 
+def test_printer_golden():
+    """Element math as C: squares as products, NaN-propagating max (torch.maximum, and unlike fmaxf
+    it vectorises), sign as a difference of comparisons, tensor Piecewise as a ternary."""
+    import sympy
+    from optcompile.codegen.c import cexpr
+    g, v, eps, m = sympy.symbols("grad exp_avg_sq eps exp_avg", real=True)
+    assert cexpr(g**2 / sympy.Max(v, eps**2)) == "(grad*grad)/oc_max((eps*eps), exp_avg_sq)"
+    assert cexpr(sympy.sign(m)) == "((float)((exp_avg) > 0.0f) - (float)((exp_avg) < 0.0f))"
+    assert cexpr(sympy.Piecewise((m, v > 0), (g, True))) == "((exp_avg_sq > 0.0f) ? (exp_avg) : (grad))"
+    assert cexpr(1 / sympy.sqrt(v) + v / 3) == "(0.3333333333333333f)*exp_avg_sq + (1.0f / sqrtf(exp_avg_sq))"
+
+
 # ── storage rounding, bit for bit against torch ─────────────────────────────────────────────────
 def _converter(tmp_path, dtype_code):
     """The generated file's own OC_STORE, compiled alone into a float → storage-bits function."""
@@ -271,7 +283,6 @@ def test_library_cache_key(monkeypatch, cache_dir):
 FALLBACK = r'''
 import sys, warnings
 import torch
-warnings.simplefilter("always")
 from optcompile import AdamW
 def run(**kw):
     torch.manual_seed(0)
@@ -284,23 +295,25 @@ def run(**kw):
                 p.grad = torch.ones_like(p)
             opt.step()
     return ps, [str(w.message) for w in caught]
-ref, none = run(foreach=False, triton=False, fused=False)
-out, warned = run(fused=MODE)
-assert all(torch.equal(a, b) for a, b in zip(ref, out)), "fallback results differ from eager"
-print(len(warned), warned)
+ref, _ = run(foreach=False, triton=False, fused=False)
+for mode in sys.argv[1:]:
+    out, warned = run(fused=eval(mode))
+    assert all(torch.equal(a, b) for a, b in zip(ref, out)), "fallback results differ from eager"
+    print(mode, len(warned), warned)
 '''
 
 
-@pytest.mark.parametrize("cc,mode", [("/nonexistent/cc", "None"), ("/nonexistent/cc", "True"),
-                                     ("/bin/false", "True")], ids=["no-compiler-auto", "no-compiler-fused",
-                                                                   "compiler-fails"])
-def test_fallback_warns_once(tmp_path, cc, mode):
-    """No compiler (CC unusable, nothing on PATH) or a failing one: one warning, eager results."""
+@pytest.mark.parametrize("cc,modes", [("/nonexistent/cc", ["None", "True"]), ("/bin/false", ["True"])],
+                         ids=["no-compiler", "compiler-fails"])
+def test_fallback_warns_once(tmp_path, cc, modes):
+    """No compiler (CC unusable, nothing on PATH) or a failing one: one warning per cause (auto
+    choice, explicit fused=True), and the eager results."""
     env = dict(os.environ, CC=cc, PATH=str(tmp_path), OPTCOMPILE_CACHE_DIR=str(tmp_path / "cache"))
-    code = FALLBACK.replace("MODE", mode)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", FALLBACK, *modes], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    count = int(proc.stdout.split()[0])
-    assert count == 1, proc.stdout
-    assert re.search(r"compiler|C kernel", proc.stdout)
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == modes
+    for line in lines:
+        assert line.split()[1] == "1", line  # exactly one warning
+        assert re.search(r"compiler|C kernel", line), line

@@ -5,7 +5,6 @@ runtime's edge cases (mixed dtypes in one group, grad=None, complex, sparse, non
 Every comparison is differential: against the same optimizer run another way that must give the
 same bits (equal), or against torch.optim / optimi where the algorithms coincide (tolerance given).
 """
-import copy
 import math
 import warnings
 
@@ -413,3 +412,26 @@ def test_non_finite_grads_propagate_like_optimi(functional, foreach):
         # finite entries: the oracle's algebra, up to op-order rounding
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert torch.equal(ps[1], clean[0]) and torch.equal(ps[2], clean[1])
+
+
+@pytest.mark.parametrize("foreach", [False, True, None])
+def test_mixed_devices_in_one_group(foreach):
+    """CPU and meta params in one group: each (device, dtype) group gets its own backend (with
+    foreach=None the CPU groups may take the fused C kernel, which must never see meta tensors),
+    and the CPU params step exactly as in a CPU-only optimizer with the same settings."""
+    cls = opt_class("adamw")
+    cpu = [torch.nn.Parameter(_rand((4,), torch.float32, 0)), torch.nn.Parameter(_rand((3,), torch.bfloat16, 1))]
+    meta = torch.nn.Parameter(torch.empty(5, device="meta"))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in cpu]
+    kw = {"foreach": foreach, "triton": False} if foreach is not None else {}
+    opt = cls([cpu[0], meta, cpu[1]], lr=1e-2, **kw)  # the first param's device must not pick for all
+    ref_opt = cls(ref, lr=1e-2, **kw)
+    for step in range(2):
+        for p, q in zip(cpu, ref):
+            p.grad = _rand(p.shape, p.dtype, 7 + step)
+            q.grad = p.grad.clone()
+        meta.grad = torch.empty(5, device="meta")
+        opt.step()
+        ref_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(cpu, ref))
+    assert opt.state[meta]["exp_avg"].device.type == "meta"

@@ -1,8 +1,9 @@
 """Properties over random well-formed specs from a small grammar (states, host scalars,
-sqrt/Abs/sign/Max/Min, a per-tensor reduction): every backend computes the same step as the
+sqrt/Abs/sign/Max/Min, guarded writes, a per-tensor reduction): every backend computes the same step as the
 eager reference, host scalars hold no tensor values, passes are idempotent, rendering is
 deterministic. Examples are derandomized so CI sees the same specs every run."""
 import os
+import warnings
 
 import pytest
 import sympy
@@ -40,7 +41,8 @@ def spec_texts(draw) -> str:
     lines.append("g, t, p = spec.grad, spec.step, spec.param")
     lines.append(f"h = spec.let('beta_t', {draw(st.sampled_from(HOST))})")
     lines.append(f"m = spec.state('m', init={draw(st.sampled_from(INIT))})")
-    lines.append(f"m = spec.assign(m, h * m + (1 - h) * ({draw(st.sampled_from(ELEM))}))")
+    when = draw(st.sampled_from(["", ", when=spec.every(2)", ", when=Gt(a, 0.6)"]))  # host-guarded write
+    lines.append(f"m = spec.assign(m, h * m + (1 - h) * ({draw(st.sampled_from(ELEM))}){when})")
     direction = "m"
     if use_v:
         lines.append("v = spec.state('v')")
@@ -63,6 +65,14 @@ def _write(tmp_path_factory, text):
 
 
 def _run(cls, backend: str, shapes, steps=3, dtype=torch.float32):
+    with warnings.catch_warnings():
+        # a backend that cannot build falls back to eager with a warning: that must fail here
+        warnings.filterwarnings("error", message=".*could not build.*")
+        warnings.filterwarnings("error", message=".*using the eager backend.*")
+        return _run_inner(cls, backend, shapes, steps, dtype)
+
+
+def _run_inner(cls, backend, shapes, steps, dtype):
     g = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
     flags = {"foreach": backend == "foreach", "triton": backend == "triton", "fused": backend == "fused"}
@@ -117,11 +127,12 @@ def test_ir_properties(text, tmp_path_factory):
     assert first == again, "rendering is not deterministic"
 
 
-@pytest.mark.parametrize("let", ["spec.let('h', a**t)", "spec.let('beta_t', a)", "spec.let('i', a)"],
-                         ids=["named_h", "alias_of_hyper", "named_i"])
+@pytest.mark.parametrize("let", ["spec.let('h', a**t)", "spec.let('beta_t', a)", "spec.let('i', a)",
+                                 "spec.let('n', a)", "spec.let('beta_t', a**t)", "spec.let('part', a**t)"],
+                         ids=["named_h", "alias_of_hyper", "named_i", "named_n", "plain", "named_part"])
 def test_regressions_found_by_the_grammar(let, tmp_path_factory):
-    """Specs the grammar found broken (fused C: a let named like a C local, a let that is just a
-    hyperparameter): every backend must compile them and agree with eager."""
+    """Specs the grammar found broken in the fused C backend (a let named like a C local: `h`, `i`;
+    a let that is just a hyperparameter): every backend must compile them and agree with eager."""
     text = ("from optcompile.spec import *\nspec = OptimizerSpec('P', weight_decay=None)\n"
             "lr = spec.hyper('lr', domain=Interval(0, oo))\na = spec.hyper('a', 0.5, Interval.Ropen(0, 1))\n"
             f"g, t = spec.grad, spec.step\nh = {let}\nm = spec.state('m')\n"

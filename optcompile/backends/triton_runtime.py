@@ -168,27 +168,32 @@ def _interpreted(kernel) -> bool:
 
 
 def load(info, path):
-    """Import ``<stem>_triton.py`` and return its launcher, wrapped with the device check and an
-    eager fallback for tensors the kernels cannot take (fp64, non-dense, mismatched layouts)."""
+    """Import ``<stem>_triton.py`` and return its launcher, wrapped with the device check and a
+    fallback to the eager backend (one warning per cause) for what the kernels cannot take: fp64,
+    non-dense tensors, or a spec with no kernels (its module's launcher raises why)."""
     module = loader.import_path(f"optcompile.generated.{path.stem.replace('-', '_')}", path)
     launcher = getattr(module, f"_triton_{info.functional}")
-    kernel = next(v for k, v in vars(module).items() if k.endswith("_kernel"))
-    interpreted = _interpreted(kernel)
+    kernel = next((v for k, v in vars(module).items() if k.endswith("_kernel")), None)
+    interpreted = kernel is not None and _interpreted(kernel)
 
     def step(params, *lists, **host):
-        device = params[0].device
-        if device.type == "cpu" and not interpreted:
+        if kernel is not None and params[0].device.type == "cpu" and not interpreted:
             raise RuntimeError(f"{info.name}(triton=True) got CPU tensors. {CPU_HINT}")
         try:
             launcher(params, *lists, **host)
-        except UnsupportedTensors as exc:
-            warnings.warn(f"{info.name}: Triton kernels skipped ({exc}); using the for-loop backend",
-                          UserWarning, stacklevel=3)
+        except (UnsupportedTensors, NotImplementedError) as exc:
+            message = f"{info.name}: Triton kernels skipped ({exc}); using the for-loop backend"
+            if message not in _WARNED:
+                _WARNED.add(message)
+                warnings.warn(message, UserWarning, stacklevel=3)
             info.backend("eager")(params, *lists, **host)
 
     step.launcher = launcher
     step.module = module
     return step
+
+
+_WARNED: set[str] = set()
 
 
 if importlib.util.find_spec("triton") is not None:

@@ -4,15 +4,19 @@ The generated file holds, per stage, one element loop per *variant*: the host bo
 statements (``kahan``, ``update_parameters``, ``decay_l2`` …) are specialised away in Python, so
 every inner loop is straight-line, branch-free fp32 code that the C compiler vectorises. The
 exported ``<fn>_fused_step`` looks the variant up in a table indexed by the flag bits, cuts
-every tensor into chunks and runs the chunks in an OpenMP ``parallel for``; a stage that ends in a
-reduction writes one partial per chunk, and the partials are summed per tensor (in chunk order,
-so results do not depend on the thread count) before the next stage runs.
+every tensor into chunks and runs the chunks in an OpenMP ``parallel for``; a stage with a
+reduction accumulates it in 16 lanes (so the loop vectorises without -ffast-math) and writes one
+partial per chunk, and the partials are summed per tensor (in chunk order, so results do not
+depend on the thread count) before the next stage runs. Element locals that a later stage reads
+(a temp, or ``grad`` after L2 decay) pass through an fp32 scratch buffer.
 
 Numerics follow the other backends: storage is ``OC_T`` (float, bf16 bits or ``_Float16``,
 chosen by ``-DOC_DTYPE`` at build time), math is fp32, a store rounds to nearest-even, and a
-later read of a stored buffer sees the rounded value (``OC_ROUND``). Scalar subexpressions
-(host and per-tensor) are computed in double before the loop and rounded to float once, as
-torch rounds a Python float scalar: ``param.mul_(1 - decay)`` and ``param * _c0`` agree.
+later read of a stored buffer sees the rounded value (``OC_ROUND``, after which the store is
+exact). ``Max``/``Min`` print as NaN-propagating selects like ``torch.maximum`` (``fmaxf`` would
+not vectorise). Scalar subexpressions (host and per-tensor) are computed in double before the
+loop and rounded to float once, as torch rounds a Python float scalar: ``param.mul_(1 - decay)``
+and ``param * c0`` agree.
 """
 from __future__ import annotations
 
@@ -67,6 +71,19 @@ class CPrinter(C99CodePrinter):
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"((float)(({x}) > 0.0f) - (float)(({x}) < 0.0f))"
+
+    def _print_Max(self, expr):  # torch.maximum: NaN-propagating, and vectorisable (fmaxf is neither)
+        return self._fold("oc_max", expr.args)
+
+    def _print_Min(self, expr):
+        return self._fold("oc_min", expr.args)
+
+    def _fold(self, fn, args):
+        args = sorted(args, key=sympy.default_sort_key)
+        out = self._print(args[0])
+        for a in args[1:]:
+            out = f"{fn}({out}, {self._print(a)})"
+        return out
 
     def _print_And(self, expr):
         return "(" + " && ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
@@ -151,9 +168,9 @@ def context(prog: Program) -> dict:
     host_bools = [h.name for h in prog.host if h.kind == "bool"] + ["update_parameters", "kahan"]
     host_floats = [n for n in host_used if n not in host_bools and n not in flags]
     tscalar_names = [s.name for s in prog.body if isinstance(s, (TensorScalar, Reduction))]
-    scalar_src = {n: f"h[{i}]" for i, n in enumerate(host_floats)}
-    scalar_src.update({n: f"ts[{i}]" for i, n in enumerate(tscalar_names)})
-    scalar_src["numel"] = "(double)numel"
+    scalar_src = {n: f"oc_h[{i}]" for i, n in enumerate(host_floats)}
+    scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(tscalar_names)})
+    scalar_src["numel"] = "(double)oc_numel"
     stages = [_Stage(i, st) for i, st in enumerate(prog.stages())]
     spills = _spills(prog, stages, stored)
     buffers = [{"name": b, "ctype": "OC_T", "const": b == "grad"} for b in ["param", "grad"] + stored[1:]]
@@ -230,46 +247,55 @@ def _spills(prog, stages, stored) -> dict[str, int]:
 
 def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_names) -> dict:
     """Straight-line C for one flag combination: loads, statements, rounding, stores."""
+    scalar_src = {**scalar_src, **{f: "1.0" if on else "0.0" for f, on in env.items()}}  # constants here
     scalar_names = set(scalar_src)
     hoisted: dict = {}
     body: list[str] = []
+    body_lanes: list[str] = []  # the same, accumulating reductions in 16 lanes (vectorises)
     declared: set[str] = set()
     loads: list[str] = []
     written: list[str] = []
     reductions: list[dict] = []
+    rounded: set[str] = set()
     later_reads = [set().union(*[_syms(r.expr) for r in stmts[i + 1:]]) for i in range(len(stmts))]
     for i, s in enumerate(stmts):
         for n in sorted(_syms(s.expr)):
             if n in scalar_names or n in declared:
                 continue
             if n in spills and spills[n] < st.index:
-                loads.append(f"float {n} = spill_{n}_ptr[i];")
+                loads.append(f"float {n} = spill_{n}_ptr[oc_i];")
             elif n in stored or n == "grad":
-                loads.append(f"float {n} = OC_LOAD({n}_ptr[i]);")
+                loads.append(f"float {n} = OC_LOAD({n}_ptr[oc_i]);")
             else:
                 raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
             declared.add(n)
         rhs = cexpr(_hoist(s.expr, scalar_names, hoisted))
         if isinstance(s, Reduction):
-            acc = f"acc_{s.name}"
+            acc = f"oc_acc_{s.name}"
             reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": st.reductions.index(s)})
-            body.append(f"{acc} = fmaxf({acc}, {rhs});" if s.op == "max" else f"{acc} += {rhs};")
+            for a, out in ((acc, body), (f"{acc}_lanes[oc_l]", body_lanes)):
+                out.append(f"{a} = oc_max({a}, {rhs});" if s.op == "max" else f"{a} += {rhs};")
             continue
         t = s.target
         if t in stored and t in later_reads[i]:
             rhs = f"OC_ROUND({rhs})"  # a later read sees the stored (rounded) value
+            rounded.add(t)
+        else:
+            rounded.discard(t)
         decl = "" if t in declared else "float "
         declared.add(t)
         body.append(f"{decl}{t} = {rhs};")
+        body_lanes.append(body[-1])
         if t in stored and t not in written:
             written.append(t)
-    stores = [f"{b}_ptr[i] = OC_STORE({b});" for b in stored if b in written]
+    # a value already rounded to the storage type is stored exactly (bf16: its top 16 bits)
+    stores = [f"{b}_ptr[oc_i] = OC_STORE{'_EXACT' if b in rounded else ''}({b});" for b in stored if b in written]
     for n, stage in spills.items():
         if stage == st.index and n in declared:
-            stores.append(f"spill_{n}_ptr[i] = {n};")
+            stores.append(f"spill_{n}_ptr[oc_i] = {n};")
         elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
-            stores.append("spill_grad_ptr[i] = OC_LOAD(grad_ptr[i]);")
-    uses = set(loads_names(loads)) | set(written) | {n for n in spills if n in declared}
+            stores.append("spill_grad_ptr[oc_i] = OC_LOAD(grad_ptr[oc_i]);")
+    uses = set(_load_names(loads)) | set(written) | {n for n in spills if n in declared}
     if any(line.startswith("spill_grad_ptr") for line in stores):
         uses |= {"grad"}
     used = sorted(set().union(*[v[2] for v in hoisted.values()]))
@@ -277,10 +303,11 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
     return {"name": name, "mask": mask, "flags": ", ".join(f"{k}={int(v)}" for k, v in sorted(env.items())) or "none",
             "scalars": [{"name": n, "src": scalar_src[n]} for n in used],
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()], "loads": loads, "body": body,
+            "body_lanes": body_lanes,
             "stores": stores, "reductions": reductions, "uses": sorted(uses)}
 
 
-def loads_names(loads: list[str]) -> list[str]:
+def _load_names(loads: list[str]) -> list[str]:
     return [line.split()[1] for line in loads if line.startswith("float ")]
 
 
@@ -291,7 +318,7 @@ def _hoist(expr, scalar_names: set, hoisted: dict):
     if syms and syms <= scalar_names and not expr.is_Number:
         key = sympy.srepr(expr)
         if key not in hoisted:
-            cname = f"c{len(hoisted)}" if not isinstance(expr, sympy.Symbol) else f"{expr.name}_f"
+            cname = f"oc_c{len(hoisted)}" if not isinstance(expr, sympy.Symbol) else f"oc_f_{expr.name}"
             hoisted[key] = (cname, _D.doprint(expr), syms)
         return sympy.Symbol(hoisted[key][0], real=True)
     if not expr.args or expr.is_Number:

@@ -207,6 +207,7 @@ def module_context(prog: Program) -> dict:
         "hyper_dict": "{" + ", ".join(f"{k!r}: {k}" for k in keys) + "}",
         "functional_positional": _functional_positional(prog),
         "state_names": repr(tuple(states)),
+        "group_constants": [(k, repr(v)) for k, v in prog.meta.get("group_constants", ())],
     }
 
 

@@ -48,10 +48,10 @@ class Dialect:
 
     def sync(self, name: str) -> list[str]:
         """After storing a low-precision buffer that is read again: read back the rounded value."""
-        return [f"if {name} is not {name}_s:", f"    {name}_s.copy_({name})", f"    {name}.copy_({name}_s)"]
+        return [f"if {name} is not _{name}_s:", f"    _{name}_s.copy_({name})", f"    {name}.copy_(_{name}_s)"]
 
     def writeback(self, name: str) -> list[str]:
-        return [f"{name}_s.copy_({name})"]
+        return [f"_{name}_s.copy_({name})"]
 
 
 class ForeachDialect(Dialect):
@@ -87,10 +87,10 @@ class ForeachDialect(Dialect):
         return "[_p.numel() for _p in param]"
 
     def sync(self, name: str) -> list[str]:
-        return [f"if lowp:", f"    torch._foreach_copy_({name}_s, {name})", f"    torch._foreach_copy_({name}, {name}_s)"]
+        return [f"if _lowp:", f"    torch._foreach_copy_(_{name}_s, {name})", f"    torch._foreach_copy_({name}, _{name}_s)"]
 
     def writeback(self, name: str) -> list[str]:
-        return [f"torch._foreach_copy_({name}_s, {name})"]
+        return [f"torch._foreach_copy_(_{name}_s, {name})"]
 
 
 _NO_FOREACH = {"square", "where", "rsqrt_scalar"}
@@ -208,36 +208,34 @@ class TensorCode:
         """The 0-dim tensor of a device scalar that is also read as a float (``mean0_t``)."""
         return f"{name}_t" if name in self.floats else name
 
+    def scalar_line(self, name: str, text: str, names) -> None:
+        """``name = text``; in foreach, one value per tensor over the per-tensor ``names`` it reads."""
+        names = list(names)
+        self.emit(f"{name} = {_per_tensor(text, names) if self.d.per_tensor_scalars_are_lists and names else text}")
+
     def statement(self, s) -> None:
         if isinstance(s, Reduction):
             x = self.atom(s.expr)
-            if s.name in self.readers_on_device:
-                self.emit(f"{self.device_name(s.name)} = {self.d.reduce(s.op, x, item=False)}")
-                if s.name in self.floats:
-                    self.emit(f"{s.name} = {_per_tensor(f'{s.name}_t.item()', [s.name + '_t']) if self.d.per_tensor_scalars_are_lists else s.name + '_t.item()'}")
-            else:
-                self.emit(f"{s.name} = {self.d.reduce(s.op, x)}")
+            on_device = s.name in self.readers_on_device  # stays a 0-dim tensor for sqrt(...) & co
+            target = self.device_name(s.name) if on_device else s.name
+            self.emit(f"{target} = {self.d.reduce(s.op, x, item=not on_device)}")
+            if on_device and s.name in self.floats:
+                self.scalar_line(s.name, f"{s.name}_t.item()", [f"{s.name}_t"])
         elif isinstance(s, TensorScalar):
             e = sympy.sympify(s.expr)
             per_tensor = sorted({x.name for x in e.free_symbols} & self.tscalars)
-            if s.name in self.device:
-                e = e.xreplace({x: sympy.Symbol(self.device_name(x.name), real=True) for x in e.free_symbols})
-                per_tensor = [self.device_name(n) for n in per_tensor]
-                text = _DEVICE_PRINTER.doprint(e)
-                if s.name in self.readers_on_device and s.name in self.floats:
-                    targets = [(self.device_name(s.name), text), (s.name, f"{s.name}_t.item()")]
-                    per = [per_tensor, [s.name + "_t"]]
-                elif s.name in self.readers_on_device:
-                    targets, per = [(s.name, text)], [per_tensor]
-                else:
-                    targets, per = [(s.name, f"{text}.item()")], [per_tensor]
-            else:
-                targets, per = [(s.name, pyexpr(e))], [per_tensor]
-            for (name, text), names in zip(targets, per):
-                if self.d.per_tensor_scalars_are_lists and names:
-                    self.emit(f"{name} = {_per_tensor(text, names)}")
-                else:
-                    self.emit(f"{name} = {text}")
+            if s.name not in self.device:
+                self.scalar_line(s.name, pyexpr(e), per_tensor)
+                return
+            text = _DEVICE_PRINTER.doprint(e.xreplace({x: sympy.Symbol(self.device_name(x.name), real=True)
+                                                       for x in e.free_symbols}))
+            names = [self.device_name(n) for n in per_tensor]
+            if s.name not in self.readers_on_device:
+                self.scalar_line(s.name, f"{text}.item()", names)
+                return
+            self.scalar_line(self.device_name(s.name), text, names)
+            if s.name in self.floats:
+                self.scalar_line(s.name, f"{s.name}_t.item()", [f"{s.name}_t"])
         else:
             self.assign(s.target, sympy.sympify(s.expr))
 

@@ -15,12 +15,14 @@ this module decides per stage kernel:
   finalize kernel (``_<fn>_reduce<k>``), totals loaded by the next stage.
 
 Host floats are fp32 kernel arguments; host bools (flags, ``kahan``, ``update_parameters``,
-branch conditions) are ``tl.constexpr``, so untaken branches compile away.
+branch conditions) are ``tl.constexpr``, so untaken branches compile away. A program the kernels
+cannot express (a value that cannot be recomputed across a stage, an unprintable function) still
+renders: a stub module whose launcher raises why, so the other backends keep working.
 """
 from __future__ import annotations
 
 import sympy
-from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
@@ -248,6 +250,17 @@ def _words(text: str | None) -> set[str]:
     return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text or ""))
 
 
+def _condition_names(e) -> set[str]:
+    """Names read inside conditions (Piecewise conditions, relations, and/or/not) of ``e``."""
+    out: set[str] = set()
+    for node in sympy.preorder_traversal(sympy.sympify(e)):
+        if isinstance(node, sympy.Piecewise):
+            out |= set().union(*[_names(c) for _, c in node.args])
+        elif isinstance(node, (sympy.core.relational.Relational, sympy.And, sympy.Or, sympy.Not)):
+            out |= _names(node)
+    return out
+
+
 def _names(e) -> set[str]:
     return {s.name for s in sympy.sympify(e).free_symbols}
 
@@ -278,6 +291,11 @@ class KernelBuilder:
         self.host_used = used_host_names(prog)
         flags = {k for a in prog.args if a.kind == "flag" for k in a.keys}
         bools = {h.name for h in prog.host if h.kind == "bool"} | flags | {"update_parameters", "kahan"}
+        # a "bool" host value that only ever appears in arithmetic is a number (e.g. a let that
+        # aliases a float hyperparameter): pass it as a scalar, not a compile-time flag
+        conditions = set().union(*[_names(s.guard) | _condition_names(s.expr) for s in prog.body])
+        arithmetic = set().union(*[_names(s.expr) for s in prog.body]) - conditions
+        bools -= {n for n in arithmetic if n not in flags and n not in ("update_parameters", "kahan")}
         self.flags = [n for n in self.host_used if n in bools]
         self.scalars = [n for n in self.host_used if n not in bools]
         self.printer = TritonPrinter(constexpr=self.flags, tensors=set(self.buffers) | self._temps())
@@ -321,7 +339,6 @@ class KernelBuilder:
 
     # ── one stage kernel ───────────────────────────────────────────────────────────────────────
     def stage(self, k: int) -> dict:
-        p = self.printer
         replayed = self.replay(k)
         stmts = replayed + list(self.stages[k])
         earlier_reductions = [r for st in self.stages[:k] for r in st if isinstance(r, Reduction)]
@@ -386,8 +403,7 @@ class KernelBuilder:
             value = f"{value} + tl.zeros([BLOCK_SIZE], dtype=tl.float32)"
         lines = [f"{s.target} = {value}"]
         if s.target in self.stored:
-            dtype = "DTYPE"
-            lines.append(f"{s.target} = _rounded({s.target}, {dtype})  # what a load of the stored value returns")
+            lines.append(f"{s.target} = _rounded({s.target}, DTYPE)  # what a load of the stored value returns")
         return lines
 
     def _temps(self) -> set[str]:
@@ -439,8 +455,17 @@ def context(prog: Program) -> dict:
 
 
 def render(prog: Program, spec_source: bytes) -> str:
+    """The ``_triton.py`` module. A spec the kernels cannot express still compiles (the other
+    backends run it): its module's launcher raises the reason when Triton is chosen."""
     from .render import env, header, spec_display_path
-    ctx = context(prog)
+    try:
+        ctx = context(prog)
+    except (StageError, NotImplementedError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        body = env().get_template("triton_unsupported.py.j2").render(
+            name=prog.name, fn=prog.functional, reason=reason,
+            message=repr(f"{prog.name} has no Triton kernels ({reason})"))
+        return header(prog, spec_source, body, backend="triton") + body
     ctx["spec_display"] = spec_display_path(prog.spec_path)
     body = env().get_template("triton.py.j2").render(**ctx)
     return header(prog, spec_source, body, backend="triton") + body
