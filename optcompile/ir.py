@@ -171,7 +171,8 @@ class Program:
         for s in self.records:
             out.append(f"  record {s.name} = {s.init}  (0-dim, not read by the step)")
         for h in self.host:
-            out.append(f"  host {h.name}: {h.kind} = {h.expr}")
+            guard = "" if h.guard == TRUE else f"  [only if {h.guard}]"
+            out.append(f"  host {h.name}: {h.kind} = {h.expr}{guard}")
         for i, stage in enumerate(self.stages()):
             out.append(f"  stage {i}:")
             for st in stage:

@@ -1,0 +1,78 @@
+"""Golden outputs of the compiler's middle: the IR after lowering and after each pass, and the
+strings the host and torch printers produce. A change here is a change in generated code: look at
+the diff, then refresh with ``OPTCOMPILE_UPDATE_GOLDEN=1 pytest tests/test_golden.py``."""
+import os
+from pathlib import Path
+
+import pytest
+import sympy
+
+from optcompile.codegen.host import pyexpr
+from optcompile.codegen.tensor_code import Dialect, ForeachDialect, TensorCode
+from optcompile.compiler import as_spec, build_program
+from optcompile.ir import Assign
+from optcompile.lower import lower
+from optcompile.passes import PASS_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / "golden" / "ir"
+UPDATE = os.environ.get("OPTCOMPILE_UPDATE_GOLDEN") == "1"
+
+
+def _check(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; refresh with OPTCOMPILE_UPDATE_GOLDEN=1 if intended"
+
+
+@pytest.mark.parametrize("spec", ["adamw", "sgd", "stableadamw", "radam"])
+def test_ir_after_each_pass(spec):
+    s = as_spec(ROOT / "specs" / f"{spec}.py")
+    _check(f"{spec}.lower.txt", lower(s).dump())
+    for name in PASS_NAMES:
+        _check(f"{spec}.after_{name}.txt", build_program(s, until=name).dump())
+    _check(f"{spec}.final.txt", build_program(s).dump())
+
+
+def test_passes_are_idempotent():
+    from optcompile.passes import run_passes
+    for spec in ("adamw", "sgd", "adan"):
+        once = run_passes(lower(as_spec(ROOT / "specs" / f"{spec}.py")))
+        assert run_passes(once).dump() == once.dump()
+
+
+b1, t, lr, x = sympy.symbols("beta1 step lr x", real=True)
+
+
+@pytest.mark.parametrize("expr, text", [
+    ((b1**t - b1) / (b1**t - 1), "(-beta1 + beta1**step)/(beta1**step - 1)"),
+    (sympy.sqrt(x), "math.sqrt(x)"),
+    (sympy.Rational(1, 2) * x, "(0.5)*x"),
+    (sympy.Max(1, x), "max(1, x)"),
+    (sympy.Piecewise((x, x > 5), (0, True)), "((x) if ((x > 5)) else (0))"),
+    (sympy.Eq(sympy.Mod(t, 6), 0), "((step % 6) == 0)"),
+])
+def test_host_printer(expr, text):
+    assert pyexpr(expr) == text
+
+
+def _emit(dialect, target, expr, stored=("param", "exp_avg", "exp_avg_sq")):
+    prog = build_program(as_spec(ROOT / "specs" / "adamw.py"))
+    code = TensorCode(prog, dialect)
+    code.stored = set(stored)
+    code.host |= {"c", "lr", "eps"}
+    code.statement(Assign(target, expr))
+    return code.lines
+
+
+m, v, g, p, c, eps = sympy.symbols("exp_avg exp_avg_sq grad param c eps", real=True)
+
+
+def test_torch_printer_uses_in_place_fused_ops():
+    assert _emit(Dialect(), "exp_avg", c * m + (1 - c) * g) == ["exp_avg.lerp_(grad, 1 - c)"]
+    assert _emit(Dialect(), "exp_avg_sq", c * v + (1 - c) * g**2) == [
+        "if c != 1:", "    exp_avg_sq.mul_(c)", "exp_avg_sq.addcmul_(grad, grad, value=1 - c)"]
+    assert _emit(Dialect(), "param", p - lr * m / (sympy.sqrt(v) + eps)) == [
+        "_t0 = torch.sqrt(exp_avg_sq)", "_t0.add_(eps)", "param.addcdiv_(exp_avg, _t0, value=-lr)"]
+    assert _emit(ForeachDialect(), "exp_avg", c * m + (1 - c) * g) == ["torch._foreach_lerp_(exp_avg, grad, 1 - c)"]
