@@ -254,6 +254,9 @@ class TensorCode:
                 self.emit(f"{target} = {src}")
                 self.owned.discard(target)
             return
+        if target in self.stored and sympy.Symbol(target, real=True) not in e.free_symbols and \
+                self.build_in_place(target, e):
+            return
         value = self.fresh(e)
         if target in self.stored:
             self.emit(self.d.copy(target, value))
@@ -264,6 +267,21 @@ class TensorCode:
         else:
             self.emit(f"{target} = {value}")
             self.owned.add(target)
+
+    def build_in_place(self, target: str, e) -> bool:
+        """``x ← c·y + Σ cᵢ·fᵢ`` with ``x`` not read: copy ``y`` into ``x`` and finish in place, so a
+        stored buffer needs no temporary (``prev_grad ← -grad``, Kahan's residual)."""
+        terms = [self.split_scalar(t) for t in sympy.Add.make_args(e)]
+        first = next((i for i, (c, t) in enumerate(terms) if isinstance(t, sympy.Symbol) and self.is_host(c)), None)
+        if first is None:
+            return False
+        c, t = terms.pop(first)
+        self.emit(self.d.copy(target, t.name))
+        if not self.numeric_one(c):
+            self.emit(self.d.inplace(target, "neg") if c == -1 else self.d.inplace(target, "mul", self.scalar(c)))
+        for c, t in terms:
+            self.accumulate(target, c, t)
+        return True
 
     def linear_update(self, target: str, e) -> bool:
         """``x ← a·x + Σ cᵢ·fᵢ`` (or ``c·(…)``) in place. False when ``e`` is not of that form."""
