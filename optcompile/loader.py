@@ -101,6 +101,12 @@ def builtin_module(functional: str):
     return import_path(name, compile_to_cache(spec_path))
 
 
+def builtin_class(functional: str):
+    """The Optimizer class of a built-in spec, by file stem (``"adamw"`` → AdamW)."""
+    module = builtin_module(functional)
+    return getattr(module, module._INFO.name)
+
+
 def register_backend_loader(name: str, fn) -> None:
     _BACKEND_LOADERS[name] = fn
 

@@ -17,3 +17,12 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("OPTCOMPILE_CACHE_DIR", str(d))
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors, many small ops: a second intra-op thread only adds synchronisation cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

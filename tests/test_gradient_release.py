@@ -17,18 +17,10 @@ KWARGS = {"adam": dict(weight_decay=1e-2), "sgd": dict(momentum=0.9, weight_deca
           "lion": dict(weight_decay=1e-2), "radam": dict(weight_decay=1e-2), "ranger": dict(weight_decay=1e-2)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors, many small ops: a second intra-op thread only adds synchronisation cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ours(stem):
-    module = loader.builtin_module(stem)
-    return getattr(module, module._INFO.name)
+ours = loader.builtin_class
 
 
 def oracle(stem):
