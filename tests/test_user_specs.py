@@ -1,5 +1,6 @@
 """Algorithms a user might write from the README alone (LAMB's per-tensor trust ratio, RMSprop's
-optional states, Signum's clipping functions, a periodic `every`/`set_param` anchor): every
+optional states, Signum's clipping functions, a periodic `every`/`set_param` anchor, a stateless
+step, Adamax's elementwise Max with a max-reduction clip and a param-dependent init): every
 backend must compile them and agree with the eager backend, in fp32 and bf16."""
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import optcompile
 SPECS = sorted((Path(__file__).parent / "user_specs").glob("*.py"))
 BACKENDS = {"foreach": dict(foreach=True, fused=False), "fused": dict(fused=True), "triton": dict(triton=True)}
 OPTIONS = {"lamb": {}, "rmsprop": {"centered": True, "momentum": 0.9, "weight_decay": 0.1}, "signum": {},
-           "nadam": {"k": 2}}
+           "nadam": {"k": 2}, "plain": {}, "adamax": {"weight_decay": 0.1, "init_scale": 0.5}}
 
 
 def _run(cls, kw, dtype, backend):
