@@ -40,7 +40,8 @@ def prepare_for_gradient_release(model: Module, optimizer: CompiledOptimizer, ig
             and registers gradient release hooks (default: False)
     """
     if not isinstance(optimizer, CompiledOptimizer):
-        raise TypeError("`optimizer` must be an instance of `CompiledOptimizer` (an optcompile optimizer)")
+        raise TypeError("`optimizer` must be an instance of `CompiledOptimizer` (optcompile's counterpart of "
+                        "optimi's `OptimiOptimizer`)")
     if not optimizer.defaults["gradient_release"]:
         raise ValueError("`optimizer` must be initialized with `gradient_release=True`")
 

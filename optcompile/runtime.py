@@ -51,10 +51,10 @@ class OptimizerInfo:
         return self.backends[name]
 
 
-def _group_by_device_and_dtype(params, lists):
+def _group_by_device_and_dtype(params, lists, single: bool | None = None):
     """Indices of params per (device, dtype); one group (no copy) in the common case."""
     first = params[0]
-    if all(p.device == first.device and p.dtype == first.dtype for p in params):
+    if single if single is not None else all(p.device == first.device and p.dtype == first.dtype for p in params):
         return [(first.device, first.dtype, params, lists)]
     groups: dict = {}
     for i, p in enumerate(params):
@@ -106,21 +106,24 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         step.add_(1)
         hypers["step"] = int(step.item())
     lists = [params, grads, *state_lists, kahan_comps]
-    if any(torch.is_complex(p) for p in params):
+    kinds = {(type(p), p.device, p.dtype) for p in params}  # one pass over the params for all checks
+    if any(dtype.is_complex for _, _, dtype in kinds):
         lists = [[_real(x) for x in lst] for lst in lists]
-    if any(_is_dtensor(p) for p in params):
+    if any(cls.__name__ == "DTensor" for cls, _, _ in kinds):
         if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
             return _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
                                          fused=fused, gradient_release=gradient_release,
                                          optimizer_accumulation=optimizer_accumulation)
         lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
     _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
-              gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation)
+              gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+              single=len({(device, dtype) for _, device, dtype in kinds}) == 1)
 
 
-def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation):
+def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation,
+              single=None):
     """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend."""
-    for _, dtype, ps, lists in _group_by_device_and_dtype(tensors[0], tensors[1:]):
+    for _, dtype, ps, lists in _group_by_device_and_dtype(tensors[0], tensors[1:], single):
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
         impl = info.backend(choose_backend(ps, foreach=foreach, triton=triton, fused=fused,
                                            gradient_release=gradient_release))
@@ -273,14 +276,17 @@ class CompiledOptimizer(Optimizer):
             self._setup_group(group)
             params, grads, kahan_comps = [], [], []
             state_lists = [[] for _ in self._info.states]
+            names = self._info.states
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 state = self.state[p]
-                self._init_param_state(group, state, p)
+                if grad.is_sparse or "kahan_comp" not in state:  # the per-param hot loop: checks inline
+                    self._init_param_state(group, state, p)
                 params.append(p)
-                grads.append(p.grad)
-                for lst, name in zip(state_lists, self._info.states):
+                grads.append(grad)
+                for lst, name in zip(state_lists, names):
                     lst.append(state[name])
                 kahan_comps.append(state["kahan_comp"])
             if params:  # optimi increments the step of a group without grads; we leave it alone
