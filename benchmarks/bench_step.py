@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="also write the markdown here")
     args = ap.parse_args(argv)
 
-    lines = [f"# optcompile step benchmark", "",
+    lines = ["# optcompile step benchmark", "",
              f"- machine: {platform.node()} {platform.machine()}, {_cpu()}, {os.cpu_count()} cores; "
              f"torch {torch.__version__}; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"load average at start {os.getloadavg()[0]:.1f} (other processes share the cores)",

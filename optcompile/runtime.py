@@ -15,7 +15,6 @@ import torch
 from torch.optim import Optimizer
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-BACKENDS = ("eager", "foreach", "triton", "fused")
 
 
 def fp32(x):

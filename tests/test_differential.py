@@ -9,7 +9,6 @@ scalars in Python doubles), so params, every state tensor and the step counter a
 debiased betas; ``lerp`` instead of multiply-add), so ~1 ulp per op accumulates over the steps:
 ``rtol=2e-5, atol=2e-6`` in fp32 after 25 steps. Low-precision references: one bf16/fp16 ulp.
 """
-import math
 import warnings
 
 import optimi

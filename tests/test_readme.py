@@ -58,3 +58,11 @@ def test_readme_quick_start_commands_exist():
     for cmd in ("bash scripts/demo.sh", "bash scripts/test.sh"):
         assert cmd in text
         assert (README.parent / cmd.split()[1]).exists()
+
+
+def test_readme_size_table_is_current():
+    import subprocess
+    import sys
+    check = subprocess.run([sys.executable, str(README.parent / "scripts" / "sizes.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout

@@ -22,7 +22,6 @@ from .header import stamp
 from .host import host_lines, pyexpr, used_host_names
 from .tensor_code import Dialect, TensorCode
 
-LOW_PRECISION_NOTE = "bf16/fp16 are computed in fp32 and rounded once per store"
 _ENV: Environment | None = None
 
 

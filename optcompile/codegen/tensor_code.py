@@ -13,7 +13,7 @@ import itertools
 
 import sympy
 
-from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from ..ir import TRUE, Program, Reduction, TensorScalar
 from .host import HostPrinter, host_of, pyexpr
 
 
@@ -87,7 +87,7 @@ class ForeachDialect(Dialect):
         return "[_p.numel() for _p in param]"
 
     def sync(self, name: str) -> list[str]:
-        return [f"if _lowp:", f"    torch._foreach_copy_(_{name}_s, {name})", f"    torch._foreach_copy_({name}, _{name}_s)"]
+        return ["if _lowp:", f"    torch._foreach_copy_(_{name}_s, {name})", f"    torch._foreach_copy_({name}, _{name}_s)"]
 
     def writeback(self, name: str) -> list[str]:
         return [f"torch._foreach_copy_(_{name}_s, {name})"]

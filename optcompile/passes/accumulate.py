@@ -11,7 +11,7 @@ import dataclasses
 import sympy
 from sympy import And, Symbol
 
-from ..ir import PARAM, TRUE, Assign, Program, Reduction, TensorScalar
+from ..ir import PARAM, TRUE, Assign, Program
 
 UPDATE = Symbol("update_parameters")
 

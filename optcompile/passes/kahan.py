@@ -21,7 +21,7 @@ import dataclasses
 import sympy
 from sympy import And, Not, Symbol
 
-from ..ir import KAHAN_COMP, PARAM, TRUE, Assign, HostScalar, Program, StateBuffer
+from ..ir import KAHAN_COMP, PARAM, TRUE, Assign, Program, StateBuffer
 
 KAHAN = Symbol("kahan")
 

@@ -16,7 +16,7 @@ import dataclasses
 import sympy
 from sympy import And, Ne, Not, Or, Piecewise, Symbol
 
-from ..ir import GRAD, PARAM, TRUE, Arg, Assign, HostScalar, Program, StateBuffer, TensorScalar
+from ..ir import GRAD, PARAM, TRUE, Arg, Assign, HostScalar, Program, TensorScalar
 
 DECOUPLE_WD_DOC = "apply decoupled weight decay instead of L2 penalty"
 DECOUPLE_LR_DOC = "apply fully decoupled weight decay: decay with lr/max_lr, not lr"

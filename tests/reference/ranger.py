@@ -2,7 +2,6 @@
 debiased moments and decoupled decay. Run it in float64 as the "true" trajectory."""
 import math
 
-import torch
 
 
 def ranger_step(p, g, state, *, lr, beta1, beta2, eps, weight_decay, k, alpha, t):
