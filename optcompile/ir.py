@@ -132,6 +132,12 @@ class Program:
     def tensor_scalar_names(self) -> set[str]:
         return {s.name for s in self.body if isinstance(s, (TensorScalar, Reduction))} | {"numel"}
 
+    def whole_tensor(self) -> bool:
+        """Whether a step reads whole-tensor values (reductions, per-tensor scalars, ``numel``); if
+        not, any slice of a tensor steps exactly like the whole (CPU chunking, DTensor shards)."""
+        return any(isinstance(s, (Reduction, TensorScalar))
+                   or "numel" in {x.name for x in sympy.sympify(s.expr).free_symbols} for s in self.body)
+
     def stored(self) -> tuple[str, ...]:
         """Buffers written back to memory, in a fixed order: param first, then states."""
         return ("param",) + tuple(s.name for s in self.states)

@@ -197,6 +197,7 @@ def module_context(prog: Program) -> dict:
         "eager": eager.context(prog),
         "foreach": foreach.context(prog),
         "uses_step": prog.uses_step,
+        "whole_tensor": prog.whole_tensor(),
         "runtime_docs": [_wrap(n, SHARED_DOCS[n], d) for n, d in (("kahan_sum", repr(prog.kahan_default)),
                          ("foreach", "None"), ("triton", "None"), ("gradient_release", "False"), ("fused", "None"))],
         "max_lr": prog.arg("max_lr") is not None,

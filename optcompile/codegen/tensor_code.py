@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 import sympy
+from sympy.logic.inference import satisfiable
 
 from ..ir import TRUE, Program, Reduction, TensorScalar
 from .host import HostPrinter, host_of, pyexpr
@@ -569,13 +570,21 @@ def guard_text(guard) -> str | None:
     return None if guard == TRUE else pyexpr(guard)
 
 
+def _may_run_together(a, b) -> bool:
+    """False only when two host guards provably exclude each other (``kahan`` and ``~kahan``)."""
+    try:
+        return bool(satisfiable(sympy.And(a, b)))
+    except (TypeError, ValueError, NotImplementedError):
+        return True
+
+
 def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tuple[list[str], list[str]]:
     """Statements with their guards (consecutive ones share an ``if``), then the buffers to write
     back when compute views are fp32 copies of low-precision storage.
 
     A stored buffer that a later statement reads (here or in a later stage, ``after``) is synced right
     after the write, so the read sees the rounded value: this is what makes Kahan summation measure
-    the real rounding error.
+    the real rounding error. Only buffers with a write that was not synced need a write-back.
     """
     code = TensorCode(prog, dialect)
     if tmp is not None:  # one numbering across stages: a name means one thing in a function
@@ -591,12 +600,13 @@ def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tup
         code.statement(s)
         target = getattr(s, "target", None)
         if target in code.stored:
-            if target not in written:
-                written.append(target)
             later = set().union(*[{x.name for x in sympy.sympify(r.expr).free_symbols}
-                                  for r in stmts[i + 1:] + list(after)])  # `after`: later stages
+                                  for r in stmts[i + 1:] + list(after)  # `after`: later stages
+                                  if _may_run_together(s.guard, r.guard)])
             if target in later:
                 code.lines += dialect.sync(target)
+            elif target not in written:
+                written.append(target)
         pad = "    " if g is not None else ""
         if g is not None and g != current:
             out.append(f"if {g}:")
