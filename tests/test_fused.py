@@ -134,6 +134,34 @@ def test_bf16_one_step_is_one_ulp_at_most(name):
     assert flips <= 0.001 * total, f"{flips} of {total}"
 
 
+@pytest.mark.parametrize("kahan", [False, True], ids=["bf16", "bf16-kahan"])
+@pytest.mark.parametrize("name", [s for s in SPECS if s != "stableadamw"])  # elementwise specs
+def test_simd_and_scalar_loops_agree_bitwise(name, kahan):
+    """A NaN among a chunk's first 16 elements sends the rest of that chunk from the bf16 SIMD loop
+    to the scalar loop. Every other element must come out with the same bits either way."""
+    kw = OPTIONS.get(name, DEFAULT)[0]
+    runs = []
+    for poison in (False, True):
+        info, _, params, grads = _setup(name, [(CHUNK + 1000,)], torch.bfloat16, kahan, seed=5)
+        group, states = _group(getattr(builtin_module(name), info.name), kw), [{}]
+        params[0].grad = grads[0]  # Adan's prev_grad starts from the first gradient
+        info.init_state(states[0], params[0], group, kahan)
+        hypers = {k: group[k] for k in info.keys}
+        step = torch.tensor(0, dtype=torch.int32)
+        for k in range(3):
+            g = grads[0] * (1 + k)
+            if poison:
+                g[3] = float("nan")
+            run_functional(info, params, [g], [[states[0][s]] for s in info.states], [states[0]["kahan_comp"]],
+                           hypers, step=step if info.uses_step else None, kahan_sum=kahan, fused=True)
+        runs.append([params[0]] + [v for v in states[0].values() if isinstance(v, torch.Tensor) and v.dim() == 1])
+    assert any(torch.isnan(buf[3].float()) for buf in runs[1])  # (Lion's sign(NaN) is 0, as torch's)
+    for clean, poisoned in zip(*runs):
+        keep = torch.ones(clean.numel(), dtype=torch.bool)
+        keep[3] = False
+        assert torch.equal(clean[keep].view(torch.int16), poisoned[keep].view(torch.int16))
+
+
 def test_many_tensors_and_threads_agree():
     """300 tensors in one call; the chunk partition (and so the result) is thread-count independent."""
     shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=torch.Generator().manual_seed(3))]
@@ -226,27 +254,57 @@ def test_printer_golden():
 
 # ── storage rounding, bit for bit against torch ─────────────────────────────────────────────────
 def _converter(tmp_path, dtype_code):
-    """The generated file's own OC_STORE, compiled alone into a float → storage-bits function."""
+    """The generated file's own OC_STORE (and, in bf16 with AVX2, the SIMD loop's rounding and
+    even/odd packing), compiled alone into float → storage-bits functions."""
     text = (generated_dir() / "adamw_fused.c").read_text()
     start = text.index("#define OC_CHUNK")
-    end = text.index("#endif", start) + len("#endif")
+    end = text.index("#ifndef OC_SIMD\n#define OC_SIMD 0\n#endif") + len("#ifndef OC_SIMD\n#define OC_SIMD 0\n#endif")
     src = tmp_path / "conv.c"
-    src.write_text(text[start:end] + textwrap.dedent("""
+    src.write_text("#include <stdint.h>\n#include <string.h>\n" + text[start:end] + textwrap.dedent("""
         void convert(const float *in, OC_T *out, int64_t n) {
             for (int64_t i = 0; i < n; i++) out[i] = OC_STORE(in[i]);
         }
+        int convert_simd(const float *in, OC_T *out, int64_t n, char *flagged) {  // n: a multiple of 16
+        #if OC_SIMD
+            for (int64_t i = 0; i < n; i += 16) {
+                oc_vf x[2];
+                oc_vu bits[2];
+                oc_vi nan = {0};
+                for (int k = 0; k < 2; k++) {
+                    for (int j = 0; j < 8; j++) x[k][j] = in[i + 2 * j + k];  // even, odd elements
+                    bits[k] = oc_vrne(x[k], &nan);
+                }
+                oc_vstore16(out + i, bits);
+                flagged[i / 16] = (char)oc_vany(nan);
+                oc_vu back = oc_vload16(out + i);  // unpacking gives the rounded values back
+                for (int k = 0; k < 2; k++) {
+                    oc_vf unpacked = oc_vhalf(back, k), rounded = oc_vround(x[k], &nan);
+                    if (!flagged[i / 16] && memcmp(&unpacked, &rounded, 32)) return -1;
+                }
+            }
+            return 1;
+        #else
+            (void)in; (void)out; (void)n; (void)flagged;
+            return 0;
+        #endif
+        }
     """))
-    src.write_text("#include <stdint.h>\n#include <string.h>\n" + src.read_text())
     lib = tmp_path / f"conv{dtype_code}.so"
     cc = backends_available.c_compiler()
     subprocess.run([cc, *fused_runtime.FLAGS, f"-DOC_DTYPE={dtype_code}", str(src), "-o", str(lib)], check=True)
-    fn = ctypes.CDLL(str(lib)).convert
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    so = ctypes.CDLL(str(lib))
+    so.convert.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    so.convert_simd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 
-    def convert(x: torch.Tensor, dtype) -> torch.Tensor:
+    def convert(x: torch.Tensor, dtype, simd=False):
         out = torch.empty(x.shape, dtype=dtype)
-        fn(x.data_ptr(), out.data_ptr(), x.numel())
-        return out
+        if not simd:
+            so.convert(x.data_ptr(), out.data_ptr(), x.numel())
+            return out
+        flagged = torch.zeros(x.numel() // 16, dtype=torch.int8)
+        rc = so.convert_simd(x.data_ptr(), out.data_ptr(), x.numel(), flagged.data_ptr())
+        assert rc != -1, "oc_vhalf(oc_vload16(stored)) differs from oc_vround"
+        return (out, flagged.bool()) if rc == 1 else None
     return convert
 
 
@@ -269,6 +327,24 @@ def test_store_rounding_is_torchs(tmp_path, dtype, code):
     nan = torch.isnan(x)
     assert torch.isnan(ours[nan].float()).all()
     assert torch.equal(ours[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
+def test_simd_rounding_is_torchs_or_flags_nan(tmp_path):
+    """The bf16 SIMD loop rounds without the NaN case: every 16-element block without a NaN gets
+    torch's bits, and every block with one is flagged (the scalar loop then redoes it)."""
+    convert = _converter(tmp_path, 1)
+    rand = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+    bits = torch.tensor([b - 2**32 if b >= 2**31 else b for b in EDGE_BITS], dtype=torch.int64)
+    x = torch.cat([bits, rand, bits.flip(0)]).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, torch.ones(-x.numel() % 16)])
+    got = convert(x, torch.bfloat16, simd=True)
+    if got is None:
+        pytest.skip("no AVX2: the bf16 SIMD loop is not compiled")
+    ours, flagged = got
+    blocks_with_nan = torch.isnan(x).view(-1, 16).any(1)
+    assert torch.equal(flagged, blocks_with_nan) and flagged.any() and not flagged.all()
+    clean = (~blocks_with_nan).repeat_interleave(16)
+    assert torch.equal(ours[clean].view(torch.int16), x[clean].to(torch.bfloat16).view(torch.int16))
 
 
 # ── build cache and fallbacks ───────────────────────────────────────────────────────────────────

@@ -21,6 +21,7 @@ and ``param * c0`` agree.
 from __future__ import annotations
 
 import json
+import re
 
 import sympy
 from sympy.codegen.ast import float32, real
@@ -117,7 +118,48 @@ class DoublePrinter(C99CodePrinter):
         return f"((double)(({x}) > 0.0) - (double)(({x}) < 0.0))"
 
 
-_C, _D = CPrinter(), DoublePrinter()
+class VecPrinter(CPrinter):
+    """The same fp32 math on ``oc_vf`` (8 floats, a GCC/Clang vector extension; the bf16 SIMD loop):
+    operators work lane-wise and take float scalars, comparisons give lane masks, selects are
+    bitwise. Anything else (``powf``, ``expf`` …) has no vector form: the variant keeps the scalar
+    loop only (``vexpr`` returns None)."""
+
+    def _print_Pow(self, expr, rational=False):
+        text = super()._print_Pow(expr, rational)
+        return text.replace("sqrtf(", "oc_vsqrt(")
+
+    def _print_Piecewise(self, expr):
+        (value, cond), rest = expr.args[0], expr.args[1:]
+        if cond == TRUE:
+            return self._print(value)
+        other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
+        return f"oc_vsel({self._print(cond)}, {self._print(value)}, {self._print(other)})"
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"(oc_vsel(({x}) > 0.0f, 1.0f, 0.0f) - oc_vsel(({x}) < 0.0f, 1.0f, 0.0f))"
+
+    def _print_Max(self, expr):
+        return self._fold("oc_vmax", expr.args)
+
+    def _print_Min(self, expr):
+        return self._fold("oc_vmin", expr.args)
+
+    def _print_Abs(self, expr):
+        return f"oc_vabs({self._print(expr.args[0])})"
+
+    def _print_And(self, expr):
+        return "(" + " & ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " | ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+
+    def _print_Not(self, expr):
+        return f"(~{self.parenthesize(expr.args[0], 100)})"
+
+
+_C, _D, _V = CPrinter(), DoublePrinter(), VecPrinter()
+_VEC_CALLS = {"oc_vsqrt", "oc_vsel", "oc_vmax", "oc_vmin", "oc_vabs"}
 
 
 def _flit(x: float) -> str:
@@ -130,6 +172,16 @@ def _flit(x: float) -> str:
 def cexpr(expr) -> str:
     """One per-element expression as C (golden-tested)."""
     return _C.doprint(sympy.sympify(expr))
+
+
+def vexpr(expr, scalar_names=()) -> str | None:
+    """One per-element expression on ``oc_vf`` lanes, or None if it has no vector form. An
+    expression of scalars only is splatted (``OC_VEC``), so it can be assigned to a lane vector."""
+    expr = sympy.sympify(expr)
+    text = _V.doprint(expr)
+    if set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", text)) - _VEC_CALLS:
+        return None
+    return f"OC_VEC({text})" if _syms(expr) <= set(scalar_names) else text
 
 
 # ── the program as loops ─────────────────────────────────────────────────────────────────────────
@@ -257,6 +309,7 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
     written: list[str] = []
     reductions: list[dict] = []
     rounded: set[str] = set()
+    vbody: list[str] | None = []  # the bf16 SIMD loop's body; None: this variant has none
     later_reads = [set().union(*[_syms(r.expr) for r in stmts[i + 1:]]) for i in range(len(stmts))]
     for i, s in enumerate(stmts):
         for n in sorted(_syms(s.expr)):
@@ -269,16 +322,24 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             else:
                 raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
             declared.add(n)
-        rhs = cexpr(_hoist(s.expr, scalar_names, hoisted))
+        hexpr = _hoist(s.expr, scalar_names, hoisted)
+        rhs = cexpr(hexpr)
+        vrhs = vexpr(hexpr, {h[0] for h in hoisted.values()})
+        if vrhs is None or any(n in spills for n in _syms(s.expr)):
+            vbody = None  # fp32 spill buffers are not in the even/odd lane order: scalar loop only
         if isinstance(s, Reduction):
             acc = f"oc_acc_{s.name}"
             reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": st.reductions.index(s)})
             for a, out in ((acc, body), (f"{acc}_lanes[oc_l]", body_lanes)):
                 out.append(f"{a} = oc_max({a}, {rhs});" if s.op == "max" else f"{a} += {rhs};")
+            if vbody is not None:  # committed after the NaN check, so a flagged block is not counted twice
+                new = f"oc_vmax({acc}_v[oc_k], {vrhs})" if s.op == "max" else f"{acc}_v[oc_k] + {vrhs}"
+                vbody.append(f"{acc}_next[oc_k] = {new};")
             continue
         t = s.target
         if t in stored and t in later_reads[i]:
             rhs = f"OC_ROUND({rhs})"  # a later read sees the stored (rounded) value
+            vrhs = f"oc_vround({vrhs}, &oc_nan)"
             rounded.add(t)
         else:
             rounded.discard(t)
@@ -286,6 +347,8 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
         declared.add(t)
         body.append(f"{decl}{t} = {rhs};")
         body_lanes.append(body[-1])
+        if vbody is not None:
+            vbody.append(f"{'oc_vf ' if decl else ''}{t} = {vrhs};")
         if t in stored and t not in written:
             written.append(t)
     # a value already rounded to the storage type is stored exactly (bf16: its top 16 bits)
@@ -295,6 +358,12 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             stores.append(f"spill_{n}_ptr[oc_i] = {n};")
         elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
             stores.append("spill_grad_ptr[oc_i] = OC_LOAD(grad_ptr[oc_i]);")
+    if any(spills.get(n) == st.index for n in spills):
+        vbody = None
+    vector = None if vbody is None else {
+        "loads": _load_names(loads), "body": vbody, "accs": [r["acc"] for r in reductions],
+        "stores": [{"name": b, "bits": f"oc_vbits({b})" if b in rounded else f"oc_vrne({b}, &oc_nan)"}
+                   for b in stored if b in written]}
     uses = set(_load_names(loads)) | set(written) | {n for n in spills if n in declared}
     if any(line.startswith("spill_grad_ptr") for line in stores):
         uses |= {"grad"}
@@ -304,7 +373,7 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             "scalars": [{"name": n, "src": scalar_src[n]} for n in used],
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()], "loads": loads, "body": body,
             "body_lanes": body_lanes,
-            "stores": stores, "reductions": reductions, "uses": sorted(uses)}
+            "stores": stores, "reductions": reductions, "uses": sorted(uses), "vector": vector}
 
 
 def _load_names(loads: list[str]) -> list[str]:
