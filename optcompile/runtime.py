@@ -7,6 +7,7 @@ optimizer accumulation. Importing it does not import sympy or the compiler.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -105,7 +106,7 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         step.add_(1)
         hypers["step"] = int(step.item())
     lists = [params, grads, *state_lists, kahan_comps]
-    kinds = {(type(p), p.device, p.dtype) for p in params}  # one pass over the params for all checks
+    kinds = set(zip(map(type, params), [p.device for p in params], [p.dtype for p in params]))  # all checks
     if any(dtype.is_complex for _, _, dtype in kinds):
         lists = [[_real(x) for x in lst] for lst in lists]
     if any(cls.__name__ == "DTensor" for cls, _, _ in kinds):
@@ -318,23 +319,19 @@ class CompiledOptimizer(Optimizer):
             return loss
         for group in self.param_groups:
             self._setup_group(group)
-            params, grads, kahan_comps = [], [], []
-            state_lists = [[] for _ in self._info.states]
-            names = self._info.states
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                state = self.state[p]
-                if grad.is_sparse or "kahan_comp" not in state:  # the per-param hot loop: checks inline
-                    self._init_param_state(group, state, p)
-                params.append(p)
-                grads.append(grad)
-                for lst, name in zip(state_lists, names):
-                    lst.append(state[name])
-                kahan_comps.append(state["kahan_comp"])
-            if params:  # optimi increments the step of a group without grads; we leave it alone
-                self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"))
+            # the per-param hot path of every step: comprehensions and C-level map/itemgetter
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # optimi increments the step of a group without grads; we leave it alone
+                continue
+            grads = [p.grad for p in params]
+            states = list(map(self.state.__getitem__, params))
+            if not all(["kahan_comp" in s for s in states]) or any([g.is_sparse for g in grads]):
+                for p, grad, state in zip(params, grads, states):
+                    if grad.is_sparse or "kahan_comp" not in state:
+                        self._init_param_state(group, state, p)
+            state_lists = [list(map(operator.itemgetter(name), states)) for name in self._info.states]
+            kahan_comps = list(map(operator.itemgetter("kahan_comp"), states))
+            self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"))
         return loss
 
     def _step_param(self, param: torch.Tensor) -> None:
