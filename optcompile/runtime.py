@@ -131,7 +131,7 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
                          kahan=bool(kahan_sum) and dtype in LOW_PRECISION)
         if device.type == "cpu" and name in ("eager", "foreach"):
             _run_in_cpu_pieces(impl, ps, lists, host, split=not _needs_whole_tensor(info),
-                               batch=CPU_FOREACH_BATCH if name == "foreach" else 1)
+                               batch=CPU_FOREACH_BATCH if name == "foreach" else None)
         else:
             impl(ps, *lists, **host)
 
@@ -140,7 +140,7 @@ CPU_CHUNK = 1 << 18  # elements of one tensor per slice (1 MiB of an fp32 tempor
 CPU_FOREACH_BATCH = 1 << 20  # elements per foreach call
 
 
-def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int) -> None:
+def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int | None) -> None:
     """Run a Python backend over CPU tensors in cache-sized pieces.
 
     The eager and foreach backends allocate param-sized temporaries (the fp32 copies of bf16
@@ -148,12 +148,15 @@ def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int) ->
     the OS every step, and the page faults cost more than the math (a fresh ``_foreach_sqrt`` over
     35M elements measured 5× the time of one into existing memory). So elementwise algorithms
     step contiguous tensors as 1-D slices of ``CPU_CHUNK`` elements, and foreach calls take lists
-    of about ``CPU_FOREACH_BATCH`` elements: the temporaries stay small, recycled and in cache.
+    of about ``CPU_FOREACH_BATCH`` elements (``batch``; None: one call, the for-loop backend):
+    the temporaries stay small, recycled and in cache.
     Every element sees the same operations, so results are unchanged; algorithms with per-tensor
     reductions keep whole tensors.
     """
     if split and any(p.numel() > CPU_CHUNK for p in params):
         params, lists = _cpu_slices(params, lists)
+    if batch is None:  # the for-loop backend: one call, its temporaries are per tensor already
+        return impl(params, *lists, **host)
     lo, total = 0, 0
     for i, p in enumerate(params):
         n = p.numel()

@@ -252,6 +252,23 @@ def test_printer_golden():
     assert cexpr(1 / sympy.sqrt(v) + v / 3) == "(0.3333333333333333f)*exp_avg_sq + (1.0f / sqrtf(exp_avg_sq))"
 
 
+def test_vector_printer_golden():
+    """The bf16 SIMD loop's math: the same text on 8-lane vectors, selects for Piecewise/sign/Max,
+    splats for scalar-only values, and no vector form for functions it lacks (the variant then
+    keeps only the scalar loop)."""
+    import sympy
+    from optcompile.codegen.c import vexpr
+    g, v, c0, m = sympy.symbols("grad exp_avg_sq oc_c0 exp_avg", real=True)
+    assert vexpr(g**2 / sympy.Max(v, c0), ["oc_c0"]) == "(grad*grad)/oc_vmax(exp_avg_sq, oc_c0)"
+    assert vexpr(-m * c0 / (sympy.sqrt(v) + c0), ["oc_c0"]) == "-exp_avg*oc_c0/(oc_vsqrt(exp_avg_sq) + oc_c0)"
+    assert vexpr(sympy.sign(m)) == "(oc_vsel((exp_avg) > 0.0f, 1.0f, 0.0f) - oc_vsel((exp_avg) < 0.0f, 1.0f, 0.0f))"
+    assert vexpr(sympy.Piecewise((m, (v > 0) & (g < 1)), (g, True))) == \
+        "oc_vsel((exp_avg_sq > 0.0f & grad < 1.0f), exp_avg, grad)"
+    assert vexpr(sympy.Abs(m) * 2) == "2.0f*oc_vabs(exp_avg)"
+    assert vexpr(c0 * 2, ["oc_c0"]) == "OC_VEC(2.0f*oc_c0)"
+    assert vexpr(sympy.exp(m)) is None and vexpr(m**sympy.Rational(1, 3)) is None
+
+
 # ── storage rounding, bit for bit against torch ─────────────────────────────────────────────────
 def _converter(tmp_path, dtype_code):
     """The generated file's own OC_STORE (and, in bf16 with AVX2, the SIMD loop's rounding and

@@ -10,6 +10,15 @@ partial per chunk, and the partials are summed per tensor (in chunk order, so re
 depend on the thread count) before the next stage runs. Element locals that a later stage reads
 (a temp, or ``grad`` after L2 decay) pass through an fp32 scratch buffer.
 
+In bf16 on AVX2 a variant also gets an explicit SIMD loop (``VecPrinter``: the same statements on
+8-lane GCC/Clang vector types), because the auto-vectorised bf16 loop is compute-bound: it widens
+and narrows in the wrong lane order and blends a NaN case into every rounding. The SIMD loop
+unpacks 16 bf16 as even/odd lanes with one shift and one mask, rounds to nearest even without
+the NaN case, ORs a NaN test into a flag instead, and on a flag leaves the rest of the chunk to
+the scalar loop, which therefore also serves as the exact reference (a test checks the two loops
+agree bit for bit). Reductions keep the scalar loop's 16-lane partition; fp32 spill buffers and
+functions without a vector form (``powf`` …) keep the variant scalar.
+
 Numerics follow the other backends: storage is ``OC_T`` (float, bf16 bits or ``_Float16``,
 chosen by ``-DOC_DTYPE`` at build time), math is fp32, a store rounds to nearest-even, and a
 later read of a stored buffer sees the rounded value (``OC_ROUND``, after which the store is
