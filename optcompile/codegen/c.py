@@ -71,22 +71,28 @@ class CPrinter(C99CodePrinter):
             return "(1.0f / (" + "*".join([b] * int(-exp)) + "))"
         return f"powf({self._print(base)}, {self._print(exp)})"
 
+    # Max/Min as torch.maximum/minimum: NaN-propagating, and vectorisable (fmaxf is neither)
+    MAX, MIN, AND, OR = "oc_max", "oc_min", " && ", " || "
+
+    def select(self, cond: str, a: str, b: str) -> str:
+        return f"(({cond}) ? ({a}) : ({b}))"
+
     def _print_Piecewise(self, expr):
         (value, cond), rest = expr.args[0], expr.args[1:]
         if cond == TRUE:
             return self._print(value)
         other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
-        return f"(({self._print(cond)}) ? ({self._print(value)}) : ({self._print(other)}))"
+        return self.select(self._print(cond), self._print(value), self._print(other))
 
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"((float)(({x}) > 0.0f) - (float)(({x}) < 0.0f))"
 
-    def _print_Max(self, expr):  # torch.maximum: NaN-propagating, and vectorisable (fmaxf is neither)
-        return self._fold("oc_max", expr.args)
+    def _print_Max(self, expr):
+        return self._fold(self.MAX, expr.args)
 
     def _print_Min(self, expr):
-        return self._fold("oc_min", expr.args)
+        return self._fold(self.MIN, expr.args)
 
     def _fold(self, fn, args):
         args = sorted(args, key=sympy.default_sort_key)
@@ -96,10 +102,10 @@ class CPrinter(C99CodePrinter):
         return out
 
     def _print_And(self, expr):
-        return "(" + " && ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+        return "(" + self.AND.join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
 
     def _print_Or(self, expr):
-        return "(" + " || ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+        return "(" + self.OR.join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
 
 
 class DoublePrinter(C99CodePrinter):
@@ -133,35 +139,21 @@ class VecPrinter(CPrinter):
     bitwise. Anything else (``powf``, ``expf`` …) has no vector form: the variant keeps the scalar
     loop only (``vexpr`` returns None)."""
 
+    MAX, MIN, AND, OR = "oc_vmax", "oc_vmin", " & ", " | "  # comparisons give lane masks
+
+    def select(self, cond: str, a: str, b: str) -> str:
+        return f"oc_vsel({cond}, {a}, {b})"
+
     def _print_Pow(self, expr, rational=False):
         text = super()._print_Pow(expr, rational)
         return text.replace("sqrtf(", "oc_vsqrt(")
 
-    def _print_Piecewise(self, expr):
-        (value, cond), rest = expr.args[0], expr.args[1:]
-        if cond == TRUE:
-            return self._print(value)
-        other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
-        return f"oc_vsel({self._print(cond)}, {self._print(value)}, {self._print(other)})"
-
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
-        return f"(oc_vsel(({x}) > 0.0f, 1.0f, 0.0f) - oc_vsel(({x}) < 0.0f, 1.0f, 0.0f))"
-
-    def _print_Max(self, expr):
-        return self._fold("oc_vmax", expr.args)
-
-    def _print_Min(self, expr):
-        return self._fold("oc_vmin", expr.args)
+        return f"({self.select(f'({x}) > 0.0f', '1.0f', '0.0f')} - {self.select(f'({x}) < 0.0f', '1.0f', '0.0f')})"
 
     def _print_Abs(self, expr):
         return f"oc_vabs({self._print(expr.args[0])})"
-
-    def _print_And(self, expr):
-        return "(" + " & ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
-
-    def _print_Or(self, expr):
-        return "(" + " | ".join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
 
     def _print_Not(self, expr):
         return f"(~{self.parenthesize(expr.args[0], 100)})"
