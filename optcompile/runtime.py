@@ -150,8 +150,10 @@ def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int | N
     step contiguous tensors as 1-D slices of ``CPU_CHUNK`` elements, and foreach calls take lists
     of about ``CPU_FOREACH_BATCH`` elements (``batch``; None: one call, the for-loop backend):
     the temporaries stay small, recycled and in cache.
-    Every element sees the same operations, so results are unchanged; algorithms with per-tensor
-    reductions keep whole tensors.
+    Every element sees the same operations, so results are unchanged (bit for bit for the built-in
+    specs; where torch's vector body and scalar tail differ by an ulp, as for a fractional ``pow``,
+    a slice boundary moves that as a thread count does). Algorithms with per-tensor reductions
+    keep whole tensors.
     """
     if split and any(p.numel() > CPU_CHUNK for p in params):
         params, lists = _cpu_slices(params, lists)

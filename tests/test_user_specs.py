@@ -1,6 +1,7 @@
 """Algorithms a user might write from the README alone (LAMB's per-tensor trust ratio, RMSprop's
 optional states, Signum's clipping functions, a periodic `every`/`set_param` anchor, a stateless
-step, Adamax's elementwise Max with a max-reduction clip and a param-dependent init): every
+step, Adamax's elementwise Max with a max-reduction clip and a param-dependent init, ClipSGD's
+tensor Piecewise against a hyperparameter): every
 backend must compile them and agree with the eager backend, in fp32 and bf16."""
 import os
 from pathlib import Path
@@ -13,12 +14,13 @@ import optcompile
 SPECS = sorted((Path(__file__).parent / "user_specs").glob("*.py"))
 BACKENDS = {"foreach": dict(foreach=True, fused=False), "fused": dict(fused=True), "triton": dict(triton=True)}
 OPTIONS = {"lamb": {}, "rmsprop": {"centered": True, "momentum": 0.9, "weight_decay": 0.1}, "signum": {},
-           "nadam": {"k": 2}, "plain": {}, "adamax": {"weight_decay": 0.1, "init_scale": 0.5}}
+           "nadam": {"k": 2}, "plain": {}, "adamax": {"weight_decay": 0.1, "init_scale": 0.5},
+           "clipsgd": {"clip": 0.3, "weight_decay": 0.01}}
 
 
 def _run(cls, kw, dtype, backend):
     torch.manual_seed(0)
-    params = [torch.randn(s).to(dtype).requires_grad_() for s in [(3,), (1025,), (7, 9)]]
+    params = [torch.randn(s).to(dtype).requires_grad_() for s in [(3,), (1025,), (0,), (7, 9)]]
     opt = cls(params, lr=1e-2, **kw, **backend)
     for _ in range(6):
         for p in params:
@@ -41,5 +43,5 @@ def test_user_spec_backends_agree_with_eager(path, backend, dtype):
         if dtype == torch.float32:  # fp32 math in another association order: a few ulp over 6 steps
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         else:  # both compute in fp32 and round once per store; FMA contraction may flip a rounding
-            assert (a != b).float().mean() <= 0.02
+            assert (a != b).sum() <= 0.02 * a.numel()
             torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7)

@@ -317,9 +317,9 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             if n in scalar_names or n in declared:
                 continue
             if n in spills and spills[n] < st.index:
-                loads.append(f"float {n} = spill_{n}_ptr[oc_i];")
+                loads.append(f"float {n} = oc_ptr_spill_{n}[oc_i];")
             elif n in stored or n == "grad":
-                loads.append(f"float {n} = OC_LOAD({n}_ptr[oc_i]);")
+                loads.append(f"float {n} = OC_LOAD(oc_ptr_{n}[oc_i]);")
             else:
                 raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
             declared.add(n)
@@ -353,12 +353,12 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
         if t in stored and t not in written:
             written.append(t)
     # a value already rounded to the storage type is stored exactly (bf16: its top 16 bits)
-    stores = [f"{b}_ptr[oc_i] = OC_STORE{'_EXACT' if b in rounded else ''}({b});" for b in stored if b in written]
+    stores = [f"oc_ptr_{b}[oc_i] = OC_STORE{'_EXACT' if b in rounded else ''}({b});" for b in stored if b in written]
     for n, stage in spills.items():
         if stage == st.index and n in declared:
-            stores.append(f"spill_{n}_ptr[oc_i] = {n};")
+            stores.append(f"oc_ptr_spill_{n}[oc_i] = {n};")
         elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
-            stores.append("spill_grad_ptr[oc_i] = OC_LOAD(grad_ptr[oc_i]);")
+            stores.append("oc_ptr_spill_grad[oc_i] = OC_LOAD(oc_ptr_grad[oc_i]);")
     if any(spills.get(n) == st.index for n in spills):
         vbody = None
     vector = None if vbody is None else {
@@ -366,7 +366,7 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
         "stores": [{"name": b, "bits": f"oc_vbits({b})" if b in rounded else f"oc_vrne({b}, &oc_nan)"}
                    for b in stored if b in written]}
     uses = set(_load_names(loads)) | set(written) | {n for n in spills if n in declared}
-    if any(line.startswith("spill_grad_ptr") for line in stores):
+    if any(line.startswith("oc_ptr_spill_grad") for line in stores):
         uses |= {"grad"}
     used = sorted(set().union(*[v[2] for v in hoisted.values()]))
     mask = sum(1 << i for i, b in enumerate(buffer_names) if b in uses or b.removeprefix("spill_") in uses)

@@ -41,8 +41,12 @@ class Dialect:
     def compare(self, op: str, a: str, b: str) -> str:
         return f"torch.{op}({a}, {b})"
 
+    def each(self, host_value: str) -> str:
+        """A host scalar where the op is spelled per tensor (torch broadcasts it)."""
+        return host_value
+
     def reduce(self, op: str, x: str, item: bool = True) -> str:
-        return f"{x}.{op}()" + (".item()" if item else "")
+        return _reduction(op, x) + (".item()" if item else "")
 
     def numel(self) -> str:
         return "param.numel()"
@@ -81,8 +85,11 @@ class ForeachDialect(Dialect):
     def compare(self, op: str, a: str, b: str) -> str:
         return f"[torch.{op}(_a, _b) for _a, _b in zip({a}, {b})]"
 
+    def each(self, host_value: str) -> str:  # zipped with the tensor lists: one per tensor
+        return f"[{host_value}] * len(param)"
+
     def reduce(self, op: str, x: str, item: bool = True) -> str:
-        return f"[_x.{op}(){'.item()' if item else ''} for _x in {x}]"
+        return f"[{_reduction(op, '_x')}{'.item()' if item else ''} for _x in {x}]"
 
     def numel(self) -> str:
         return "[_p.numel() for _p in param]"
@@ -95,6 +102,14 @@ class ForeachDialect(Dialect):
 
 
 _NO_FOREACH = {"square", "where", "rsqrt_scalar"}
+
+
+def _reduction(op: str, x: str) -> str:
+    """``x.sum()``, ``x.mean()``, ``x.max()``; the max of an empty tensor is -inf (torch raises), as
+    in the fused and Triton kernels, whose max starts from -inf."""
+    if op == "max":
+        return f"({x}.max() if {x}.numel() else {x}.new_full((), -math.inf))"
+    return f"{x}.{op}()"
 
 
 def _per_tensor(text: str, names) -> str:
@@ -399,6 +414,11 @@ class TensorCode:
         """A tensor name or a scalar expression (for ops that take either)."""
         return self.scalar(e) if self.is_scalar(e) else self.atom(e)
 
+    def zipped_operand(self, e) -> str:
+        """An operand of an op the foreach dialect spells as a comprehension over zipped lists
+        (``where``, comparisons): there a host scalar must be a list too."""
+        return self.d.each(self.scalar(e)) if self.is_host(e) else self.operand(e)
+
     def fresh(self, e) -> str:
         """Build ``e`` into a new temporary that this code owns; return its name."""
         e = sympy.sympify(e)
@@ -542,7 +562,7 @@ class TensorCode:
         (value, cond), rest = e.args[0], e.args[1:]
         other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
         c = self.condition(cond)
-        self.emit(f"{tmp} = {self.d.where(c, self.operand(value), self.operand(other))}")
+        self.emit(f"{tmp} = {self.d.where(c, self.zipped_operand(value), self.zipped_operand(other))}")
 
     def condition(self, cond) -> str:
         ops = {sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge", sympy.StrictLessThan: "lt",
@@ -555,7 +575,7 @@ class TensorCode:
                 op = swap.get(ops[type(cond)], ops[type(cond)])
             else:
                 op = ops[type(cond)]
-            return self.d.compare(op, self.atom(a), self.operand(b))
+            return self.d.compare(op, self.atom(a), self.zipped_operand(b))
         logic = {sympy.And: "logical_and", sympy.Or: "logical_or"}
         if type(cond) in logic:
             parts = [self.condition(a) for a in cond.args]
