@@ -28,6 +28,21 @@ KAHAN_COMP = sympy.Symbol("kahan_comp", real=True)
 TRUE = sympy.true
 
 
+def satisfiable(cond) -> bool:
+    """Whether a host condition can hold, with each comparison (``momentum > 0``) a proposition
+    and its negation (``momentum <= 0``) that proposition's negation; sympy's ``satisfiable``
+    alone treats the two as unrelated. Unsure: True."""
+    cond = sympy.sympify(cond)
+    props: dict = {}
+    for rel in sorted(cond.atoms(sympy.core.relational.Relational), key=sympy.default_sort_key):
+        known = next((k for k in props if k == rel.negated or k == rel.reversed.negated), None)
+        props[rel] = ~props[known] if known is not None else sympy.Dummy("c")
+    try:
+        return bool(sympy.satisfiable(cond.xreplace(props)))
+    except (TypeError, ValueError, NotImplementedError):
+        return True
+
+
 @dataclass(frozen=True)
 class Arg:
     """A constructor argument. ``keys`` are the param_group keys (``betas`` → beta1, beta2)."""

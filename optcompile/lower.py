@@ -15,7 +15,7 @@ from sympy.logic.boolalg import Boolean, BooleanAtom
 
 from . import ir
 from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, Program, Reduction, StateBuffer,
-                 TensorScalar)
+                 TensorScalar, satisfiable)
 from .spec import OptimizerSpec, SpecError
 
 
@@ -364,21 +364,30 @@ def _check_host_conditions(spec: OptimizerSpec, host, tscalar_syms) -> None:
 
 
 def _check_conditional_reads(spec: OptimizerSpec, host, body) -> None:
-    """A state with ``when=c`` exists only when ``c`` holds: every read must be guarded by ``c``."""
+    """A state with ``when=c`` exists only when ``c`` holds: every read must be guarded by ``c``.
+    Guards are compared in terms of hyperparameters, so ``nesterov & (momentum > 0)`` implies
+    ``momentum > 0``."""
+    bools = {h.sym: h.expr for h in host if h.kind == "bool"}
+
+    def expand(e):
+        e = sympy.sympify(e)
+        for _ in range(len(bools) + 1):
+            e, before = e.xreplace(bools), e
+            if e == before:
+                break
+        return e
+
     for st in spec.states:
         if st.when is True or st.when == TRUE:
             continue
         when = sympy.sympify(st.when)
-        flag = when if isinstance(when, sympy.Symbol) or (isinstance(when, sympy.Not) and
-                                                          isinstance(when.args[0], sympy.Symbol)) else \
-            next((h.sym for h in host if h.kind == "bool" and h.expr == when), None)
         for s in body:
             if st.symbol not in sympy.sympify(s.expr).free_symbols:
                 continue
-            if flag is None or sympy.satisfiable(sympy.And(s.guard, sympy.Not(flag))):
-                raise SpecError(f"state {st.name!r} exists only when `{when}`, but is read here when that may "
-                                f"be false (read before it is defined); guard the read with when= or a "
-                                f"Piecewise on `{when}`", spec.file, int(s.origin.rsplit(":", 1)[1]), s.expr)
+            if satisfiable(sympy.And(expand(s.guard), sympy.Not(expand(when)))):
+                raise SpecError(f"state {st.name!r} exists only when `{when}`, but is read here where that may "
+                                f"be false; guard the read with when= or a Piecewise on `{when}`",
+                                spec.file, int(s.origin.rsplit(":", 1)[1]), s.expr)
 
 
 def _check_unused(spec: OptimizerSpec, prog: Program) -> None:

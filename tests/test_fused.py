@@ -304,7 +304,7 @@ def test_vector_printer_golden():
     assert vexpr(-m * c0 / (sympy.sqrt(v) + c0), ["oc_c0"]) == "-exp_avg*oc_c0/(oc_vsqrt(exp_avg_sq) + oc_c0)"
     assert vexpr(sympy.sign(m)) == "(oc_vsel((exp_avg) > 0.0f, 1.0f, 0.0f) - oc_vsel((exp_avg) < 0.0f, 1.0f, 0.0f))"
     assert vexpr(sympy.Piecewise((m, (v > 0) & (g < 1)), (g, True))) == \
-        "oc_vsel((exp_avg_sq > 0.0f & grad < 1.0f), exp_avg, grad)"
+        "oc_vsel((OC_VMASK(exp_avg_sq > 0.0f) & OC_VMASK(grad < 1.0f)), exp_avg, grad)"
     assert vexpr(sympy.Abs(m) * 2) == "2.0f*oc_vabs(exp_avg)"
     assert vexpr(c0 * 2, ["oc_c0"]) == "OC_VEC(2.0f*oc_c0)"
     assert vexpr(sympy.exp(m)) is None and vexpr(m**sympy.Rational(1, 3)) is None

@@ -37,7 +37,7 @@ CASES = {
                                    ["undefined symbol `m`"], "grad*m"),
     "conditional_state_read_unguarded": ("f = spec.flag('f', False)\nm = spec.state('m', when=f)\n"
                                          "m = spec.assign(m, g + m)\nspec.update(m, lr=lr)", 9,
-                                         ["state 'm' exists only when `f`", "read before it is defined"], None),
+                                         ["state 'm' exists only when `f`", "read here where that may be false"], None),
     "unsupported_function": ("spec.update(sympy.tanh(g), lr=lr)", 6,
                              ["unsupported sympy function 'tanh'", *SUPPORTED_FUNCTIONS], "tanh(grad)"),
     "reduction_in_host_condition": ("r = spec.mean(g**2)\nm = spec.state('m')\nm = spec.assign(m, g, when=r > 1)\n"

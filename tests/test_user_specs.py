@@ -1,7 +1,8 @@
 """Algorithms a user might write from the README alone (LAMB's per-tensor trust ratio, RMSprop's
 optional states, Signum's clipping functions, a periodic `every`/`set_param` anchor, a stateless
 step, Adamax's elementwise Max with a max-reduction clip and a param-dependent init, ClipSGD's
-tensor Piecewise against a hyperparameter): every
+tensor Piecewise against a hyperparameter and a flag, AdaGrad's hyperparameter-initialised
+state, Nesterov's guarded read of a `when=` state): every
 backend must compile them and agree with the eager backend, in fp32 and bf16."""
 import os
 from pathlib import Path
@@ -15,7 +16,9 @@ SPECS = sorted((Path(__file__).parent / "user_specs").glob("*.py"))
 BACKENDS = {"foreach": dict(foreach=True, fused=False), "fused": dict(fused=True), "triton": dict(triton=True)}
 OPTIONS = {"lamb": {}, "rmsprop": {"centered": True, "momentum": 0.9, "weight_decay": 0.1}, "signum": {},
            "nadam": {"k": 2}, "plain": {}, "adamax": {"weight_decay": 0.1, "init_scale": 0.5},
-           "clipsgd": {"clip": 0.3, "weight_decay": 0.01}}
+           "clipsgd": {"clip": 0.3, "weight_decay": 0.01, "sign_only": True},
+           "adagrad": {"initial_accumulator_value": 0.5, "clip_updates": False, "weight_decay": 0.01},
+           "nesterov": {"momentum": 0.9, "dampening": 0.1}}
 
 
 def _run(cls, kw, dtype, backend):

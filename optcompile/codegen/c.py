@@ -101,11 +101,14 @@ class CPrinter(C99CodePrinter):
             out = f"{fn}({out}, {self._print(a)})"
         return out
 
+    def mask(self, cond) -> str:
+        return self._print(cond)
+
     def _print_And(self, expr):
-        return "(" + self.AND.join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+        return "(" + self.AND.join(self.mask(a) for a in sorted(expr.args, key=str)) + ")"
 
     def _print_Or(self, expr):
-        return "(" + self.OR.join(self._print(a) for a in sorted(expr.args, key=str)) + ")"
+        return "(" + self.OR.join(self.mask(a) for a in sorted(expr.args, key=str)) + ")"
 
 
 class DoublePrinter(C99CodePrinter):
@@ -155,12 +158,15 @@ class VecPrinter(CPrinter):
     def _print_Abs(self, expr):
         return f"oc_vabs({self._print(expr.args[0])})"
 
+    def mask(self, cond) -> str:  # a hoisted host flag (a float) joins lane masks as all-ones or zeros
+        return f"OC_VMASK({self._print(cond)})"
+
     def _print_Not(self, expr):
-        return f"(~{self.parenthesize(expr.args[0], 100)})"
+        return f"(~{self.mask(expr.args[0])})"
 
 
 _C, _D, _V = CPrinter(), DoublePrinter(), VecPrinter()
-_VEC_CALLS = {"oc_vsqrt", "oc_vsel", "oc_vmax", "oc_vmin", "oc_vabs"}
+_VEC_CALLS = {"oc_vsqrt", "oc_vsel", "oc_vmax", "oc_vmin", "oc_vabs", "OC_VMASK"}
 
 
 def _flit(x: float) -> str:

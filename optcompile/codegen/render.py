@@ -148,6 +148,8 @@ def _init_lines(prog: Program) -> list[str]:
                 rhs = "torch.zeros_like(param, memory_format=torch.preserve_format)"
             elif value.is_Number:
                 rhs = f"torch.full_like(param, {float(value)!r}, memory_format=torch.preserve_format)"
+            elif {x.name for x in value.free_symbols} <= code.host:  # hyperparameters only
+                rhs = f"torch.full_like(param, {pyexpr(value)}, memory_format=torch.preserve_format)"
             else:
                 rhs = code.atom(value)
                 if rhs in ("param", "grad"):

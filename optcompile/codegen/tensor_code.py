@@ -12,9 +12,8 @@ from __future__ import annotations
 import itertools
 
 import sympy
-from sympy.logic.inference import satisfiable
 
-from ..ir import TRUE, Program, Reduction, TensorScalar
+from ..ir import TRUE, Program, Reduction, TensorScalar, satisfiable
 from .host import HostPrinter, host_of, pyexpr
 
 
@@ -44,6 +43,13 @@ class Dialect:
     def each(self, host_value: str) -> str:
         """A host scalar where the op is spelled per tensor (torch broadcasts it)."""
         return host_value
+
+    def with_host(self, op: str, mask: str, host_bool: str) -> str:
+        """A lane mask and-ed / or-ed with a host boolean (a flag)."""
+        return f"({mask} {'&' if op == 'logical_and' else '|'} bool({host_bool}))"
+
+    def logical_not(self, mask: str) -> str:
+        return f"torch.logical_not({mask})"
 
     def reduce(self, op: str, x: str, item: bool = True) -> str:
         return _reduction(op, x) + (".item()" if item else "")
@@ -87,6 +93,12 @@ class ForeachDialect(Dialect):
 
     def each(self, host_value: str) -> str:  # zipped with the tensor lists: one per tensor
         return f"[{host_value}] * len(param)"
+
+    def with_host(self, op: str, mask: str, host_bool: str) -> str:
+        return f"[_c {'&' if op == 'logical_and' else '|'} bool({host_bool}) for _c in {mask}]"
+
+    def logical_not(self, mask: str) -> str:
+        return f"[torch.logical_not(_c) for _c in {mask}]"
 
     def reduce(self, op: str, x: str, item: bool = True) -> str:
         return f"[{_reduction(op, '_x')}{'.item()' if item else ''} for _x in {x}]"
@@ -578,11 +590,16 @@ class TensorCode:
             return self.d.compare(op, self.atom(a), self.zipped_operand(b))
         logic = {sympy.And: "logical_and", sympy.Or: "logical_or"}
         if type(cond) in logic:
-            parts = [self.condition(a) for a in cond.args]
+            host = [a for a in cond.args if self.is_host(a)]  # flags: one Python bool for all of them
+            parts = [self.condition(a) for a in cond.args if not self.is_host(a)]
             out = parts[0]
             for p in parts[1:]:
                 out = self.d.compare(logic[type(cond)], out, p)
+            if host:
+                out = self.d.with_host(logic[type(cond)], out, pyexpr(type(cond)(*host)))
             return out
+        if isinstance(cond, sympy.Not):
+            return self.d.logical_not(self.condition(cond.args[0]))
         raise NotImplementedError(f"tensor condition {cond}")
 
 
@@ -592,10 +609,7 @@ def guard_text(guard) -> str | None:
 
 def _may_run_together(a, b) -> bool:
     """False only when two host guards provably exclude each other (``kahan`` and ``~kahan``)."""
-    try:
-        return bool(satisfiable(sympy.And(a, b)))
-    except (TypeError, ValueError, NotImplementedError):
-        return True
+    return satisfiable(sympy.And(a, b))
 
 
 def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tuple[list[str], list[str]]:
