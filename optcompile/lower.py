@@ -286,9 +286,23 @@ def _host_guard(cond, host: list, host_syms: set, names: _Namer, file: str, line
     return h.sym
 
 
+def _nest_host_tails(expr, host_syms):
+    """``Piecewise((a, g > 0), (b, beta > 0.5), (c, True))``: the branches from the first host-only
+    condition after an elementwise one become a nested Piecewise, which then splits into guarded
+    statements like any host Piecewise (the elementwise ``where`` keeps its tensor conditions)."""
+    def nest(pw):
+        args = list(pw.args)
+        for i, (_, cond) in enumerate(args):
+            if i and cond != TRUE and cond.free_symbols <= host_syms and \
+                    not all(c.free_symbols <= host_syms for _, c in args[:i]):
+                return sympy.Piecewise(*args[:i], (sympy.Piecewise(*args[i:]), True))
+        return pw
+    return expr.replace(lambda e: isinstance(e, sympy.Piecewise), nest)
+
+
 def _split_piecewise(target: str, expr, guard, stmt, host_syms, guard_of, names: _Namer) -> list:
     """``x = Piecewise((a, c1), (b, True))`` with host conditions → guarded assignments."""
-    expr = sympy.sympify(expr)
+    expr = _nest_host_tails(sympy.sympify(expr), host_syms)
     origin = f"{stmt.origin.file}:{stmt.origin.line}" if hasattr(stmt.origin, "file") else str(stmt.origin)
     out: list = []
     # a host-conditioned Piecewise inside a larger expression: one statement per branch

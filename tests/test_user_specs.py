@@ -48,3 +48,32 @@ def test_user_spec_backends_agree_with_eager(path, backend, dtype):
         else:  # both compute in fp32 and round once per store; FMA contraction may flip a rounding
             assert (a != b).sum() <= 0.02 * a.numel()
             torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7)
+
+
+HOST_TAIL_SPEC = '''
+from optcompile.spec import Ge, Gt, Interval, OptimizerSpec, Piecewise, oo
+spec = OptimizerSpec("HostTail", weight_decay=None)
+lr = spec.hyper("lr", domain=Interval(0, oo))
+beta = spec.hyper("beta", default=0.9)
+g = spec.grad
+spec.update(Piecewise((g, Gt(g, 0)), (2 * g, Ge(beta, 0.5)), (3 * g, Ge(beta, lr)), (4 * g, True)), lr=lr)
+'''
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.3, 0.01])
+def test_elementwise_piecewise_with_host_conditions_after_a_tensor_one(tmp_path, beta):
+    """Branches after an elementwise condition may test hyperparameters (they become host guards)."""
+    path = tmp_path / "hosttail.py"
+    path.write_text(HOST_TAIL_SPEC)
+    cls = optcompile.compile_spec(path)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    factor = 2 if beta >= 0.5 else 3 if beta >= 0.1 else 4
+    want = -0.1 * torch.where(g > 0, g, factor * g)
+    for backend in [dict(foreach=False, triton=False, fused=False), *BACKENDS.values()]:
+        if backend.get("triton") and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        p = torch.zeros(1000, requires_grad=True)
+        opt = cls([p], lr=0.1, beta=beta, **backend)
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
