@@ -332,8 +332,8 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
         hexpr = _hoist(s.expr, scalar_names, hoisted)
         rhs = cexpr(hexpr)
         vrhs = vexpr(hexpr, {h[0] for h in hoisted.values()})
-        if vrhs is None or any(n in spills for n in _syms(s.expr)):
-            vbody = None  # fp32 spill buffers are not in the even/odd lane order: scalar loop only
+        if vrhs is None:
+            vbody = None
         if isinstance(s, Reduction):
             acc = f"oc_acc_{s.name}"
             reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": st.reductions.index(s)})
@@ -365,8 +365,8 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             stores.append(f"oc_ptr_spill_{n}[oc_i] = {n};")
         elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
             stores.append("oc_ptr_spill_grad[oc_i] = OC_LOAD(oc_ptr_grad[oc_i]);")
-    if any(spills.get(n) == st.index for n in spills):
-        vbody = None
+    if any("oc_ptr_spill_" in line for line in loads + stores):
+        vbody = None  # fp32 spill buffers are not in the even/odd lane order: scalar loop only
     vector = None if vbody is None else {
         "loads": _load_names(loads), "body": vbody, "accs": [r["acc"] for r in reductions],
         "stores": [{"name": b, "bits": f"oc_vbits({b})" if b in rounded else f"oc_vrne({b}, &oc_nan)"}
