@@ -6,7 +6,9 @@ instead of the whole model's. The optimizer must be built with ``gradient_releas
 then steps one tensor at a time with that parameter's own ``step`` counter and reads the live
 param_group through ``state[p]["group"]`` (so LR schedulers keep working, also after
 ``load_state_dict``, see ``CompiledOptimizer``). ``optimizer.step()`` and ``zero_grad()`` stay
-harmless no-ops in the training loop, since no gradients remain after backward.
+harmless in the training loop, since no gradients remain after backward: ``step()`` only advances
+the ``step`` of each param group whose params the hooks stepped, as optimi's does, so saved state
+dicts match optimi's (the math reads each param's own ``state[p]["step"]``).
 
 Same API, errors and warning as optimi 0.3.3's ``prepare_for_gradient_release``.
 """

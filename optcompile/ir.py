@@ -144,6 +144,15 @@ class Program:
         keys = {k for a in self.args for k in a.keys}
         return keys | {h.name for h in self.host} | {"step"}
 
+    def fresh_name(self, base: str) -> str:
+        """``base``, or ``base_``, ``base__`` …: a name a pass adds (``decay``) that no argument,
+        state or value of the program has (a user's ``decay`` hyperparameter keeps its own)."""
+        taken = self.host_names() | set(self.stored()) | {"grad", "numel"} | \
+            {getattr(s, "name", None) or s.target for s in self.body}
+        while base in taken:
+            base += "_"
+        return base
+
     def tensor_scalar_names(self) -> set[str]:
         return {s.name for s in self.body if isinstance(s, (TensorScalar, Reduction))} | {"numel"}
 

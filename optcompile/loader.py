@@ -17,6 +17,7 @@ from .paths import builtin_specs, generated_dir
 
 _BACKEND_SUFFIX = {"triton": "_triton.py", "fused": "_fused.c"}
 _BACKEND_LOADERS: dict = {}  # name → callable(info, path) -> step function (registered by backends)
+_MODULE_KEYS: dict[str, str] = {}  # generated module name → the key all its files are stamped with
 
 
 class CompileReport:
@@ -43,6 +44,12 @@ def import_path(module_name: str, path: Path):
 
 def compile_to_cache(spec_or_path, report: CompileReport | None = None) -> Path:
     """Generate every backend's file for a spec into the cache; returns the Python module's path."""
+    return _compile_to_cache(spec_or_path, report)[1]
+
+
+def _compile_to_cache(spec_or_path, report: CompileReport | None = None) -> tuple[str, Path]:
+    """``(key, module path)``. Every file of one compile is stamped with the one key its cache
+    name starts with, so an entry holding another spec's (or compiler's) output is caught."""
     from .compiler import as_spec, generate_sources
     t0 = time.perf_counter()
     spec = as_spec(spec_or_path)
@@ -61,20 +68,27 @@ def compile_to_cache(spec_or_path, report: CompileReport | None = None) -> Path:
     _register_builtin_generators()
     main = None
     for suffix in GENERATORS:
-        path, hit = cache.get_or_build(f"{key}{suffix}", build(suffix))
+        path, hit = cache.get_or_build(f"{key}{suffix}", build(suffix), key=key)
         if report is not None:
             report.files.append((str(path), hit))
         main = main or path
     if report is not None:
         report.seconds = time.perf_counter() - t0
-    return main
+    return key, main
 
 
 def compile_spec(spec_or_path, report: CompileReport | None = None):
     """Compile a spec (path or OptimizerSpec) and return its Optimizer class."""
-    path = compile_to_cache(spec_or_path, report)
-    module = import_path(f"optcompile.generated.{path.stem.replace('-', '_')}", path)
+    key, path = _compile_to_cache(spec_or_path, report)
+    module = _import_keyed(f"optcompile.generated.{path.stem.replace('-', '_')}", path, key)
     return getattr(module, module._INFO.name)
+
+
+def _import_keyed(module_name: str, path: Path, key: str):
+    """Import a generated module whose key is known, so its backend files can be checked against it."""
+    module = import_path(module_name, path)
+    _MODULE_KEYS[module_name] = key
+    return module
 
 
 def builtin_module(functional: str):
@@ -87,18 +101,22 @@ def builtin_module(functional: str):
         raise AttributeError(f"no built-in optimizer spec {functional!r}")
     checked_in = generated_dir() / f"{functional}.py"
     key = cache_key(functional, spec_path.read_bytes(), "py")
-    if checked_in.exists():
-        text = checked_in.read_text(encoding="utf-8")
+    try:
+        text = checked_in.read_text(encoding="utf-8") if checked_in.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        text = None  # unreadable: never imported, compiled into the cache instead
+    if text is not None:
         if parse_key(text) == key:
             if body_hash_ok(text):
-                return import_path(name, checked_in)
+                return _import_keyed(name, checked_in, key)
             import warnings  # same key, different body: hand-edited or corrupt, never imported
             warnings.warn(f"{checked_in} was edited or is corrupt (content hash mismatch); using a fresh "
                           "compile from the cache instead", cache.CacheWarning, stacklevel=2)
     if os.environ.get("OPTCOMPILE_DISABLE_JIT") == "1":
         raise cache.JITDisabledError(f"generated/{functional}.py is missing or stale and OPTCOMPILE_DISABLE_JIT=1; run "
                            f"`optcompile compile {spec_path}` or unset OPTCOMPILE_DISABLE_JIT")
-    return import_path(name, compile_to_cache(spec_path))
+    key, path = _compile_to_cache(spec_path)
+    return _import_keyed(name, path, key)
 
 
 def builtin_class(functional: str):
@@ -131,12 +149,20 @@ def load_backend(info, name: str):
     if name not in _BACKEND_LOADERS:
         raise RuntimeError(f"backend {name!r} is not available in this build of optcompile")
     module_file = Path(sys.modules[info.module].__file__)
-    path = module_file.with_name(module_file.stem + _BACKEND_SUFFIX[name])
-    if not path.exists() or not body_hash_ok(path.read_text(encoding="utf-8")):
-        # the checked-in or cached file is missing or torn: regenerate next to the cache entry
+    key = _MODULE_KEYS.get(info.module)
+    suffix = _BACKEND_SUFFIX[name]
+    path = module_file.with_name(module_file.stem + suffix)
+    if cache.problem(path, key) is not None:
+        # missing, torn or another compile's: the cache may hold it (a read-only cache's missing
+        # files are built into this process's fallback folder); a built-in is regenerated there
+        path = cache.lookup(module_file.stem + suffix, key) if key is not None else None
+    if path is None:
         spec_path = next((p for p in builtin_specs() if p.stem == info.functional), None)
         if spec_path is None:
-            raise RuntimeError(f"{path} is missing or corrupt; recompile the spec with optcompile.compile_spec")
-        path = compile_to_cache(spec_path).with_name(
-            cache_key(info.functional, spec_path.read_bytes(), "py") + _BACKEND_SUFFIX[name])
+            raise RuntimeError(f"{module_file.with_name(module_file.stem + suffix)} is missing or corrupt; "
+                               "recompile the spec with optcompile.compile_spec")
+        key, _ = _compile_to_cache(spec_path)
+        path = cache.lookup(key + suffix, key)
+        if path is None:
+            raise RuntimeError(f"optcompile could not build the {name} file of {spec_path}")
     return _BACKEND_LOADERS[name](info, path)

@@ -7,8 +7,10 @@ factored, so a built-in spec can reproduce optimi's rounding step for step.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import itertools
+import keyword
 
 import sympy
 from sympy.logic.boolalg import Boolean, BooleanAtom
@@ -16,7 +18,18 @@ from sympy.logic.boolalg import Boolean, BooleanAtom
 from . import ir
 from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, Program, Reduction, StateBuffer,
                  TensorScalar, satisfiable)
-from .spec import OptimizerSpec, SpecError
+from .spec import GENERATED_CODE_NAMES, RESERVED_NAMES, OptimizerSpec, SpecError
+
+# Every name the generated code may use outside its private namespaces (`_…` in Python and Triton,
+# `oc_…`/`OC_…` in C): modules and helpers, Python builtins, the step functions' own parameters,
+# C keywords, types, functions and macros. An internal name equal to one is renamed (`finalize`).
+CODE_NAMES = GENERATED_CODE_NAMES | RESERVED_NAMES | frozenset(dir(builtins)) | {
+    "params", "grads", "kahan_comps", "kahan", "update_parameters", "state", "group", "numel",
+    "sqrt", "sqrtf", "pow", "powf", "exp", "expf", "log", "logf", "fabs", "fabsf", "fmax", "fmaxf", "fmin",
+    "fminf", "floor", "ceil", "INFINITY", "NAN", "NULL", "HUGE_VAL", "HUGE_VALF", "int8_t", "int16_t",
+    "int32_t", "int64_t", "uint8_t", "uint16_t", "uint32_t", "uint64_t", "size_t", "float_t", "double_t",
+    "memcpy", "malloc", "calloc", "free", "bool", "true", "false", "_Bool",
+}
 
 
 def lower(spec: OptimizerSpec) -> Program:
@@ -41,8 +54,9 @@ def lower(spec: OptimizerSpec) -> Program:
     bool_syms = {s for a in spec.args if a.kind == "flag" for s in a.symbols}
     host: list[HostScalar] = []
     body: list = []
+    _check_state_lists(spec)
     names = _Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
-                   | {"param", "grad"} | set(spec.lets))
+                   | {"param", "grad"} | set(spec.lets) | {st.target.name for st in stmts})
     update_lr = None
 
     def where(stmt) -> str:
@@ -134,6 +148,8 @@ def finalize(prog: Program) -> Program:
     scalars used only under a guard inside that guard, and record whether the step is used."""
     host = list(prog.host)
     host_names = prog.host_names()
+    taken = host_names | set(prog.stored()) | {"grad", "numel"} | \
+        {getattr(s, "name", None) or s.target for s in prog.body}  # a state `h0` is not a hoisted `h0`
     hoisted: dict = {}
     counter = itertools.count()
 
@@ -148,7 +164,7 @@ def finalize(prog: Program) -> Program:
                 return sympy.Pow(hoist(expr.base), -1)
             if expr not in hoisted:
                 name = f"h{next(counter)}"
-                while name in host_names:
+                while name in taken:
                     name = f"h{next(counter)}"
                 hoisted[expr] = HostScalar(name, expr, "float")
                 host.append(hoisted[expr])
@@ -174,7 +190,51 @@ def finalize(prog: Program) -> Program:
     prog = _guard_host_scalars(prog)
     used = set().union(*(sympy.sympify(h.expr).free_symbols for h in prog.host)) | \
         set().union(*(sympy.sympify(s.expr).free_symbols for s in prog.body))
-    return prog.replace(uses_step=STEP in used or prog.meta.get("uses_step", False))
+    return _out_of_the_way(prog.replace(uses_step=STEP in used or prog.meta.get("uses_step", False)))
+
+
+def _out_of_the_way(prog: Program) -> Program:
+    """Internal names (lets, branch conditions, hoisted and per-tensor scalars, reductions, temps)
+    that equal a name the generated code uses get a trailing ``_``, in every backend: a let ``torch``
+    is ``torch_``, a let ``ms`` next to a state ``m`` (whose list is ``ms``) is ``ms_``. API names
+    (hyperparameters, flags, states) keep theirs: the DSL keeps them off these names."""
+    api = {k for a in prog.args for k in a.keys} | set(prog.stored()) | {"grad", "step", "numel", "kahan",
+                                                                         "update_parameters"}
+    internal: list[str] = []
+    for n in [h.name for h in prog.host] + [s.target if isinstance(s, Assign) else s.name for s in prog.body]:
+        if n not in api and n not in internal:
+            internal.append(n)
+    tscalars = [s.name for s in prog.body if isinstance(s, (Reduction, TensorScalar))]
+    buffers = [b.name for b in prog.states + prog.records]
+    fixed = CODE_NAMES | {f"{b}s" for b in buffers} | {b[len("spill_"):] for b in buffers if b.startswith("spill_")}
+    taken = set(api) | set(internal)
+    mapping: dict[str, str] = {}
+    for _ in range(len(internal) + 1):  # a renamed per-tensor scalar renames its 0-dim tensor `<name>_t`
+        vocab = fixed | {f"{mapping.get(t, t)}_t" for t in tscalars}
+        clashes = [n for n in internal if mapping.get(n, n) in vocab]
+        if not clashes:
+            break
+        for n in clashes:
+            new = mapping.get(n, n) + "_"
+            while new in vocab or new in taken:
+                new += "_"
+            taken.add(new)
+            mapping[n] = new
+    if not mapping:
+        return prog
+
+    def ren(e):
+        e = sympy.sympify(e)
+        return e.xreplace({x: sympy.Symbol(mapping[x.name], **x.assumptions0) for x in e.free_symbols
+                           if x.name in mapping})
+
+    def name(n):
+        return mapping.get(n, n)
+
+    host = tuple(dataclasses.replace(h, name=name(h.name), expr=ren(h.expr), guard=ren(h.guard)) for h in prog.host)
+    body = tuple(dataclasses.replace(s, expr=ren(s.expr), guard=ren(s.guard), **(
+        {"target": name(s.target)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
+    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr))
 
 
 # ── helpers ────────────────────────────────────────────────────────────────────────────────────
@@ -188,6 +248,21 @@ class _Namer:
             if name not in self.taken:
                 self.taken.add(name)
                 return name
+
+
+def _check_state_lists(spec: OptimizerSpec) -> None:
+    """The functional form and every step function take a state's buffers as one list named
+    ``<state>s`` (optimi's ``exp_avgs``): that name must be free, as the API names are."""
+    api = {s.name: a.origin for a in spec.args for s in a.symbols} | {st.name: st.origin for st in spec.states}
+    for st in spec.states:
+        lst = f"{st.name}s"
+        why = ("is a Python keyword" if keyword.iskeyword(lst) else
+               f"is also the name declared at line {api[lst].line}" if lst in api else
+               "is a name the runtime or the generated code uses" if lst in RESERVED_NAMES | GENERATED_CODE_NAMES
+               else None)
+        if why:
+            raise SpecError(f"state {st.name!r}: its buffers are passed as a list named {lst!r}, which {why}; "
+                            f"rename {'one of them' if lst in api else 'the state'}", spec.file, st.origin.line)
 
 
 def _check_elementwise_choices(expr, tscalar_syms: set, file: str, line: int) -> None:
@@ -345,6 +420,7 @@ def _resolve_versions(spec: OptimizerSpec, buffers: set) -> list:
         return any(defined < w < at for w in writes.get(buf, ()))
 
     snapshots: dict = {}  # version symbol → (snapshot name, index of the overwriting write)
+    taken = set(spec._names) | spec._made  # a snapshot `m_old` must not be a name the user declared
     for i, st in enumerate(spec.stmts):
         exprs = [st.expr] + ([st.lr] if st.lr is not None else [])
         for sym in set().union(*(e.free_symbols for e in exprs)):
@@ -352,7 +428,11 @@ def _resolve_versions(spec: OptimizerSpec, buffers: set) -> list:
                 buf, defined = version_of[sym]
                 first_write = min(w for w in writes[buf] if w > defined)
                 label = "old" if defined < 0 else f"v{defined}"
-                snapshots[sym] = (f"{buf.name}_{label}", first_write)
+                name = f"{buf.name}_{label}"
+                while name in taken:
+                    name += "_"
+                taken.add(name)
+                snapshots[sym] = (name, first_write)
     out = []
     for i, st in enumerate(spec.stmts):
         for sym, (name, at) in sorted(snapshots.items(), key=lambda kv: kv[1][0]):

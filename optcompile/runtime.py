@@ -7,6 +7,7 @@ optimizer accumulation. Importing it does not import sympy or the compiler.
 """
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
+
+from .layouts import MISSING, LayoutCache
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -27,6 +30,19 @@ def fp32(x):
             return x
         return [t.float() for t in x]
     return x.float() if x.dtype in LOW_PRECISION else x
+
+
+def fmax(*values):
+    """The DSL's ``Max`` on host and per-tensor scalars: NaN operands are ignored, as by C's
+    ``fmax`` and the kernels (Python's ``max(1, nan)`` is 1 but ``max(nan, 1)`` is nan)."""
+    kept = [v for v in values if v == v]
+    return max(kept) if kept else math.nan
+
+
+def fmin(*values):
+    """The DSL's ``Min`` on scalars, ignoring NaN operands like :func:`fmax`."""
+    kept = [v for v in values if v == v]
+    return min(kept) if kept else math.nan
 
 
 @dataclass
@@ -99,34 +115,104 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         return
     if kahan_comps is None:
         kahan_comps = [None] * len(params)
-    hypers = dict(hypers)
-    if hypers.get("decouple_lr") and hypers.get("max_lr") is None:
-        hypers["max_lr"] = hypers["lr"]
+    lists = [params, grads, *state_lists, kahan_comps]
+    for what, lst in zip(("grad", *info.states, "kahan_comp"), lists[1:]):
+        if len(lst) != len(params):
+            raise ValueError(f"{info.functional}: {len(params)} params but {len(lst)} {what}s; pass one per param")
+    hypers = host_values(info, hypers)
+    if info.uses_step:  # the tensor advances once the step has run: a step that raises leaves it as it was
+        hypers["step"] = int(step.item()) + 1
+    types, dtypes = set(map(type, params)), {p.dtype for p in params}
+    single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
+    if any(dtype.is_complex for dtype in dtypes):
+        lists = [[_real(x) for x in lst] for lst in lists]
+    if any(cls.__name__ == "DTensor" for cls in types):
+        if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
+            _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
+                                  fused=fused, gradient_release=gradient_release,
+                                  optimizer_accumulation=optimizer_accumulation)
+            lists = None
+        else:
+            lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
+    if lists is not None:
+        _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
+                  gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation, single=single)
     if info.uses_step:
         step.add_(1)
-        hypers["step"] = int(step.item())
-    lists = [params, grads, *state_lists, kahan_comps]
-    kinds = set(zip(map(type, params), [p.device for p in params], [p.dtype for p in params]))  # all checks
-    if any(dtype.is_complex for _, _, dtype in kinds):
-        lists = [[_real(x) for x in lst] for lst in lists]
-    if any(cls.__name__ == "DTensor" for cls, _, _ in kinds):
-        if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
-            return _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
-                                         fused=fused, gradient_release=gradient_release,
-                                         optimizer_accumulation=optimizer_accumulation)
-        lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
-    _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
-              gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
-              single=len({(device, dtype) for _, device, dtype in kinds}) == 1)
+
+
+def check_buffers(info: OptimizerInfo, lists) -> None:
+    """Every grad, state and kahan_comp has its param's shape, on every backend.
+
+    Eager's in-place ops raise on a mismatch; the fused C and Triton kernels index every buffer by
+    its param's numel, so a smaller one (a param resized after a step, a state loaded or assigned
+    from another tensor, a short grad in the functional API) would be read or written out of
+    bounds. ``lists`` is ``[params, grads, *states, kahan_comps]`` of one (device, dtype) group.
+    Per buffer this is one list of ``torch.Size`` compared in C with the params', once per layout
+    (``layouts.LayoutCache``); absent states (all None) cost nothing. The fused backend checks in
+    its own pass over the tensors instead.
+    """
+    if _CHECKED.get(lists) is not MISSING:
+        return  # the layout of a step that passed (optcompile/layouts.py)
+    params = lists[0]
+    n, shapes = len(params), [p.shape for p in params]
+    for what, lst in zip(("grad", *info.states, "kahan_comp"), lists[1:]):
+        if lst[0] is None and lst[-1] is None and lst.count(None) == n:
+            continue  # a state this algorithm does not allocate under these hyperparameters
+        try:
+            if [t.shape for t in lst] == shapes:
+                continue
+        except AttributeError:  # None among tensors: compare the present ones
+            pass
+        for t, p in zip(lst, params):
+            if t is not None and t.shape != p.shape:
+                raise RuntimeError(
+                    f"{info.name}: {what} has shape {tuple(t.shape)} but its param has shape {tuple(p.shape)}; "
+                    "every grad and state must have its param's shape (was the param resized or reshaped after a "
+                    "step, or a state replaced by another tensor?)")
+    _CHECKED.put(lists, True)
+
+
+_CHECKED = LayoutCache()  # layouts whose shapes check_buffers passed
+
+
+def host_values(info: OptimizerInfo, hypers: dict) -> dict:
+    """The step's hyperparameters as Python numbers: a 1-element tensor (``lr=torch.tensor(1e-3)``,
+    as torch.optim allows) is read once per step, the same way for every backend; ``max_lr``
+    defaults to ``lr`` under ``decouple_lr``, and must then be positive (it divides the decay)."""
+    hypers = dict(hypers)
+    if any([isinstance(v, torch.Tensor) for v in hypers.values()]):
+        for k, v in hypers.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"{info.functional}: {k} must be a number or a 1-element tensor, "
+                                     f"not a tensor of shape {tuple(v.shape)}")
+                hypers[k] = v.item()
+    if hypers.get("decouple_lr"):
+        if hypers.get("max_lr") is None:
+            hypers["max_lr"] = hypers["lr"]
+        if not hypers["max_lr"] > 0:
+            raise ValueError(_max_lr_message(hypers["max_lr"]))
+    return hypers
+
+
+def _max_lr_message(max_lr) -> str:
+    return (f"Invalid maximum learning rate: max_lr={max_lr}. decouple_lr=True divides the weight decay by "
+            "max_lr (it defaults to lr), so it must be positive")
 
 
 def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation,
               single=None):
     """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend."""
-    for device, dtype, ps, lists in _group_by_device_and_dtype(tensors[0], tensors[1:], single):
+    groups = _group_by_device_and_dtype(tensors[0], tensors[1:], single)
+    if len(groups) > 1:
+        check_buffers(info, tensors)  # every group before the first is stepped
+    for device, dtype, ps, lists in groups:
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
         name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
         impl = info.backend(name)
+        if not getattr(impl, "checks_buffers", False):  # the fused kernel checks in its pointer pass
+            check_buffers(info, [ps, *lists])
         host = info.host(**hypers, update_parameters=not optimizer_accumulation,
                          kahan=bool(kahan_sum) and dtype in LOW_PRECISION)
         if device.type == "cpu" and name in ("eager", "foreach"):
@@ -254,9 +340,23 @@ class CompiledOptimizer(Optimizer):
                 group["foreach"] = False
                 for p in group["params"]:
                     self.state[p]["group"] = group
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        self._released: dict[int, dict] = {}  # groups stepped from hooks since the last step(), by id
         self.register_state_dict_post_hook(_pack_gradient_release_groups)
+        self.register_load_state_dict_pre_hook(_check_and_convert_state_dict)
         self.register_load_state_dict_post_hook(_link_gradient_release_groups)
         self.register_load_state_dict_post_hook(_keep_constructor_only_keys)
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickle rebuild an optimizer from defaults, state and param_groups only:
+        # restore what __init__ set up, or the copy could not step (nor load a checkpoint safely)
+        fresh = "_optimizer_load_state_dict_pre_hooks" not in self.__dict__
+        super().__setstate__(state)
+        if fresh:
+            self._optimizer_accumulation = False
+            self._register_hooks()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -270,8 +370,17 @@ class CompiledOptimizer(Optimizer):
         # constructor's lr for every group, so a group with its own lr decays at the wrong strength).
         # torch's OneCycleLR overwrites group["max_lr"] with its peak lr: the same meaning, so fully
         # decoupled decay then applies weight_decay·lr_t/peak (tests/test_integration.py).
-        if group.get("decouple_lr") and group.get("max_lr") is None:
-            group["max_lr"] = group["lr"]
+        # A tensor lr is copied as a number: an aliased tensor would follow the schedule in place.
+        for key in ("lr", "weight_decay", "max_lr"):
+            value = group.get(key)
+            if value is not None and not 0.0 <= value:
+                raise ValueError(f"Invalid {_NAMES[key]}: {key}={value}")
+        if group.get("decouple_lr"):
+            if group.get("max_lr") is None:
+                lr = group["lr"]
+                group["max_lr"] = lr.item() if isinstance(lr, torch.Tensor) else lr
+            if not group["max_lr"] > 0:
+                raise ValueError(_max_lr_message(group["max_lr"]))
 
     @property
     def optimizer_accumulation(self) -> bool:
@@ -284,17 +393,28 @@ class CompiledOptimizer(Optimizer):
 
     # ── state ──────────────────────────────────────────────────────────────────────────────────
     def _init_param_state(self, group: dict, state: dict, param: torch.Tensor) -> None:
+        """Allocate a param's state on its first step. A state that already has its moments but no
+        ``kahan_comp`` (a checkpoint from fp32 training, converted) keeps them: only the
+        compensation starts, at zero (optimi re-initializes every state and loses the moments)."""
         if param.grad is not None and param.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                f"(param of shape {tuple(param.shape)}); use a dense gradient")
         if "kahan_comp" in state:
             return
-        kahan_sum = group.get("kahan_sum")
-        kahan = (kahan_sum or kahan_sum is None) and param.dtype in LOW_PRECISION
+        kahan = uses_kahan(group, param)
         if kahan:
             group["kahan_sum"] = True
-        self._info.init_state(state, param, group, kahan)
-        if group.get("gradient_release") and self._info.uses_step:
+        if not any(name in state for name in self._info.states):
+            self._info.init_state(state, param, group, kahan)
+        else:
+            fresh: dict = {}
+            self._info.init_state(fresh, param, group, kahan)
+            missing = [k for k in fresh if k not in state and k != "kahan_comp"]
+            if missing:
+                raise RuntimeError(f"{type(self).__name__}: the state of a param of shape {tuple(param.shape)} has "
+                                   f"{[k for k in fresh if k in state]} but not {missing}")
+            state["kahan_comp"] = fresh["kahan_comp"]
+        if group.get("gradient_release") and self._info.uses_step and "step" not in state:
             state["step"] = torch.tensor(0, dtype=torch.int32)
 
     def _setup_group(self, group: dict) -> None:
@@ -322,13 +442,25 @@ class CompiledOptimizer(Optimizer):
         if param is not None:
             self._step_param(param)
             return loss
+        released = self._released
         for group in self.param_groups:
             self._setup_group(group)
             # the per-param hot path of every step: comprehensions and C-level map/itemgetter
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:  # optimi increments the step of a group without grads; we leave it alone
+            grads = [p.grad for p in group["params"]]
+            if any([g is None for g in grads]):
+                params = [p for p, g in zip(group["params"], grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+            else:
+                params = group["params"]
+            if not params:
+                # Under gradient release the hooks stepped each param; the group's step then counts
+                # this step() as optimi's does. optimi also advances a group without any grads; we
+                # leave that one alone (docs/differences.md, 9).
+                if released and released.pop(id(group), None) is not None and self._info.uses_step:
+                    group["step"].add_(1)
                 continue
-            grads = [p.grad for p in params]
+            if released:
+                released.pop(id(group), None)
             states = list(map(self.state.__getitem__, params))
             if not all(["kahan_comp" in s for s in states]) or any([g.is_sparse for g in grads]):
                 for p, grad, state in zip(params, grads, states):
@@ -351,6 +483,7 @@ class CompiledOptimizer(Optimizer):
         self._call(group, param, param.grad, [state[n] for n in self._info.states], state["kahan_comp"],
                    step=state.get("step"), gradient_release=True,
                    optimizer_accumulation=self._optimizer_accumulation)
+        self._released[id(group)] = group  # the next step() advances this group's step (as optimi's)
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True, param: torch.Tensor | None = None) -> None:
@@ -378,6 +511,21 @@ def _pack_gradient_release_groups(optimizer: CompiledOptimizer, state_dict: dict
     return state_dict
 
 
+_NAMES = {"lr": "learning rate", "weight_decay": "weight decay", "max_lr": "maximum learning rate"}
+
+
+def uses_kahan(group: dict, param: torch.Tensor) -> bool:
+    """Kahan-compensated updates: low-precision params, unless the group's kahan_sum is False."""
+    kahan_sum = group.get("kahan_sum")
+    return bool(kahan_sum or kahan_sum is None) and param.dtype in LOW_PRECISION
+
+
+def _check_and_convert_state_dict(optimizer: CompiledOptimizer, state_dict: dict) -> dict | None:
+    """load_state_dict(): reject what this optimizer cannot step, before anything changes."""
+    from .checkpoint import check_and_convert
+    return check_and_convert(optimizer, state_dict)
+
+
 def _keep_constructor_only_keys(optimizer: CompiledOptimizer) -> None:
     """load_state_dict(): a group loaded from an optimi checkpoint lacks our own keys (``fused``);
     keep this optimizer's constructor value instead of silently switching backend."""
@@ -390,6 +538,7 @@ def _link_gradient_release_groups(optimizer: CompiledOptimizer) -> None:
     """load_state_dict(): point ``state[p]["group"]`` at the live param_group again. torch loads a
     copy of the saved dict, and steps that read the copy would ignore LR schedulers (optimi bug 5)."""
     release = optimizer.defaults.get("gradient_release")
+    optimizer._released.clear()
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not release:
@@ -398,7 +547,12 @@ def _link_gradient_release_groups(optimizer: CompiledOptimizer) -> None:
                 continue
             state = optimizer.state[p]
             state["group"] = group
-            if optimizer._info.uses_step and "kahan_comp" in state and "step" not in state:
+            step = state.get("step")
+            if torch.is_tensor(step) and step.dtype != torch.int32:
+                # torch.optim casts a per-param "step" to float32 when the group has fused=True
+                state["step"] = step.to(device="cpu", dtype=torch.int32)
+            if optimizer._info.uses_step and "step" not in state and (
+                    "kahan_comp" in state or any(n in state for n in optimizer._info.states)):
                 # resumed from a normal-step checkpoint: every param continues the group's count
                 step = group.get("step")
                 state["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(0, dtype=torch.int32)

@@ -78,15 +78,22 @@ REQUIRED = _Required()
 
 # Names the runtime owns: a spec may not declare hyperparameters, flags or states with them.
 RESERVED_NAMES = frozenset({
-    "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_sum", "foreach", "triton", "fused",
+    "param", "grad", "step", "params", "grads", "kahan", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
+    "triton", "fused",
     "gradient_release", "optimizer_accumulation", "update_parameters", "setup", "decouple_wd",
     "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults",
 })
 
-# Names the generated code itself uses (modules, helpers) or that no backend language accepts.
+# Names the generated code itself uses at module level (modules, helpers, the builtins and C math
+# functions it calls, Triton's constexpr arguments) or that no backend language accepts. Its other
+# names start with `_` (Python, Triton) or `oc_` (C), which user names cannot. Hyperparameters,
+# flags and states are the optimizer's API (constructor arguments, state keys), so they may not take
+# these names; a `let` may: it is renamed in the generated code (`torch` → `torch_`).
 GENERATED_CODE_NAMES = frozenset({
     "torch", "math", "tl", "triton", "libdevice", "fp32", "Tensor", "Iterable", "LOW_PRECISION",
     "CompiledOptimizer", "OptimizerInfo", "run_functional", "launch_plan", "BLOCK_SIZE", "lowp",
+    "DTYPE", "GRAD_DTYPE", "ALIGNED", "abs", "bool", "dict", "enumerate", "isinstance", "len", "max", "min",
+    "range", "super", "zip", "ValueError", "sqrt", "pow", "exp", "log", "fabs", "fmax", "fmin",
 } | set(keyword.kwlist) | {
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "enum", "extern",
     "float", "goto", "inline", "int", "long", "register", "restrict", "short", "signed", "sizeof",
@@ -212,6 +219,7 @@ class OptimizerSpec:
         self.grad = sympy.Symbol("grad", real=True)
         self.step = sympy.Symbol("step", integer=True, positive=True)
         self._names: dict[str, Origin] = {"param": self.origin, "grad": self.origin, "step": self.origin}
+        self._made: set[str] = set()  # symbol names the DSL made: reductions, SSA versions, renamed lets
         self._versions = itertools.count(1)
         self._updated = False
         self.alias: dict[sympy.Symbol, tuple[sympy.Symbol, int]] = {}  # value after stmt i of a buffer
@@ -266,7 +274,7 @@ class OptimizerSpec:
         """Name a value. Host-only math (hypers, step) runs once per step; the name survives codegen."""
         origin = _origin(self.file)
         expr = self._expr(expr, origin, name)
-        sym = self._new_symbol(name, origin, real=not isinstance(expr, sympy.logic.boolalg.Boolean))
+        sym = self._new_symbol(name, origin, real=not isinstance(expr, sympy.logic.boolalg.Boolean), let=True)
         self.lets[name] = origin
         self.stmts.append(Stmt(sym, expr, origin, "let"))
         return sym
@@ -279,7 +287,7 @@ class OptimizerSpec:
                             "the parameter)", self.file, origin.line, state)
         base = self._state_of(state, origin)
         expr = self._expr(expr, origin, base.name)
-        new = sympy.Symbol(f"{base.name}__v{next(self._versions)}", real=True)
+        new = sympy.Symbol(self._fresh(f"{base.name}__v{next(self._versions)}"), real=True)
         self.stmts.append(Stmt(base.symbol, expr, origin, "state", when=_cond(when)))
         self.alias[new] = (base.symbol, len(self.stmts) - 1)
         return new
@@ -301,7 +309,7 @@ class OptimizerSpec:
         lr = self._expr(lr, origin, "lr")
         self._updated = True
         self.stmts.append(Stmt(self.param, self.param - lr * direction, origin, "update", lr=lr))
-        new = sympy.Symbol(f"param__v{next(self._versions)}", real=True)
+        new = sympy.Symbol(self._fresh(f"param__v{next(self._versions)}"), real=True)
         self.alias[new] = (self.param, len(self.stmts) - 1)
         return new
 
@@ -312,7 +320,7 @@ class OptimizerSpec:
             raise SpecError("spec.set_param needs spec.update first", self.file, origin.line)
         expr = self._expr(expr, origin, "param")
         self.stmts.append(Stmt(self.param, expr, origin, "param", when=_cond(when)))
-        new = sympy.Symbol(f"param__v{next(self._versions)}", real=True)
+        new = sympy.Symbol(self._fresh(f"param__v{next(self._versions)}"), real=True)
         self.alias[new] = (self.param, len(self.stmts) - 1)
         return new
 
@@ -336,7 +344,7 @@ class OptimizerSpec:
     def _reduce(self, op: str, expr: Any):
         origin = _origin(self.file)
         expr = self._expr(expr, origin, f"{op}(...)")
-        sym = sympy.Symbol(f"{op}{len(self.reductions)}", real=True)
+        sym = sympy.Symbol(self._fresh(f"{op}{len(self.reductions)}"), real=True)
         self.reductions.append(ReductionDecl(sym, op, expr, origin))
         self.stmts.append(Stmt(sym, expr, origin, "reduce"))
         return sym
@@ -346,19 +354,35 @@ class OptimizerSpec:
             raise SpecError(f"argument {arg.name!r} declared twice", self.file, arg.origin.line)
         self.args.append(arg)
 
-    def _new_symbol(self, name: str, origin: Origin, real: bool = True) -> sympy.Symbol:
+    def _new_symbol(self, name: str, origin: Origin, real: bool = True, let: bool = False) -> sympy.Symbol:
+        """A declared name as a symbol. ``let`` names are internal to the step, so they may equal a
+        name of the generated code (lowering renames them there); API names may not."""
         if not isinstance(name, str) or not name.isidentifier():
             raise SpecError(f"{name!r} is not a valid identifier", self.file, origin.line)
         if name in RESERVED_NAMES:
             raise SpecError(f"{name!r} is a reserved name (reserved: {', '.join(sorted(RESERVED_NAMES))})",
                             self.file, origin.line)
-        if name in GENERATED_CODE_NAMES or name.startswith(("_", "oc_")):
+        if (keyword.iskeyword(name) if let else name in GENERATED_CODE_NAMES) or name.startswith("_") or \
+                name.lower().startswith("oc_"):
             raise SpecError(f"{name!r} clashes with the generated code (Python/C keywords, module names, and "
                             "names starting with '_' or 'oc_' are reserved)", self.file, origin.line)
         if name in self._names:
             raise SpecError(f"{name!r} is already declared at line {self._names[name].line}", self.file, origin.line)
+        if name in self._made and not let:
+            raise SpecError(f"{name!r} is already the name of a value made by an earlier call (spec.sum/mean/max "
+                            "results are sum0, mean1, …; spec.assign results m__v1, …): declare it before that "
+                            "call or choose another name", self.file, origin.line)
         self._names[name] = origin
-        return sympy.Symbol(name, real=True) if real else sympy.Symbol(name)
+        symbol_name = self._fresh(name) if name in self._made else name  # a let `sum0` after spec.sum(): `sum0_`
+        return sympy.Symbol(symbol_name, real=True) if real else sympy.Symbol(symbol_name)
+
+    def _fresh(self, name: str) -> str:
+        """``name``, or ``name_``, ``name__`` … : a symbol name the DSL makes (a reduction, an SSA
+        version) never equals a name the user declared or will declare (see ``_new_symbol``)."""
+        while name in self._made or name in self._names:
+            name += "_"
+        self._made.add(name)
+        return name
 
     def _state_of(self, sym: Any, origin: Origin) -> State:
         sym = self.alias.get(sym, (sym,))[0]
@@ -377,7 +401,7 @@ class OptimizerSpec:
                 fn = getattr(getattr(node, "func", None), "__name__", type(node).__name__)
                 raise SpecError(f"unsupported sympy function {fn!r}; supported: "
                                 f"{', '.join(SUPPORTED_FUNCTIONS)} and + - * / **", self.file, origin.line, expr)
-        known = set(self._names) | {s.name for s in self.alias} | {r.symbol.name for r in self.reductions}
+        known = set(self._names) | self._made
         for s in sorted(expr.free_symbols, key=lambda s: s.name):
             if s.name not in known:
                 raise SpecError(f"undefined symbol `{s.name}`: declare it with spec.hyper/flag/state/let",
@@ -425,8 +449,12 @@ def _display(file: str) -> str:
 def load_spec(path: str | os.PathLike) -> OptimizerSpec:
     """Execute a spec file and return its ``spec``; any failure becomes a SpecError with file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError("is a directory, not a spec file", str(path))
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
+    if path.suffix != ".py":
+        raise SpecError("not a spec file: a spec is a Python file ending in .py", str(path))
     name = _spec_module_name(str(path))
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -435,6 +463,8 @@ def load_spec(path: str | os.PathLike) -> OptimizerSpec:
         module_spec.loader.exec_module(module)
     except SpecError:
         raise
+    except SystemExit as exc:  # a spec declares an optimizer; ending the process is a bug in it
+        raise SpecError(f"spec called sys.exit({exc.code!r}) while loading", _display(str(path))) from None
     except SyntaxError as exc:
         raise SpecError(f"syntax error: {exc.msg}", _display(str(path)), exc.lineno) from None
     except Exception as exc:  # the author's code raised: point at their line

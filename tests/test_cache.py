@@ -1,6 +1,10 @@
-"""The cache survives what happens to real caches: torn, edited and corrupted entries, writers
-killed mid-write, unusable folders, and several processes compiling the same spec at once."""
+"""The cache survives what happens to real caches: torn, edited, corrupted and foreign entries,
+damaged libraries, writers and compilers killed mid-write, unusable, read-only, full and shared
+folders, other users' folders, and several processes compiling the same spec at once."""
+import errno
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optcompile import cli, loader
+from optcompile import cache, cli, loader
+from optcompile.backends_available import c_compiler
 from optcompile.cache import CacheWarning, JITDisabledError
 from optcompile.codegen.header import body_hash_ok
 from optcompile.version import __version__
@@ -38,10 +43,10 @@ def spec_file(tmp_path):
 
 
 def _entries(cache_dir: Path) -> list[Path]:
-    """Cache entries (not locks) of this compiler version."""
+    """Cache entries (not locks, nor Python's __pycache__ of them) of this compiler version."""
     d = cache_dir / __version__
-    return sorted(p for p in d.iterdir() if not p.name.endswith(".lock") and not p.name.startswith(".")) \
-        if d.exists() else []
+    return sorted(p for p in d.iterdir() if not p.name.endswith(".lock") and not p.name.startswith(".")
+                  and p.name != "__pycache__") if d.exists() else []
 
 
 def _temps(cache_dir: Path) -> list[Path]:
@@ -258,6 +263,18 @@ def test_edited_checked_in_module_is_not_imported(edited, cache_dir, tmp_path, m
     assert hasattr(module, "sgd") and not hasattr(module, "sgd_edited")
 
 
+@pytest.mark.parametrize("fault", ["directory", "not_utf8"])
+def test_unreadable_checked_in_module_is_compiled_instead(fault, cache_dir, tmp_path, monkeypatch):
+    if fault == "directory":
+        (tmp_path / "sgd.py").mkdir()
+    else:
+        (tmp_path / "sgd.py").write_bytes(b"\xff\xfe not text")
+    monkeypatch.setattr(loader, "generated_dir", lambda: tmp_path)
+    monkeypatch.delitem(sys.modules, "optcompile.generated.sgd", raising=False)
+    module = loader.builtin_module("sgd")
+    assert Path(module.__file__).parent == cache_dir / __version__ and hasattr(module, "sgd")
+
+
 def test_cli_cache_info_and_clear(spec_file, cache_dir, capsys):
     loader.compile_to_cache(spec_file)
     n = len(_entries(cache_dir))
@@ -276,3 +293,320 @@ def test_cli_disable_jit_error_has_no_traceback(spec_file, cache_dir, monkeypatc
     assert cli.main(["compile", str(spec_file)]) == 1
     err = capsys.readouterr().err
     assert "OPTCOMPILE_DISABLE_JIT" in err and "Traceback" not in err
+
+
+# ── faults of a real cache: shared folders, foreign entries, damaged libraries, full or read-only
+#    disks, killed builds, permissions and owners ──────────────────────────────────────────────
+NEEDS_CC = pytest.mark.skipif(c_compiler() is None, reason="no C compiler for the fused backend")
+# the same algorithm with another update: its kernel computes something else
+OTHER_SPEC = SPEC.replace("spec.update(m, lr=lr)", "spec.update(2 * m, lr=lr)")
+TINY_AFTER_ONE_STEP = [-0.05, 0.95, 1.95, 2.95]  # m = 0.1, p -= 0.5 m (what _step checks)
+
+FUSED_STEP = r"""
+import json, sys, warnings
+import torch
+from optcompile import loader
+cls = loader.compile_spec(sys.argv[1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = {}
+    for dtype in sys.argv[2:]:
+        p = torch.nn.Parameter(torch.arange(4.0, dtype=getattr(torch, dtype)))
+        p.grad = torch.ones_like(p)
+        cls([p], lr=0.5, fused=True).step()
+        out[dtype] = p.detach().float().tolist()
+print(json.dumps({"out": out, "warnings": [f"{type(w.message).__name__}: {w.message}" for w in caught]}))
+"""
+
+
+def _fused_step(spec_file, cache_dir, *dtypes, env=None, prefix=()):
+    """One fused step per dtype in a fresh process: ``(returncode, result or stderr)``."""
+    proc = subprocess.run([*prefix, sys.executable, "-c", FUSED_STEP, str(spec_file), *(dtypes or ["float32"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OPTCOMPILE_CACHE_DIR": str(cache_dir), **(env or {})})
+    if proc.returncode != 0:
+        return proc.returncode, proc.stderr
+    return 0, json.loads(proc.stdout.splitlines()[-1])
+
+
+def _libraries(cache_dir: Path) -> list[Path]:
+    d = cache_dir / __version__ / "fused"
+    return sorted(d.glob("*.so")) if d.exists() else []
+
+
+def _owned_tree(cache_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(cache_dir)): oct(p.lstat().st_mode & 0o777) for p in cache_dir.rglob("*")}
+
+
+def test_clear_and_info_touch_only_what_optcompile_created(spec_file, cache_dir, tmp_path):
+    """A cache root shared with a user's files: `info` counts only entries, `clear` removes only
+    them (and the folders it made, once empty), and never follows a symlink out of the cache."""
+    loader.compile_to_cache(spec_file)
+    n = len(_entries(cache_dir))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bait = [outside / f"tiny-{'0' * 12}.py", outside / f"tiny_fused-0-{'0' * 16}.so"]  # named like entries
+    user = [cache_dir / "notes.txt", cache_dir / "project" / "data.bin", cache_dir / __version__ / "mine.txt",
+            cache_dir / "1.2" / "results.csv", cache_dir / __version__ / "fused" / "build.log", *bait]
+    for f in user:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("user data")
+    (cache_dir / __version__ / "linked").symlink_to(outside)
+    (cache_dir / __version__ / "fused" / "linked").symlink_to(outside)
+    (cache_dir / "9.9.9").symlink_to(outside)  # a version-named symlink: not descended into
+    assert cache.info()["entries"] == n
+    assert cli.main(["cache", "clear"]) == 0
+    assert all(f.read_text() == "user data" for f in user)
+    assert not any(cache.ENTRY.fullmatch(p.name) for p in (cache_dir / __version__).iterdir())
+    assert cache.info()["entries"] == 0
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["module", "second_backend", "third_backend"])
+def test_entry_holding_another_specs_output_is_rebuilt(which, spec_file, cache_dir, tmp_path, monkeypatch):
+    """Another spec's valid file under this entry's name: its header's key is not the one asked for."""
+    other = tmp_path / "other" / "tiny.py"
+    other.parent.mkdir()
+    other.write_text(OTHER_SPEC)
+    ours, theirs = loader.CompileReport(), loader.CompileReport()
+    loader.compile_to_cache(spec_file, ours)
+    loader.compile_to_cache(other, theirs)
+    if which >= len(ours.files):
+        pytest.skip("this build generates fewer backend files")
+    mine, foreign = Path(ours.files[which][0]), Path(theirs.files[which][0])
+    assert mine.name != foreign.name and body_hash_ok(foreign.read_text())
+    good = mine.read_bytes()
+    mine.write_bytes(foreign.read_bytes())
+    monkeypatch.setenv("OPTCOMPILE_DISABLE_JIT", "1")
+    with pytest.raises(JITDisabledError, match="another spec"):
+        loader.compile_to_cache(spec_file)
+    monkeypatch.delenv("OPTCOMPILE_DISABLE_JIT")
+    _fresh_module(monkeypatch, Path(ours.files[0][0]))
+    with pytest.warns(CacheWarning, match="another spec or compiler"):
+        cls = loader.compile_spec(spec_file)
+    assert mine.read_bytes() == good
+    assert torch.equal(_step(cls), torch.tensor(TINY_AFTER_ONE_STEP))
+
+
+def test_backend_file_of_another_compile_beside_a_module_is_not_loaded(cache_dir, tmp_path, monkeypatch):
+    """A checked-in backend file with a sound body but another compile's key is not used."""
+    from optcompile.compiler import generate_sources
+    from optcompile.spec import load_spec
+    sgd = generate_sources(load_spec(ROOT / "specs" / "sgd.py"))
+    adam = generate_sources(load_spec(ROOT / "specs" / "adam.py"))
+    (tmp_path / "sgd.py").write_text(sgd[".py"])
+    (tmp_path / "sgd_fused.c").write_text(adam["_fused.c"])  # intact, but Adam's kernel
+    monkeypatch.setattr(loader, "generated_dir", lambda: tmp_path)
+    monkeypatch.delitem(sys.modules, "optcompile.generated.sgd", raising=False)
+    module = loader.builtin_module("sgd")
+    assert Path(module.__file__) == tmp_path / "sgd.py"
+    loader.has_backend("fused")  # registers the real loader first, so the stand-in stays
+    loaded = []
+    monkeypatch.setitem(loader._BACKEND_LOADERS, "fused", lambda info, path: loaded.append(path) or "step")
+    assert loader.load_backend(module._INFO, "fused") == "step"
+    assert loaded[0].parent == cache_dir / __version__
+    assert loaded[0].read_text() == sgd["_fused.c"]
+
+
+@NEEDS_CC
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "directory", "other_library"])
+def test_damaged_cached_library_is_rebuilt_with_a_warning(damage, spec_file, cache_dir, tmp_path):
+    """A truncated library would kill the process in dlopen (SIGBUS), a directory fail to load, another
+    spec's library run the wrong kernel: each is caught before loading and rebuilt once, saying so."""
+    rc, first = _fused_step(spec_file, cache_dir)
+    assert rc == 0 and first["out"]["float32"] == pytest.approx(TINY_AFTER_ONE_STEP), first
+    assert not [w for w in first["warnings"] if "Fallback" in w or "Cache" in w], first["warnings"]
+    (lib,) = _libraries(cache_dir)
+    good = lib.read_bytes()
+    if damage == "truncate":
+        lib.write_bytes(good[: len(good) // 3])
+    elif damage == "directory":
+        lib.unlink()
+        lib.mkdir()
+        (lib / "x").write_text("")
+    else:
+        other = tmp_path / "other" / "tiny.py"
+        other.parent.mkdir()
+        other.write_text(OTHER_SPEC)
+        from optcompile.backends import fused_runtime
+        module = loader.compile_to_cache(other)
+        foreign = fused_runtime.build(module.with_name(module.stem + "_fused.c"), 0)
+        lib.write_bytes(foreign.read_bytes())  # a sound library, of another kernel
+    rc, again = _fused_step(spec_file, cache_dir)
+    assert rc == 0, again
+    assert again["out"]["float32"] == pytest.approx(TINY_AFTER_ONE_STEP)
+    assert not [w for w in again["warnings"] if "FusedFallback" in w], again["warnings"]
+    damaged = [w for w in again["warnings"] if w.startswith("CacheWarning") and lib.name in w]
+    assert len(damaged) == 1 and ("damaged" in damaged[0] or "directory" in damaged[0]), again["warnings"]
+    assert lib.is_file() and cache.seal_problem(lib) is None
+    rc, third = _fused_step(spec_file, cache_dir)  # rebuilt once: the next process just uses it
+    assert rc == 0 and not [w for w in third["warnings"] if "Cache" in w or "Fallback" in w], third
+
+
+def _cc_logger(tmp_path: Path) -> tuple[Path, Path]:
+    """A C compiler that logs every compile (not ``--version``) and then runs the real one."""
+    log, cc = tmp_path / "cc.log", tmp_path / "logcc"
+    cc.write_text(f'#!/bin/sh\ncase "$1" in --version) ;; *) echo "$@" >> {log} ;; esac\nexec {c_compiler()} "$@"\n')
+    cc.chmod(0o755)
+    return cc, log
+
+
+def _read_only(path: Path) -> tuple[str, ...]:
+    """A command prefix that runs the rest with ``path`` bind-mounted read-only (root ignores mode
+    bits, so chmod proves nothing); skips where mount namespaces are not allowed."""
+    mount = f"mount --bind -o ro '{path}' '{path}'"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && ! touch '{path}/.w'"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot bind-mount read-only here: {probe.stderr.decode().strip()[:200]}")
+    return ("unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "ro")
+
+
+@NEEDS_CC
+@pytest.mark.slow
+def test_populated_read_only_cache_is_used_as_is(spec_file, cache_dir, tmp_path):
+    """Everything present is used without gcc or temp folders; only what is missing (the bf16
+    library) is built, into a temp folder removed at exit, with one warning."""
+    cc, log = _cc_logger(tmp_path)
+    rc, first = _fused_step(spec_file, cache_dir, "float32", env={"CC": str(cc)})
+    assert rc == 0, first
+    assert len(log.read_text().splitlines()) == 1
+    before = _owned_tree(cache_dir)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ro = _read_only(cache_dir)
+    rc, out = _fused_step(spec_file, cache_dir, "float32", env={"CC": str(cc), "TMPDIR": str(tmp)}, prefix=ro)
+    assert rc == 0, out
+    assert out["out"]["float32"] == pytest.approx(TINY_AFTER_ONE_STEP)
+    assert not [w for w in out["warnings"] if "Cache" in w or "Fallback" in w], out["warnings"]
+    assert len(log.read_text().splitlines()) == 1, "gcc ran although the library was in the cache"
+    assert list(tmp.iterdir()) == []
+    rc, out = _fused_step(spec_file, cache_dir, "float32", "bfloat16", env={"CC": str(cc), "TMPDIR": str(tmp)},
+                          prefix=ro)
+    assert rc == 0, out
+    assert len(log.read_text().splitlines()) == 2  # the missing bf16 library only
+    ours = [w for w in out["warnings"] if "Cache" in w or "Fallback" in w]
+    assert len(ours) == 1 and "not usable" in ours[0], out["warnings"]
+    assert out["out"]["bfloat16"] == pytest.approx(TINY_AFTER_ONE_STEP, abs=1e-2)
+    assert list(tmp.iterdir()) == [], "the fallback folder outlived its process"
+    assert _owned_tree(cache_dir) == before
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EDQUOT])
+def test_full_disk_while_writing_falls_back_with_one_warning(code, spec_file, cache_dir, tmp_path, monkeypatch):
+    real = cache.atomic_write
+
+    def full(path, data, mode=None):
+        if str(path).startswith(str(cache_dir)):
+            raise OSError(code, os.strerror(code))
+        return real(path, data, mode)
+    monkeypatch.setattr(cache, "atomic_write", full)
+    with pytest.warns(CacheWarning, match=os.strerror(code)) as caught:
+        cls = loader.compile_spec(spec_file)
+    assert len([w for w in caught if issubclass(w.category, CacheWarning)]) == 1
+    assert torch.equal(_step(cls), torch.tensor(TINY_AFTER_ONE_STEP))
+    assert not sys.modules[cls._info.module].__file__.startswith(str(cache_dir))
+    assert _entries(cache_dir) == [] and not _temps(cache_dir)
+    other = tmp_path / "other" / "tiny.py"
+    other.parent.mkdir()
+    other.write_text(OTHER_SPEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        loader.compile_to_cache(other)
+
+
+EFBIG_WORKER = r"""
+import resource, signal, sys
+from optcompile import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+sys.exit(cli.main(["compile", sys.argv[1]]))
+"""
+
+
+def test_file_size_limit_is_one_error_line_and_leaves_no_partial_entry(spec_file, cache_dir):
+    """RLIMIT_FSIZE stops every write, the temp fallback's too: one line, no traceback, nothing torn."""
+    proc = subprocess.run([sys.executable, "-c", EFBIG_WORKER, str(spec_file)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OPTCOMPILE_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("optcompile: error:")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1 and "File too large" in errors[0], proc.stderr
+    assert _entries(cache_dir) == [] and not _temps(cache_dir)
+
+
+def test_dead_writers_leftovers_are_removed_and_a_directory_entry_rebuilt(spec_file, cache_dir, monkeypatch):
+    key_path = loader.compile_to_cache(spec_file)
+    good = key_path.read_bytes()
+    cache.clear()
+    v, fused = cache_dir / __version__, cache_dir / __version__ / "fused"
+    lib = f"tiny_fused-0-{'a' * 16}.so"
+    dead = [v / f".tiny-{'b' * 12}.py.x1y2z3ab.tmp",  # another entry's writer, killed
+            fused / f".{lib}.q9w8e7r6.tmp", fused / f"{cache.BUILD_DIR}{lib}.k3j4h5g6", v / ".probe-999999999"]
+    old_build = fused / f"{cache.BUILD_DIR}a1b2c3d4"  # an older optcompile's unnamed build folder
+    live_build = fused / f"{cache.BUILD_DIR}e5f6g7h8"
+    for d in dead + [old_build, live_build]:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir() if "cc-" in d.name else d.write_bytes(b"partial")
+    (dead[2] / lib).write_bytes(b"half a library")
+    os.utime(old_build, (time.time() - 2 * 3600,) * 2)
+    key_path.mkdir()  # a directory where the entry belongs
+    (key_path / "junk").write_text("")
+    _fresh_module(monkeypatch, key_path)
+    with pytest.warns(CacheWarning, match="is a directory"):
+        cls = loader.compile_spec(spec_file)
+    assert key_path.read_bytes() == good and torch.equal(_step(cls), torch.tensor(TINY_AFTER_ONE_STEP))
+    assert [d for d in dead + [old_build] if os.path.lexists(d)] == []
+    assert live_build.exists()  # might be a build in progress: recent and unnamed, so kept
+
+
+@NEEDS_CC
+@pytest.mark.slow
+def test_build_killed_in_the_compiler_leaves_nothing_behind(spec_file, cache_dir, tmp_path):
+    marker, hang = tmp_path / "marker", tmp_path / "hangcc"
+    hang.write_text(f'#!/bin/sh\ncase "$1" in --version) exec {c_compiler()} --version ;; esac\n'
+                    f'touch {marker}\nsleep 600\n')
+    hang.chmod(0o755)
+    env = {**os.environ, "OPTCOMPILE_CACHE_DIR": str(cache_dir), "CC": str(hang)}
+    proc = subprocess.Popen([sys.executable, "-c", FUSED_STEP, str(spec_file), "float32"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for(marker, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the Python process and its compiler
+    proc.wait(timeout=30)
+    fused = cache_dir / __version__ / "fused"
+    assert [p.name for p in fused.iterdir() if p.name.startswith(cache.BUILD_DIR)], "nothing to clean up?"
+    rc, out = _fused_step(spec_file, cache_dir)
+    assert rc == 0 and out["out"]["float32"] == pytest.approx(TINY_AFTER_ONE_STEP), out
+    assert not [p for p in fused.iterdir() if p.name.startswith(cache.BUILD_DIR) or p.name.endswith(".tmp")]
+
+
+def test_folders_0700_and_files_0600_whatever_the_umask(spec_file, cache_dir, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # Python's __pycache__ of entries too
+    old = os.umask(0)
+    try:
+        cls = loader.compile_spec(spec_file)
+        if c_compiler() is not None:
+            from optcompile.backends import fused_runtime
+            src = next(p for p in (cache_dir / __version__).iterdir() if p.name.endswith("_fused.c"))
+            fused_runtime.build(src, 0)
+    finally:
+        os.umask(old)
+    modes = _owned_tree(cache_dir)
+    assert modes and cls.__name__ == "Tiny"
+    assert {k: m for k, m in modes.items() if (cache_dir / k).is_dir() and m != "0o700"} == {}
+    assert {k: m for k, m in modes.items() if (cache_dir / k).is_file() and m != "0o600"} == {}
+    assert oct(cache_dir.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("folder", ["root", "version"])
+def test_cache_folder_of_another_user_is_refused(folder, spec_file, cache_dir, capsys):
+    loader.compile_to_cache(spec_file)
+    target = cache_dir if folder == "root" else cache_dir / __version__
+    os.chown(target, 65534, 65534)
+    before = _owned_tree(cache_dir)
+    with pytest.raises(cache.UnsafeCacheError, match=rf"{re.escape(str(target))}.*uid 65534.*uid 0"):
+        loader.compile_spec(spec_file)
+    for args in (["cache", "clear"], ["cache", "info"], ["compile", str(spec_file)]):
+        assert cli.main(args) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "owned by uid 65534" in err and "Traceback" not in err
+    assert _owned_tree(cache_dir) == before  # nothing removed or written

@@ -30,6 +30,16 @@ def test_compile_out_dir_writes_then_leaves_unchanged(tmp_path):
     assert "(unchanged)" in again.stdout and "(written)" not in again.stdout
 
 
+def test_compile_out_files_get_the_umasks_mode_not_the_caches(tmp_path):
+    """Files written with --out are the user's (0644 under umask 022), not private cache files."""
+    import os
+    out = tmp_path / "out"
+    command = f"umask 022 && exec {sys.executable} -m optcompile compile specs/sgd.py --out {out}"
+    r = subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {oct(os.stat(p).st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+
+
 def test_show_backends_and_ir():
     eager = run("show", "specs/adamw.py", "--backend", "eager")
     assert eager.returncode == 0 and "def _single_tensor_adamw(" in eager.stdout and "lerp_" in eager.stdout
@@ -69,3 +79,55 @@ def test_cache_info_and_clear(tmp_path):
     clear = run("cache", "clear", env=env)
     assert clear.returncode == 0 and "removed" in clear.stdout
     assert "entries: 0" in run("cache", "info", env=env).stdout
+
+
+def _one_line_error(r, *needles):
+    """Non-zero exit, and stderr is one `optcompile: error:` line naming what went wrong."""
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("optcompile: error:") and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_not_a_spec_file_is_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember the milk\n")
+    bare = tmp_path / "sgd"
+    bare.write_text((ROOT / "specs" / "sgd.py").read_text())
+    env = {"OPTCOMPILE_CACHE_DIR": str(tmp_path / "c")}
+    _one_line_error(run("compile", str(notes), env=env), str(notes), ".py")
+    _one_line_error(run("compile", str(bare), env=env), str(bare), ".py")
+    _one_line_error(run("show", str(notes)), str(notes), ".py")
+    _one_line_error(run("compile", str(tmp_path), env=env), str(tmp_path), "is a directory")
+    _one_line_error(run("compile", str(tmp_path / "missing.py"), env=env), "missing.py", "not found")
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker / "out", Path("/proc/optcompile-out")):  # a file in the way; a folder nobody may create
+        _one_line_error(run("compile", "specs/sgd.py", "--out", str(out)), str(out))
+
+
+def test_spec_that_ends_the_process_is_not_a_success(tmp_path):
+    """os._exit(0) skips every handler: the CLI's parent process sees its child end without
+    finishing and reports it; sys.exit in a spec is a spec error."""
+    env = {"OPTCOMPILE_CACHE_DIR": str(tmp_path / "c")}
+    hard = tmp_path / "hard_exit.py"
+    hard.write_text("import os\nos._exit(0)\n")
+    _one_line_error(run("compile", str(hard), env=env), str(hard), "exited with status 0")
+    _one_line_error(run("compile", "specs/sgd.py", str(hard), env=env), str(hard))  # even after a good one
+    soft = tmp_path / "soft_exit.py"
+    soft.write_text("import sys\nsys.exit(0)\n")
+    _one_line_error(run("compile", str(soft), env=env), "soft_exit.py", "sys.exit(0)")
+    assert not any((tmp_path / "c").rglob("hard_exit*")) and not any((tmp_path / "c").rglob("soft_exit*"))
+
+
+def test_exit_status_passes_through_the_parent(tmp_path):
+    assert run("--help").returncode == 0
+    assert run("no_such_command").returncode == 2
+
+
+def test_show_after_unknown_pass_is_one_line():
+    _one_line_error(run("show", "specs/adam.py", "--after", "no_such_pass"), "no_such_pass", "add_weight_decay")

@@ -282,8 +282,8 @@ def test_kernel_locals_and_deep_selects(tmp_path):
 
 
 def test_printer_golden():
-    """Element math as C: squares as products, NaN-propagating max (torch.maximum, and unlike fmaxf
-    it vectorises), sign as a difference of comparisons, tensor Piecewise as a ternary."""
+    """Element math as C: squares as products, max as a select that drops a NaN operand (fmaxf's
+    semantics, but it vectorises), sign as a difference of comparisons, tensor Piecewise as a ternary."""
     import sympy
     from optcompile.codegen.c import cexpr
     g, v, eps, m = sympy.symbols("grad exp_avg_sq eps exp_avg", real=True)

@@ -102,6 +102,72 @@ def test_release_matches_optimi(stem, dtype):
         assert opt_a.state[pa].keys() == opt_b.state[pb].keys()
 
 
+@pytest.mark.parametrize("stem", SPECS)
+def test_release_state_dict_matches_optimi(stem):
+    """The group's step advances once per step() after the hooks stepped its params, as optimi's
+    does (it stayed at 0, so saved state dicts differed from optimi's); per-param steps, state
+    keys and values agree too. A group none of whose params was stepped keeps its step (optimi
+    advances it too: docs/differences.md, 9)."""
+    cls, ocls, data = ours(stem), oracle(stem), batches(5)
+    a, b = make_model(), make_model()
+    frozen_a, frozen_b = nn.Linear(3, 3), nn.Linear(3, 3)
+    groups = lambda m, f: [{"params": m.parameters()}, {"params": f.parameters()}]  # noqa: E731
+    opt_a = cls(groups(a, frozen_a), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_b = ocls(groups(b, frozen_b), lr=1e-2, gradient_release=True, **kw_for(stem), foreach=False, triton=False)
+    prepare_for_gradient_release(a, opt_a)
+    optimi.prepare_for_gradient_release(b, opt_b)
+    train(a, opt_a, data, True)
+    train(b, opt_b, data, True)
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    if opt_a._info.uses_step:
+        assert sa["param_groups"][0]["step"].dtype == torch.int32
+        assert int(sa["param_groups"][0]["step"]) == int(sb["param_groups"][0]["step"]) == len(data)
+        assert int(sa["param_groups"][1]["step"]) == 0 and int(sb["param_groups"][1]["step"]) == len(data)
+    for key in set(sb["param_groups"][0]) - {"params"}:
+        va, vb = sa["param_groups"][0][key], sb["param_groups"][0][key]
+        assert (torch.equal(va, vb) if torch.is_tensor(vb) else va == vb), key
+    assert sa["state"].keys() == sb["state"].keys()
+    for i, st in sb["state"].items():
+        assert list(sa["state"][i]) == list(st), i
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                torch.testing.assert_close(sa["state"][i][k], v, rtol=1e-5, atol=1e-6)
+    remove_gradient_release(a)
+
+
+def test_release_group_step_needs_a_step_call_and_survives_resume():
+    """Without opt.step() calls the group's step stays absent (optimi's too: only step() sets it
+    up); a load in between forgets which groups the hooks stepped."""
+    model = make_model()
+    opt = ours("adamw")(model.parameters(), lr=1e-2, gradient_release=True, **EAGER)
+    prepare_for_gradient_release(model, opt)
+    for x, y in batches(2):
+        ((model(x) - y) ** 2).mean().backward()
+    assert "step" not in opt.param_groups[0]
+    opt.step()
+    assert int(opt.param_groups[0]["step"]) == 1, "one step() after the hooks: one step"
+    opt.step()
+    assert int(opt.param_groups[0]["step"]) == 1, "step() without hook steps in between: unchanged"
+    ((model(batches(1)[0][0]) ** 2).mean()).backward()
+    opt.load_state_dict(_roundtrip(opt.state_dict()))
+    opt.step()
+    assert int(opt.param_groups[0]["step"]) == 1
+    remove_gradient_release(model)
+
+
+def test_fused_release_checkpoint_keeps_int32_param_steps():
+    """torch's load_state_dict casts a per-param ``step`` to float32 when the group has
+    ``fused=True`` (its own fused optimizers keep float steps); ours are int32, as optimi's."""
+    model = make_model()
+    opt = ours("adamw")(model.parameters(), lr=1e-2, gradient_release=True, fused=True)
+    prepare_for_gradient_release(model, opt)
+    train(model, opt, batches(2), True)
+    opt.load_state_dict(_roundtrip(opt.state_dict()))
+    for p in model.parameters():
+        assert opt.state[p]["step"].dtype == torch.int32 and int(opt.state[p]["step"]) == 2
+    remove_gradient_release(model)
+
+
 # ── gradient memory ──────────────────────────────────────────────────────────────────────────
 def _peak_live_grad_bytes(release: bool):
     """Sum of live ``.grad`` bytes, sampled by a hook that runs before the release hook of each

@@ -67,7 +67,7 @@ def _regress(cls, dtype, kahan, backend, steps=200, lr=1e-3, storage=torch.bfloa
 # into p every k steps, so their rounding error replaces p's compensated value: measured 1.4x.
 # Compensating the slow weights too needs a second buffer (or fp32 slow weights); optimi has the
 # same limitation. Without the lookahead (k huge) Ranger's compensated RAdam step is checked.
-LOOKAHEAD_XFAIL = pytest.mark.xfail(reason="Ranger's bf16 slow weights are not Kahan-compensated", strict=False)
+LOOKAHEAD_XFAIL = pytest.mark.xfail(reason="Ranger's bf16 slow weights are not Kahan-compensated", strict=True)
 KAHAN_CASES = [pytest.param(s, KWARGS.get(s, {}), marks=LOOKAHEAD_XFAIL if s == "ranger" else (), id=s) for s in SPECS]
 KAHAN_CASES += [pytest.param(s, {**KWARGS.get(s, {}), "k": 10**9}, id=f"{s}-no-lookahead")
                 for s in SPECS if s == "ranger"]

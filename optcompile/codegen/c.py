@@ -22,8 +22,9 @@ functions without a vector form (``powf`` …) keep the variant scalar.
 Numerics follow the other backends: storage is ``OC_T`` (float, bf16 bits or ``_Float16``,
 chosen by ``-DOC_DTYPE`` at build time), math is fp32, a store rounds to nearest-even, and a
 later read of a stored buffer sees the rounded value (``OC_ROUND``, after which the store is
-exact). ``Max``/``Min`` print as NaN-propagating selects like ``torch.maximum`` (``fmaxf`` would
-not vectorise). Scalar subexpressions (host and per-tensor) are computed in double before the
+exact). ``Max``/``Min`` ignore a NaN operand like ``fmaxf`` (README, DSL semantics) but print as
+selects (``fmaxf`` would not vectorise); a max reduction propagates NaN like ``torch.max``.
+Interpolations and in-place products print in the torch backends' grouping (forms.py). Scalar subexpressions (host and per-tensor) are computed in double before the
 loop and rounded to float once, as torch rounds a Python float scalar: ``param.mul_(1 - decay)``
 and ``param * c0`` agree.
 """
@@ -37,6 +38,7 @@ from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
 from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from .forms import Forms
 from .host import used_host_names
 
 
@@ -71,8 +73,9 @@ class CPrinter(C99CodePrinter):
             return "(1.0f / (" + "*".join([b] * int(-exp)) + "))"
         return f"powf({self._print(base)}, {self._print(exp)})"
 
-    # Max/Min as torch.maximum/minimum: NaN-propagating, and vectorisable (fmaxf is neither)
+    # Max/Min ignore a NaN operand (fmaxf's semantics; fmaxf itself does not vectorise)
     MAX, MIN, AND, OR = "oc_max", "oc_min", " && ", " || "
+    LERP = "oc_lerp"
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"(({cond}) ? ({a}) : ({b}))"
@@ -103,6 +106,9 @@ class CPrinter(C99CodePrinter):
 
     def mask(self, cond) -> str:
         return self._print(cond)
+
+    def _print_Lerp(self, expr):
+        return f"{self.LERP}(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
     def _print_And(self, expr):
         return "(" + self.AND.join(self.mask(a) for a in sorted(expr.args, key=str)) + ")"
@@ -143,6 +149,7 @@ class VecPrinter(CPrinter):
     loop only (``vexpr`` returns None)."""
 
     MAX, MIN, AND, OR = "oc_vmax", "oc_vmin", " & ", " | "  # comparisons give lane masks
+    LERP = "oc_vlerp"
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"oc_vsel({cond}, {a}, {b})"
@@ -166,7 +173,7 @@ class VecPrinter(CPrinter):
 
 
 _C, _D, _V = CPrinter(), DoublePrinter(), VecPrinter()
-_VEC_CALLS = {"oc_vsqrt", "oc_vsel", "oc_vmax", "oc_vmin", "oc_vabs", "OC_VMASK"}
+_VEC_CALLS = {"oc_vsqrt", "oc_vsel", "oc_vmax", "oc_vmin", "oc_vabs", "oc_vlerp", "OC_VMASK"}
 
 
 def _flit(x: float) -> str:
@@ -231,6 +238,7 @@ def context(prog: Program) -> dict:
     scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(tscalar_names)})
     scalar_src["numel"] = "(double)oc_numel"
     stages = [_Stage(i, st) for i, st in enumerate(prog.stages())]
+    forms = Forms(prog).body(prog)  # lerps and in-place products, as the torch backends group them
     spills = _spills(prog, stages, stored)
     buffers = [{"name": b, "ctype": "OC_T", "const": b == "grad"} for b in ["param", "grad"] + stored[1:]]
     buffers += [{"name": f"spill_{n}", "ctype": "float", "const": False} for n in spills]
@@ -243,12 +251,15 @@ def context(prog: Program) -> dict:
             if not active:
                 st.table.append(-1)
                 continue
-            if active not in seen:
-                seen[active] = len(st.variants)
+            # a flag the math reads (`Piecewise((a, f & (g > 0)), …)`) is a constant in the loop: part of the key
+            read = sorted(set().union(*[_syms(st.elem[i].expr) for i in active]) & set(env))
+            key = (active, tuple(env[f] for f in read))
+            if key not in seen:
+                seen[key] = len(st.variants)
                 st.variants.append(_variant(prog, st, [st.elem[i] for i in active], stored, scalar_src,
                                             spills, f"{fn}_stage{st.index}_v{len(st.variants)}", env,
-                                            [b["name"] for b in buffers]))
-            st.table.append(seen[active])
+                                            [b["name"] for b in buffers], forms))
+            st.table.append(seen[key])
     return {
         "fn": fn,
         "name": prog.name,
@@ -304,7 +315,7 @@ def _spills(prog, stages, stored) -> dict[str, int]:
     return out
 
 
-def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_names) -> dict:
+def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_names, forms) -> dict:
     """Straight-line C for one flag combination: loads, statements, rounding, stores."""
     scalar_src = {**scalar_src, **{f: "1.0" if on else "0.0" for f, on in env.items()}}  # constants here
     scalar_names = set(scalar_src)
@@ -329,7 +340,7 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             else:
                 raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
             declared.add(n)
-        hexpr = _hoist(s.expr, scalar_names, hoisted)
+        hexpr = _hoist(forms[id(s)], scalar_names, hoisted)
         rhs = cexpr(hexpr)
         vrhs = vexpr(hexpr, {h[0] for h in hoisted.values()})
         if vrhs is None:
@@ -338,9 +349,9 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             acc = f"oc_acc_{s.name}"
             reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": st.reductions.index(s)})
             for a, out in ((acc, body), (f"{acc}_lanes[oc_l]", body_lanes)):
-                out.append(f"{a} = oc_max({a}, {rhs});" if s.op == "max" else f"{a} += {rhs};")
+                out.append(f"{a} = oc_nanmax({a}, {rhs});" if s.op == "max" else f"{a} += {rhs};")
             if vbody is not None:  # committed after the NaN check, so a flagged block is not counted twice
-                new = f"oc_vmax({acc}_v[oc_k], {vrhs})" if s.op == "max" else f"{acc}_v[oc_k] + {vrhs}"
+                new = f"oc_vnanmax({acc}_v[oc_k], {vrhs})" if s.op == "max" else f"{acc}_v[oc_k] + {vrhs}"
                 vbody.append(f"{acc}_next[oc_k] = {new};")
             continue
         t = s.target
@@ -410,5 +421,5 @@ def _hoist(expr, scalar_names: set, hoisted: dict):
 def render(prog: Program, spec_source: bytes) -> str:
     from .render import env, header
     body = env().get_template("fused.c.j2").render(**context(prog))
-    return header(prog, spec_source, body, backend="c", comment="//") + body
+    return header(prog, spec_source, body, comment="//") + body
 

@@ -27,10 +27,15 @@ class HostPrinter(PythonCodePrinter):
         return str(int(expr))
 
     def _print_Max(self, expr):
-        return "max(" + ", ".join(self._print(a) for a in expr.args) + ")"
+        return self._nan_ignoring("max", expr)
 
     def _print_Min(self, expr):
-        return "min(" + ", ".join(self._print(a) for a in expr.args) + ")"
+        return self._nan_ignoring("min", expr)
+
+    def _nan_ignoring(self, fn: str, expr) -> str:
+        """The DSL's Max/Min drop NaN operands (C's fmax; Python's max(1, nan) is 1 but
+        max(nan, 1) is nan): ``runtime.fmax``/``fmin``, imported by generated modules as ``_max``/``_min``."""
+        return f"_{fn}(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
     def _print_Abs(self, expr):
         return f"abs({self._print(expr.args[0])})"

@@ -55,11 +55,12 @@ def traffic(prog: Program) -> str:
             f"{4 * (len(reads) + len(writes))} B/param/step")
 
 
-def header(prog: Program, spec_source: bytes, body: str, backend: str = "py", comment: str = "#") -> str:
+def header(prog: Program, spec_source: bytes, body: str, comment: str = "#") -> str:
+    """Every backend's file of one compile carries the one key its cache entry is named by."""
     path = spec_display_path(prog.spec_path)
     return stamp(comment=comment, spec_path=path, name=prog.name, spec_sha=hashlib.sha256(spec_source).hexdigest(),
                  version=__version__, templates_sha=templates_hash(), passes=", ".join(prog.passes),
-                 key=cache_key(prog.functional, spec_source, backend), body=body, traffic=traffic(prog))
+                 key=cache_key(prog.functional, spec_source, "py"), body=body, traffic=traffic(prog))
 
 
 # ── the Python module: host scalars, state init, eager, foreach, functional and class ───────────

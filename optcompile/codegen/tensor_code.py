@@ -14,6 +14,7 @@ import itertools
 import sympy
 
 from ..ir import TRUE, Program, Reduction, TensorScalar, satisfiable
+from .forms import Forms
 from .host import HostPrinter, host_of, pyexpr
 
 
@@ -34,6 +35,10 @@ class Dialect:
     def clone(self, x: str) -> str:
         return f"{x}.clone()"
 
+    def full(self, value: str, per_tensor: bool = False) -> str:
+        """A tensor of the param's shape holding one scalar (a constant branch of an element value)."""
+        return f"torch.full_like(param, {value})"
+
     def where(self, c: str, a: str, b: str) -> str:
         return f"torch.where({c}, {a}, {b})"
 
@@ -50,6 +55,11 @@ class Dialect:
 
     def logical_not(self, mask: str) -> str:
         return f"torch.logical_not({mask})"
+
+    def with_scalar(self, fn: str, x: str, s: str) -> str:
+        """A binary op that takes tensors only (``torch.fmax``) with a scalar: a 0-dim CPU tensor
+        (allowed next to a tensor on any device)."""
+        return f"torch.{fn}({x}, torch.tensor({s}, dtype={x}.dtype))"
 
     def reduce(self, op: str, x: str, item: bool = True) -> str:
         return _reduction(op, x) + (".item()" if item else "")
@@ -85,6 +95,11 @@ class ForeachDialect(Dialect):
     def clone(self, x: str) -> str:
         return f"[_x.clone() for _x in {x}]"
 
+    def full(self, value: str, per_tensor: bool = False) -> str:
+        if per_tensor:  # a list: one value per tensor
+            return f"[torch.full_like(_p, _v) for _p, _v in zip(param, {value})]"
+        return f"[torch.full_like(_p, {value}) for _p in param]"
+
     def where(self, c: str, a: str, b: str) -> str:
         return f"[torch.where(_c, _a, _b) for _c, _a, _b in zip({c}, {a}, {b})]"
 
@@ -100,6 +115,9 @@ class ForeachDialect(Dialect):
     def logical_not(self, mask: str) -> str:
         return f"[torch.logical_not(_c) for _c in {mask}]"
 
+    def with_scalar(self, fn: str, x: str, s: str) -> str:  # s: one scalar per tensor
+        return f"[torch.{fn}(_x, torch.tensor(_s, dtype=_x.dtype)) for _x, _s in zip({x}, {s})]"
+
     def reduce(self, op: str, x: str, item: bool = True) -> str:
         return f"[{_reduction(op, '_x')}{'.item()' if item else ''} for _x in {x}]"
 
@@ -113,7 +131,7 @@ class ForeachDialect(Dialect):
         return [f"torch._foreach_copy_(_{name}_s, {name})"]
 
 
-_NO_FOREACH = {"square", "where", "rsqrt_scalar"}
+_NO_FOREACH = {"square", "where", "rsqrt_scalar", "fmax", "fmin"}
 
 
 def _reduction(op: str, x: str) -> str:
@@ -122,6 +140,26 @@ def _reduction(op: str, x: str) -> str:
     if op == "max":
         return f"({x}.max() if {x}.numel() else {x}.new_full((), -math.inf))"
     return f"{x}.{op}()"
+
+
+def _operand(text: str) -> str:
+    """``text`` as the receiver of a method call: ``(sum0 + sum1)/(sum2 + 1)`` needs parentheses
+    (``.item()`` would bind to the last factor); a name or a single call does not."""
+    head, paren, _ = text.partition("(")
+    if text.replace(".", "_").isidentifier() or (paren and head.replace(".", "_").isidentifier()
+                                                 and _closing(text, len(head)) == len(text) - 1):
+        return text
+    return f"({text})"
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the parenthesis that closes the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1
 
 
 def _per_tensor(text: str, names) -> str:
@@ -174,9 +212,9 @@ class TensorCode:
 
     def __init__(self, prog: Program, dialect: Dialect):
         self.prog, self.d = prog, dialect
-        self.host = prog.host_names() | {"update_parameters", "kahan"}
         self.host_defs = host_of(prog)
-        self.tscalars = prog.tensor_scalar_names()
+        self.forms = Forms(prog)  # which statements are lerps, how a linear update groups: shared with the kernels
+        self.tscalars = self.forms.tensor_scalars
         self.stored = set(prog.stored())
         self.lines: list[str] = []
         self.indent = ""
@@ -188,12 +226,20 @@ class TensorCode:
         self.readers_on_device = {x.name for t in prog.body if getattr(t, "name", None) in self.device
                                   and isinstance(t, TensorScalar) for x in sympy.sympify(t.expr).free_symbols}
 
-    # ── classification ─────────────────────────────────────────────────────────────────────────
+    # ── classification (the Forms' names: one set for the torch printers and the kernels) ─────────
+    @property
+    def host(self) -> set[str]:
+        return self.forms.host
+
+    @host.setter
+    def host(self, names: set[str]) -> None:
+        self.forms.host = names
+
     def is_scalar(self, e) -> bool:
-        return {s.name for s in sympy.sympify(e).free_symbols} <= self.host | self.tscalars
+        return self.forms.is_scalar(e)
 
     def is_host(self, e) -> bool:
-        return {s.name for s in sympy.sympify(e).free_symbols} <= self.host
+        return self.forms.is_host(e)
 
     def emit(self, line: str) -> None:
         self.lines.append(self.indent + line)
@@ -219,17 +265,6 @@ class TensorCode:
 
     def numeric_one(self, e) -> bool:
         return sympy.sympify(e) == 1
-
-    def _host_value(self, e):
-        """Substitute host definitions back, to recognise ``a`` and ``1 - a`` as a lerp pair."""
-        e = sympy.sympify(e)
-        for _ in range(8):
-            sub = {sympy.Symbol(n, real=True): self.host_defs[n].expr for n in
-                   {s.name for s in e.free_symbols} if n in self.host_defs and self.host_defs[n].kind == "float"}
-            if not sub:
-                break
-            e = e.xreplace(sub)
-        return e
 
     # ── statements ─────────────────────────────────────────────────────────────────────────────
     def device_name(self, name: str) -> str:
@@ -259,7 +294,7 @@ class TensorCode:
                                                        for x in e.free_symbols}))
             names = [self.device_name(n) for n in per_tensor]
             if s.name not in self.readers_on_device:
-                self.scalar_line(s.name, f"{text}.item()", names)
+                self.scalar_line(s.name, f"{_operand(text)}.item()", names)
                 return
             self.scalar_line(self.device_name(s.name), text, names)
             if s.name in self.floats:
@@ -314,32 +349,18 @@ class TensorCode:
     def linear_update(self, target: str, e) -> bool:
         """``x ← a·x + Σ cᵢ·fᵢ`` (or ``c·(…)``) in place. False when ``e`` is not of that form."""
         x = sympy.Symbol(target, real=True)
-        outer = sympy.Integer(1)
-        if isinstance(e, sympy.Mul):
-            scal = [f for f in e.args if self.is_scalar(f)]
-            rest = [f for f in e.args if not self.is_scalar(f)]
-            if len(rest) == 1 and isinstance(rest[0], sympy.Add):
-                outer, e = sympy.Mul(*scal), rest[0]
-        a, others = sympy.Integer(0), []
-        for term in sympy.Add.make_args(e):
-            c, t = self.split_scalar(term)
-            if t == x:
-                a += c
-            elif isinstance(t, sympy.Add) and x not in t.free_symbols:
-                # c·(t₁ + t₂): one accumulate per term, e.g. Adan's two addcdivs into the param
-                others += [(c * ci, ti) for ci, ti in map(self.split_scalar, sympy.Add.make_args(t))]
-            else:
-                others.append((c, t))
-        if a == 0:
+        parts = self.forms.linear_parts(target, e)
+        if parts is None:
             return False
+        outer, a, others = parts
         for i, (c, t) in enumerate(others):  # a term that reads x is built before x changes
             if x in t.free_symbols:
                 others[i] = (c, sympy.Symbol(self.fresh(t), real=True))
-        if len(others) == 1 and isinstance(others[0][1], sympy.Symbol) and self.numeric_one(outer):
-            c, t = others[0]
-            if sympy.expand(self._host_value(a) + self._host_value(c)) == 1 and self.is_host(c):
-                self.emit(self.d.inplace(target, "lerp", self.atom(t), self.scalar(c)))
-                return True
+        lerp = self.forms.in_place_lerp(target, (outer, a, others))
+        if lerp is not None:
+            t, c = lerp
+            self.emit(self.d.inplace(target, "lerp", self.atom(t), self.scalar(c)))
+            return True
         if not self.numeric_one(a):
             self.mul_by(target, a)
         for c, t in others:
@@ -362,13 +383,7 @@ class TensorCode:
 
     def split_scalar(self, term):
         """``term = c · t`` with ``c`` scalar (host or per-tensor) and ``t`` the tensor part."""
-        if isinstance(term, sympy.Mul):
-            c = [f for f in term.args if self.is_scalar(f)]
-            t = [f for f in term.args if not self.is_scalar(f)]
-            return sympy.Mul(*c), sympy.Mul(*t)
-        if self.is_scalar(term):
-            return term, sympy.Integer(1)
-        return sympy.Integer(1), term
+        return self.forms.split_scalar(term)
 
     def accumulate(self, target: str, c, t) -> None:
         """``target += c·t`` with the fewest ops: add_, addcmul_, addcdiv_."""
@@ -434,6 +449,10 @@ class TensorCode:
     def fresh(self, e) -> str:
         """Build ``e`` into a new temporary that this code owns; return its name."""
         e = sympy.sympify(e)
+        if self.is_scalar(e):  # an element value that is a scalar in one branch: Piecewise((sqrt(v), f), (1, True))
+            tmp = self.new_tmp()
+            self.emit(f"{tmp} = {self.d.full(self.scalar(e), per_tensor=not self.is_host(e))}")
+            return tmp
         if isinstance(e, sympy.Add):
             return self.fresh_add(e)
         if isinstance(e, sympy.Mul):
@@ -444,18 +463,16 @@ class TensorCode:
         if isinstance(e, sympy.Symbol):
             self.emit(f"{tmp} = {self.d.clone(e.name)}")
         elif isinstance(e, (sympy.Max, sympy.Min)):
-            fn, clamp = ("maximum", "clamp_min") if isinstance(e, sympy.Max) else ("minimum", "clamp_max")
+            # the DSL's Max/Min ignore a NaN operand: torch.fmax/fmin (clamp and maximum propagate it)
+            fn = "fmax" if isinstance(e, sympy.Max) else "fmin"
             tensors = [a for a in e.args if not self.is_scalar(a)]
             scalars = [a for a in e.args if self.is_scalar(a)]
-            first = self.atom(tensors[0])
-            if len(tensors) > 1:
-                self.emit(f"{tmp} = {self.d.new(fn, first, self.atom(tensors[1]))}")
-                for t in tensors[2:]:
-                    self.emit(self.d.inplace(tmp, fn, self.atom(t)))
-            else:
-                self.emit(f"{tmp} = {self.d.new(clamp, first, self.scalar(scalars.pop(0)))}")
-            for s in scalars:
-                self.emit(self.d.inplace(tmp, clamp, self.scalar(s)))
+            out = self.atom(tensors[0])
+            for t in tensors[1:]:
+                self.emit(f"{tmp} = {self.d.new(fn, out, self.atom(t))}")
+                out = tmp
+            if scalars:  # one scalar operand: their Max (fmax is associative)
+                self.emit(f"{tmp} = {self.d.with_scalar(fn, out, self.zipped_operand(e.func(*scalars)))}")
         elif isinstance(e, sympy.Piecewise):
             self.fresh_where(tmp, e)
         elif isinstance(e, (sympy.Abs, sympy.sign, sympy.exp, sympy.log)):
@@ -478,14 +495,7 @@ class TensorCode:
         """``a·x + b·y`` with host ``a + b == 1`` and tensors ``x``, ``y``: (x, y, b) for lerp(x, y, b).
 
         The end point is the term whose weight is written ``1 − …`` (torch's ``lerp(m, g, 1 − β)``)."""
-        if len(terms) != 2 or not all(self.is_host(c) and isinstance(t, sympy.Symbol) for c, t in terms):
-            return None
-        (a, x), (b, y) = terms
-        if sympy.expand(self._host_value(a) + self._host_value(b)) != 1:
-            return None
-        if isinstance(self._host_value(a), sympy.Add) and not isinstance(self._host_value(b), sympy.Add):
-            (a, x), (b, y) = (b, y), (a, x)
-        return x, y, b
+        return self.forms.lerp_pair(terms)
 
     def fresh_add(self, e) -> str:
         terms = [self.split_scalar(t) for t in sympy.Add.make_args(e)]

@@ -26,11 +26,12 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from .forms import Forms, Lerp
 
 _ALLOWED = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.Abs,
             sympy.sign, sympy.exp, sympy.log, sympy.Piecewise, sympy.logic.boolalg.Boolean,
             sympy.core.relational.Relational, sympy.NumberSymbol, sympy.core.numbers.Infinity,
-            sympy.core.numbers.NegativeInfinity, sympy.functions.elementary.piecewise.ExprCondPair)
+            sympy.core.numbers.NegativeInfinity, sympy.functions.elementary.piecewise.ExprCondPair, Lerp)
 
 
 class TritonPrinter(PythonCodePrinter):
@@ -155,11 +156,14 @@ class TritonPrinter(PythonCodePrinter):
         return self._fold("tl.minimum", expr.args)
 
     def _fold(self, fn, args) -> str:
-        """Binary ``tl.maximum``; NaN propagates, as in torch.maximum / clamp."""
+        """Binary ``tl.maximum``: the DSL's Max ignores a NaN operand (IEEE maxNum, C's fmax)."""
         out = self._print(args[0])
         for a in args[1:]:
-            out = f"{fn}({out}, {self._print(a)}, propagate_nan=tl.PropagateNan.ALL)"
+            out = f"{fn}({out}, {self._print(a)}, propagate_nan=tl.PropagateNan.NONE)"
         return out
+
+    def _print_Lerp(self, expr):
+        return "_lerp(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
     def _print_Abs(self, expr):
         return f"tl.abs({self._print(expr.args[0])})"
@@ -299,6 +303,7 @@ class KernelBuilder:
         self.flags = [n for n in self.host_used if n in bools]
         self.scalars = [n for n in self.host_used if n not in bools]
         self.printer = TritonPrinter(constexpr=self.flags, tensors=set(self.buffers) | self._temps())
+        self.forms = Forms(prog).body(prog)  # lerps and in-place products, as the torch backends group them
         self.stages = prog.stages()
         self.reductions = [s for st in self.stages for s in st if isinstance(s, Reduction)]
         self.n_reductions = len(self.reductions)
@@ -391,13 +396,13 @@ class KernelBuilder:
     def statement(self, s) -> list[str]:
         p = self.printer
         if isinstance(s, Reduction):
-            fill, fn = ('-float("inf")', "tl.max") if s.op == "max" else ("0.0", "tl.sum")
-            value = p.doprint(s.expr)
-            return [f"tl.store({s.name}_partials + pid, {fn}(tl.where(mask, {value}, {fill}), axis=0))"
+            fill, total = ('-float("inf")', "tl.reduce({}, 0, _nanmax)") if s.op == "max" else ("0.0", "tl.sum({}, axis=0)")
+            value = p.doprint(self.forms[id(s)])  # a max reduction propagates NaN, as torch.max does
+            return [f"tl.store(_{s.name}_partials + _pid, {total.format(f'tl.where(_mask, {value}, {fill})')})"
                     f"  # {s.op}, per tensor: finished by {self.reduce_name(s)}"]
         if isinstance(s, TensorScalar):
             return [f"{s.name} = {p.doprint(s.expr)}"]
-        value = p.doprint(s.expr)
+        value = p.doprint(self.forms[id(s)])
         per_element = _names(s.expr) & (set(self.buffers) | self._temps())
         if not per_element:  # a scalar value written per element: broadcast it to the block
             value = f"{value} + tl.zeros([BLOCK_SIZE], dtype=tl.float32)"
@@ -465,7 +470,7 @@ def render(prog: Program, spec_source: bytes) -> str:
         body = env().get_template("triton_unsupported.py.j2").render(
             name=prog.name, fn=prog.functional, reason=reason,
             message=repr(f"{prog.name} has no Triton kernels ({reason})"))
-        return header(prog, spec_source, body, backend="triton") + body
+        return header(prog, spec_source, body) + body
     ctx["spec_display"] = spec_display_path(prog.spec_path)
     body = env().get_template("triton.py.j2").render(**ctx)
-    return header(prog, spec_source, body, backend="triton") + body
+    return header(prog, spec_source, body) + body

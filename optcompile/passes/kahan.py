@@ -44,7 +44,8 @@ def add_kahan_summation(prog: Program) -> Program:
         written = True
         body.append(dataclasses.replace(s, guard=_and(s.guard, Not(KAHAN))))
         g = _and(s.guard, KAHAN)
-        upd, prev = Symbol(f"kahan_upd{n or ''}", real=True), Symbol(f"param_prev{n or ''}", real=True)
+        upd = Symbol(prog.fresh_name(f"kahan_upd{n or ''}"), real=True)
+        prev = Symbol(prog.fresh_name(f"param_prev{n or ''}"), real=True)
         n += 1
         body += [Assign(upd.name, sympy.sympify(s.expr).xreplace(exact) - PARAM, g, s.origin, "kahan"),
                  Assign(prev.name, PARAM, g, s.origin, "kahan"),

@@ -39,7 +39,8 @@ def add_weight_decay(prog: Program) -> Program:
         decouple_wd = Symbol("decouple_wd")
         args.insert(0, Arg("decouple_wd", "flag", bool(prog.meta.get("decouple_wd")), ("decouple_wd",),
                            doc=DECOUPLE_WD_DOC, injected_by="weight_decay", type="bool"))
-        l2 = HostScalar("decay_l2", And(Ne(wd, 0), Not(decouple_wd), Not(decouple_lr)), "bool", "pass weight_decay")
+        l2 = HostScalar(prog.fresh_name("decay_l2"), And(Ne(wd, 0), Not(decouple_wd), Not(decouple_lr)), "bool",
+                        "pass weight_decay")
         host.append(l2)
         body.insert(0, Assign("grad", GRAD + wd * PARAM, l2.sym, "pass weight_decay", role="decay_l2"))
         # optimi's torch_init momentum buffer starts from the decayed gradient, as torch's does
@@ -50,12 +51,12 @@ def add_weight_decay(prog: Program) -> Program:
 
     # the decay rate lives with the learning rate: on the host, or per tensor (StableAdamW)
     rate = Piecewise((rate, decoupled_on), (0, True))
+    decay = Symbol(prog.fresh_name("decay"), real=True)
     if lr.free_symbols <= {Symbol(n, real=True) for n in prog.host_names()} | {Symbol(n) for n in prog.host_names()}:
-        host.append(HostScalar("decay", rate, "float", "pass weight_decay"))
+        host.append(HostScalar(decay.name, rate, "float", "pass weight_decay"))
     else:
         first_use = next(i for i, s in enumerate(body) if getattr(s, "role", "") == "update")
-        body.insert(first_use, TensorScalar("decay", rate, TRUE, "pass weight_decay"))
-    decay = Symbol("decay", real=True)
+        body.insert(first_use, TensorScalar(decay.name, rate, TRUE, "pass weight_decay"))
 
     out = []
     for s in body:
