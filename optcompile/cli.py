@@ -80,7 +80,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .compiler import as_spec, build_program, generate_sources
+    from .backends.registry import MODULE_SUFFIX
+    from .compiler import as_spec, backend_source, build_program, generate_sources
     if args.after is not None:
         from .passes import PASS_NAMES
         if args.after not in PASS_NAMES:
@@ -90,29 +91,9 @@ def cmd_show(args) -> int:
     if args.ir or args.after:
         print(build_program(spec, until=args.after).dump(), end="")
         return 0
-    sources = generate_sources(spec)
-    suffix = {"eager": ".py", "foreach": ".py", "module": ".py", "triton": "_triton.py", "fused": "_fused.c",
-              "c": "_fused.c"}[args.backend]
-    if suffix not in sources:
-        print(f"optcompile: backend {args.backend!r} is not available in this build", file=sys.stderr)
-        return 1
-    text = sources[suffix]
-    if args.backend in ("eager", "foreach"):
-        text = _function(text, f"_single_tensor_{spec.functional}" if args.backend == "eager"
-                         else f"_foreach_{spec.functional}", host=f"_{spec.functional}_host")
+    text = generate_sources(spec)[MODULE_SUFFIX] if args.backend == "module" else backend_source(spec, args.backend)
     print(text, end="")
     return 0
-
-
-def _function(module_text: str, name: str, host: str) -> str:
-    """The host-scalar function and one backend function out of a generated module."""
-    out = []
-    for fn in (host, name):
-        lines = module_text.splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith(f"def {fn}("))
-        end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
-        out.append("\n".join(lines[start:end]).rstrip() + "\n")
-    return "\n\n".join(out)
 
 
 def cmd_list(args) -> int:
@@ -178,6 +159,7 @@ def _supervise(args: list[str]) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from .backends.registry import BACKENDS
     parser = argparse.ArgumentParser(prog="optcompile", description="Compile optimizer specs to PyTorch code.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile specs (into the cache, or --out DIR)")
@@ -187,7 +169,9 @@ def _main(argv: list[str] | None) -> int:
     c.set_defaults(func=cmd_compile)
     s = sub.add_parser("show", help="print generated code or IR for a spec")
     s.add_argument("spec")
-    s.add_argument("--backend", default="module", choices=["module", "eager", "foreach", "triton", "fused", "c"])
+    s.add_argument("--backend", default="module", choices=["module", *(n for b in BACKENDS for n in (b.name, *b.aliases))],
+                   help="the whole Python module (default), or one backend's step: the eager or foreach "
+                        "function, the Triton module, the fused C file")
     s.add_argument("--ir", action="store_true", help="print the IR after all passes")
     s.add_argument("--after", help="print the IR after this pass (e.g. add_weight_decay)")
     s.set_defaults(func=cmd_show)

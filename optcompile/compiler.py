@@ -1,34 +1,17 @@
-"""The whole pipeline in one call: spec → IR → passes → finalize → sources for every backend."""
+"""The whole pipeline in one call: spec → IR → passes (finalize last) → sources for every backend."""
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import sympy
 
+from .backends import registry
+from .fingerprint import cache_key
 from .ir import Program
-from .lower import finalize, lower
+from .lower import lower
 from .passes import run_passes
 from .spec import OptimizerSpec, load_spec
 from .verify import verify
-
-# file suffix → renderer(program, spec_source) -> text. Backends register themselves here.
-GENERATORS: dict[str, Callable[[Program, bytes], str]] = {}
-
-
-def _register_builtin_generators() -> None:
-    from .codegen import render
-    GENERATORS.setdefault(".py", render.render_module)
-    try:
-        from .codegen import triton as triton_codegen
-        GENERATORS.setdefault("_triton.py", triton_codegen.render)
-    except ImportError:
-        pass
-    try:
-        from .codegen import c as c_codegen
-        GENERATORS.setdefault("_fused.c", c_codegen.render)
-    except ImportError:
-        pass
 
 
 def as_spec(spec_or_path) -> OptimizerSpec:
@@ -61,12 +44,26 @@ def build_program(spec: OptimizerSpec, until: str | None = None) -> Program:
     prog = lower(spec)
     if os.environ.get("OPTCOMPILE_VERIFY") == "1":
         verify(prog)
-    prog = run_passes(prog, until=until)
-    return finalize(prog) if until is None else prog
+    return run_passes(prog, until=until)  # the last pass, finalize, hoists and CSEs for the printers
 
 
-def generate_sources(spec: OptimizerSpec) -> dict[str, str]:
-    """``{suffix: text}`` for every registered backend, e.g. ``{".py": ..., "_triton.py": ...}``."""
-    _register_builtin_generators()
+def generate_sources(spec: OptimizerSpec, key: str | None = None) -> dict[str, str]:
+    """``{suffix: text}`` for every generated file (``optcompile.backends.registry``), e.g.
+    ``{".py": ..., "_triton.py": ..., "_fused.c": ...}``, each stamped with ``key``: the key its
+    cache entry is named by (the spec's cache key unless the caller has it already)."""
+    key = key if key is not None else cache_key(spec.functional, spec.source)
     prog = build_program(spec)
-    return {suffix: gen(prog, spec.source) for suffix, gen in GENERATORS.items()}
+    return {suffix: backend.generate(prog, spec.source, key) for suffix, backend in registry.files().items()}
+
+
+def backend_source(spec: OptimizerSpec, name: str) -> str:
+    """What ``optcompile show --backend NAME`` prints: a backend's own file, or, for a step that is
+    a function of the Python module (eager, foreach), the host-scalar function and that step
+    function, as the module generator rendered them."""
+    backend = registry.get(name)
+    prog = build_program(spec)
+    if backend.in_module:
+        from .codegen.render import module_functions
+        functions = module_functions(prog)
+        return "\n\n".join(functions[f].rstrip() + "\n" for f in ("host", backend.name))
+    return backend.generate(prog, spec.source, cache_key(spec.functional, spec.source))

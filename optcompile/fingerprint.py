@@ -1,5 +1,5 @@
 """Cache keys without importing the compiler: a key hashes the spec's bytes, the compiler's own
-source, the templates and the backend, so any change to any of them is a new key."""
+source and the templates, so any change to any of them is a new key."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,8 @@ from .paths import templates_dir
 from .version import __version__
 
 _PKG = Path(__file__).resolve().parent
-_COMPILER_FILES = ("spec.py", "ir.py", "lower.py", "verify.py", "passes/*.py", "codegen/*.py")
+_COMPILER_FILES = ("spec.py", "ir.py", "lower.py", "verify.py", "compiler.py", "passes/*.py", "codegen/*.py",
+                   "backends/registry.py", "step_flags.py")
 
 
 @functools.cache
@@ -30,10 +31,10 @@ def templates_hash() -> str:
     return h.hexdigest()
 
 
-def cache_key(functional: str, spec_source: bytes, backend: str) -> str:
-    """``adamw-a71c52e09d4f``: readable name plus a short hash (FlashInfer URI, Inductor hash)."""
+def cache_key(functional: str, spec_source: bytes) -> str:
+    """``adamw-a71c52e09d4f``: readable name plus a short hash (FlashInfer URI, Inductor hash). One
+    key names every file of one compile (``<key><suffix>``, ``optcompile.backends.registry``)."""
     h = hashlib.sha256()
-    for part in (spec_source.replace(b"\r\n", b"\n"), compiler_hash().encode(), templates_hash().encode(),
-                 backend.encode()):
+    for part in (spec_source.replace(b"\r\n", b"\n"), compiler_hash().encode(), templates_hash().encode()):
         h.update(part + b"\0")
     return f"{functional}-{h.hexdigest()[:12]}"

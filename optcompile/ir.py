@@ -15,7 +15,8 @@ Programs are frozen; passes return new ones (``Program.replace``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 from typing import Any, Union
 
 import sympy
@@ -26,6 +27,43 @@ STEP = sympy.Symbol("step", integer=True, positive=True)
 NUMEL = sympy.Symbol("numel", integer=True, positive=True)
 KAHAN_COMP = sympy.Symbol("kahan_comp", real=True)
 TRUE = sympy.true
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an IR value comes from: a line of the spec file, or the pass that added it."""
+
+    file: str = ""
+    line: int = 0
+    added_by: str = ""  # the pass (``weight_decay``), for a value no spec line wrote
+
+    def __bool__(self) -> bool:
+        return bool(self.file or self.added_by)
+
+    def __str__(self) -> str:
+        if self.added_by:
+            return f"pass {self.added_by}"
+        return f"{self.file}:{self.line}" if self.file else ""
+
+    def sort_key(self) -> tuple:
+        return (not self.added_by, self.added_by, self.file, self.line)
+
+
+NO_ORIGIN = Origin()
+
+
+class Namer:
+    """Fresh names ``prefix0``, ``prefix1`` … that none of ``taken`` (nor an earlier one) is."""
+
+    def __init__(self, taken):
+        self.taken = set(taken)
+
+    def fresh(self, prefix: str) -> str:
+        for i in itertools.count():
+            name = f"{prefix}{i}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
 
 
 def satisfiable(cond) -> bool:
@@ -68,7 +106,7 @@ class StateBuffer:
     init: Any = sympy.Integer(0)
     when: Any = TRUE
     dtype: str = "param"  # "param": the param's dtype, as optimi stores states
-    origin: str = ""
+    origin: Origin = NO_ORIGIN
 
 
 @dataclass(frozen=True)
@@ -76,7 +114,7 @@ class HostScalar:
     name: str
     expr: Any
     kind: str = "float"  # "float" | "bool"
-    origin: str = ""
+    origin: Origin = NO_ORIGIN
     guard: Any = TRUE  # computed only when true (RAdam's rect: sqrt of a negative otherwise), else 0
 
     @property
@@ -89,7 +127,7 @@ class Assign:
     target: str
     expr: Any
     guard: Any = TRUE
-    origin: str = ""
+    origin: Origin = NO_ORIGIN
     role: str = ""  # "update" (spec.update), "kahan", "decay_l2": what passes added or look for
 
 
@@ -101,7 +139,7 @@ class Reduction:
     op: str
     expr: Any
     guard: Any = TRUE
-    origin: str = ""
+    origin: Origin = NO_ORIGIN
 
 
 @dataclass(frozen=True)
@@ -109,7 +147,7 @@ class TensorScalar:
     name: str
     expr: Any
     guard: Any = TRUE
-    origin: str = ""
+    origin: Origin = NO_ORIGIN
 
 
 Stmt = Union[Assign, Reduction, TensorScalar]
@@ -128,10 +166,13 @@ class Program:
     update_lr: Any  # the effective learning rate of spec.update (host or tensor scalar expr)
     weight_decay: str | None
     kahan_default: bool | None
-    uses_step: bool
+    uses_step: bool  # whether the step reads ``step`` (set by finalize)
     passes: tuple[str, ...] = ()
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
     records: tuple[StateBuffer, ...] = ()  # 0-dim states kept for state_dict layout only (init, never read)
+    decouple_wd_default: bool = False  # the default of the ``decouple_wd`` flag the L2 decay pass adds
+    decoupled_flag: sympy.Symbol | None = None  # proximal decay: the flag that makes it decoupled instead
+    state_order: tuple[str, ...] = ()  # every state as the spec declares it (records included)
+    group_constants: tuple[tuple[str, Any], ...] = ()  # param_group entries the spec fixes
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -156,11 +197,14 @@ class Program:
     def tensor_scalar_names(self) -> set[str]:
         return {s.name for s in self.body if isinstance(s, (TensorScalar, Reduction))} | {"numel"}
 
+    def uses_numel(self) -> bool:
+        """Whether a statement reads ``numel`` (the element count of the tensor being stepped)."""
+        return any(NUMEL.name in {x.name for x in sympy.sympify(s.expr).free_symbols} for s in self.body)
+
     def whole_tensor(self) -> bool:
         """Whether a step reads whole-tensor values (reductions, per-tensor scalars, ``numel``); if
         not, any slice of a tensor steps exactly like the whole (CPU chunking, DTensor shards)."""
-        return any(isinstance(s, (Reduction, TensorScalar))
-                   or "numel" in {x.name for x in sympy.sympify(s.expr).free_symbols} for s in self.body)
+        return self.uses_numel() or any(isinstance(s, (Reduction, TensorScalar)) for s in self.body)
 
     def stored(self) -> tuple[str, ...]:
         """Buffers written back to memory, in a fixed order: param first, then states."""

@@ -2,8 +2,6 @@
 ``inspect.getsource``), from the checked-in ``generated/`` when fresh, else from the cache."""
 from __future__ import annotations
 
-import functools
-import importlib
 import importlib.util
 import os
 import sys
@@ -11,13 +9,11 @@ import time
 from pathlib import Path
 
 from . import cache
+from .backends import registry
 from .codegen.header import body_hash_ok, parse_key
 from .fingerprint import cache_key
 from .paths import builtin_specs, generated_dir
 
-_BACKEND_SUFFIX = {"triton": "_triton.py", "fused": "_fused.c"}
-_BACKEND_LOADERS: dict = {}  # name → callable(info, path) -> step function (registered by backends)
-_MODULE_KEYS: dict[str, str] = {}  # generated module name → the key all its files are stamped with
 
 
 class CompileReport:
@@ -53,22 +49,20 @@ def _compile_to_cache(spec_or_path, report: CompileReport | None = None) -> tupl
     from .compiler import as_spec, generate_sources
     t0 = time.perf_counter()
     spec = as_spec(spec_or_path)
-    key = cache_key(spec.functional, spec.source, "py")
+    key = cache_key(spec.functional, spec.source)
     sources: dict | None = None
 
     def build(suffix):
         def _b():
             nonlocal sources
             if sources is None:
-                sources = generate_sources(spec)
+                sources = generate_sources(spec, key)
             return sources[suffix]
         return _b
 
-    from .compiler import GENERATORS, _register_builtin_generators
-    _register_builtin_generators()
     main = None
-    for suffix in GENERATORS:
-        path, hit = cache.get_or_build(f"{key}{suffix}", build(suffix), key=key)
+    for suffix, backend in registry.files().items():
+        path, hit = cache.get_or_build(backend.entry(key), build(suffix), key=key)
         if report is not None:
             report.files.append((str(path), hit))
         main = main or path
@@ -79,16 +73,9 @@ def _compile_to_cache(spec_or_path, report: CompileReport | None = None) -> tupl
 
 def compile_spec(spec_or_path, report: CompileReport | None = None):
     """Compile a spec (path or OptimizerSpec) and return its Optimizer class."""
-    key, path = _compile_to_cache(spec_or_path, report)
-    module = _import_keyed(f"optcompile.generated.{path.stem.replace('-', '_')}", path, key)
+    _, path = _compile_to_cache(spec_or_path, report)
+    module = import_path(f"optcompile.generated.{path.stem.replace('-', '_')}", path)
     return getattr(module, module._INFO.name)
-
-
-def _import_keyed(module_name: str, path: Path, key: str):
-    """Import a generated module whose key is known, so its backend files can be checked against it."""
-    module = import_path(module_name, path)
-    _MODULE_KEYS[module_name] = key
-    return module
 
 
 def builtin_module(functional: str):
@@ -100,7 +87,7 @@ def builtin_module(functional: str):
     if spec_path is None:
         raise AttributeError(f"no built-in optimizer spec {functional!r}")
     checked_in = generated_dir() / f"{functional}.py"
-    key = cache_key(functional, spec_path.read_bytes(), "py")
+    key = cache_key(functional, spec_path.read_bytes())
     try:
         text = checked_in.read_text(encoding="utf-8") if checked_in.is_file() else None
     except (OSError, UnicodeDecodeError):
@@ -108,15 +95,15 @@ def builtin_module(functional: str):
     if text is not None:
         if parse_key(text) == key:
             if body_hash_ok(text):
-                return _import_keyed(name, checked_in, key)
+                return import_path(name, checked_in)
             import warnings  # same key, different body: hand-edited or corrupt, never imported
             warnings.warn(f"{checked_in} was edited or is corrupt (content hash mismatch); using a fresh "
                           "compile from the cache instead", cache.CacheWarning, stacklevel=2)
     if os.environ.get("OPTCOMPILE_DISABLE_JIT") == "1":
         raise cache.JITDisabledError(f"generated/{functional}.py is missing or stale and OPTCOMPILE_DISABLE_JIT=1; run "
                            f"`optcompile compile {spec_path}` or unset OPTCOMPILE_DISABLE_JIT")
-    key, path = _compile_to_cache(spec_path)
-    return _import_keyed(name, path, key)
+    _, path = _compile_to_cache(spec_path)
+    return import_path(name, path)
 
 
 def builtin_class(functional: str):
@@ -125,44 +112,30 @@ def builtin_class(functional: str):
     return getattr(module, module._INFO.name)
 
 
-def register_backend_loader(name: str, fn) -> None:
-    _BACKEND_LOADERS[name] = fn
-
-
 def has_backend(name: str) -> bool:
-    _import_backend_runtime(name)
-    return name in _BACKEND_LOADERS
-
-
-@functools.cache
-def _import_backend_runtime(name: str) -> None:
-    """Import the module that registers backend ``name`` (once; a missing one stays missing)."""
-    try:
-        importlib.import_module(f"optcompile.backends.{name}_runtime")
-    except ImportError:
-        pass
+    """True if backend ``name`` can be loaded in this build and environment."""
+    return registry.get(name).available()
 
 
 def load_backend(info, name: str):
-    """The step function of backend ``name`` for a loaded module (files beside the module)."""
-    _import_backend_runtime(name)
-    if name not in _BACKEND_LOADERS:
+    """The step function of backend ``name`` for a loaded module, from its file beside the module
+    (or in the cache), which must be stamped with the module's own key (``info.key``)."""
+    backend = registry.get(name)
+    if backend.in_module:
+        return backend.load(info, None)
+    if not backend.available():
         raise RuntimeError(f"backend {name!r} is not available in this build of optcompile")
     module_file = Path(sys.modules[info.module].__file__)
-    key = _MODULE_KEYS.get(info.module)
-    suffix = _BACKEND_SUFFIX[name]
-    path = module_file.with_name(module_file.stem + suffix)
-    if cache.problem(path, key) is not None:
-        # missing, torn or another compile's: the cache may hold it (a read-only cache's missing
-        # files are built into this process's fallback folder); a built-in is regenerated there
-        path = cache.lookup(module_file.stem + suffix, key) if key is not None else None
-    if path is None:
+    beside = module_file.with_name(backend.entry(module_file.stem))
+    path = beside if cache.problem(beside, info.key) is None else \
+        cache.lookup(backend.entry(info.key), info.key)  # missing, torn or another compile's: the cache may hold it
+    if path is None:  # a read-only cache's missing files are built into this process's fallback folder
         spec_path = next((p for p in builtin_specs() if p.stem == info.functional), None)
         if spec_path is None:
-            raise RuntimeError(f"{module_file.with_name(module_file.stem + suffix)} is missing or corrupt; "
-                               "recompile the spec with optcompile.compile_spec")
+            raise RuntimeError(f"{beside} is missing, corrupt or another compile's (not stamped with key "
+                               f"{info.key}); recompile the spec with optcompile.compile_spec")
         key, _ = _compile_to_cache(spec_path)
-        path = cache.lookup(key + suffix, key)
+        path = cache.lookup(backend.entry(key), key)
         if path is None:
             raise RuntimeError(f"optcompile could not build the {name} file of {spec_path}")
-    return _BACKEND_LOADERS[name](info, path)
+    return backend.load(info, path)

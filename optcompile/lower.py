@@ -1,36 +1,21 @@
-"""Spec → IR: classify every value by where it lives, turn SSA versions into variables, split
-host-level ``Piecewise`` into guarded statements, and (after the passes) hoist host math out of
-per-element code and eliminate common subexpressions.
+"""Spec → IR: classify every value by where it lives, turn SSA versions into variables, and split
+host-level ``Piecewise`` into guarded statements (hoisting and CSE come last, in ``passes.finalize``).
 
 The author's algebra is kept: sympy's canonical ordering happens, but nothing is expanded or
 factored, so a built-in spec can reproduce optimi's rounding step for step.
 """
 from __future__ import annotations
 
-import builtins
 import dataclasses
-import itertools
 import keyword
 
 import sympy
-from sympy.logic.boolalg import Boolean, BooleanAtom
+from sympy.logic.boolalg import Boolean
 
 from . import ir
-from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, Program, Reduction, StateBuffer,
+from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, Namer, Origin, Program, Reduction, StateBuffer,
                  TensorScalar, satisfiable)
 from .spec import GENERATED_CODE_NAMES, RESERVED_NAMES, OptimizerSpec, SpecError
-
-# Every name the generated code may use outside its private namespaces (`_…` in Python and Triton,
-# `oc_…`/`OC_…` in C): modules and helpers, Python builtins, the step functions' own parameters,
-# C keywords, types, functions and macros. An internal name equal to one is renamed (`finalize`).
-CODE_NAMES = GENERATED_CODE_NAMES | RESERVED_NAMES | frozenset(dir(builtins)) | {
-    "params", "grads", "kahan_comps", "kahan", "update_parameters", "state", "group", "numel",
-    "sqrt", "sqrtf", "pow", "powf", "exp", "expf", "log", "logf", "fabs", "fabsf", "fmax", "fmaxf", "fmin",
-    "fminf", "floor", "ceil", "INFINITY", "NAN", "NULL", "HUGE_VAL", "HUGE_VALF", "int8_t", "int16_t",
-    "int32_t", "int64_t", "uint8_t", "uint16_t", "uint32_t", "uint64_t", "size_t", "float_t", "double_t",
-    "memcpy", "malloc", "calloc", "free", "bool", "true", "false", "_Bool",
-}
-
 
 def lower(spec: OptimizerSpec) -> Program:
     """The IR of a spec exactly as written: no weight decay, Kahan or accumulation yet."""
@@ -55,12 +40,12 @@ def lower(spec: OptimizerSpec) -> Program:
     host: list[HostScalar] = []
     body: list = []
     _check_state_lists(spec)
-    names = _Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
+    names = Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
                    | {"param", "grad"} | set(spec.lets) | {st.target.name for st in stmts})
     update_lr = None
 
-    def where(stmt) -> str:
-        return f"{file}:{stmt.origin.line}"
+    def where(stmt) -> Origin:
+        return Origin(file, stmt.origin.line)
 
     def guard_of(cond, stmt):
         return _host_guard(cond, host, host_syms, names, file, stmt.origin.line)
@@ -124,132 +109,28 @@ def lower(spec: OptimizerSpec) -> Program:
     _check_conditional_reads(spec, host, body)
     host_defs = {h.sym: h.expr for h in host}
     buffers = [StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
-                           f"{file}:{st.origin.line}") for st in spec.states]
+                           Origin(file, st.origin.line)) for st in spec.states]
     states = tuple(b for b, st in zip(buffers, spec.states) if not st.scalar)
     records = tuple(b for b, st in zip(buffers, spec.states) if st.scalar)
     for st in spec.states:
         if st.scalar and any(st.symbol in sympy.sympify(s.expr).free_symbols for s in body):
             raise SpecError(f"scalar state {st.name!r} is a record for the state_dict and cannot be read by "
                             "the step; use the hyperparameters it is computed from", file, st.origin.line)
+    # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
+    decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after)
                  for a in spec.args)
     prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
                    states=states, host=tuple(host), body=tuple(body), update_lr=update_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
-                   meta={"decouple_wd": spec.decouple_wd, "decoupled_flag": spec.decoupled_flag,
-                         "state_order": tuple(st.name for st in spec.states),
-                         "group_constants": tuple(spec.group_constants.items())}, records=records)
+                   decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
+                   state_order=tuple(st.name for st in spec.states),
+                   group_constants=tuple(spec.group_constants.items()), records=records)
     _check_unused(spec, prog)
     return prog
 
 
-def finalize(prog: Program) -> Program:
-    """After the passes: hoist host math out of per-element code, CSE each statement, place host
-    scalars used only under a guard inside that guard, and record whether the step is used."""
-    host = list(prog.host)
-    host_names = prog.host_names()
-    taken = host_names | set(prog.stored()) | {"grad", "numel"} | \
-        {getattr(s, "name", None) or s.target for s in prog.body}  # a state `h0` is not a hoisted `h0`
-    hoisted: dict = {}
-    counter = itertools.count()
-
-    def hoist(expr):
-        expr = sympy.sympify(expr)
-        if isinstance(expr, (sympy.Symbol, sympy.Number, BooleanAtom)) or not expr.args:
-            return expr
-        if isinstance(expr, sympy.Expr) and expr.free_symbols and {s.name for s in expr.free_symbols} <= host_names:
-            if _trivial_host(expr):
-                return expr
-            if isinstance(expr, sympy.Pow) and expr.exp == -1:  # keep the division: x/(1 + λ), not x·h
-                return sympy.Pow(hoist(expr.base), -1)
-            if expr not in hoisted:
-                name = f"h{next(counter)}"
-                while name in taken:
-                    name = f"h{next(counter)}"
-                hoisted[expr] = HostScalar(name, expr, "float")
-                host.append(hoisted[expr])
-            return hoisted[expr].sym
-        return expr.func(*[hoist(a) for a in expr.args]) if not isinstance(expr, sympy.Piecewise) else \
-            sympy.Piecewise(*[(hoist(e), c) for e, c in expr.args])
-
-    body: list = []
-    cse_names = _Namer({s.name for s in prog.body if hasattr(s, "name")} | {s.target for s in prog.body
-                       if isinstance(s, Assign)} | host_names | set(prog.stored()) | {"grad"})
-    for stmt in prog.body:
-        expr = hoist(stmt.expr)
-        if isinstance(stmt, Assign):
-            temps, (expr,) = sympy.cse([expr], symbols=(sympy.Symbol(cse_names.fresh("t"), real=True)
-                                                        for _ in itertools.count()), order="canonical")
-            temps, expr = _inline_reciprocals(temps, expr)
-            for name, value in temps:
-                body.append(Assign(name.name, value, stmt.guard, stmt.origin))
-            body.append(dataclasses.replace(stmt, expr=expr))
-        else:
-            body.append(dataclasses.replace(stmt, expr=expr))
-    prog = prog.replace(host=tuple(host), body=tuple(_guard_temps(prog, body)))
-    prog = _guard_host_scalars(prog)
-    used = set().union(*(sympy.sympify(h.expr).free_symbols for h in prog.host)) | \
-        set().union(*(sympy.sympify(s.expr).free_symbols for s in prog.body))
-    return _out_of_the_way(prog.replace(uses_step=STEP in used or prog.meta.get("uses_step", False)))
-
-
-def _out_of_the_way(prog: Program) -> Program:
-    """Internal names (lets, branch conditions, hoisted and per-tensor scalars, reductions, temps)
-    that equal a name the generated code uses get a trailing ``_``, in every backend: a let ``torch``
-    is ``torch_``, a let ``ms`` next to a state ``m`` (whose list is ``ms``) is ``ms_``. API names
-    (hyperparameters, flags, states) keep theirs: the DSL keeps them off these names."""
-    api = {k for a in prog.args for k in a.keys} | set(prog.stored()) | {"grad", "step", "numel", "kahan",
-                                                                         "update_parameters"}
-    internal: list[str] = []
-    for n in [h.name for h in prog.host] + [s.target if isinstance(s, Assign) else s.name for s in prog.body]:
-        if n not in api and n not in internal:
-            internal.append(n)
-    tscalars = [s.name for s in prog.body if isinstance(s, (Reduction, TensorScalar))]
-    buffers = [b.name for b in prog.states + prog.records]
-    fixed = CODE_NAMES | {f"{b}s" for b in buffers} | {b[len("spill_"):] for b in buffers if b.startswith("spill_")}
-    taken = set(api) | set(internal)
-    mapping: dict[str, str] = {}
-    for _ in range(len(internal) + 1):  # a renamed per-tensor scalar renames its 0-dim tensor `<name>_t`
-        vocab = fixed | {f"{mapping.get(t, t)}_t" for t in tscalars}
-        clashes = [n for n in internal if mapping.get(n, n) in vocab]
-        if not clashes:
-            break
-        for n in clashes:
-            new = mapping.get(n, n) + "_"
-            while new in vocab or new in taken:
-                new += "_"
-            taken.add(new)
-            mapping[n] = new
-    if not mapping:
-        return prog
-
-    def ren(e):
-        e = sympy.sympify(e)
-        return e.xreplace({x: sympy.Symbol(mapping[x.name], **x.assumptions0) for x in e.free_symbols
-                           if x.name in mapping})
-
-    def name(n):
-        return mapping.get(n, n)
-
-    host = tuple(dataclasses.replace(h, name=name(h.name), expr=ren(h.expr), guard=ren(h.guard)) for h in prog.host)
-    body = tuple(dataclasses.replace(s, expr=ren(s.expr), guard=ren(s.guard), **(
-        {"target": name(s.target)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
-    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr))
-
-
 # ── helpers ────────────────────────────────────────────────────────────────────────────────────
-class _Namer:
-    def __init__(self, taken):
-        self.taken = set(taken)
-
-    def fresh(self, prefix: str) -> str:
-        for i in itertools.count():
-            name = f"{prefix}{i}"
-            if name not in self.taken:
-                self.taken.add(name)
-                return name
-
-
 def _check_state_lists(spec: OptimizerSpec) -> None:
     """The functional form and every step function take a state's buffers as one list named
     ``<state>s`` (optimi's ``exp_avgs``): that name must be free, as the API names are."""
@@ -281,49 +162,6 @@ def _reduction_op(spec: OptimizerSpec, stmt) -> str:
     return next(r.op for r in spec.reductions if r.symbol == stmt.target)
 
 
-def _guard_temps(prog: Program, body: list) -> list:
-    """A temporary computed for readers that all run under a common guard gets that guard too
-    (Ranger's ``slow_t`` only on lookahead steps): no per-element work whose result is unused."""
-    stored = set(prog.stored()) | {"grad"}
-    body = list(body)
-    for i in reversed(range(len(body))):
-        s = body[i]
-        if not isinstance(s, Assign) or s.target in stored:
-            continue
-        sym, readers = sympy.Symbol(s.target, real=True), []
-        for r in body[i + 1:]:
-            if sym in sympy.sympify(r.expr).free_symbols:  # readers of any later version: safe superset
-                readers.append(r)
-        if not readers:
-            continue
-        common = set.intersection(*[_conjuncts(r.guard) for r in readers]) - _conjuncts(s.guard) - {TRUE}
-        if common:
-            body[i] = dataclasses.replace(s, guard=sympy.And(s.guard, *sorted(common, key=str)))
-    return body
-
-
-def _inline_reciprocals(temps, expr):
-    """CSE would name ``1/denom`` when two terms divide by it; torch divides (``addcdiv``), and a
-    reciprocal followed by a multiply rounds differently, so reciprocals stay inline (negations too:
-    ``sub`` and ``alpha=-c`` are free)."""
-    keep, sub = [], {}
-    for name, value in temps:
-        value = value.xreplace(sub)
-        if (isinstance(value, sympy.Pow) and value.exp == -1) or (-value).is_Symbol:  # 1/x, -x: not worth a temp
-            sub[name] = value
-        else:
-            keep.append((name, value))
-    return keep, expr.xreplace(sub)
-
-
-def _trivial_host(expr) -> bool:
-    """Host expressions printed inline rather than hoisted: ``-lr``, ``2*x``."""
-    if isinstance(expr, sympy.Mul) and len(expr.args) == 2:
-        a, b = expr.args
-        return a.is_Number and isinstance(b, sympy.Symbol)
-    return False
-
-
 def _expand(expr, defs: dict):
     """Host lets replaced by their definitions: state init runs from param-group values alone."""
     expr = sympy.sympify(expr)
@@ -339,7 +177,7 @@ def _when_expr(when):
     return TRUE if when is True else when
 
 
-def _host_guard(cond, host: list, host_syms: set, names: _Namer, file: str, line: int):
+def _host_guard(cond, host: list, host_syms: set, names: Namer, file: str, line: int):
     """A host condition as a boolean symbol: itself if already one, else a new host scalar."""
     cond = sympy.sympify(cond)
     if cond == TRUE or cond is True:
@@ -355,7 +193,7 @@ def _host_guard(cond, host: list, host_syms: set, names: _Namer, file: str, line
     for h in host:
         if h.kind == "bool" and h.expr == cond:
             return h.sym
-    h = HostScalar(names.fresh("cond"), cond, "bool", f"{file}:{line}")
+    h = HostScalar(names.fresh("cond"), cond, "bool", Origin(file, line))
     host.append(h)
     host_syms.add(h.sym)
     return h.sym
@@ -375,10 +213,10 @@ def _nest_host_tails(expr, host_syms):
     return expr.replace(lambda e: isinstance(e, sympy.Piecewise), nest)
 
 
-def _split_piecewise(target: str, expr, guard, stmt, host_syms, guard_of, names: _Namer) -> list:
+def _split_piecewise(target: str, expr, guard, stmt, host_syms, guard_of, names: Namer) -> list:
     """``x = Piecewise((a, c1), (b, True))`` with host conditions → guarded assignments."""
     expr = _nest_host_tails(sympy.sympify(expr), host_syms)
-    origin = f"{stmt.origin.file}:{stmt.origin.line}" if hasattr(stmt.origin, "file") else str(stmt.origin)
+    origin = Origin(stmt.origin.file, stmt.origin.line)
     out: list = []
     # a host-conditioned Piecewise inside a larger expression: one statement per branch
     nested = [p for p in sympy.preorder_traversal(expr) if isinstance(p, sympy.Piecewise) and p is not expr
@@ -454,7 +292,7 @@ def _check_host_conditions(spec: OptimizerSpec, host, tscalar_syms) -> None:
     for h in host:
         if sympy.sympify(h.expr).free_symbols & tscalar_syms:
             raise SpecError("a per-tensor reduction cannot be used in a host value or condition", spec.file,
-                            int(h.origin.rsplit(":", 1)[1]), h.expr)
+                            h.origin.line, h.expr)
 
 
 def _check_conditional_reads(spec: OptimizerSpec, host, body) -> None:
@@ -481,7 +319,7 @@ def _check_conditional_reads(spec: OptimizerSpec, host, body) -> None:
             if satisfiable(sympy.And(expand(s.guard), sympy.Not(expand(when)))):
                 raise SpecError(f"state {st.name!r} exists only when `{when}`, but is read here where that may "
                                 f"be false; guard the read with when= or a Piecewise on `{when}`",
-                                spec.file, int(s.origin.rsplit(":", 1)[1]), s.expr)
+                                spec.file, s.origin.line, s.expr)
 
 
 def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
@@ -505,59 +343,3 @@ def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
     for st in spec.states:
         if st.name not in used_names and not st.scalar:
             raise SpecError(f"state {st.name!r} is declared but never read", spec.file, st.origin.line)
-
-
-def _guard_host_scalars(prog: Program) -> Program:
-    """Give each host float used only under a common guard that guard (evaluated as 0 otherwise)."""
-    uses: dict[str, list] = {}
-    for s in prog.body:
-        for sym in sympy.sympify(s.expr).free_symbols:
-            uses.setdefault(sym.name, []).append(s.guard)
-    for h in prog.host:
-        for sym in sympy.sympify(h.expr).free_symbols:
-            uses.setdefault(sym.name, []).append(None)  # resolved below, in order
-    host = list(prog.host)
-    for i in reversed(range(len(host))):
-        h = host[i]
-        if h.kind != "float" or h.name not in uses:
-            continue
-        guards = [g if g is not None else _guard_of_host_user(host, h.name) for g in uses[h.name]]
-        if any(g is None or g == TRUE for g in guards):
-            continue
-        common = set.intersection(*[_conjuncts(g) for g in guards])
-        if common:
-            host[i] = HostScalar(h.name, h.expr, h.kind, h.origin, sympy.And(*sorted(common, key=str)))
-    return prog.replace(host=_in_dependency_order(host))
-
-
-def _in_dependency_order(host: list) -> tuple:
-    """Host scalars ordered so that each comes after what its value *and its guard* read (a
-    branch condition is created when the branch is lowered, after the lets used inside it)."""
-    names = {h.name for h in host}
-    done: list = []
-    placed: set = set()
-
-    def place(h, seen=()):
-        if h.name in placed:
-            return
-        deps = {s.name for s in sympy.sympify(h.expr).free_symbols | sympy.sympify(h.guard).free_symbols} & names
-        for d in sorted(deps):
-            if d not in seen and d != h.name:
-                place(next(x for x in host if x.name == d), seen + (h.name,))
-        placed.add(h.name)
-        done.append(h)
-
-    for h in host:
-        place(h)
-    return tuple(done)
-
-
-def _guard_of_host_user(host, name):
-    users = [h for h in host if name in {s.name for s in sympy.sympify(h.expr).free_symbols}]
-    if not users or any(u.guard == TRUE for u in users):
-        return None
-    return sympy.And(*[u.guard for u in users]) if len(users) == 1 else None
-
-
-def _conjuncts(g) -> set:
-    return set(g.args) if isinstance(g, sympy.And) else {g}

@@ -16,7 +16,9 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
+from .backends import registry
 from .layouts import MISSING, LayoutCache
+from .step_flags import step_flags
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -45,6 +47,32 @@ def fmin(*values):
     return min(kept) if kept else math.nan
 
 
+def sqrt(x: float) -> float:
+    """IEEE ``sqrt`` for host and per-tensor values: NaN below 0 (``math.sqrt`` raises), as in the kernels."""
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+def rsqrt(x: float) -> float:
+    """``1 / sqrt(x)``: +inf at 0 (Python raises ``ZeroDivisionError``), NaN below 0."""
+    if x > 0:
+        return 1.0 / math.sqrt(x)
+    return math.inf if x == 0 else math.nan
+
+
+def reciprocal(x: float) -> float:
+    """``1 / x``: ±inf at ±0, as IEEE division (Python raises ``ZeroDivisionError``)."""
+    if x == 0:
+        return math.copysign(math.inf, x)
+    return 1.0 / x
+
+
+def log(x: float) -> float:
+    """IEEE ``log``: -inf at 0, NaN below 0 (``math.log`` raises)."""
+    if x > 0:
+        return math.log(x)
+    return -math.inf if x == 0 else math.nan
+
+
 @dataclass
 class OptimizerInfo:
     """What a generated module tells the runtime about its algorithm."""
@@ -58,6 +86,7 @@ class OptimizerInfo:
     init_state: Callable
     backends: dict[str, Callable]
     module: str
+    key: str  # the cache key every file of its compile is stamped with: a backend file must match it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def backend(self, name: str) -> Callable:
@@ -103,8 +132,9 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
 
 def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
-                   optimizer_accumulation=False) -> None:
-    """One optimizer step over lists of tensors; the body of every generated functional API."""
+                   optimizer_accumulation=False, group: dict | None = None) -> None:
+    """One optimizer step over lists of tensors; the body of every generated functional API.
+    ``group`` is the param group of a class step (its constants decide which states exist)."""
     if gradient_release and foreach:
         raise ValueError(f"Gradient release {gradient_release=} and foreach {foreach=} cannot be used together")
     if isinstance(params, torch.Tensor):
@@ -122,6 +152,7 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     hypers = host_values(info, hypers)
     if info.uses_step:  # the tensor advances once the step has run: a step that raises leaves it as it was
         hypers["step"] = int(step.item()) + 1
+    alloc = hypers if group is None else {**group, **hypers}
     types, dtypes = set(map(type, params)), {p.dtype for p in params}
     single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
     if any(dtype.is_complex for dtype in dtypes):
@@ -130,47 +161,94 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
             _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
                                   fused=fused, gradient_release=gradient_release,
-                                  optimizer_accumulation=optimizer_accumulation)
+                                  optimizer_accumulation=optimizer_accumulation, alloc=alloc)
             lists = None
         else:
             lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
     if lists is not None:
         _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
-                  gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation, single=single)
+                  gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation, single=single,
+                  alloc=alloc)
     if info.uses_step:
         step.add_(1)
 
 
-def check_buffers(info: OptimizerInfo, lists) -> None:
-    """Every grad, state and kahan_comp has its param's shape, on every backend.
+def check_buffers(info: OptimizerInfo, lists, needed: tuple[int, ...] = ()) -> None:
+    """Every grad, state and kahan_comp is a tensor with its param's shape, on its param's device,
+    and every state the step reads exists, on every backend.
 
-    Eager's in-place ops raise on a mismatch; the fused C and Triton kernels index every buffer by
-    its param's numel, so a smaller one (a param resized after a step, a state loaded or assigned
-    from another tensor, a short grad in the functional API) would be read or written out of
-    bounds. ``lists`` is ``[params, grads, *states, kahan_comps]`` of one (device, dtype) group.
-    Per buffer this is one list of ``torch.Size`` compared in C with the params', once per layout
-    (``layouts.LayoutCache``); absent states (all None) cost nothing. The fused backend checks in
-    its own pass over the tensors instead.
+    Eager's in-place ops raise on a mismatch (after stepping the tensors before it); the fused C
+    and Triton kernels index every buffer by its param's numel, so a smaller one (a param resized
+    after a step, a state loaded or assigned from another tensor, a short grad in the functional
+    API) would be read or written out of bounds, and a Triton kernel dereferences a None state.
+    ``lists`` is ``[params, grads, *states, kahan_comps]``; ``needed`` the indices of the lists the
+    step reads (``allocated_states``). Per buffer this is one list of ``torch.Size`` and one of
+    devices compared in C with the params', once per layout (``layouts.LayoutCache``); absent
+    states (all None) cost nothing. The fused backend checks shapes in its own pass over the tensors.
     """
-    if _CHECKED.get(lists) is not MISSING:
-        return  # the layout of a step that passed (optcompile/layouts.py)
+    if _CHECKED.get(lists) is not MISSING and all([lists[i][0] is not None for i in needed]):
+        return  # the layout of a step that passed (optcompile/layouts.py): no None, no other tensor
     params = lists[0]
-    n, shapes = len(params), [p.shape for p in params]
-    for what, lst in zip(("grad", *info.states, "kahan_comp"), lists[1:]):
-        if lst[0] is None and lst[-1] is None and lst.count(None) == n:
+    n, shapes, devices = len(params), [p.shape for p in params], [p.device for p in params]
+    for i, (what, lst) in enumerate(zip(("grad", *info.states, "kahan_comp"), lists[1:]), 1):
+        if lst[0] is None and lst[-1] is None and lst.count(None) == n and i not in needed:
             continue  # a state this algorithm does not allocate under these hyperparameters
         try:
-            if [t.shape for t in lst] == shapes:
+            if [t.shape for t in lst] == shapes and [t.device for t in lst] == devices:
                 continue
-        except AttributeError:  # None among tensors: compare the present ones
+        except AttributeError:  # None (or not a tensor) among tensors: look at each
             pass
         for t, p in zip(lst, params):
-            if t is not None and t.shape != p.shape:
+            if t is None:
+                if i in needed:
+                    raise RuntimeError(
+                        f"{info.name}: {what} is None for a param of shape {tuple(p.shape)}, but the step reads it "
+                        "under these hyperparameters (was kahan_sum or a hyperparameter that allocates state, such "
+                        "as momentum, changed after the first step, or the state replaced by None?)")
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise RuntimeError(f"{info.name}: {what} of a param of shape {tuple(p.shape)} is a "
+                                   f"{type(t).__name__} ({t!r:.40}), not a tensor")
+            if t.shape != p.shape:
                 raise RuntimeError(
                     f"{info.name}: {what} has shape {tuple(t.shape)} but its param has shape {tuple(p.shape)}; "
                     "every grad and state must have its param's shape (was the param resized or reshaped after a "
                     "step, or a state replaced by another tensor?)")
+            if t.device != p.device:
+                raise RuntimeError(f"{info.name}: {what} of a param of shape {tuple(p.shape)} is on {t.device} but "
+                                   f"its param is on {p.device}; every grad and state must be on its param's device")
     _CHECKED.put(lists, True)
+
+
+_ALLOCATED: dict = {}  # (init_state, kahan, hyperparameters) -> allocated_states
+_SCALAR_TYPES = (bool, int, float, str, type(None), tuple)  # the group values that key it
+
+
+def allocated_states(info: OptimizerInfo, group: dict, kahan: bool) -> tuple[int, ...]:
+    """Indices (in ``[params, grads, *states, kahan_comps]``) of the states ``init_state`` allocates
+    under these hyperparameters: the step reads no state it does not allocate, so these must exist.
+    Found by running it on a meta tensor (as ``load_state_dict`` does), once per hyperparameter
+    values; () where it cannot run there (a group constant the functional API does not pass)."""
+    key = (info.init_state, bool(kahan), tuple(
+        [(k, v) for k, v in group.items() if v.__class__ in _SCALAR_TYPES and k != "step"]))
+    try:
+        found = _ALLOCATED.get(key)
+    except TypeError:  # an unhashable hyperparameter value: computed every step
+        key, found = None, None
+    if found is None:
+        meta = torch.empty(1, device="meta")
+        meta.grad = torch.empty_like(meta)
+        out: dict = {}
+        try:
+            info.init_state(out, meta, dict(group), bool(kahan))
+            found = tuple(i for i, name in enumerate((*info.states, "kahan_comp"), 2) if out.get(name) is not None)
+        except Exception:
+            found = ()
+        if key is not None:
+            if len(_ALLOCATED) > 1024:
+                _ALLOCATED.clear()
+            _ALLOCATED[key] = found
+    return found
 
 
 _CHECKED = LayoutCache()  # layouts whose shapes check_buffers passed
@@ -196,26 +274,41 @@ def host_values(info: OptimizerInfo, hypers: dict) -> dict:
     return hypers
 
 
+def scalar_hyperparameters(optimizer: str, **values) -> None:
+    """A constructor's or param group's hyperparameters given as tensors hold one value (torch.optim
+    allows ``lr=torch.tensor(1e-3)``); one of several values has no meaning, and its range check
+    would fail with torch's "Boolean value of Tensor with more than one value is ambiguous"."""
+    for key, value in values.items():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, torch.Tensor) and v.numel() != 1:
+                raise ValueError(f"{optimizer}: {key} must be a number or a 1-element tensor, not a tensor of "
+                                 f"shape {tuple(v.shape)}")
+
+
 def _max_lr_message(max_lr) -> str:
     return (f"Invalid maximum learning rate: max_lr={max_lr}. decouple_lr=True divides the weight decay by "
             "max_lr (it defaults to lr), so it must be positive")
 
 
 def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation,
-              single=None):
-    """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend."""
+              single=None, alloc=None):
+    """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend;
+    every group's buffers are checked before the first is stepped."""
     groups = _group_by_device_and_dtype(tensors[0], tensors[1:], single)
     if len(groups) > 1:
-        check_buffers(info, tensors)  # every group before the first is stepped
+        check_buffers(info, tensors)
+    plans = []
     for device, dtype, ps, lists in groups:
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
         name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
         impl = info.backend(name)
+        kahan = bool(kahan_sum) and dtype in LOW_PRECISION
         if not getattr(impl, "checks_buffers", False):  # the fused kernel checks in its pointer pass
-            check_buffers(info, [ps, *lists])
-        host = info.host(**hypers, update_parameters=not optimizer_accumulation,
-                         kahan=bool(kahan_sum) and dtype in LOW_PRECISION)
-        if device.type == "cpu" and name in ("eager", "foreach"):
+            check_buffers(info, [ps, *lists], allocated_states(info, hypers if alloc is None else alloc, kahan))
+        plans.append((device, dtype, ps, lists, name, impl, kahan))
+    for device, dtype, ps, lists, name, impl, kahan in plans:
+        host = info.host(**hypers, **step_flags(optimizer_accumulation=optimizer_accumulation, kahan=kahan))
+        if device.type == "cpu" and registry.get(name).in_module:
             _run_in_cpu_pieces(impl, ps, lists, host, split=not _needs_whole_tensor(info),
                                batch=CPU_FOREACH_BATCH if name == "foreach" else None)
         else:
@@ -371,6 +464,7 @@ class CompiledOptimizer(Optimizer):
         # torch's OneCycleLR overwrites group["max_lr"] with its peak lr: the same meaning, so fully
         # decoupled decay then applies weight_decay·lr_t/peak (tests/test_integration.py).
         # A tensor lr is copied as a number: an aliased tensor would follow the schedule in place.
+        scalar_hyperparameters(type(self).__name__, **{k: group[k] for k in self._info.keys if k in group})
         for key in ("lr", "weight_decay", "max_lr"):
             value = group.get(key)
             if value is not None and not 0.0 <= value:
@@ -429,7 +523,7 @@ class CompiledOptimizer(Optimizer):
         run_functional(self._info, params, grads, state_lists, kahan_comps, hypers, step=step,
                        kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
                        triton=group.get("triton"), fused=group.get("fused"), gradient_release=gradient_release,
-                       optimizer_accumulation=optimizer_accumulation)
+                       optimizer_accumulation=optimizer_accumulation, group=group)
 
     # ── step ───────────────────────────────────────────────────────────────────────────────────
     @torch.no_grad()

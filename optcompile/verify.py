@@ -5,6 +5,7 @@ from __future__ import annotations
 import sympy
 
 from .ir import Assign, Program, Reduction, TensorScalar
+from .step_flags import STEP_FLAGS
 
 
 class VerifyError(AssertionError):
@@ -12,7 +13,7 @@ class VerifyError(AssertionError):
 
 
 def verify(prog: Program, after: str = "lower") -> None:
-    host = prog.host_names() | {"update_parameters", "kahan"}
+    host = prog.host_names() | set(STEP_FLAGS)
     defined = set(host) | {"param", "grad", "numel"} | {s.name for s in prog.states}
     stored = set(prog.stored())
     for h in prog.host:

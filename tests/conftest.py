@@ -1,4 +1,7 @@
-"""Shared test setup: verify the IR after every pass, and keep the cache in a per-session folder."""
+"""Shared test setup: verify the IR after every pass, and keep the cache in a per-session folder.
+
+What the tests run (every built-in optimizer, its configurations and references, every backend
+and its flags) is one registry, tests/optimizers.py: parametrize from it, never copy it."""
 import os
 import tempfile
 

@@ -2,16 +2,11 @@
 optimi (the oracle), and the ``update_parameters`` guard: micro-steps move states, never params."""
 import pytest
 import torch
-from torch import nn
 
 import optimi
 from optcompile import loader, prepare_for_gradient_release
-from optcompile.paths import builtin_specs
+from optimizers import BY_STEM, EAGER, ORACLE_EAGER, batches, make_model, mse_backward, training_cases
 
-SPECS = [p.stem for p in builtin_specs()]
-EAGER = dict(foreach=False, triton=False, fused=False)
-KWARGS = {"adam": dict(weight_decay=1e-2), "sgd": dict(momentum=0.9, weight_decay=1e-2, decouple_wd=True),
-          "lion": dict(weight_decay=1e-2), "radam": dict(weight_decay=1e-2), "ranger": dict(weight_decay=1e-2)}
 MICRO = 4
 
 
@@ -21,47 +16,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ours = loader.builtin_class
 
 
-def make_model(dtype):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 24), nn.LayerNorm(24), nn.Tanh(), nn.Linear(24, 6)).to(dtype)
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 12, generator=g), torch.randn(16, 6, generator=g)) for _ in range(n)]
-
-
 def train_accumulating(model, opt, data, on_micro_step=None):
     """``len(data) / MICRO`` optimizer steps, each accumulating MICRO micro-batches into the states."""
-    dtype = next(model.parameters()).dtype
     for i, (x, y) in enumerate(data):
         opt.optimizer_accumulation = (i + 1) % MICRO != 0  # the last micro-batch updates the params
         before = [p.detach().clone() for p in model.parameters()]
-        ((model(x.to(dtype)).float() - y) ** 2).mean().backward()
+        mse_backward(model, x, y)
         if on_micro_step:
             on_micro_step(i, before)
     return model
 
 
-@pytest.mark.parametrize("stem", SPECS)
+@pytest.mark.parametrize("stem, kw", training_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_accumulation_matches_optimi(stem, dtype):
+def test_accumulation_matches_optimi(stem, kw, dtype):
     """3 optimizer steps of 4 micro-batches = 12 micro-steps (Ranger's lookahead, k=6, fires at
     t=12 on the updating micro-step; RAdam rectifies from t=6). fp32: rtol 1e-5 / atol 1e-6
     (same math; only host-scalar op order differs). bf16 with Kahan: we compute in fp32, optimi in
     bf16 with one rounding per op; within 2 bf16 ulps (2**-7 relative) plus 2e-3 absolute."""
-    cls = ours(stem)
-    ocls = getattr(optimi, cls.__name__, None)
+    cls, ocls = ours(stem), BY_STEM[stem].optimi_cls
     if ocls is None:
         pytest.skip(f"optimi has no {cls.__name__}")
-    if stem == "sgd" and not KWARGS["sgd"].get("momentum"):
+    if stem == "sgd" and not kw.get("momentum"):
         pytest.skip("SGD without momentum has nothing to accumulate")
     lr, kahan = (1e-2, {}) if dtype == torch.float32 else (1e-3, {"kahan_sum": True})
     data = batches(3 * MICRO)
     a, b = make_model(dtype), make_model(dtype)
-    opt_a = cls(a.parameters(), lr=lr, gradient_release=True, **kahan, **KWARGS.get(stem, {}), **EAGER)
-    opt_b = ocls(b.parameters(), lr=lr, gradient_release=True, **kahan, **KWARGS.get(stem, {}), foreach=False,
-                 triton=False)
+    opt_a = cls(a.parameters(), lr=lr, gradient_release=True, **kahan, **kw, **EAGER)
+    opt_b = ocls(b.parameters(), lr=lr, gradient_release=True, **kahan, **kw, **ORACLE_EAGER)
     prepare_for_gradient_release(a, opt_a)
     optimi.prepare_for_gradient_release(b, opt_b)
     train_accumulating(a, opt_a, data)
@@ -80,15 +62,15 @@ def test_accumulation_matches_optimi(stem, dtype):
             assert int(sa["step"]) == int(sb["step"]) == 3 * MICRO  # micro-steps count for debiasing
 
 
-@pytest.mark.parametrize("stem", SPECS)
+@pytest.mark.parametrize("stem, kw", training_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_micro_steps_update_states_not_params(stem, dtype):
+def test_micro_steps_update_states_not_params(stem, kw, dtype):
     """The accumulation pass guards every param write (and the decay in it, and StableAdamW's RMS)
     with ``update_parameters``: exact equality of params across micro-steps, even in bf16+Kahan."""
     cls = ours(stem)
     model = make_model(dtype)
     opt = cls(model.parameters(), lr=1e-2, gradient_release=True, weight_decay=0.1,
-              **{k: v for k, v in KWARGS.get(stem, {}).items() if k != "weight_decay"}, **EAGER)
+              **{k: v for k, v in kw.items() if k != "weight_decay"}, **EAGER)
     prepare_for_gradient_release(model, opt)
     params = list(model.parameters())
     moved_states = []

@@ -2,6 +2,7 @@
 damaged libraries, writers and compilers killed mid-write, unusable, read-only, full and shared
 folders, other users' folders, and several processes compiling the same spec at once."""
 import errno
+import importlib
 import json
 import os
 import re
@@ -16,12 +17,14 @@ import pytest
 import torch
 
 from optcompile import cache, cli, loader
+from optcompile.backends import registry
 from optcompile.backends_available import c_compiler
 from optcompile.cache import CacheWarning, JITDisabledError
-from optcompile.codegen.header import body_hash_ok
+from optcompile.codegen.header import body_hash_ok, parse_key
 from optcompile.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
+FILE_BACKENDS = [b.name for b in registry.BACKENDS if not b.in_module]  # each in its own file beside the module
 WORKER = Path(__file__).with_name("cache_worker.py")
 
 SPEC = """\
@@ -387,24 +390,74 @@ def test_entry_holding_another_specs_output_is_rebuilt(which, spec_file, cache_d
     assert torch.equal(_step(cls), torch.tensor(TINY_AFTER_ONE_STEP))
 
 
-def test_backend_file_of_another_compile_beside_a_module_is_not_loaded(cache_dir, tmp_path, monkeypatch):
+def _stand_in_loader(monkeypatch, backend) -> list:
+    """Replace ``backend``'s loader with one that records the path it is given (no build, no Triton)."""
+    module, _, attr = backend.loader.partition(":")
+    loaded = []
+    monkeypatch.setattr(importlib.import_module(module), attr, lambda info, path: loaded.append(path) or "step")
+    return loaded
+
+
+@pytest.mark.parametrize("name", FILE_BACKENDS)
+def test_backend_file_of_another_compile_beside_a_module_is_not_loaded(name, cache_dir, tmp_path, monkeypatch):
     """A checked-in backend file with a sound body but another compile's key is not used."""
     from optcompile.compiler import generate_sources
     from optcompile.spec import load_spec
+    backend = registry.get(name)
+    if not backend.available():
+        pytest.skip(f"backend {name} is not available here")
     sgd = generate_sources(load_spec(ROOT / "specs" / "sgd.py"))
     adam = generate_sources(load_spec(ROOT / "specs" / "adam.py"))
     (tmp_path / "sgd.py").write_text(sgd[".py"])
-    (tmp_path / "sgd_fused.c").write_text(adam["_fused.c"])  # intact, but Adam's kernel
+    (tmp_path / backend.entry("sgd")).write_text(adam[backend.suffix])  # intact, but Adam's
     monkeypatch.setattr(loader, "generated_dir", lambda: tmp_path)
     monkeypatch.delitem(sys.modules, "optcompile.generated.sgd", raising=False)
     module = loader.builtin_module("sgd")
     assert Path(module.__file__) == tmp_path / "sgd.py"
-    loader.has_backend("fused")  # registers the real loader first, so the stand-in stays
-    loaded = []
-    monkeypatch.setitem(loader._BACKEND_LOADERS, "fused", lambda info, path: loaded.append(path) or "step")
-    assert loader.load_backend(module._INFO, "fused") == "step"
+    loaded = _stand_in_loader(monkeypatch, backend)
+    assert loader.load_backend(module._INFO, name) == "step"
     assert loaded[0].parent == cache_dir / __version__
-    assert loaded[0].read_text() == sgd["_fused.c"]
+    assert loaded[0].read_text() == sgd[backend.suffix]
+
+
+def test_every_file_of_a_compile_is_stamped_with_the_key_it_is_stored_under(spec_file, cache_dir, monkeypatch):
+    report = loader.CompileReport()
+    loader.compile_to_cache(spec_file, report)
+    key = Path(report.files[0][0]).stem
+    assert [Path(f).name for f, _ in report.files] == [b.entry(key) for b in registry.files().values()]
+    for f, _ in report.files:
+        assert parse_key(Path(f).read_text()) == key, f
+    _fresh_module(monkeypatch, Path(report.files[0][0]))
+    assert loader.compile_spec(spec_file)._info.key == key  # the module carries it as a value
+
+
+@pytest.mark.parametrize("name", FILE_BACKENDS)
+def test_module_imported_by_hand_does_not_load_another_compiles_backend_file(name, spec_file, cache_dir, tmp_path,
+                                                                              monkeypatch):
+    """A module imported without the loader still checks the backend file beside it against its
+    own key (``_INFO.key``), and takes its own compile's file from the cache instead."""
+    backend = registry.get(name)
+    if not backend.available():
+        pytest.skip(f"backend {name} is not available here")
+    other = tmp_path / "other" / "tiny.py"
+    other.parent.mkdir()
+    other.write_text(OTHER_SPEC)
+    ours, theirs = loader.CompileReport(), loader.CompileReport()
+    loader.compile_to_cache(spec_file, ours)
+    loader.compile_to_cache(other, theirs)
+    mine = {Path(f).name: Path(f) for f, _ in ours.files}
+    foreign = {Path(f).name[len(Path(theirs.files[0][0]).stem):]: Path(f) for f, _ in theirs.files}
+    key = Path(ours.files[0][0]).stem
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    (copied / "tiny_mine.py").write_bytes(mine[key + ".py"].read_bytes())
+    (copied / backend.entry("tiny_mine")).write_bytes(foreign[backend.suffix].read_bytes())  # sound, another key
+    module_name = "optcompile.generated.tiny_mine_by_hand"
+    monkeypatch.setitem(sys.modules, module_name, None)  # so the module is removed again at teardown
+    module = loader.import_path(module_name, copied / "tiny_mine.py")
+    loaded = _stand_in_loader(monkeypatch, backend)
+    assert loader.load_backend(module._INFO, name) == "step"
+    assert loaded == [mine[backend.entry(key)]]
 
 
 @NEEDS_CC

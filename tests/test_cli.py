@@ -51,6 +51,30 @@ def test_show_backends_and_ir():
     assert "decay_l2" in after.stdout and "kahan" not in after.stdout
 
 
+def test_show_prints_what_the_generators_made():
+    """``show --backend`` prints each backend's file, or (eager, foreach) the host function and the
+    step function exactly as they stand in the module; every registered backend is a choice."""
+    from optcompile.backends import registry
+    from optcompile.compiler import generate_sources
+    from optcompile.spec import load_spec
+    sources = generate_sources(load_spec(ROOT / "specs" / "radam.py"))
+    module = run("show", "specs/radam.py")
+    assert module.returncode == 0 and module.stdout == sources[registry.MODULE_SUFFIX]
+    for backend in registry.BACKENDS:
+        for name in (backend.name, *backend.aliases):
+            r = run("show", "specs/radam.py", "--backend", name)
+            assert r.returncode == 0, r.stderr
+            if backend.in_module:
+                host, step = r.stdout.split("\n\n\n")
+                assert host.startswith("def _radam_host(") and step.startswith(f"def {_STEP[backend.name]}radam(")
+                assert host in module.stdout and step in module.stdout
+            else:
+                assert r.stdout == sources[backend.suffix]
+
+
+_STEP = {"eager": "_single_tensor_", "foreach": "_foreach_"}
+
+
 def test_list_names_every_builtin():
     r = run("list")
     assert r.returncode == 0

@@ -17,37 +17,17 @@ import torch
 
 import optcompile
 from optcompile import runtime
+from optimizers import BACKENDS, BY_NAME, OPTIMIZERS, TORCH_BACKENDS
 from reference.ranger import ranger_step
 from reference.stableadamw import stableadamw_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using weight_decay")  # optimi's decouple_lr advice
 STEPS = 20
-OURS = {"eager": dict(foreach=False, triton=False, fused=False), "foreach": dict(foreach=True, triton=False, fused=False)}
-THEIRS = {"eager": dict(foreach=False, triton=False), "foreach": dict(foreach=True, triton=False)}
-
-# Option sets per optimizer (lr is added by the test): every weight-decay style, fully decoupled
-# decay with and without max_lr, and the algorithm's own switches.
-CASES = {
-    "Adam": [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple_wd=True),
-             dict(weight_decay=1e-3, decouple_lr=True), dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)],
-    "AdamW": [dict(), dict(weight_decay=0.1, betas=(0.8, 0.95)), dict(weight_decay=1e-3, decouple_lr=True),
-              dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)],
-    "Adan": [dict(), dict(weight_decay=0), dict(betas=(0.9, 0.8, 0.999), eps=1e-8),
-             dict(weight_decay=1e-3, decouple_lr=True), dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)],
-    "Lion": [dict(), dict(weight_decay=0.1), dict(weight_decay=1e-3, decouple_lr=True),
-             dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.01)],
-    "RAdam": [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple_wd=True), dict(betas=(0.9, 0.9)),
-              dict(weight_decay=1e-3, decouple_lr=True), dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)],
-    "Ranger": [dict(), dict(k=4, alpha=0.3, weight_decay=0.1), dict(k=5, weight_decay=0.1, decouple_wd=False),
-               dict(weight_decay=1e-3, decouple_lr=True), dict(k=3, weight_decay=1e-3, decouple_lr=True, max_lr=0.05)],
-    "SGD": [dict(), dict(momentum=0.9, weight_decay=0.1), dict(momentum=0.9, dampening=True),
-            dict(momentum=0.9, dampening=True, torch_init=True, weight_decay=0.1),
-            dict(momentum=0.5, weight_decay=0.1, decouple_wd=True), dict(weight_decay=0.1),
-            dict(momentum=0.9, weight_decay=1e-3, decouple_lr=True)],
-    "StableAdamW": [dict(), dict(weight_decay=0.1), dict(weight_decay=0), dict(weight_decay=1e-3, decouple_lr=True),
-                    dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)],
-}
-LR = {"Lion": 1e-3, "SGD": 1e-2}
+OURS = {b: BACKENDS[b].flags for b in TORCH_BACKENDS}
+THEIRS = {b: BACKENDS[b].oracle_flags for b in TORCH_BACKENDS}
+# option sets per optimizer (lr is added by the test): tests/optimizers.py, OptimizerInfo.differential
+CASES = {info.name: [dict(c) for c in info.differential] for info in OPTIMIZERS}
+LR = {info.name: info.lr for info in OPTIMIZERS}
 
 
 def make_params(dtype=torch.float32):
@@ -292,16 +272,7 @@ def test_ranger_bf16_kahan_lookahead_tracks_fp64_reference():
 
 
 # ── torch.optim, where the algorithm coincides (translated arguments) ────────────────────────────
-TORCH = [
-    ("SGD", dict(lr=1e-2), torch.optim.SGD, dict(lr=1e-2)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, weight_decay=0.1), torch.optim.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.1)),
-    ("SGD", dict(lr=1e-2, momentum=0.9, dampening=True, torch_init=True, weight_decay=0.1), torch.optim.SGD,
-     dict(lr=1e-2, momentum=0.9, dampening=0.9, weight_decay=0.1)),
-    ("Adam", dict(lr=1e-2, weight_decay=0.1), torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.1), torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),
-    ("RAdam", dict(lr=1e-2, weight_decay=0.1, decouple_wd=True), torch.optim.RAdam,
-     dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99), decoupled_weight_decay=True)),
-]
+TORCH = [(info.name, dict(t.ours), t.torch_cls, dict(t.theirs)) for info in OPTIMIZERS for t in info.torch_optim]
 
 
 @pytest.mark.parametrize("backend", OURS)
@@ -345,7 +316,7 @@ def test_functional_form_matches_optimi(name, backend):
     import inspect
     fn = name.lower()
     lr = LR.get(name, 1e-2)
-    kw = {"weight_decay": 0.01, **({"momentum": 0.9} if name == "SGD" else {})}
+    kw = {"weight_decay": 0.01, **BY_NAME[name].stateful}
     libs = {}
     for lib in (optcompile, optimi):
         ps = [p.detach().clone().requires_grad_() for p in make_params()[1]]

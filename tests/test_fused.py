@@ -22,19 +22,18 @@ import torch
 from optcompile import backends_available
 from optcompile.backends import fused_runtime
 from optcompile.loader import builtin_module, compile_spec
-from optcompile.paths import builtin_specs, generated_dir
+from optcompile.paths import generated_dir
 from optcompile.runtime import run_functional
+from optimizers import BACKENDS, BY_STEM, STEMS
 
 pytestmark = [pytest.mark.fused,
               pytest.mark.skipif(backends_available.c_compiler() is None, reason="no C compiler")]
 
-SPECS = [p.stem for p in builtin_specs()]
+SPECS = STEMS
 CHUNK = 16384  # OC_CHUNK in templates/fused.c.j2
 SHAPES = [(), (1,), (0,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (33, 7)]
 # hyperparameters that switch on every pass a spec has (weight decay, momentum, dampening …)
-OPTIONS = {"sgd": [{"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.0}, {"momentum": 0.9, "dampening": True}],
-           "adam": [{"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_wd": True}]}
-DEFAULT = [{"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr": True}]
+OPTIONS = {stem: BY_STEM[stem].kernel for stem in STEMS}
 
 
 def _group(cls, kw):
@@ -67,7 +66,7 @@ def _run(name, kw, dtype, kahan, backend, steps, shapes=SHAPES, accumulate_at=()
         info.init_state(st, p, group, kahan)
     step = torch.tensor(0, dtype=torch.int32)
     gen = torch.Generator().manual_seed(seed + 1)
-    flags = dict(foreach=False, triton=False, fused=False) if backend == "eager" else dict(fused=True)
+    flags = BACKENDS[backend].flags
     for k in range(steps):
         grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
         run_functional(info, params, grads, [[st[s] for st in states] for s in info.states],
@@ -101,7 +100,7 @@ def test_fused_matches_eager(name, dtype, kahan):
     """Params and every state entry, odd sizes (0-d, empty, chunk ± 1), accumulation micro-steps,
     enough steps for RAdam's rectification to switch on (ρ_t > 5 from step 6)."""
     flips = total = 0
-    for kw in OPTIONS.get(name, DEFAULT):
+    for kw in OPTIONS[name]:
         ref_p, ref_s = _run(name, kw, dtype, kahan, "eager", steps=7, accumulate_at=(2,))
         out_p, out_s = _run(name, kw, dtype, kahan, "fused", steps=7, accumulate_at=(2,))
         for i, (a, b) in enumerate(zip(ref_p, out_p)):
@@ -124,7 +123,7 @@ def test_fused_matches_eager(name, dtype, kahan):
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
 def test_bf16_one_step_is_one_ulp_at_most(name):
     """From identical inputs one step differs only where fp32 rounding flips a bf16 rounding."""
-    kw = OPTIONS.get(name, DEFAULT)[0]
+    kw = OPTIONS[name][0]
     flips = total = 0
     for kahan in (False, True):
         ref_p, ref_s = _run(name, kw, torch.bfloat16, kahan, "eager", steps=1)
@@ -140,7 +139,7 @@ def test_bf16_one_step_is_one_ulp_at_most(name):
 def test_simd_and_scalar_loops_agree_bitwise(name, kahan):
     """A NaN among a chunk's first 16 elements sends the rest of that chunk from the bf16 SIMD loop
     to the scalar loop. Every other element must come out with the same bits either way."""
-    kw = OPTIONS.get(name, DEFAULT)[0]
+    kw = OPTIONS[name][0]
     runs = []
     for poison in (False, True):
         info, _, params, grads = _setup(name, [(CHUNK + 1000,)], torch.bfloat16, kahan, seed=5)

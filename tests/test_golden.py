@@ -48,7 +48,7 @@ b1, t, lr, x = sympy.symbols("beta1 step lr x", real=True)
 
 @pytest.mark.parametrize("expr, text", [
     ((b1**t - b1) / (b1**t - 1), "(-beta1 + beta1**step)/(beta1**step - 1)"),
-    (sympy.sqrt(x), "math.sqrt(x)"),
+    (sympy.sqrt(x), "_sqrt(x)"),
     (sympy.Rational(1, 2) * x, "(0.5)*x"),
     (sympy.Max(1, x), "_max(1, x)"),
     (sympy.Piecewise((x, x > 5), (0, True)), "((x) if ((x > 5)) else (0))"),
@@ -77,3 +77,31 @@ def test_torch_printer_uses_in_place_fused_ops():
     assert _emit(Dialect(), "param", p - lr * m / (sympy.sqrt(v) + eps)) == [
         "_t0 = torch.sqrt(exp_avg_sq)", "_t0.add_(eps)", "param.addcdiv_(exp_avg, _t0, value=-lr)"]
     assert _emit(ForeachDialect(), "exp_avg", c * m + (1 - c) * g) == ["torch._foreach_lerp_(exp_avg, grad, 1 - c)"]
+
+
+def test_finalize_is_the_last_pass_and_show_after_can_print_it():
+    from optcompile.passes import PIPELINE
+    assert PASS_NAMES[-1] == "finalize" and all(p.__name__ in PASS_NAMES for p in PIPELINE)
+    s = as_spec(ROOT / "specs" / "adamw.py")
+    assert build_program(s, until="finalize").dump() == build_program(s).dump()
+    assert "finalize" not in build_program(s, until="add_kahan_summation").passes
+
+
+def test_generated_python_reads_like_hand_written_code():
+    import re
+    from optcompile.compiler import generate_sources
+    text = generate_sources(as_spec(ROOT / "specs" / "adam.py"))[".py"]
+    assert "if decay != 0:" in text and "1 - decay != 1" not in text
+    assert "one_minus_beta1_t = 1 - beta1_t" in text and not re.search(r"\bh\d+\b", text)
+    for fn in text.split("\ndef ")[1:]:  # temporaries are numbered in order of definition
+        defined = [int(n) for n in re.findall(r"^\s*_t(\d+) = ", fn, flags=re.M)]
+        assert defined == sorted(defined), fn
+
+
+def test_fused_interface_states_its_spill_buffers():
+    import json
+    from optcompile.compiler import generate_sources
+    for spec in ("adamw", "stableadamw"):
+        c = generate_sources(as_spec(ROOT / "specs" / f"{spec}.py"))["_fused.c"]
+        iface = json.loads(next(line for line in c.splitlines() if line.startswith("// interface: "))[14:])
+        assert iface["spills"] == sum(b.startswith("spill_") for b in iface["buffers"])

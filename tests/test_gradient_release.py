@@ -8,13 +8,7 @@ from torch import nn
 
 import optimi
 from optcompile import loader, prepare_for_gradient_release, remove_gradient_release
-from optcompile.paths import builtin_specs
-
-SPECS = [p.stem for p in builtin_specs()]
-EAGER = dict(foreach=False, triton=False, fused=False)
-# hyperparameters that switch on each spec's optional parts (momentum, L2 decay, ...)
-KWARGS = {"adam": dict(weight_decay=1e-2), "sgd": dict(momentum=0.9, weight_decay=1e-2),
-          "lion": dict(weight_decay=1e-2), "radam": dict(weight_decay=1e-2), "ranger": dict(weight_decay=1e-2)}
+from optimizers import EAGER, ORACLE_EAGER, batches, make_model, mse_backward, training_cases
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,19 +24,9 @@ def oracle(stem):
     return cls
 
 
-def make_model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 24), nn.LayerNorm(24), nn.Tanh(), nn.Linear(24, 6)).to(dtype)
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 12, generator=g), torch.randn(16, 6, generator=g)) for _ in range(n)]
-
-
 def train(model, opt, data, release):
     for x, y in data:
-        ((model(x.to(next(model.parameters()).dtype)).float() - y) ** 2).mean().backward()
+        mse_backward(model, x, y)
         opt.step()
         opt.zero_grad()
         if release:
@@ -50,21 +34,17 @@ def train(model, opt, data, release):
     return model
 
 
-def kw_for(stem):
-    return KWARGS.get(stem, {})
-
-
 # ── same result as a normal step ─────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("stem", SPECS)
-def test_release_equals_normal_step(stem, dtype):
+@pytest.mark.parametrize("stem, kw", training_cases())
+def test_release_equals_normal_step(stem, kw, dtype):
     """Same seed and data: the eager per-param step is the eager per-list step, bit for bit, also
     in bf16 with Kahan (8 steps, so Ranger's lookahead (k=6) and RAdam's rectified phase run)."""
     cls, data = ours(stem), batches(8)
     a, b = make_model(dtype), make_model(dtype)
     kahan = {"kahan_sum": True} if dtype == torch.bfloat16 else {}
-    opt_a = cls(a.parameters(), lr=1e-2, **kahan, **kw_for(stem), **EAGER)
-    opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kahan, **kw_for(stem), **EAGER)
+    opt_a = cls(a.parameters(), lr=1e-2, **kahan, **kw, **EAGER)
+    opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kahan, **kw, **EAGER)
     prepare_for_gradient_release(b, opt_b)
     train(a, opt_a, data, False)
     train(b, opt_b, data, True)
@@ -79,9 +59,9 @@ def test_release_equals_normal_step(stem, dtype):
 
 
 # ── against optimi ───────────────────────────────────────────────────────────────────────────
-@pytest.mark.parametrize("stem", SPECS)
+@pytest.mark.parametrize("stem, kw", training_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_release_matches_optimi(stem, dtype):
+def test_release_matches_optimi(stem, kw, dtype):
     """fp32: rtol 1e-5 / atol 1e-6 (same math, different op order in a few host scalars).
     bf16 + Kahan: we compute in fp32, optimi in bf16 (one rounding per op); over 6 steps of
     lr 1e-3 the params stay within 2 bf16 ulps (2**-7 relative) plus 2e-3 absolute."""
@@ -89,8 +69,8 @@ def test_release_matches_optimi(stem, dtype):
     lr = 1e-2 if dtype == torch.float32 else 1e-3
     kahan = {} if dtype == torch.float32 else {"kahan_sum": True}
     a, b = make_model(dtype), make_model(dtype)
-    opt_a = cls(a.parameters(), lr=lr, gradient_release=True, **kahan, **kw_for(stem), **EAGER)
-    opt_b = ocls(b.parameters(), lr=lr, gradient_release=True, **kahan, **kw_for(stem), foreach=False, triton=False)
+    opt_a = cls(a.parameters(), lr=lr, gradient_release=True, **kahan, **kw, **EAGER)
+    opt_b = ocls(b.parameters(), lr=lr, gradient_release=True, **kahan, **kw, **ORACLE_EAGER)
     prepare_for_gradient_release(a, opt_a)
     optimi.prepare_for_gradient_release(b, opt_b)
     train(a, opt_a, data, True)
@@ -102,8 +82,8 @@ def test_release_matches_optimi(stem, dtype):
         assert opt_a.state[pa].keys() == opt_b.state[pb].keys()
 
 
-@pytest.mark.parametrize("stem", SPECS)
-def test_release_state_dict_matches_optimi(stem):
+@pytest.mark.parametrize("stem, kw", training_cases())
+def test_release_state_dict_matches_optimi(stem, kw):
     """The group's step advances once per step() after the hooks stepped its params, as optimi's
     does (it stayed at 0, so saved state dicts differed from optimi's); per-param steps, state
     keys and values agree too. A group none of whose params was stepped keeps its step (optimi
@@ -112,8 +92,8 @@ def test_release_state_dict_matches_optimi(stem):
     a, b = make_model(), make_model()
     frozen_a, frozen_b = nn.Linear(3, 3), nn.Linear(3, 3)
     groups = lambda m, f: [{"params": m.parameters()}, {"params": f.parameters()}]  # noqa: E731
-    opt_a = cls(groups(a, frozen_a), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
-    opt_b = ocls(groups(b, frozen_b), lr=1e-2, gradient_release=True, **kw_for(stem), foreach=False, triton=False)
+    opt_a = cls(groups(a, frozen_a), lr=1e-2, gradient_release=True, **kw, **EAGER)
+    opt_b = ocls(groups(b, frozen_b), lr=1e-2, gradient_release=True, **kw, **ORACLE_EAGER)
     prepare_for_gradient_release(a, opt_a)
     optimi.prepare_for_gradient_release(b, opt_b)
     train(a, opt_a, data, True)
@@ -248,13 +228,13 @@ def _roundtrip(sd):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("stem", SPECS)
-def test_resume_continues_and_follows_lr_schedule(stem):
+@pytest.mark.parametrize("stem, kw", training_cases())
+def test_resume_continues_and_follows_lr_schedule(stem, kw):
     """Fixed optimi bug 5: after load_state_dict, state[p]["group"] is the live param_group, so an
     LR scheduler attached after the resume is obeyed by the release steps."""
     cls, data = ours(stem), batches(6)
     a = make_model()
-    opt_a = cls(a.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_a = cls(a.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     prepare_for_gradient_release(a, opt_a)
     train(a, opt_a, data[:3], True)
     sd = opt_a.state_dict()
@@ -266,7 +246,7 @@ def test_resume_continues_and_follows_lr_schedule(stem):
     # 1) resuming continues exactly like the uninterrupted run
     b = make_model()
     b.load_state_dict(model_sd)
-    opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_b.load_state_dict(sd)
     prepare_for_gradient_release(b, opt_b)
     for p in b.parameters():
@@ -281,7 +261,7 @@ def test_resume_continues_and_follows_lr_schedule(stem):
     # 2) a scheduler set up after the resume reaches the release steps
     c = make_model()
     c.load_state_dict(model_sd)
-    opt_c = cls(c.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_c = cls(c.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_c.load_state_dict(sd)
     prepare_for_gradient_release(c, opt_c)
     torch.optim.lr_scheduler.LambdaLR(opt_c, lambda _: 0.0)  # lr → 0: a step must not move params
@@ -290,17 +270,17 @@ def test_resume_continues_and_follows_lr_schedule(stem):
         assert torch.equal(p, v), f"{k} moved with lr=0: the step read a stale group"
 
 
-@pytest.mark.parametrize("stem", SPECS)
-def test_switch_from_normal_steps_to_release(stem):
+@pytest.mark.parametrize("stem, kw", training_cases())
+def test_switch_from_normal_steps_to_release(stem, kw):
     """A checkpoint of normal steps resumes under gradient release: each param's step counter
     continues from the group's, so the run equals the uninterrupted normal one bit for bit."""
     cls, data = ours(stem), batches(6)
     a = make_model()
-    opt_a = cls(a.parameters(), lr=1e-2, **kw_for(stem), **EAGER)
+    opt_a = cls(a.parameters(), lr=1e-2, **kw, **EAGER)
     train(a, opt_a, data[:3], False)
     b = make_model()
     b.load_state_dict(a.state_dict())
-    opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_b.load_state_dict(_roundtrip(opt_a.state_dict()))
     prepare_for_gradient_release(b, opt_b)
     train(a, opt_a, data[3:], False)
@@ -312,23 +292,23 @@ def test_switch_from_normal_steps_to_release(stem):
 def test_optimi_has_stale_group_after_load():
     """The bug we fix, shown on the oracle (so this test notices if optimi's behaviour changes)."""
     model = make_model()
-    opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True, foreach=False, triton=False)
-    opt2 = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True, foreach=False, triton=False)
+    opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True, **ORACLE_EAGER)
+    opt2 = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True, **ORACLE_EAGER)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state[model[0].weight]["group"] is not opt2.param_groups[0]
 
 
-@pytest.mark.parametrize("stem", [s for s in SPECS if s in ("adam", "adamw", "sgd", "stableadamw", "adan", "lion")])
-def test_optimi_loads_our_release_checkpoint(stem):
+@pytest.mark.parametrize("stem, kw", training_cases("adam", "adamw", "sgd", "stableadamw", "adan", "lion"))
+def test_optimi_loads_our_release_checkpoint(stem, kw):
     """Our packed per-param group (param indices) still works for optimi's release step."""
     ocls, data = oracle(stem), batches(4)
     a = make_model()
-    opt_a = ours(stem)(a.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_a = ours(stem)(a.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     prepare_for_gradient_release(a, opt_a)
     train(a, opt_a, data[:2], True)
     b = make_model()
     b.load_state_dict(a.state_dict())
-    opt_b = ocls(b.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), foreach=False, triton=False)
+    opt_b = ocls(b.parameters(), lr=1e-2, gradient_release=True, **kw, **ORACLE_EAGER)
     opt_b.load_state_dict(_roundtrip(opt_a.state_dict()))
     optimi.prepare_for_gradient_release(b, opt_b)
     train(a, opt_a, data[2:], True)
@@ -337,17 +317,17 @@ def test_optimi_loads_our_release_checkpoint(stem):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stem", [s for s in SPECS if s in ("adamw", "sgd", "stableadamw")])
-def test_we_load_optimi_release_checkpoint(stem):
+@pytest.mark.parametrize("stem, kw", training_cases("adamw", "sgd", "stableadamw"))
+def test_we_load_optimi_release_checkpoint(stem, kw):
     """optimi's checkpoint holds the whole group (params included) per param: we re-link it."""
     ocls, data = oracle(stem), batches(4)
     a = make_model()
-    opt_a = ocls(a.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), foreach=False, triton=False)
+    opt_a = ocls(a.parameters(), lr=1e-2, gradient_release=True, **kw, **ORACLE_EAGER)
     optimi.prepare_for_gradient_release(a, opt_a)
     train(a, opt_a, data[:2], True)
     b = make_model()
     b.load_state_dict(a.state_dict())
-    opt_b = ours(stem)(b.parameters(), lr=1e-2, gradient_release=True, **kw_for(stem), **EAGER)
+    opt_b = ours(stem)(b.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_b.load_state_dict(_roundtrip(opt_a.state_dict()))
     assert all(opt_b.state[p]["group"] is opt_b.param_groups[0] for p in b.parameters())
     prepare_for_gradient_release(b, opt_b)
@@ -369,7 +349,7 @@ def test_requires_gradient_release_optimizer():
     opt = ours("adamw")(model.parameters(), lr=1e-2, **EAGER)
     with pytest.raises(ValueError) as info:
         prepare_for_gradient_release(model, opt)
-    theirs = optimi.AdamW(model.parameters(), lr=1e-2, foreach=False, triton=False)
+    theirs = optimi.AdamW(model.parameters(), lr=1e-2, **ORACLE_EAGER)
     assert (ValueError, str(info.value)) == _optimi_error(lambda: optimi.prepare_for_gradient_release(model, theirs))
     assert not hasattr(model, "_gradient_release_hooks")
 
@@ -389,7 +369,7 @@ def test_existing_hooks_raise_and_roll_back():
     opt = ours("adamw")(model.parameters(), lr=1e-2, gradient_release=True, **EAGER)
     with pytest.raises(ValueError) as info:
         prepare_for_gradient_release(model, opt)
-    theirs = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True, foreach=False, triton=False)
+    theirs = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True, **ORACLE_EAGER)
     assert (ValueError, str(info.value)) == _optimi_error(lambda: optimi.prepare_for_gradient_release(model, theirs))
     assert str(info.value).startswith("Model already has post_accumulate_grad_hooks")
     counts = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]

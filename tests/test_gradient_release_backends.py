@@ -8,8 +8,7 @@ import torch
 
 import optcompile
 from optcompile import prepare_for_gradient_release
-
-BACKENDS = {"fused": dict(fused=True), "triton": dict(triton=True)}
+from optimizers import BACKENDS, EAGER, NAMES, backend_params
 
 
 def _train(name, dtype, accumulate, steps, **kw):
@@ -30,16 +29,16 @@ def _train(name, dtype, accumulate, steps, **kw):
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["release", "accumulate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("name", optcompile.OPTIMIZERS)
+@pytest.mark.parametrize("backend", backend_params("fused", "triton"))
+@pytest.mark.parametrize("name", NAMES)
 def test_per_param_backends_match_eager(name, backend, dtype, accumulate):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton backend runs on CPU only under TRITON_INTERPRET=1")
     if backend == "triton" and dtype == torch.bfloat16 and accumulate:
         pytest.skip("covered by fp32 accumulation and bf16 release; keeps the interpreter time down")
     steps = 8 if backend == "fused" else 4
-    want = _train(name, dtype, accumulate, steps, fused=False, triton=False)
-    got = _train(name, dtype, accumulate, steps, **BACKENDS[backend])
+    want = _train(name, dtype, accumulate, steps, **EAGER)
+    got = _train(name, dtype, accumulate, steps, **BACKENDS[backend].flags)
     assert len(got) == len(want)
     for a, b in zip(got, want):
         if dtype == torch.float32:  # the same fp32 math in another association order (FMA)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from optcompile import loader
-from optcompile.paths import builtin_specs
+from optimizers import BACKENDS, BY_STEM, STEMS
 
-NAMES = [p.stem for p in builtin_specs()]
+NAMES = STEMS
 STEPS = 12
 
 
@@ -25,7 +25,7 @@ def opt_class(functional: str):
 
 def make(functional, params, *, foreach=False, lr=1e-2, **kw):
     """The optimizer with eager (foreach=False) or foreach code, never the fused C default."""
-    return opt_class(functional)(params, lr=lr, foreach=foreach, triton=False, fused=False, **kw)
+    return opt_class(functional)(params, lr=lr, **BACKENDS["foreach" if foreach else "eager"].flags, **kw)
 
 
 def model_and_data(seed=0):
@@ -269,19 +269,19 @@ def test_resume_from_distributed_checkpoint_is_bit_exact(functional, tmp_path):
     dcp = pytest.importorskip("torch.distributed.checkpoint")
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model, data = model_and_data()
-    opt = make(functional, model.parameters(), foreach=True, **({"momentum": 0.9} if functional == "sgd" else {}))
+    opt = make(functional, model.parameters(), foreach=True, **BY_STEM[functional].stateful)
     _train(model, opt, data)
     straight = params_of(model)
 
     model, data = model_and_data()
-    opt = make(functional, model.parameters(), foreach=True, **({"momentum": 0.9} if functional == "sgd" else {}))
+    opt = make(functional, model.parameters(), foreach=True, **BY_STEM[functional].stateful)
     _train(model, opt, data[: STEPS // 2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: saving on a single rank"
         msd, osd = get_state_dict(model, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
         model, _ = model_and_data(seed=1)
-        opt = make(functional, model.parameters(), foreach=True, **({"momentum": 0.9} if functional == "sgd" else {}))
+        opt = make(functional, model.parameters(), foreach=True, **BY_STEM[functional].stateful)
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(tmp_path / "dcp"))
@@ -302,7 +302,7 @@ def test_mixed_dtypes_in_one_group_equal_separate_optimizers(functional, foreach
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.bfloat16]
     ps = [torch.nn.Parameter(_rand((3, 4), dt, i)) for i, dt in enumerate(dtypes)]
     solo = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    kw = {"weight_decay": 1e-2, **({"momentum": 0.9} if functional == "sgd" else {})}
+    kw = {"weight_decay": 1e-2, **BY_STEM[functional].stateful}
     opt = make(functional, ps, foreach=foreach, **kw)
     opts = [make(functional, [q], foreach=foreach, **kw) for q in solo]
     for step in range(3):
@@ -345,7 +345,7 @@ def test_complex_params_are_optimized_as_real_views(functional, foreach):
     """Like torch.optim: a complex param steps exactly as its view_as_real would."""
     c = torch.nn.Parameter(torch.complex(_rand((3, 2), torch.float32, 0), _rand((3, 2), torch.float32, 1)))
     r = torch.nn.Parameter(torch.view_as_real(c.detach()).clone())
-    kw = {"momentum": 0.9} if functional == "sgd" else {}
+    kw = dict(BY_STEM[functional].stateful)
     opt, ref = make(functional, [c], foreach=foreach, **kw), make(functional, [r], foreach=foreach, **kw)
     for step in range(3):
         c.grad = torch.complex(_rand((3, 2), torch.float32, 5 + step), _rand((3, 2), torch.float32, 9 + step))
@@ -387,7 +387,7 @@ def test_non_finite_grads_propagate_like_optimi(functional, foreach):
     """NaN/inf in one param's grad: no crash, the non-finite values land where optimi puts them,
     and every other param is exactly as if the bad one were absent."""
     import optimi
-    kw = {"momentum": 0.9} if functional == "sgd" else {}
+    kw = dict(BY_STEM[functional].stateful)
     ps = [torch.nn.Parameter(_rand((6,), torch.float32, i)) for i in range(3)]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     clean = [torch.nn.Parameter(p.detach().clone()) for p in ps[1:]]

@@ -17,13 +17,7 @@ import torch
 
 import optimi
 from optcompile import loader
-from optcompile.paths import builtin_specs
-
-SPECS = [p.stem for p in builtin_specs()]
-BACKENDS = {"eager": dict(foreach=False, triton=False, fused=False),
-            "foreach": dict(foreach=True, triton=False, fused=False)}
-KWARGS = {"adam": dict(weight_decay=1e-2), "sgd": dict(momentum=0.9, weight_decay=1e-2, decouple_wd=True),
-          "lion": dict(weight_decay=1e-2), "radam": dict(weight_decay=1e-2), "ranger": dict(weight_decay=1e-2)}
+from optimizers import BACKENDS, BY_STEM, STEMS, TORCH_BACKENDS, training_cases
 RESULTS = {}  # printed at the end of the module (pytest -s) for the report
 
 
@@ -46,6 +40,11 @@ def report():
         print(f"{key}: {value}")
 
 
+def _label(stem, kw):
+    """The report's name of a training configuration (SGD runs both decay styles)."""
+    return stem + ("-decoupled" if kw.get("decouple_wd") and stem == "sgd" else "")
+
+
 # ── Kahan summation, measured ────────────────────────────────────────────────────────────────
 def _regress(cls, dtype, kahan, backend, steps=200, lr=1e-3, storage=torch.bfloat16, **kw):
     """Linear regression; the loss is computed in fp32 from each run's own params, so the runs
@@ -55,7 +54,7 @@ def _regress(cls, dtype, kahan, backend, steps=200, lr=1e-3, storage=torch.bfloa
     y = x @ torch.randn(16, 8, generator=g)
     w = torch.randn(16, 8, generator=g).to(storage).to(dtype).requires_grad_()
     b = torch.randn(8, generator=g).to(storage).to(dtype).requires_grad_()
-    opt = cls([w, b], lr=lr, kahan_sum=kahan, **BACKENDS[backend], **kw)
+    opt = cls([w, b], lr=lr, kahan_sum=kahan, **BACKENDS[backend].flags, **kw)
     for _ in range(steps):
         ((x @ w.float() + b.float() - y) ** 2).mean().backward()
         opt.step()
@@ -68,12 +67,13 @@ def _regress(cls, dtype, kahan, backend, steps=200, lr=1e-3, storage=torch.bfloa
 # Compensating the slow weights too needs a second buffer (or fp32 slow weights); optimi has the
 # same limitation. Without the lookahead (k huge) Ranger's compensated RAdam step is checked.
 LOOKAHEAD_XFAIL = pytest.mark.xfail(reason="Ranger's bf16 slow weights are not Kahan-compensated", strict=True)
-KAHAN_CASES = [pytest.param(s, KWARGS.get(s, {}), marks=LOOKAHEAD_XFAIL if s == "ranger" else (), id=s) for s in SPECS]
-KAHAN_CASES += [pytest.param(s, {**KWARGS.get(s, {}), "k": 10**9}, id=f"{s}-no-lookahead")
-                for s in SPECS if s == "ranger"]
+KAHAN_CASES = [pytest.param(*c.values, marks=LOOKAHEAD_XFAIL if c.values[0] == "ranger" else (), id=c.id)
+               for c in training_cases()]
+KAHAN_CASES += [pytest.param(*c.values[:1], {**c.values[1], "k": 10**9}, id=f"{c.id}-no-lookahead")
+                for c in training_cases("ranger")]
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
 @pytest.mark.parametrize("stem, kw", KAHAN_CASES)
 def test_kahan_tracks_fp32(stem, kw, backend):
     cls = ours(stem)
@@ -83,22 +83,22 @@ def test_kahan_tracks_fp32(stem, kw, backend):
     moved = (fp32 - _regress(cls, torch.float32, False, backend, steps=0)).norm().item()
     err_kahan, err_plain = (kahan - fp32).norm().item(), (plain - fp32).norm().item()
     ratio = err_plain / err_kahan
-    name = stem + ("" if "k" not in kw else "-no-lookahead")
+    name = _label(stem, kw) + ("" if "k" not in kw else "-no-lookahead")
     RESULTS[f"kahan ratio {name:20s} {backend:8s}"] = (f"{ratio:6.1f}x  (|bf16+kahan - fp32| {err_kahan:.4f}, "
                                                      f"|bf16 - fp32| {err_plain:.4f}, fp32 moved {moved:.3f})")
     assert moved > 0.1, "the fp32 run must move for the comparison to mean something"
     assert ratio >= 10, f"{stem}: bf16+Kahan only {ratio:.1f}x closer to fp32 than plain bf16"
 
 
-@pytest.mark.parametrize("stem", [s for s in SPECS if s in ("adamw", "sgd")])
-def test_kahan_tracks_fp32_in_fp16(stem):
+@pytest.mark.parametrize("stem, kw", training_cases("adamw", "sgd"))
+def test_kahan_tracks_fp32_in_fp16(stem, kw):
     """fp16 has 3 more mantissa bits than bf16: lr 1e-4 puts the updates below half an fp16 ulp."""
-    cls, kw = ours(stem), {**KWARGS.get(stem, {}), "lr": 1e-4, "storage": torch.float16}
+    cls, kw = ours(stem), {**kw, "lr": 1e-4, "storage": torch.float16}
     fp32 = _regress(cls, torch.float32, False, "eager", **kw)
     kahan = _regress(cls, torch.float16, True, "eager", **kw)
     plain = _regress(cls, torch.float16, False, "eager", **kw)
     ratio = (plain - fp32).norm().item() / (kahan - fp32).norm().item()
-    RESULTS[f"kahan ratio {stem + '-fp16':20s} eager   "] = f"{ratio:6.1f}x"
+    RESULTS[f"kahan ratio {_label(stem, kw) + '-fp16':20s} eager   "] = f"{ratio:6.1f}x"
     assert ratio >= 10
 
 
@@ -106,7 +106,7 @@ def test_kahan_tracks_fp32_in_fp16(stem):
 def _decay_modes():
     """(stem, mode, kwargs) for every spec with decoupled or fully decoupled weight decay."""
     out = []
-    for stem in SPECS:
+    for stem in STEMS:
         params = inspect.signature(ours(stem)).parameters
         if "weight_decay" not in params:
             continue
@@ -129,7 +129,7 @@ def test_decay_is_compensated(stem, mode, kw):
     for p in (kahan, plain, fp32):
         p.grad = torch.zeros_like(p)
     opt = ours(stem)([{"params": [kahan], "kahan_sum": True}, {"params": [plain], "kahan_sum": False},
-                      {"params": [fp32]}], lr=1e-3, **kw, **BACKENDS["eager"])
+                      {"params": [fp32]}], lr=1e-3, **kw, **BACKENDS["eager"].flags)
     for _ in range(2000):
         opt.step()
     factor = {name: (p.float() / start.float()) for name, p in (("kahan", kahan), ("plain", plain), ("fp32", fp32))}
@@ -186,15 +186,13 @@ def _run(cls, dtype, kahan, steps, *, round_to_bf16=None, **kw):
 
 
 @pytest.mark.parametrize("kahan", [False, True], ids=["plain", "kahan"])
-@pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("stem", SPECS)
-def test_bf16_matches_optimi(stem, backend, kahan):
-    cls = ours(stem)
-    ocls = getattr(optimi, cls.__name__, None)
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+@pytest.mark.parametrize("stem, kw", training_cases())
+def test_bf16_matches_optimi(stem, kw, backend, kahan):
+    cls, ocls = ours(stem), BY_STEM[stem].optimi_cls
     if ocls is None:
         pytest.skip(f"optimi has no {cls.__name__}")
-    kw = KWARGS.get(stem, {})
-    mine, my_opt, _ = _run(cls, torch.bfloat16, kahan, STEPS, **kw, **BACKENDS[backend])
+    mine, my_opt, _ = _run(cls, torch.bfloat16, kahan, STEPS, **kw, **BACKENDS[backend].flags)
     # optimi's for-loop Ranger lookahead under Kahan scales the saved error by alpha (optimi bug 3);
     # its foreach path saves it with factor 1, as we do
     oracle_foreach = backend == "foreach" or (stem == "ranger" and kahan)
@@ -218,7 +216,7 @@ def test_bf16_matches_optimi(stem, backend, kahan):
         # travelled, plus 4 ulps of param roundings that went the other way
         bound = 2.0**-3 * t + 4 * ulp(torch.maximum(p.float().abs(), o.float().abs()))
         worst_oracle = max(worst_oracle, ((p.float() - o.float()).abs() / bound).max().item())
-    RESULTS[f"bf16 vs optimi {stem:12s} {backend:8s} {'kahan' if kahan else 'plain'}"] = (
+    RESULTS[f"bf16 vs optimi {_label(stem, kw):12s} {backend:8s} {'kahan' if kahan else 'plain'}"] = (
         f"worst |Δ|/bound: fp32-compute ref {worst_ref:.3f}, optimi bf16 {worst_oracle:.3f}")
     assert worst_ref <= 1, f"{stem}: {worst_ref:.2f}x the bound against fp32 compute with bf16 storage"
     assert worst_oracle <= 1, f"{stem}: {worst_oracle:.2f}x the bound against optimi's bf16 compute"

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 import optcompile  # noqa: E402
 from optcompile import backends_available, layouts  # noqa: E402
+from optimizers import BACKENDS as REGISTRY  # noqa: E402
 
-BACKENDS = {"fused": dict(fused=True), "eager": dict(foreach=False, triton=False, fused=False),
-            "foreach": dict(foreach=True, fused=False), "triton": dict(triton=True, fused=False)}
+BACKENDS = {name: REGISTRY[name].flags for name in ("fused", "eager", "foreach", "triton")}
 
 
 def _backend(name):
@@ -305,3 +305,146 @@ def test_decouple_lr_with_max_lr_zero_is_rejected_at_step():
         optcompile.adamw([torch.randn(4)], [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], None, lr=1e-3,
                          beta1=0.9, beta2=0.99, weight_decay=1e-4, eps=1e-6, step=torch.tensor(0, dtype=torch.int32),
                          decouple_lr=True, max_lr=0.0)
+
+
+# ── states that are not there, not tensors, or elsewhere (a hostile review of the above) ───────
+def _run_isolated(code: str):
+    """A Triton kernel that dereferences a NULL state kills the process (SIGSEGV in the
+    interpreter, an illegal address on a GPU): such cases run in a child process."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", ["momentum", "kahan_sum"])
+def test_state_allocation_changed_after_the_first_step_raises(backend, change):
+    """SGD stepped without momentum has no momentum buffer (a bf16 AdamW with kahan_sum=False no
+    kahan_comp); turning it on afterwards made the Triton kernel read through a NULL pointer
+    (segfault) and eager fail with ``'NoneType' object has no attribute 'mul_'``. Now one
+    RuntimeError on every backend, before anything is written."""
+    flags = dict(_backend(backend))
+    code = f"""
+import torch, warnings, optcompile
+warnings.simplefilter("ignore")
+if {change!r} == "momentum":
+    params = [torch.randn(8, requires_grad=True) for _ in range(2)]
+    opt = optcompile.SGD(params, lr=0.1, momentum=0, **{flags!r})
+else:
+    params = [torch.randn(8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    opt = optcompile.AdamW(params, lr=0.1, kahan_sum=False, **{flags!r})
+for p in params:
+    p.grad = torch.randn_like(p)
+opt.step()
+opt.param_groups[0][{change!r}] = 0.9 if {change!r} == "momentum" else True
+before = [p.detach().clone() for p in params]
+try:
+    opt.step()
+except RuntimeError as exc:
+    print("RAISED", exc)
+assert all(torch.equal(p, b) for p, b in zip(params, before))
+"""
+    proc = _run_isolated(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RAISED" in proc.stdout and "is None" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("n", [1, 40], ids=["one-param", "40-params"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", ["none", "float", "meta"])
+def test_state_replaced_by_none_a_number_or_a_meta_tensor_raises(backend, n, value):
+    """``opt.state[p]["exp_avg"] = None`` segfaulted the Triton kernel; a Python float gave
+    ``AttributeError: 'float' object has no attribute 'shape'``; a meta tensor stepped the params
+    before it and then failed in torch. Now one RuntimeError naming the state, nothing written."""
+    opt, params = _trained(_backend(backend), [(8,)] * n)
+    opt.state[params[-1]]["exp_avg"] = {"none": None, "float": 0.0, "meta": torch.zeros(8, device="meta")}[value]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    snap = _snapshot(opt, params)
+    expected = {"none": r"AdamW: exp_avg is None for a param of shape \(8,\), but the step reads it",
+                "float": r"AdamW: exp_avg of a param of shape \(8,\) is a float \(0.0\), not a tensor",
+                "meta": r"AdamW: exp_avg of a param of shape \(8,\) is on meta but its param is on cpu"}[value]
+    if value == "none" and backend == "fused":  # the C kernel's own check of the pointers it reads
+        expected = r"AdamW: a state this step needs is None"
+    with pytest.raises(RuntimeError, match=expected):
+        opt.step()
+    _unchanged(opt, params, snap)
+
+
+def test_functional_none_state_raises_before_the_triton_kernel():
+    """The functional API with a None ``exp_avg`` under triton=True: a NULL dereference before."""
+    _backend("triton")
+    proc = _run_isolated("""
+import torch, optcompile
+step = torch.tensor(0, dtype=torch.int32)
+try:
+    optcompile.adamw([torch.randn(4), torch.randn(4)], [torch.randn(4), torch.randn(4)], [torch.zeros(4), None],
+                     [torch.zeros(4), torch.zeros(4)], None, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
+                     eps=1e-6, step=step, triton=True)
+except RuntimeError as exc:
+    print("RAISED", exc)
+assert int(step) == 0
+""")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RAISED adamw" not in proc.stdout and "exp_avg is None" in proc.stdout, proc.stdout
+
+
+def test_triton_functional_grads_of_two_dtypes_do_not_reach_the_kernel():
+    """The kernel reads every grad as the first one's dtype: a bf16 grad after an fp32 one was
+    read as fp32 (twice its bytes). Now the group leaves the kernel for the for-loop backend,
+    which refuses the bf16 grad as torch does."""
+    _backend("triton")
+    grads = [torch.randn(16), torch.randn(16).bfloat16()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="BFloat16"):
+            optcompile.adamw([torch.randn(16), torch.randn(16)], grads, [torch.zeros(16), torch.zeros(16)],
+                             [torch.zeros(16), torch.zeros(16)], None, step=torch.tensor(0, dtype=torch.int32),
+                             lr=1e-1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-6, triton=True)
+    assert any("the gradients mix torch.float32 and torch.bfloat16" in str(w.message) for w in caught)
+
+
+def test_triton_pointer_table_hit_still_checks_what_lies_at_the_addresses():
+    """The Triton pointer tables are cached by data_ptr: a state replaced by a tensor of another
+    dtype at the same address (a freed one reused) hit the cache and skipped the dtype check, so the
+    kernel wrote fp32 values into a bf16 buffer of half the bytes."""
+    _backend("triton")
+    from optcompile.backends import triton_runtime
+    opt, params = _trained(_backend("triton"), [(8,)], steps=1)
+    state = opt.state[params[0]]
+    storage = torch.zeros(8)  # exp_avg's bytes, then the same address seen as bf16
+    state["exp_avg"] = storage
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()  # records the pointer table for this address
+    storage.zero_()
+    state["exp_avg"] = storage.view(torch.bfloat16)[:8]  # fp32 elements 0-3
+    params[0].grad = torch.randn_like(params[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            opt.step()
+        except RuntimeError:
+            pass  # the for-loop backend refusing the mixed dtypes is fine too
+    assert triton_runtime._POINTERS  # the table was cached: the check ran on a hit
+    assert any("Triton kernels skipped" in str(w.message) for w in caught)
+    assert torch.equal(storage[4:], torch.zeros(4)), "the kernel wrote past the bf16 state's bytes"
+
+
+@pytest.mark.parametrize("where", ["constructor", "param group"])
+def test_tensor_lr_with_several_elements_is_rejected_at_construction(where):
+    """The generated range check ``0.0 <= lr`` failed with torch's "Boolean value of Tensor with
+    more than one value is ambiguous"; now a ValueError naming the optimizer and the shape."""
+    params = [torch.randn(4, requires_grad=True)]
+    lr = torch.tensor([1e-3, 1e-3])
+    arg = params if where == "constructor" else [{"params": params, "lr": lr}]
+    with pytest.raises(ValueError, match=r"AdamW: lr must be a number or a 1-element tensor, not a tensor of shape "
+                                         r"\(2,\)"):
+        optcompile.AdamW(arg, lr=lr if where == "constructor" else 1e-3)
+
+
+def test_run_passes_rejects_an_unknown_pass_name():
+    """``run_passes(until="bogus")`` ran every pass and returned the final IR as if it were bogus's."""
+    from optcompile.passes import PASS_NAMES, run_passes
+    with pytest.raises(ValueError, match=r"until='bogus' is not a pass; the passes are " + ", ".join(PASS_NAMES)):
+        run_passes(None, until="bogus")

@@ -21,13 +21,10 @@ import torch  # noqa: E402
 
 from optcompile import backends_available  # noqa: E402
 from optcompile.loader import builtin_module, compile_spec  # noqa: E402
-from optcompile.paths import builtin_specs  # noqa: E402
+from optimizers import BACKENDS as REGISTRY, ORACLE_EAGER, STEMS  # noqa: E402
 
-SPECS = [p.stem for p in builtin_specs()]
-BACKENDS = {"eager": dict(foreach=False, triton=False, fused=False),
-            "foreach": dict(foreach=True, triton=False, fused=False),
-            "triton": dict(foreach=False, triton=True, fused=False),
-            "fused": dict(foreach=False, triton=False, fused=True)}
+SPECS = STEMS
+BACKENDS = {name: backend.flags for name, backend in REGISTRY.items()}
 PATTERNS = ["nan", "posinf", "neginf", "nan_once", "posinf_once", "huge", "wd_inf"]
 SIZES = [(37,), (5,)]  # the first param gets the non-finite element; the second stays clean
 POISONED = 5
@@ -110,7 +107,7 @@ def _eager(stem, pattern, dtype):
 @pytest.mark.parametrize("stem", SPECS)
 def test_eager_nonfinite_places_match_optimi(stem, pattern):
     optimi = pytest.importorskip("optimi")
-    ref = _run(getattr(optimi, _cls(stem).__name__), pattern, torch.float32, dict(foreach=False, triton=False))
+    ref = _run(getattr(optimi, _cls(stem).__name__), pattern, torch.float32, ORACLE_EAGER)
     _assert_same_places(_eager(stem, pattern, torch.float32), ref, f"{stem} eager vs optimi, {pattern}")
 
 
@@ -170,3 +167,20 @@ def test_max_min_drop_nan_and_max_reduction_keeps_it(tmp_path, backend, cap):
     assert want_m.isfinite().all() == (cap == cap) and want_p.isfinite().sum() >= 36  # not a vacuous check
     torch.testing.assert_close(opt.state[p]["exp_avg"], want_m, rtol=1e-6, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(p.detach(), want_p, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_host_math_is_ieee_and_identical_to_math_for_other_values():
+    """Host and per-tensor values follow IEEE like the kernels (NaN, ±inf) where Python's math
+    raises, and equal ``math`` bit for bit elsewhere (optimi's bias corrections stay identical)."""
+    import math
+
+    from optcompile import runtime
+    assert math.isnan(runtime.sqrt(-math.inf)) and math.isnan(runtime.sqrt(-1.0)) and math.isnan(runtime.sqrt(math.nan))
+    assert runtime.rsqrt(0.0) == math.inf and math.isnan(runtime.rsqrt(-2.0))
+    assert runtime.reciprocal(0.0) == math.inf and runtime.reciprocal(-0.0) == -math.inf
+    assert runtime.log(0.0) == -math.inf and math.isnan(runtime.log(-1.0)) and runtime.log(math.inf) == math.inf
+    for x in (0.0, 1e-300, 0.5, 1 - 0.999**7, 2.0, 1e300, math.inf):
+        assert runtime.sqrt(x) == math.sqrt(x)
+        assert x == 0 or runtime.rsqrt(x) == 1.0 / math.sqrt(x)
+        assert x == 0 or runtime.reciprocal(x) == 1.0 / x
+        assert x == 0 or runtime.log(x) == math.log(x)

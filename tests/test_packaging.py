@@ -37,3 +37,28 @@ def test_wheel_carries_data_and_imports_from_site_packages(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "_data/generated/adamw.py" in run.stdout
+
+
+def test_warm_import_and_backend_registry_import_no_compiler(tmp_path):
+    """With fresh generated files, ``from optcompile import AdamW`` imports no sympy, and a step on
+    every CPU backend (the fused one loads its C file through the backend registry) no compiler."""
+    gen = tmp_path / "generated"
+    subprocess.run([sys.executable, "-m", "optcompile", "compile", "specs/adamw.py", "--out", str(gen)], cwd=ROOT,
+                   check=True, capture_output=True)
+    code = ("import sys; from pathlib import Path\n"
+            "import optcompile.loader as l; l.generated_dir = lambda: Path(sys.argv[1])\n"
+            "import torch; from optcompile import AdamW\n"
+            "from optcompile.backends import registry\n"
+            "assert 'sympy' not in sys.modules  # (torch imports it itself on a first step)\n"
+            "for b in registry.BACKENDS:\n"
+            "    b.available()\n"
+            "    if b.name in ('eager', 'foreach', 'fused'):\n"
+            "        w = torch.nn.Parameter(torch.ones(3)); w.grad = torch.ones(3)\n"
+            "        AdamW([w], lr=0.1, **{k: k == b.name for k in ('foreach', 'fused')}).step()\n"
+            "assert sys.modules['optcompile.generated.adamw'].__file__ == str(Path(sys.argv[1]) / 'adamw.py')\n"
+            "print([m for m in ('optcompile.compiler', 'optcompile.lower', 'optcompile.codegen.render') "
+            "if m in sys.modules])\n")
+    env = {**os.environ, "OPTCOMPILE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code, str(gen)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from optcompile import backends_available, loader
 from optcompile.spec import GENERATED_CODE_NAMES, RESERVED_NAMES, SpecError
+from optimizers import BACKENDS as REGISTRY, EAGER
 
 EXAMPLES = int(os.environ.get("OPTCOMPILE_FUZZ_EXAMPLES", "25"))
 SEED = os.environ.get("OPTCOMPILE_FUZZ_SEED")
@@ -187,8 +188,7 @@ def spec_texts(draw) -> str:
 
 
 # ── running a spec on every backend ───────────────────────────────────────────────────────────
-BACKENDS = {"foreach": dict(foreach=True, fused=False), "fused": dict(fused=True), "triton": dict(triton=True)}
-EAGER = dict(foreach=False, triton=False, fused=False)
+BACKENDS = {name: REGISTRY[name].flags for name in ("foreach", "fused", "triton")}
 
 
 def _backends() -> list[str]:
@@ -411,8 +411,8 @@ spec.update(c * g, lr=lr)
 '''
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="found by the fuzzer, not fixed here: eager/foreach compute this per-tensor value with "
-                          "math.sqrt, and the max over an empty param is -inf (C and Triton give NaN, unused)")
 def test_sqrt_of_the_max_of_an_empty_param(tmp_path_factory):
+    """Found by the fuzzer: the max over an empty param is -inf, and eager/foreach computed its
+    sqrt with ``math.sqrt`` (``ValueError: math domain error``); host math is IEEE now (NaN), as
+    in the C and Triton kernels."""
     _check_every_backend(_compile(tmp_path_factory, EMPTY_MAX_SPEC), EMPTY_MAX_SPEC)

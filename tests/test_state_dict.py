@@ -11,12 +11,9 @@ import pytest
 import torch
 
 import optcompile
+from optimizers import BY_NAME, EAGER as EAGER_OURS, NAMES, ORACLE_EAGER as EAGER_THEIRS
 
-NAMES = optcompile.OPTIMIZERS
-KW = {"Adam": dict(weight_decay=0.01), "Adan": dict(), "Lion": dict(lr=1e-3, weight_decay=0.1),
-      "Ranger": dict(k=3), "SGD": dict(momentum=0.9, dampening=True, torch_init=True),
-      "StableAdamW": dict(), "AdamW": dict(), "RAdam": dict(betas=(0.9, 0.9))}
-EAGER_OURS, EAGER_THEIRS = dict(foreach=False, triton=False, fused=False), dict(foreach=False, triton=False)
+KW = {name: info.state_dict for name, info in BY_NAME.items()}
 
 
 def make_params():

@@ -35,7 +35,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 
 from optcompile.codegen.triton import StageError, TritonPrinter  # noqa: E402
 from optcompile.loader import builtin_module, compile_spec  # noqa: E402
-from optcompile.paths import builtin_specs  # noqa: E402
+from optimizers import BACKENDS, STEMS  # noqa: E402
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def _groups(cls, params):
 def _run(cls, dtype, backend, steps=STEPS, sizes=SIZES, **kw):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s).to(DEVICE, dtype)) for s in sizes]
-    flags = dict(triton=True) if backend == "triton" else dict(triton=False, foreach=False, fused=False)
+    flags = BACKENDS[backend].flags
     opt = cls(_groups(cls, params), lr=1e-3, **flags, **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -96,22 +96,22 @@ def _pairs(cls, dtype, **kw):
     return out
 
 
-def _class(spec_path):
-    mod = builtin_module(spec_path.stem)
+def _class(stem):
+    mod = builtin_module(stem)
     return getattr(mod, mod._INFO.name)
 
 
-SPECS = builtin_specs()
+SPECS = STEMS
 
 
-@pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
-def test_fp32_matches_eager(spec_path):
-    for name, e, t in _pairs(_class(spec_path), torch.float32):
-        torch.testing.assert_close(t, e, **FP32, msg=lambda m: f"{spec_path.stem} {name}: {m}")
+@pytest.mark.parametrize("stem", SPECS)
+def test_fp32_matches_eager(stem):
+    for name, e, t in _pairs(_class(stem), torch.float32):
+        torch.testing.assert_close(t, e, **FP32, msg=lambda m: f"{stem} {name}: {m}")
 
 
-@pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
-def test_bf16_matches_eager(spec_path):
+@pytest.mark.parametrize("stem", SPECS)
+def test_bf16_matches_eager(stem):
     """Both backends compute in fp32 and round once per store (RNE), so values agree to the bit
     except where the two op groupings land an fp32 value on opposite sides of a bf16 rounding
     boundary; a state that differs by 1 ulp can carry it to the next step. Measured over 10 steps:
@@ -120,7 +120,7 @@ def test_bf16_matches_eager(spec_path):
     2% of elements differ; each by at most 2 bf16 ulp of the tensor's largest value (a flip decays
     with the state, so its ulp is that of the value when it happened), and ``kahan_comp`` (a
     residual below the param's ulp) by at most 2**-10 of its param."""
-    _assert_low_precision_close(_pairs(_class(spec_path), torch.bfloat16), ulp=2 ** -7, what=spec_path.stem)
+    _assert_low_precision_close(_pairs(_class(stem), torch.bfloat16), ulp=2 ** -7, what=stem)
 
 
 def _assert_low_precision_close(pairs, ulp: float, what: str) -> None:
@@ -139,7 +139,7 @@ def _assert_low_precision_close(pairs, ulp: float, what: str) -> None:
 
 def test_bf16_params_bit_exact_adamw():
     """No Kahan: the stored values themselves are bit-identical to eager (RNE stores in both)."""
-    for name, e, t in _pairs(_class(ROOT / "specs" / "adamw.py"), torch.bfloat16, kahan_sum=False):
+    for name, e, t in _pairs(_class("adamw"), torch.bfloat16, kahan_sum=False):
         assert torch.equal(e, t), name
 
 
@@ -147,7 +147,7 @@ def test_fp16_matches_eager_adamw():
     """fp16 stores use the cast (round-to-nearest-even in the interpreter and on GPUs). fp16 keeps
     3 more bits than bf16, so a last-bit fp32 difference flips its rounding more often; same bounds
     as bf16 in fp16 ulps (measured: 0.1-0.4% of moment elements off by 1 ulp)."""
-    pairs = _pairs(_class(ROOT / "specs" / "adamw.py"), torch.float16, steps=5)
+    pairs = _pairs(_class("adamw"), torch.float16, steps=5)
     _assert_low_precision_close(pairs, ulp=2 ** -10, what="adamw fp16")
 
 
@@ -156,7 +156,7 @@ def test_fp64_falls_back_to_eager_with_a_warning():
     losing precision."""
     from optcompile.backends import triton_runtime
     triton_runtime._WARNED.clear()
-    cls = _class(ROOT / "specs" / "adamw.py")
+    cls = _class("adamw")
     with pytest.warns(UserWarning, match="Triton kernels skipped.*float64"):
         pairs = _pairs(cls, torch.float64, steps=2, sizes=[(5,), (3,)])
     for name, e, t in pairs:
@@ -221,7 +221,7 @@ def test_launches_do_not_grow_with_params(monkeypatch, name, per_step):
 def test_tables_are_cached_while_params_are_unchanged():
     from optcompile.backends import triton_runtime as rt
     rt.clear_tables()
-    cls = _class(ROOT / "specs" / "adamw.py")
+    cls = _class("adamw")
     params = [torch.nn.Parameter(torch.randn(16 * (i + 1)).to(DEVICE)) for i in range(4)]
     opt = cls(params, lr=1e-3, triton=True)
     for _ in range(3):

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import optcompile
+from optimizers import BACKENDS, EAGER, backend_params
 
 SPECS = sorted((Path(__file__).parent / "user_specs").glob("*.py"))
-BACKENDS = {"foreach": dict(foreach=True, fused=False), "fused": dict(fused=True), "triton": dict(triton=True)}
+OTHERS = ("foreach", "fused", "triton")  # compared with eager
 OPTIONS = {"lamb": {}, "rmsprop": {"centered": True, "momentum": 0.9, "weight_decay": 0.1}, "signum": {},
            "nadam": {"k": 2}, "plain": {}, "adamax": {"weight_decay": 0.1, "init_scale": 0.5},
            "clipsgd": {"clip": 0.3, "weight_decay": 0.01, "sign_only": True},
@@ -33,15 +34,15 @@ def _run(cls, kw, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(*OTHERS))
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_user_spec_backends_agree_with_eager(path, backend, dtype):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton backend runs on CPU only under TRITON_INTERPRET=1")
     cls = optcompile.compile_spec(path)
     kw = OPTIONS[path.stem]
-    want = _run(cls, kw, dtype, dict(foreach=False, triton=False, fused=False))
-    got = _run(cls, kw, dtype, BACKENDS[backend])
+    want = _run(cls, kw, dtype, EAGER)
+    got = _run(cls, kw, dtype, BACKENDS[backend].flags)
     for a, b in zip(got, want):
         if dtype == torch.float32:  # fp32 math in another association order: a few ulp over 6 steps
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -69,7 +70,7 @@ def test_elementwise_piecewise_with_host_conditions_after_a_tensor_one(tmp_path,
     g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     factor = 2 if beta >= 0.5 else 3 if beta >= 0.1 else 4
     want = -0.1 * torch.where(g > 0, g, factor * g)
-    for backend in [dict(foreach=False, triton=False, fused=False), *BACKENDS.values()]:
+    for backend in [EAGER, *(BACKENDS[n].flags for n in OTHERS)]:
         if backend.get("triton") and os.environ.get("TRITON_INTERPRET") != "1":
             continue
         p = torch.zeros(1000, requires_grad=True)

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import backends_available, cache, loader
+from .. import backends_available, cache
 from ..layouts import MISSING, LayoutCache
 from ..runtime import check_buffers
 
@@ -169,7 +168,7 @@ class FusedStep:
             ptrs = self._known_pointers(params, lists)
         if numel is None:
             return self._mixed(params, lists, host)
-        spills = len(self.iface["buffers"]) - 1 - len(lists)
+        spills = self.iface["spills"]  # fp32 scratch buffers, one per tensor each, after the buffers passed in
         scratch = [torch.empty(k, dtype=torch.float32) for _ in range(spills) for k in numel]
         ptrs = array.array("q", ptrs + [t.data_ptr() for t in scratch])
         c_numel = array.array("q", numel)
@@ -208,9 +207,9 @@ class FusedStep:
                 ptrs += [t.data_ptr() for t in lst]
             except AttributeError:  # None among tensors: NULL, the kernel checks what it needs
                 for t, s in zip(lst, shapes):
-                    if t is not None and (t.shape != s or t.dtype is not dtype or not t.is_contiguous()
-                                          or t.device.type != "cpu"):
-                        return None
+                    if t is not None and (not isinstance(t, torch.Tensor) or t.shape != s or t.dtype is not dtype
+                                          or not t.is_contiguous() or t.device.type != "cpu"):
+                        return None  # check_buffers names what does not fit
                 ptrs += [0 if t is None else t.data_ptr() for t in lst]
         return ptrs
 
@@ -252,7 +251,3 @@ _FITS = LayoutCache()
 
 def load(info, path: Path):
     return FusedStep(info, path)
-
-
-if os.environ.get("OPTCOMPILE_DISABLE_FUSED") != "1":
-    loader.register_backend_loader("fused", load)

@@ -14,7 +14,6 @@ before that import to run kernels on CPU tensors.
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import loader
+from ..layouts import MISSING, LayoutCache
 
 _CACHE_SIZE = 64  # tables kept per kind (gradient release builds one per parameter)
 _LAYOUTS: OrderedDict = OrderedDict()
 _POINTERS: OrderedDict = OrderedDict()
+_CHECKED = LayoutCache()  # layouts that passed _check
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -107,6 +108,8 @@ def _check(buffers, dtype) -> None:
                 raise UnsupportedTensors("a gradient or state does not match its param's device, shape or strides")
             if b > 1 and t.dtype != dtype:
                 raise UnsupportedTensors(f"a state is {t.dtype} but its param is {dtype}")
+            if b == 1 and t.dtype != tensors[0].dtype:  # the kernel reads every grad as the first one's dtype
+                raise UnsupportedTensors(f"the gradients mix {tensors[0].dtype} and {t.dtype}")
     for p in params:
         if not _dense(p):
             raise UnsupportedTensors("a param is not dense (a strided or overlapping view)")
@@ -141,12 +144,16 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0) -> LaunchPlan:
                   lambda: _layout(p0.device, numels, block_size, n_reductions))
 
     def pointers():
-        _check(buffers, p0.dtype)
         rows = [[0 if t is None else t.data_ptr() for t in tensors] for tensors in buffers]
         aligned = all(x % 16 == 0 for row in rows for x in row) and all(n % 16 == 0 for n in numels)
         return Pointers(torch.tensor(rows, dtype=torch.int64).to(p0.device), aligned)
 
     ptrs = _lru(_POINTERS, key, pointers)
+    if _CHECKED.get(buffers) is MISSING:
+        # the pointer key holds addresses, not what lies there: a state replaced by another dtype or
+        # strides at a freed tensor's address hits it; the layout record (or the check) does not
+        _check(buffers, p0.dtype)
+        _CHECKED.put(buffers, True)
     return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
                       getattr(tl, _TL_DTYPES[grads[0].dtype]))
 
@@ -194,7 +201,3 @@ def load(info, path):
 
 
 _WARNED: set[str] = set()
-
-
-if importlib.util.find_spec("triton") is not None:
-    loader.register_backend_loader("triton", load)

@@ -31,14 +31,13 @@ and ``param * c0`` agree.
 from __future__ import annotations
 
 import json
-import re
 
 import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
 from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
-from .forms import Forms
+from .forms import Forms, Lerp
 from .host import used_host_names
 
 
@@ -64,9 +63,9 @@ class CPrinter(C99CodePrinter):
         base, exp = expr.args
         b = self.parenthesize(base, 50)
         if exp == sympy.Rational(1, 2):
-            return f"sqrtf({self._print(base)})"
+            return f"{self.SQRT}({self._print(base)})"
         if exp == -sympy.Rational(1, 2):
-            return f"(1.0f / sqrtf({self._print(base)}))"
+            return f"(1.0f / {self.SQRT}({self._print(base)}))"
         if exp.is_Integer and 1 <= exp <= 4:
             return "(" + "*".join([b] * int(exp)) + ")"
         if exp.is_Integer and -4 <= exp <= -1:
@@ -75,7 +74,7 @@ class CPrinter(C99CodePrinter):
 
     # Max/Min ignore a NaN operand (fmaxf's semantics; fmaxf itself does not vectorise)
     MAX, MIN, AND, OR = "oc_max", "oc_min", " && ", " || "
-    LERP = "oc_lerp"
+    LERP, SQRT = "oc_lerp", "sqrtf"
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"(({cond}) ? ({a}) : ({b}))"
@@ -149,14 +148,10 @@ class VecPrinter(CPrinter):
     loop only (``vexpr`` returns None)."""
 
     MAX, MIN, AND, OR = "oc_vmax", "oc_vmin", " & ", " | "  # comparisons give lane masks
-    LERP = "oc_vlerp"
+    LERP, SQRT = "oc_vlerp", "oc_vsqrt"
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"oc_vsel({cond}, {a}, {b})"
-
-    def _print_Pow(self, expr, rational=False):
-        text = super()._print_Pow(expr, rational)
-        return text.replace("sqrtf(", "oc_vsqrt(")
 
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
@@ -173,7 +168,10 @@ class VecPrinter(CPrinter):
 
 
 _C, _D, _V = CPrinter(), DoublePrinter(), VecPrinter()
-_VEC_CALLS = {"oc_vsqrt", "oc_vsel", "oc_vmax", "oc_vmin", "oc_vabs", "oc_vlerp", "OC_VMASK"}
+_VEC_NODES = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.core.numbers.Infinity,
+              sympy.core.numbers.NegativeInfinity, sympy.Add, sympy.Mul, sympy.Max, sympy.Min, sympy.Abs,
+              sympy.sign, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair, Lerp, sympy.And,
+              sympy.Or, sympy.Not, sympy.core.relational.Relational, sympy.logic.boolalg.BooleanAtom)
 
 
 def _flit(x: float) -> str:
@@ -188,13 +186,27 @@ def cexpr(expr) -> str:
     return _C.doprint(sympy.sympify(expr))
 
 
+def has_vector_form(expr) -> bool:
+    """Whether every operation of ``expr`` has a lane-wise ``oc_vf`` form in :class:`VecPrinter`:
+    arithmetic, comparisons and logic, selects, ``Max``/``Min``/``Abs``/``sign``/lerp, square
+    roots and small integer powers (``powf``, ``expf``, ``logf`` … have none)."""
+    for node in sympy.preorder_traversal(sympy.sympify(expr)):
+        if isinstance(node, sympy.Pow):
+            e = node.exp
+            if not (abs(e) == sympy.Rational(1, 2) or (e.is_Integer and 1 <= abs(e) <= 4)):
+                return False
+        elif not isinstance(node, _VEC_NODES):
+            return False
+    return True
+
+
 def vexpr(expr, scalar_names=()) -> str | None:
     """One per-element expression on ``oc_vf`` lanes, or None if it has no vector form. An
     expression of scalars only is splatted (``OC_VEC``), so it can be assigned to a lane vector."""
     expr = sympy.sympify(expr)
-    text = _V.doprint(expr)
-    if set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", text)) - _VEC_CALLS:
+    if not has_vector_form(expr):
         return None
+    text = _V.doprint(expr)
     return f"OC_VEC({text})" if _syms(expr) <= set(scalar_names) else text
 
 
@@ -274,7 +286,7 @@ def context(prog: Program) -> dict:
                    for st in stages],
         "n_tscalars": max(1, len(tscalar_names)),
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
-                                 "buffers": [b["name"] for b in buffers]}, sort_keys=True),
+                                 "buffers": [b["name"] for b in buffers], "spills": len(spills)}, sort_keys=True),
     }
 
 
@@ -324,6 +336,8 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
     body_lanes: list[str] = []  # the same, accumulating reductions in 16 lanes (vectorises)
     declared: set[str] = set()
     loads: list[str] = []
+    loaded: list[str] = []  # the names the loads define, in order
+    spilled_io = False  # reads or writes an fp32 spill buffer
     written: list[str] = []
     reductions: list[dict] = []
     rounded: set[str] = set()
@@ -335,10 +349,12 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
                 continue
             if n in spills and spills[n] < st.index:
                 loads.append(f"float {n} = oc_ptr_spill_{n}[oc_i];")
+                spilled_io = True
             elif n in stored or n == "grad":
                 loads.append(f"float {n} = OC_LOAD(oc_ptr_{n}[oc_i]);")
             else:
                 raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
+            loaded.append(n)
             declared.add(n)
         hexpr = _hoist(forms[id(s)], scalar_names, hoisted)
         rhs = cexpr(hexpr)
@@ -371,19 +387,22 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             written.append(t)
     # a value already rounded to the storage type is stored exactly (bf16: its top 16 bits)
     stores = [f"oc_ptr_{b}[oc_i] = OC_STORE{'_EXACT' if b in rounded else ''}({b});" for b in stored if b in written]
+    grad_passed_through = False
     for n, stage in spills.items():
         if stage == st.index and n in declared:
             stores.append(f"oc_ptr_spill_{n}[oc_i] = {n};")
+            spilled_io = True
         elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
             stores.append("oc_ptr_spill_grad[oc_i] = OC_LOAD(oc_ptr_grad[oc_i]);")
-    if any("oc_ptr_spill_" in line for line in loads + stores):
+            spilled_io = grad_passed_through = True
+    if spilled_io:
         vbody = None  # fp32 spill buffers are not in the even/odd lane order: scalar loop only
     vector = None if vbody is None else {
-        "loads": _load_names(loads), "body": vbody, "accs": [r["acc"] for r in reductions],
+        "loads": loaded, "body": vbody, "accs": [r["acc"] for r in reductions],
         "stores": [{"name": b, "bits": f"oc_vbits({b})" if b in rounded else f"oc_vrne({b}, &oc_nan)"}
                    for b in stored if b in written]}
-    uses = set(_load_names(loads)) | set(written) | {n for n in spills if n in declared}
-    if any(line.startswith("oc_ptr_spill_grad") for line in stores):
+    uses = set(loaded) | set(written) | {n for n in spills if n in declared}
+    if grad_passed_through:
         uses |= {"grad"}
     used = sorted(set().union(*[v[2] for v in hoisted.values()]))
     mask = sum(1 << i for i, b in enumerate(buffer_names) if b in uses or b.removeprefix("spill_") in uses)
@@ -392,10 +411,6 @@ def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_name
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()], "loads": loads, "body": body,
             "body_lanes": body_lanes,
             "stores": stores, "reductions": reductions, "uses": sorted(uses), "vector": vector}
-
-
-def _load_names(loads: list[str]) -> list[str]:
-    return [line.split()[1] for line in loads if line.startswith("float ")]
 
 
 def _hoist(expr, scalar_names: set, hoisted: dict):
@@ -418,8 +433,8 @@ def _hoist(expr, scalar_names: set, hoisted: dict):
         else expr.func(*args)
 
 
-def render(prog: Program, spec_source: bytes) -> str:
+def render(prog: Program, spec_source: bytes, key: str) -> str:
     from .render import env, header
     body = env().get_template("fused.c.j2").render(**context(prog))
-    return header(prog, spec_source, body, comment="//") + body
+    return header(prog, spec_source, body, key, comment="//") + body
 

@@ -19,4 +19,4 @@ def context(prog: Program) -> dict:
         lines += body
         written += [x for x in w if x not in written]
     return {"name": f"_foreach_{prog.functional}", "body": lines, "writeback": written,
-            "uses_numel": "numel" in "\n".join(lines)}
+            "uses_numel": prog.uses_numel()}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sympy
 
+from ..step_flags import STEP_FLAGS
+
 
 class Lerp(sympy.Function):
     """``Lerp(start, end, weight)`` as torch.lerp computes it (weight a host scalar):
@@ -29,7 +31,7 @@ class Forms:
     """The grouping rules over one program's names: host values, per-tensor scalars, host lets."""
 
     def __init__(self, prog):
-        self.host = prog.host_names() | {"update_parameters", "kahan"}
+        self.host = prog.host_names() | set(STEP_FLAGS)
         self.tensor_scalars = prog.tensor_scalar_names()
         self.host_defs = {h.name: h for h in prog.host}
 

@@ -9,6 +9,7 @@ import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..ir import TRUE, HostScalar, Program
+from ..step_flags import STEP_FLAGS
 
 
 class HostPrinter(PythonCodePrinter):
@@ -36,6 +37,9 @@ class HostPrinter(PythonCodePrinter):
         """The DSL's Max/Min drop NaN operands (C's fmax; Python's max(1, nan) is 1 but
         max(nan, 1) is nan): ``runtime.fmax``/``fmin``, imported by generated modules as ``_max``/``_min``."""
         return f"_{fn}(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_log(self, expr):
+        return f"_log({self._print(expr.args[0])})"  # runtime.log: -inf at 0, NaN below, as the kernels
 
     def _print_Abs(self, expr):
         return f"abs({self._print(expr.args[0])})"
@@ -65,12 +69,14 @@ class HostPrinter(PythonCodePrinter):
 
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
+        # IEEE results where Python raises (``math.sqrt(-inf)``, ``1.0 / 0.0``): NaN and ±inf like the
+        # kernels; ``runtime.sqrt``/``rsqrt``/``reciprocal``, identical to math's for the other values
         if exp == sympy.Rational(1, 2):
-            return f"math.sqrt({self._print(base)})"
+            return f"_sqrt({self._print(base)})"
         if exp == -sympy.Rational(1, 2):
-            return f"(1.0 / math.sqrt({self._print(base)}))"
+            return f"_rsqrt({self._print(base)})"
         if exp == -1:
-            return f"(1.0 / {self.parenthesize(base, 100)})"
+            return f"_reciprocal({self._print(base)})"
         return f"{self.parenthesize(base, 100)}**{self.parenthesize(exp, 100)}"
 
     def _print_Piecewise(self, expr):
@@ -107,7 +113,7 @@ def host_lines(prog: Program) -> list[str]:
 
 def used_host_names(prog: Program) -> list[str]:
     """The host values the per-element and per-tensor code reads, sorted (the kernel interface)."""
-    host = prog.host_names() | {"update_parameters", "kahan"}
+    host = prog.host_names() | set(STEP_FLAGS)
     used = set()
     for s in prog.body:
         used |= {x.name for x in sympy.sympify(s.expr).free_symbols | sympy.sympify(s.guard).free_symbols}

@@ -14,7 +14,7 @@ import sympy
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from ..ir import TRUE, Program
-from ..fingerprint import cache_key, templates_hash
+from ..fingerprint import templates_hash
 from ..paths import specs_dir, templates_dir
 from ..version import __version__
 from . import eager, foreach
@@ -55,12 +55,12 @@ def traffic(prog: Program) -> str:
             f"{4 * (len(reads) + len(writes))} B/param/step")
 
 
-def header(prog: Program, spec_source: bytes, body: str, comment: str = "#") -> str:
-    """Every backend's file of one compile carries the one key its cache entry is named by."""
+def header(prog: Program, spec_source: bytes, body: str, key: str, comment: str = "#") -> str:
+    """Every backend's file of one compile carries ``key``: the one key its cache entry is named by."""
     path = spec_display_path(prog.spec_path)
     return stamp(comment=comment, spec_path=path, name=prog.name, spec_sha=hashlib.sha256(spec_source).hexdigest(),
                  version=__version__, templates_sha=templates_hash(), passes=", ".join(prog.passes),
-                 key=cache_key(prog.functional, spec_source, "py"), body=body, traffic=traffic(prog))
+                 key=key, body=body, traffic=traffic(prog))
 
 
 # ── the Python module: host scalars, state init, eager, foreach, functional and class ───────────
@@ -120,7 +120,7 @@ def _validation(a) -> list[str]:
         if not conds:
             continue
         cond = " and ".join(conds) if len(conds) > 1 else conds[0]
-        shown = f"{{{expr}=}}" if "[" in expr else f"{expr}={{{expr}}}"
+        shown = f"{{{expr}=}}" if a.kind == "tuple" else f"{expr}={{{expr}}}"
         out.append((f"if not ({cond}):", f'raise ValueError(f"Invalid {label}: {shown}")'))
     return out
 
@@ -210,7 +210,7 @@ def module_context(prog: Program) -> dict:
         "hyper_dict": "{" + ", ".join(f"{k!r}: {k}" for k in keys) + "}",
         "functional_positional": _functional_positional(prog),
         "state_names": repr(tuple(states)),
-        "group_constants": [(k, repr(v)) for k, v in prog.meta.get("group_constants", ())],
+        "group_constants": [(k, repr(v)) for k, v in prog.group_constants],
     }
 
 
@@ -228,7 +228,7 @@ def step_keys(prog: Program) -> list[str]:
 def _functional_positional(prog: Program) -> list[str]:
     """``params, grads, <state>s…, kahan_comps=None`` with optimi's annotations; 0-dim records
     (``eps_sqs``) are accepted in their place and ignored, since the step never reads them."""
-    order = prog.meta.get("state_order") or [s.name for s in prog.states + prog.records]
+    order = prog.state_order or [s.name for s in prog.states + prog.records]
     conditional = {s.name for s in prog.states if s.when != TRUE}
     out = ["params: list[Tensor]", "grads: list[Tensor]"]
     out += [f"{n}s: list[Tensor | None]" if n in conditional else f"{n}s: list[Tensor]" for n in order
@@ -258,6 +258,14 @@ def _functional_params(prog: Program) -> list[str]:
     return out
 
 
-def render_module(prog: Program, spec_source: bytes) -> str:
-    body = env().get_template("module.py.j2").render(**module_context(prog))
-    return header(prog, spec_source, body) + body
+def render_module(prog: Program, spec_source: bytes, key: str) -> str:
+    body = env().get_template("module.py.j2").render(**module_context(prog), key=key)
+    return header(prog, spec_source, body, key) + body
+
+
+def module_functions(prog: Program) -> dict[str, str]:
+    """The module's ``host`` scalar function and its ``eager`` and ``foreach`` step functions, each
+    exactly as the module renders it (the template's blocks), for ``optcompile show``."""
+    template = env().get_template("module.py.j2")
+    context = template.new_context(module_context(prog))
+    return {name: "".join(template.blocks[name](context)) for name in ("host", "eager", "foreach")}

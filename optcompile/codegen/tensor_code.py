@@ -176,7 +176,12 @@ class DevicePrinter(HostPrinter):
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
         fn = {sympy.Rational(1, 2): "torch.sqrt", -sympy.Rational(1, 2): "torch.rsqrt"}.get(exp)
+        if exp == -1:  # torch's division is IEEE already (±inf at 0)
+            return f"(1.0 / {self.parenthesize(base, 100)})"
         return f"{fn}({self._print(base)})" if fn else super()._print_Pow(expr, rational)
+
+    def _print_log(self, expr):
+        return f"torch.log({self._print(expr.args[0])})"
 
 
 _DEVICE_PRINTER = DevicePrinter({"fully_qualified_modules": True, "standard": "python3"})
@@ -200,6 +205,15 @@ def device_scalars(prog: Program) -> tuple[set[str], set[str]]:
         if getattr(s, "name", None) not in device:
             floats |= {x.name for x in sympy.sympify(s.expr).free_symbols} & device
     return device, floats
+
+
+def _not_one(c) -> str:
+    """``c != 1`` as a reader writes it: ``1 - decay`` differs from 1 exactly when ``decay != 0``
+    (in floats too, up to a ``decay`` so small that ``1 - decay`` rounds to 1: a multiply by 1.0)."""
+    k, rest = sympy.sympify(c).as_coeff_Add()
+    if k == 1 and rest != 0:
+        return f"{pyexpr(-rest if rest.could_extract_minus_sign() else rest)} != 0"
+    return f"{pyexpr(c)} != 1"
 
 
 def _args(args, kw) -> str:
@@ -376,7 +390,7 @@ class TensorCode:
         else:
             line = self.d.inplace(target, "mul", self.scalar(c))
         if self.is_host(c) and not sympy.sympify(c).is_Number:
-            self.emit(f"if {pyexpr(c)} != 1:")  # e.g. 1 - decay with weight_decay=0: skip a pass
+            self.emit(f"if {_not_one(c)}:")  # e.g. decay != 0: with weight_decay=0, skip a pass
             self.emit("    " + line)
         else:
             self.emit(line)
@@ -517,15 +531,17 @@ class TensorCode:
             tensor_terms = [x for i, x in enumerate(tensor_terms) if i not in (start, nxt[0])]
             num, den = self.split_fraction(t)
             value = None if self.numeric_one(c) else self.scalar(c)
-            tmp = self.new_tmp()
+            # operands first, then the result's name: temporaries are numbered in order of definition
             if len(num) == 1 and len(den) == 1:
-                self.emit(f"{tmp} = {self.d.new('addcdiv', base, self.atom(num[0]), self.atom(den[0]), value=value)}")
+                call = self.d.new('addcdiv', base, self.atom(num[0]), self.atom(den[0]), value=value)
             elif len(num) == 2 and not den:
-                self.emit(f"{tmp} = {self.d.new('addcmul', base, self.atom(num[0]), self.atom(num[1]), value=value)}")
+                call = self.d.new('addcmul', base, self.atom(num[0]), self.atom(num[1]), value=value)
             elif c == -1:
-                self.emit(f"{tmp} = {self.d.new('sub', base, self.atom(t))}")
+                call = self.d.new('sub', base, self.atom(t))
             else:
-                self.emit(f"{tmp} = {self.d.new('add', base, self.atom(t), alpha=value)}")
+                call = self.d.new('add', base, self.atom(t), alpha=value)
+            tmp = self.new_tmp()
+            self.emit(f"{tmp} = {call}")
         else:
             c, t = tensor_terms.pop(0)
             tmp = self.fresh(t)
@@ -540,21 +556,24 @@ class TensorCode:
     def fresh_mul(self, e) -> str:
         c, t = self.split_scalar(e)
         num, den = self.split_fraction(t)
-        tmp = self.new_tmp()
-        if not num:
-            self.emit(f"{tmp} = {self.d.new('reciprocal', self.atom(den.pop(0)))}")
+        scaled = False
+        if not num:  # operands first, then the result's name (numbered in order of definition)
+            call = self.d.new('reciprocal', self.atom(den.pop(0)))
         elif len(num) >= 2:
-            self.emit(f"{tmp} = {self.d.new('mul', self.atom(num[0]), self.atom(num[1]))}")
+            call = self.d.new('mul', self.atom(num[0]), self.atom(num[1]))
             num = num[2:]
         elif den:
-            self.emit(f"{tmp} = {self.d.new('div', self.atom(num[0]), self.atom(den.pop(0)))}")
+            call = self.d.new('div', self.atom(num[0]), self.atom(den.pop(0)))
             num = []
         elif not self.numeric_one(c):
-            self.emit(f"{tmp} = {self.d.new('mul', self.atom(num[0]), self.scalar(c))}")
-            return tmp
+            call, scaled = self.d.new('mul', self.atom(num[0]), self.scalar(c)), True
         else:
-            self.emit(f"{tmp} = {self.d.clone(self.atom(num[0]))}")
+            call = self.d.clone(self.atom(num[0]))
             num = []
+        tmp = self.new_tmp()
+        self.emit(f"{tmp} = {call}")
+        if scaled:
+            return tmp
         for f in num:
             self.emit(self.d.inplace(tmp, "mul", self.atom(f)))
         for f in den:

@@ -21,11 +21,14 @@ renders: a stub module whose launcher raises why, so the other backends keep wor
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
+from ..ir import TRUE, Assign, Origin, Program, Reduction, TensorScalar
 from .forms import Forms, Lerp
 
 _ALLOWED = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.Abs,
@@ -220,17 +223,13 @@ def guard_text(guard, printer: TritonPrinter) -> str:
         bad = sorted({s.name for s in sympy.sympify(guard).free_symbols} - printer.constexpr)
         raise NotImplementedError(f"guard {guard} reads non-boolean host values {bad}; lowering should have "
                                   "made it a host bool")
-    text = printer.doprint(guard)
-    return text[1:-1] if text.startswith("(") and text.endswith(")") and _balanced(text[1:-1]) else text
-
-
-def _balanced(text: str) -> bool:
-    depth = 0
-    for ch in text:
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if depth < 0:
-            return False
-    return depth == 0
+    guard = sympy.sympify(guard)
+    if isinstance(guard, (sympy.And, sympy.Or)):  # the outermost operator needs no parentheses
+        op = " and " if isinstance(guard, sympy.And) else " or "
+        return op.join(printer.doprint(a) for a in sorted(guard.args, key=str))
+    if isinstance(guard, sympy.Not):
+        return f"not {printer.doprint(guard.args[0])}"
+    return printer.doprint(guard)
 
 
 def _any(guards) -> sympy.Basic:
@@ -249,11 +248,6 @@ def _by_guard(items: list[dict]) -> list[dict]:
     return [{"guard": g, "names": names} for g, names in out.items()]
 
 
-def _words(text: str | None) -> set[str]:
-    import re
-    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text or ""))
-
-
 def _condition_names(e) -> set[str]:
     """Names read inside conditions (Piecewise conditions, relations, and/or/not) of ``e``."""
     out: set[str] = set()
@@ -269,14 +263,16 @@ def _names(e) -> set[str]:
     return {s.name for s in sympy.sympify(e).free_symbols}
 
 
-def _origin(stmt) -> str:
+def _shown(o: Origin) -> Origin:
     """``specs/adamw.py:22``; never an absolute path (generated text must not depend on the host)."""
-    o = stmt.origin or ""
-    path, sep, line = o.rpartition(":")
-    if sep and path.startswith("/"):
+    if o.file and os.path.isabs(o.file):
         from .render import spec_display_path
-        o = f"{spec_display_path(path)}:{line}"
+        return dataclasses.replace(o, file=spec_display_path(o.file))
     return o
+
+
+def _origin(stmt) -> str:
+    return str(_shown(stmt.origin))
 
 
 class StageError(ValueError):
@@ -350,15 +346,16 @@ class KernelBuilder:
         used = set().union(*[_names(s.expr) | _names(s.guard) for s in stmts]) if stmts else set()
 
         loads, stores = [], []
+        memory_guards = []  # the host conditions of the loads and stores, whose flags the kernel takes
         for buf in self.buffers:
             readers = [s for s in stmts if buf in _names(s.expr)]
             writers = [s for s in self.stages[k] if isinstance(s, Assign) and s.target == buf]
-            if readers:
-                loads.append({"name": buf, "guard": self._guard(_any([s.guard for s in readers]))})
-            if buf in self.stored and writers:
-                stores.append({"name": buf, "guard": self._guard(_any([s.guard for s in writers]))})
+            for group, out in ((readers, loads), (writers if buf in self.stored else [], stores)):
+                if group:
+                    guard = _any([s.guard for s in group])
+                    memory_guards.append(guard)
+                    out.append({"name": buf, "guard": self._guard(guard)})
         pointers = [b for b in self.buffers if b in {x["name"] for x in loads + stores}]
-        guards = [x["guard"] for x in loads + stores]
         loads, stores = _by_guard(loads), _by_guard(stores)
 
         body: list[dict] = []  # {"guard": text|None, "lines": [...], "origin": str}
@@ -372,7 +369,8 @@ class KernelBuilder:
 
         totals = [r.name for r in earlier_reductions if r.name in used]
         partials = [r.name for r in self.stages[k] if isinstance(r, Reduction)]
-        flags = [f for f in self.flags if f in used or any(f in _words(g) for g in guards)]
+        guard_names = set().union(*[_names(g) for g in memory_guards]) if memory_guards else set()
+        flags = [f for f in self.flags if f in used or f in guard_names]
         scalars = [n for n in self.scalars if n in used]
         return {
             "name": self.kernel_names[k],
@@ -387,7 +385,8 @@ class KernelBuilder:
             "flags": flags,
             "uses_numel": "numel" in used,
             "replayed": [s.target if isinstance(s, Assign) else s.name for s in replayed],
-            "origins": sorted({_origin(s) for s in self.stages[k] if _origin(s)}),
+            "origins": [str(o) for o in sorted({_shown(s.origin) for s in self.stages[k] if s.origin},
+                                               key=Origin.sort_key)],
         }
 
     def _guard(self, guard) -> str | None:
@@ -425,7 +424,8 @@ class KernelBuilder:
         items = []
         for r in reds:
             items.append({"name": r.name, "op": r.op, "guard": self._guard(r.guard)})
-        flags = [f for f in self.flags if any(f in _words(i["guard"]) for i in items)]
+        guard_names = set().union(*[_names(r.guard) for r in reds])
+        flags = [f for f in self.flags if f in guard_names]
         return {"name": f"_{self.fn}_reduce{k}_kernel", "stage": k, "reductions": items, "flags": flags}
 
     def context(self) -> dict:
@@ -459,7 +459,7 @@ def context(prog: Program) -> dict:
     return KernelBuilder(prog).context()
 
 
-def render(prog: Program, spec_source: bytes) -> str:
+def render(prog: Program, spec_source: bytes, key: str) -> str:
     """The ``_triton.py`` module. A spec the kernels cannot express still compiles (the other
     backends run it): its module's launcher raises the reason when Triton is chosen."""
     from .render import env, header, spec_display_path
@@ -470,7 +470,7 @@ def render(prog: Program, spec_source: bytes) -> str:
         body = env().get_template("triton_unsupported.py.j2").render(
             name=prog.name, fn=prog.functional, reason=reason,
             message=repr(f"{prog.name} has no Triton kernels ({reason})"))
-        return header(prog, spec_source, body) + body
+        return header(prog, spec_source, body, key) + body
     ctx["spec_display"] = spec_display_path(prog.spec_path)
     body = env().get_template("triton.py.j2").render(**ctx)
-    return header(prog, spec_source, body) + body
+    return header(prog, spec_source, body, key) + body

@@ -7,16 +7,18 @@ import os
 from ..ir import Program
 from ..verify import verify
 from .accumulate import accumulate_only_states
+from .finalize import finalize
 from .kahan import add_kahan_summation
-from .precision import compute_in_fp32
 from .weight_decay import add_weight_decay
 
-PIPELINE = (add_weight_decay, accumulate_only_states, add_kahan_summation, compute_in_fp32)
+PIPELINE = (add_weight_decay, accumulate_only_states, add_kahan_summation, finalize)
 PASS_NAMES = tuple(p.__name__ for p in PIPELINE)
 
 
 def run_passes(prog: Program, until: str | None = None) -> Program:
-    """Apply PIPELINE in order (stopping after ``until`` if given)."""
+    """Apply PIPELINE in order (stopping after ``until`` if given: one of ``PASS_NAMES``)."""
+    if until is not None and until not in PASS_NAMES:
+        raise ValueError(f"run_passes: until={until!r} is not a pass; the passes are {', '.join(PASS_NAMES)}")
     check = os.environ.get("OPTCOMPILE_VERIFY") == "1"
     for p in PIPELINE:
         prog = p(prog)

@@ -12,8 +12,9 @@ import sympy
 from sympy import And, Symbol
 
 from ..ir import PARAM, TRUE, Assign, Program
+from ..step_flags import UPDATE_PARAMETERS
 
-UPDATE = Symbol("update_parameters")
+UPDATE = Symbol(UPDATE_PARAMETERS)
 
 
 def accumulate_only_states(prog: Program) -> Program:

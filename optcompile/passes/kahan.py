@@ -21,7 +21,7 @@ import dataclasses
 import sympy
 from sympy import And, Not, Symbol
 
-from ..ir import KAHAN_COMP, PARAM, TRUE, Assign, Program, StateBuffer
+from ..ir import KAHAN_COMP, PARAM, TRUE, Assign, Origin, Program, StateBuffer
 
 KAHAN = Symbol("kahan")
 
@@ -51,7 +51,7 @@ def add_kahan_summation(prog: Program) -> Program:
                  Assign(prev.name, PARAM, g, s.origin, "kahan"),
                  Assign("param", PARAM + upd, g, s.origin, s.role or "kahan"),
                  Assign("kahan_comp", upd + (prev - PARAM), g, s.origin, "kahan")]
-    states = prog.states + (StateBuffer("kahan_comp", sympy.Integer(0), KAHAN, "param", "pass kahan"),)
+    states = prog.states + (StateBuffer("kahan_comp", sympy.Integer(0), KAHAN, "param", Origin(added_by="kahan")),)
     return prog.replace(body=tuple(body), states=states)
 
 

@@ -16,7 +16,9 @@ import dataclasses
 import sympy
 from sympy import And, Ne, Not, Or, Piecewise, Symbol
 
-from ..ir import GRAD, PARAM, TRUE, Arg, Assign, HostScalar, Program, TensorScalar
+from ..ir import GRAD, PARAM, TRUE, Arg, Assign, HostScalar, Origin, Program, TensorScalar
+
+ORIGIN = Origin(added_by="weight_decay")
 
 DECOUPLE_WD_DOC = "apply decoupled weight decay instead of L2 penalty"
 DECOUPLE_LR_DOC = "apply fully decoupled weight decay: decay with lr/max_lr, not lr"
@@ -37,12 +39,12 @@ def add_weight_decay(prog: Program) -> Program:
 
     if prog.weight_decay == "l2":
         decouple_wd = Symbol("decouple_wd")
-        args.insert(0, Arg("decouple_wd", "flag", bool(prog.meta.get("decouple_wd")), ("decouple_wd",),
+        args.insert(0, Arg("decouple_wd", "flag", prog.decouple_wd_default, ("decouple_wd",),
                            doc=DECOUPLE_WD_DOC, injected_by="weight_decay", type="bool"))
         l2 = HostScalar(prog.fresh_name("decay_l2"), And(Ne(wd, 0), Not(decouple_wd), Not(decouple_lr)), "bool",
-                        "pass weight_decay")
+                        ORIGIN)
         host.append(l2)
-        body.insert(0, Assign("grad", GRAD + wd * PARAM, l2.sym, "pass weight_decay", role="decay_l2"))
+        body.insert(0, Assign("grad", GRAD + wd * PARAM, l2.sym, ORIGIN, role="decay_l2"))
         # optimi's torch_init momentum buffer starts from the decayed gradient, as torch's does
         states = [dataclasses.replace(s, init=Piecewise((s.init.xreplace({GRAD: GRAD + wd * PARAM}), l2.expr),
                                                         (s.init, True))) if GRAD in sympy.sympify(s.init).free_symbols
@@ -53,17 +55,17 @@ def add_weight_decay(prog: Program) -> Program:
     rate = Piecewise((rate, decoupled_on), (0, True))
     decay = Symbol(prog.fresh_name("decay"), real=True)
     if lr.free_symbols <= {Symbol(n, real=True) for n in prog.host_names()} | {Symbol(n) for n in prog.host_names()}:
-        host.append(HostScalar(decay.name, rate, "float", "pass weight_decay"))
+        host.append(HostScalar(decay.name, rate, "float", ORIGIN))
     else:
         first_use = next(i for i, s in enumerate(body) if getattr(s, "role", "") == "update")
-        body.insert(first_use, TensorScalar(decay.name, rate, TRUE, "pass weight_decay"))
+        body.insert(first_use, TensorScalar(decay.name, rate, TRUE, ORIGIN))
 
     out = []
     for s in body:
         if not (isinstance(s, Assign) and s.role == "update"):
             out.append(s)
         elif prog.weight_decay == "proximal":
-            flag = Symbol(prog.meta["decoupled_flag"]) if prog.meta.get("decoupled_flag") else sympy.false
+            flag = prog.decoupled_flag if prog.decoupled_flag is not None else sympy.false
             out.append(dataclasses.replace(s, expr=s.expr - decay * PARAM, guard=And(s.guard, flag)))
             out.append(dataclasses.replace(s, expr=s.expr / (1 + decay), guard=And(s.guard, Not(flag))))
         else:

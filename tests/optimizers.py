@@ -1,0 +1,258 @@
+"""The one registry the tests draw from (in the spirit of torch's ``OptimizerInfo``): every
+built-in optimizer with its references and the option configurations each kind of test runs,
+and every backend with the constructor flags that select it.
+
+Test files parametrize over what this module derives from ``builtin_specs()``, so a new built-in
+spec is picked up everywhere; one without an entry in ``_ENTRIES`` stops collection with an error
+that names it. tests/test_registry.py checks the entries against the classes and against optimi.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import pytest
+import torch
+
+from optcompile import backends_available
+from optcompile.paths import builtin_specs
+
+
+# ── backends ──────────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Backend:
+    """A backend and the constructor flags that select exactly it (every flag explicit, so the
+    choice never depends on the device or on what is installed)."""
+    name: str
+    flags: Mapping[str, bool]
+    oracle_flags: Mapping[str, bool] | None  # optimi's flags for its matching path; None: it has none on CPU
+    mark: pytest.MarkDecorator | None = None
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run here, or None."""
+        if self.name == "triton" and importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if self.name == "fused" and backends_available.c_compiler() is None:
+            return "no C compiler"
+        return None
+
+    def param(self):
+        """This backend as a pytest parameter: its marker, and skipped where it cannot run."""
+        reason = self.unavailable()
+        marks = [self.mark] if self.mark else []
+        if reason:
+            marks.append(pytest.mark.skip(reason=reason))
+        return pytest.param(self.name, marks=marks, id=self.name)
+
+
+def _flags(**kw):
+    return MappingProxyType(kw)
+
+
+BACKENDS = {b.name: b for b in [
+    Backend("eager", _flags(foreach=False, triton=False, fused=False), _flags(foreach=False, triton=False)),
+    Backend("foreach", _flags(foreach=True, triton=False, fused=False), _flags(foreach=True, triton=False)),
+    Backend("triton", _flags(foreach=False, triton=True, fused=False), None, pytest.mark.triton),
+    Backend("fused", _flags(foreach=False, triton=False, fused=True), None, pytest.mark.fused),
+]}
+EAGER = BACKENDS["eager"].flags
+ORACLE_EAGER = BACKENDS["eager"].oracle_flags
+TORCH_BACKENDS = ("eager", "foreach")  # the ones torch-optimi (and torch.optim) have on CPU
+
+
+def backend_params(*names: str) -> list:
+    """``pytest.param`` per backend (all by default), with its marker and availability skip."""
+    return [BACKENDS[n].param() for n in (names or BACKENDS)]
+
+
+# ── optimizers ────────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Config:
+    """One set of constructor keywords (lr excluded unless a test says otherwise) and its test id."""
+    kwargs: Mapping
+    id: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
+
+
+@dataclass(frozen=True)
+class TorchCase:
+    """Where the algorithm coincides with torch.optim: our keywords and torch's (translated)."""
+    ours: Mapping
+    torch_cls: type
+    theirs: Mapping
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """A built-in optimizer and everything the tests run it with.
+
+    * ``training``: hyperparameters that switch on the optional parts (momentum, weight decay of
+      each kind the class has) in the training-loop tests (gradient release, accumulation, bf16);
+      every configuration runs against the eager normal step and against optimi.
+    * ``kernel``: option sets that together switch on every generated pass; a backend is compared
+      with eager on each (tests/test_fused.py).
+    * ``differential``: option sets run against optimi bit for bit, on every backend optimi has.
+    * ``stateful``: the least that gives the optimizer all its states (SGD: momentum).
+    * ``state_dict``: the options the checkpoint tests save and load with.
+    * ``torch_optim``: the configurations that are torch.optim's algorithm too.
+    """
+    stem: str
+    name: str
+    training: tuple[Config, ...]
+    kernel: tuple[Mapping, ...]
+    differential: tuple[Mapping, ...]
+    lr: float = 1e-2
+    stateful: Mapping = field(default_factory=dict)
+    state_dict: Mapping = field(default_factory=dict)
+    torch_optim: tuple[TorchCase, ...] = ()
+
+    def __post_init__(self):
+        for name in ("stateful", "state_dict"):  # shared by every test: read-only
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def cls(self):
+        from optcompile import loader
+        return loader.builtin_class(self.stem)
+
+    @property
+    def optimi_cls(self):
+        """torch-optimi's class of the same name, or None where optimi has none."""
+        import optimi
+        return getattr(optimi, self.name, None)
+
+
+def _training(*configs):
+    """One config keeps the optimizer's own id; several get ``stem-<config id>``."""
+    return tuple(Config(kw, cid) for cid, kw in configs)
+
+
+# fused.py's option sets for specs without their own: decay, and fully decoupled decay
+_KERNEL_DEFAULT = ({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr": True})
+
+# Differential option sets: every weight-decay style, fully decoupled decay with and without
+# max_lr, and the algorithm's own switches.
+_ENTRIES = {e.stem: e for e in [
+    OptimizerInfo(
+        "adam", "Adam",
+        training=_training(("l2", dict(weight_decay=1e-2))),
+        kernel=({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_wd": True}),
+        differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple_wd=True),
+                      dict(weight_decay=1e-3, decouple_lr=True), dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
+        state_dict=dict(weight_decay=0.01),
+        torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.Adam,
+                               dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
+    OptimizerInfo(
+        "adamw", "AdamW",
+        training=_training(("defaults", dict())),
+        kernel=_KERNEL_DEFAULT,
+        differential=(dict(), dict(weight_decay=0.1, betas=(0.8, 0.95)), dict(weight_decay=1e-3, decouple_lr=True),
+                      dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
+        torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.AdamW,
+                               dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
+    OptimizerInfo(
+        "adan", "Adan",
+        training=_training(("defaults", dict())),
+        kernel=_KERNEL_DEFAULT,
+        differential=(dict(), dict(weight_decay=0), dict(betas=(0.9, 0.8, 0.999), eps=1e-8),
+                      dict(weight_decay=1e-3, decouple_lr=True), dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05))),
+    OptimizerInfo(
+        "lion", "Lion", lr=1e-3,
+        training=_training(("decoupled", dict(weight_decay=1e-2))),
+        kernel=_KERNEL_DEFAULT,
+        differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=1e-3, decouple_lr=True),
+                      dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.01)),
+        state_dict=dict(lr=1e-3, weight_decay=0.1)),
+    OptimizerInfo(
+        "radam", "RAdam",
+        training=_training(("l2", dict(weight_decay=1e-2))),
+        kernel=_KERNEL_DEFAULT,
+        differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple_wd=True), dict(betas=(0.9, 0.9)),
+                      dict(weight_decay=1e-3, decouple_lr=True), dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
+        state_dict=dict(betas=(0.9, 0.9)),
+        torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1, decouple_wd=True), torch.optim.RAdam,
+                               dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99),
+                                    decoupled_weight_decay=True)),)),
+    OptimizerInfo(
+        "ranger", "Ranger",
+        training=_training(("decoupled", dict(weight_decay=1e-2))),  # Ranger's decouple_wd defaults to True
+        kernel=_KERNEL_DEFAULT,
+        differential=(dict(), dict(k=4, alpha=0.3, weight_decay=0.1), dict(k=5, weight_decay=0.1, decouple_wd=False),
+                      dict(weight_decay=1e-3, decouple_lr=True), dict(k=3, weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
+        state_dict=dict(k=3)),
+    OptimizerInfo(
+        "sgd", "SGD",
+        # both decay styles: the training-loop files used to disagree (L2 in one, decoupled in two)
+        training=_training(("l2", dict(momentum=0.9, weight_decay=1e-2)),
+                           ("decoupled", dict(momentum=0.9, weight_decay=1e-2, decouple_wd=True))),
+        kernel=({"momentum": 0.9, "weight_decay": 0.01}, {"momentum": 0.0}, {"momentum": 0.9, "dampening": True}),
+        differential=(dict(), dict(momentum=0.9, weight_decay=0.1), dict(momentum=0.9, dampening=True),
+                      dict(momentum=0.9, dampening=True, torch_init=True, weight_decay=0.1),
+                      dict(momentum=0.5, weight_decay=0.1, decouple_wd=True), dict(weight_decay=0.1),
+                      dict(momentum=0.9, weight_decay=1e-3, decouple_lr=True)),
+        stateful=dict(momentum=0.9),
+        state_dict=dict(momentum=0.9, dampening=True, torch_init=True),
+        torch_optim=(TorchCase(dict(lr=1e-2), torch.optim.SGD, dict(lr=1e-2)),
+                     TorchCase(dict(lr=1e-2, momentum=0.9, weight_decay=0.1), torch.optim.SGD,
+                               dict(lr=1e-2, momentum=0.9, weight_decay=0.1)),
+                     TorchCase(dict(lr=1e-2, momentum=0.9, dampening=True, torch_init=True, weight_decay=0.1),
+                               torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.9, weight_decay=0.1)))),
+    OptimizerInfo(
+        "stableadamw", "StableAdamW",
+        training=_training(("defaults", dict())),
+        kernel=_KERNEL_DEFAULT,
+        differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=0), dict(weight_decay=1e-3, decouple_lr=True),
+                      dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05))),
+]}
+
+
+def _registry() -> tuple[OptimizerInfo, ...]:
+    stems = [p.stem for p in builtin_specs()]
+    missing = [s for s in stems if s not in _ENTRIES]
+    if missing:
+        raise LookupError(f"built-in spec(s) {', '.join(f'specs/{s}.py' for s in missing)} have no entry in "
+                          f"tests/optimizers.py: add an OptimizerInfo (its class name and option configurations)")
+    stale = sorted(set(_ENTRIES) - set(stems))
+    if stale:
+        raise LookupError(f"tests/optimizers.py has entries for {stale}, which are not built-in specs")
+    return tuple(_ENTRIES[s] for s in stems)
+
+
+OPTIMIZERS = _registry()
+STEMS = [i.stem for i in OPTIMIZERS]
+NAMES = [i.name for i in OPTIMIZERS]
+BY_STEM = {i.stem: i for i in OPTIMIZERS}
+BY_NAME = {i.name: i for i in OPTIMIZERS}
+
+
+def training_cases(*stems: str) -> list:
+    """``pytest.param(stem, kwargs)`` per training configuration of every (or the named) optimizer."""
+    return [pytest.param(i.stem, dict(c.kwargs), id=i.stem if len(i.training) == 1 else f"{i.stem}-{c.id}")
+            for i in OPTIMIZERS if not stems or i.stem in stems for c in i.training]
+
+
+def case_id(kwargs: Mapping) -> str:
+    return "-".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
+
+
+# ── shared model and data for the training-loop tests ─────────────────────────────────────────
+def make_model(dtype=torch.float32):
+    """A small MLP with a LayerNorm (weights, biases and a norm's gain), seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.LayerNorm(24), torch.nn.Tanh(),
+                               torch.nn.Linear(24, 6)).to(dtype)
+
+
+def batches(n, seed=1):
+    """``n`` fixed (input, target) batches for :func:`make_model`."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g), torch.randn(16, 6, generator=g)) for _ in range(n)]
+
+
+def mse_backward(model, x, y):
+    """Backward of the fp32 MSE of ``model(x)`` (inputs cast to the model's dtype)."""
+    ((model(x.to(next(model.parameters()).dtype)).float() - y) ** 2).mean().backward()
