@@ -98,13 +98,27 @@ def _check_group(optimizer, name: str, gi: int, saved: dict) -> dict:
     if not optimizer._info.uses_step or "step" not in saved:
         return saved
     step = saved["step"]
-    if isinstance(step, torch.Tensor) and step.numel() != 1 or not isinstance(step, (torch.Tensor, int, float)):
-        raise ValueError(f"{name}: param_groups[{gi}]['step'] is {step!r}, not a step count")
-    if isinstance(step, torch.Tensor) and step.dtype == torch.int32 and step.dim() == 0 and saved.get("setup"):
+    count = step_count(step, f"{name}: param_groups[{gi}]['step']")
+    if isinstance(step, torch.Tensor) and step.dtype == torch.int32 and step.dim() == 0 and saved.get("setup") \
+            and step.device.type == "cpu":
         return saved
     # a step kept as a number or a float tensor, or without optimi's setup flag (which would
     # restart it at 0): optimi's layout, an int32 0-dim tensor
-    return {**saved, "step": torch.tensor(int(step), dtype=torch.int32), "setup": True}
+    return {**saved, "step": torch.tensor(count, dtype=torch.int32), "setup": True}
+
+
+def step_count(step, where: str) -> int:
+    """A saved step count as an int (a number or a 1-element real tensor on a device with data),
+    or ``ValueError``: a count that is negative, fractional, not finite or past int32 would fail
+    or silently change the bias correction at the first step."""
+    if isinstance(step, torch.Tensor) and (step.numel() != 1 or step.is_meta or step.is_complex()
+                                           or step.dtype == torch.bool) \
+            or isinstance(step, bool) or not isinstance(step, (torch.Tensor, int, float)):
+        raise ValueError(f"{where} is {step!r}, not a step count")
+    value = step.item() if isinstance(step, torch.Tensor) else step
+    if not (value == value and abs(value) != float("inf")) or value != int(value) or not 0 <= value < 2 ** 31:
+        raise ValueError(f"{where} is {step!r}, not a step count (a whole number in [0, 2**31))")
+    return int(value)
 
 
 def _layout(optimizer, name: str, gi: int, saved_group: dict, param: torch.Tensor) -> dict[str, Any] | None:
@@ -138,6 +152,8 @@ def _check_param_state(optimizer, name, gi, position, index, param, st, layout, 
     if extra and known:
         raise ValueError(f"{name}: {where} has {', '.join(map(repr, extra))}, which {cls} does not keep "
                          f"(its states: {', '.join(layout)}); {_origin(saved_group)}")
+    if "step" in st:  # gradient release keeps a step per param
+        step_count(st["step"], f"{name}: {where}: step")
     if not any(k in st for k in layout):
         return st  # never stepped (a gradient release state holds only its group): allocated lazily
     out = st
@@ -158,6 +174,10 @@ def _check_param_state(optimizer, name, gi, position, index, param, st, layout, 
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name}: {where}: {key} is a {type(value).__name__}, not a tensor")
+        if value.is_meta or not value.is_floating_point() and not (want is None and value.numel() == 1):
+            what = "on the meta device (it has no data)" if value.is_meta else f"of dtype {value.dtype}"
+            raise ValueError(f"{name}: {where}: {key} is {what}; a state must be a floating-point tensor "
+                             f"with data (param dtype {param.dtype})")
         got = tuple(value.shape)
         if got == (want if want is not None else shape):
             continue
@@ -229,7 +249,7 @@ def _convert_torch_adam(optimizer, name: str, saved_groups: list, saved_state: d
             if extra or "step" not in st or "exp_avg_sq" not in st:
                 raise ValueError(f"{name}: state[{index!r}] is not a torch.optim Adam state (keys "
                                  f"{sorted(map(str, st))}; expected step, exp_avg, exp_avg_sq)")
-            t = int(st["step"])
+            t = step_count(st["step"], f"{name}: state[{index!r}]['step']")
             steps.append(t)
             bias1, bias2 = (1 - beta1 ** t, 1 - beta2 ** t) if t > 0 else (1.0, 1.0)
             state[index] = {"exp_avg": st["exp_avg"] / bias1, "exp_avg_sq": st["exp_avg_sq"] / bias2}

@@ -8,6 +8,7 @@ a signal) cannot make a compile that never happened look like a success.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,6 +33,12 @@ def _status(line: str) -> None:
             pass
 
 
+def _spec_output():
+    """While a spec file runs: what it prints goes to stderr, so stdout stays the command's output
+    (``optcompile show spec.py > step.py`` is the generated code, nothing else)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _specs(args) -> list[Path]:
     from .paths import builtin_specs
     paths = [Path(p) for p in args.specs]
@@ -51,7 +58,8 @@ def cmd_compile(args) -> int:
         t0 = time.perf_counter()
         _status(f"spec {path}")
         if args.out:
-            spec = as_spec(path)
+            with _spec_output():
+                spec = as_spec(path)
             out = Path(args.out)
             written = []
             for suffix, text in generate_sources(spec).items():
@@ -68,7 +76,8 @@ def cmd_compile(args) -> int:
             print(f"compiled {path} ({spec.name}) in {time.perf_counter() - t0:.2f}s -> " + ", ".join(written))
         else:
             report = CompileReport()
-            compile_to_cache(path, report)
+            with _spec_output():
+                compile_to_cache(path, report)
             hits = sum(hit for _, hit in report.files)
             state = "cache hit" if hits == len(report.files) else f"cache miss ({len(report.files) - hits} built)"
             print(f"compiled {path} in {report.seconds:.2f}s, {state}:")
@@ -87,7 +96,8 @@ def cmd_show(args) -> int:
         if args.after not in PASS_NAMES:
             raise CLIError(f"--after {args.after!r}: no such pass; the passes are {', '.join(PASS_NAMES)}")
     _status(f"spec {args.spec}")
-    spec = as_spec(args.spec)
+    with _spec_output():
+        spec = as_spec(args.spec)
     if args.ir or args.after:
         print(build_program(spec, until=args.after).dump(), end="")
         return 0
@@ -101,7 +111,8 @@ def cmd_list(args) -> int:
     from .spec import load_spec
     for path in builtin_specs():
         _status(f"spec {path}")
-        spec = load_spec(path)
+        with _spec_output():
+            spec = load_spec(path)
         lines = len(path.read_text().splitlines())
         summary = (spec.doc or "").splitlines()[0] if spec.doc else ""
         print(f"{spec.name:<12} {path.name:<16} {lines:>3} lines  {summary}")

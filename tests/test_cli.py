@@ -155,3 +155,18 @@ def test_exit_status_passes_through_the_parent(tmp_path):
 
 def test_show_after_unknown_pass_is_one_line():
     _one_line_error(run("show", "specs/adam.py", "--after", "no_such_pass"), "no_such_pass", "add_weight_decay")
+
+
+def test_what_a_spec_prints_goes_to_stderr_not_into_the_output(tmp_path):
+    """`optcompile show spec.py > step.py` must be the generated code only: a spec's print() used
+    to land at the top of it (and of compile's report)."""
+    spec = tmp_path / "my spec ü.py"
+    spec.write_text('print("HELLO FROM SPEC")\n' + (ROOT / "specs" / "sgd.py").read_text())
+    env = {"OPTCOMPILE_CACHE_DIR": str(tmp_path / "c")}
+    for args in (("show", str(spec), "--backend", "eager"), ("compile", str(spec)),
+                 ("compile", str(spec), "--out", str(tmp_path / "out"))):
+        r = run(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "HELLO FROM SPEC" in r.stderr and "HELLO FROM SPEC" not in r.stdout, args
+    shown = run("show", str(spec), "--backend", "eager", env=env).stdout
+    compile(shown, "step.py", "exec")  # stdout is valid Python

@@ -3,6 +3,7 @@ same param_group keys (plus our keyword-only ``fused``); checkpoints move betwee
 in both directions and training continues bit-identically (fp32, for-loop backends, which match
 optimi bit for bit: see test_differential.py); a mid-training round trip through
 ``torch.save``/``torch.load(weights_only=True)`` resumes bit-identically."""
+import copy
 import io
 import warnings
 
@@ -375,3 +376,35 @@ def test_deepcopy_of_an_optimizer_steps_and_checks_loads():
     twin_params = [p for g in twin.param_groups for p in g["params"]]
     run(twin, twin_params, 1)
     _rejects(twin, _edit_state(save_load(opt.state_dict()), 0, exp_avg=torch.zeros(3)), "exp_avg has shape")
+
+
+@pytest.mark.parametrize("step", [torch.tensor(2.5), torch.tensor(2, dtype=torch.int32, device="meta"), -1, True,
+                                  float("nan"), float("inf"), 2 ** 40, torch.tensor(2 + 0j)],
+                         ids=["fractional", "meta", "negative", "bool", "nan", "inf", "past-int32", "complex"])
+def test_group_step_that_is_not_a_count_is_rejected_at_load(step):
+    """Such a step used to load and then fail at the first step (meta, -1: a ZeroDivisionError in
+    the bias correction), raise a bare OverflowError, or be truncated silently (2.5 → 2)."""
+    opt, _ = _trained_ours("AdamW")
+    sd = save_load(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['step'\] is .*not a step count"):
+        opt.load_state_dict(_edit_group(sd, 0, step=step))
+    assert str(opt.state_dict()) == str(before)
+
+
+def test_state_step_of_gradient_release_that_is_not_a_count_is_rejected_at_load():
+    params = make_params()
+    opt = optcompile.AdamW(params, lr=1e-2, gradient_release=True, **EAGER_OURS)
+    run(opt, params, 2)
+    sd = _edit_state(save_load(opt.state_dict()), 0, step=torch.tensor(-3, dtype=torch.int32))
+    _rejects(opt, sd, r"state\[0\] .*: step is tensor\(-3, dtype=torch.int32\), not a step count")
+
+
+@pytest.mark.parametrize("bad", [torch.empty(8, 5, device="meta"), torch.zeros(8, 5, dtype=torch.int64),
+                                 torch.zeros(8, 5, dtype=torch.complex64)], ids=["meta", "int64", "complex64"])
+def test_state_without_data_or_not_floating_is_rejected_at_load(bad):
+    """A meta state used to fail inside torch with "Cannot copy out of meta tensor"; an integer or
+    complex one was cast to the param's dtype silently (complex dropping its imaginary part)."""
+    opt, _ = _trained_ours("AdamW")
+    _rejects(opt, _edit_state(save_load(opt.state_dict()), 0, exp_avg=bad),
+             r"state\[0\] .*: exp_avg is (on the meta device|of dtype torch\.(int64|complex64))[^;]*; a state must be")
