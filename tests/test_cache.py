@@ -364,15 +364,21 @@ def test_clear_and_info_touch_only_what_optcompile_created(spec_file, cache_dir,
     assert cache.info()["entries"] == 0
 
 
-@pytest.mark.parametrize("which", [0, 1, 2], ids=["module", "second_backend", "third_backend"])
-def test_entry_holding_another_specs_output_is_rebuilt(which, spec_file, cache_dir, tmp_path, monkeypatch):
-    """Another spec's valid file under this entry's name: its header's key is not the one asked for."""
+def _compile_with_another_spec(spec_file, tmp_path):
+    """Compile ``spec_file`` and another spec into the cache; their two reports."""
     other = tmp_path / "other" / "tiny.py"
     other.parent.mkdir()
     other.write_text(OTHER_SPEC)
     ours, theirs = loader.CompileReport(), loader.CompileReport()
     loader.compile_to_cache(spec_file, ours)
     loader.compile_to_cache(other, theirs)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["module", "second_backend", "third_backend"])
+def test_entry_holding_another_specs_output_is_rebuilt(which, spec_file, cache_dir, tmp_path, monkeypatch):
+    """Another spec's valid file under this entry's name: its header's key is not the one asked for."""
+    ours, theirs = _compile_with_another_spec(spec_file, tmp_path)
     if which >= len(ours.files):
         pytest.skip("this build generates fewer backend files")
     mine, foreign = Path(ours.files[which][0]), Path(theirs.files[which][0])
@@ -439,12 +445,7 @@ def test_module_imported_by_hand_does_not_load_another_compiles_backend_file(nam
     backend = registry.get(name)
     if not backend.available():
         pytest.skip(f"backend {name} is not available here")
-    other = tmp_path / "other" / "tiny.py"
-    other.parent.mkdir()
-    other.write_text(OTHER_SPEC)
-    ours, theirs = loader.CompileReport(), loader.CompileReport()
-    loader.compile_to_cache(spec_file, ours)
-    loader.compile_to_cache(other, theirs)
+    ours, theirs = _compile_with_another_spec(spec_file, tmp_path)
     mine = {Path(f).name: Path(f) for f, _ in ours.files}
     foreign = {Path(f).name[len(Path(theirs.files[0][0]).stem):]: Path(f) for f, _ in theirs.files}
     key = Path(ours.files[0][0]).stem

@@ -272,15 +272,6 @@ def test_state_without_kahan_comp_keeps_its_moments(layout):
 
 
 # ── foreign layouts that convert ────────────────────────────────────────────────────────────
-def _torch_run(opt, params, start, steps):
-    for i in range(start, start + steps):
-        g = torch.Generator().manual_seed(1000 + i)
-        opt.zero_grad()
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
-
-
 @pytest.mark.parametrize("ours,theirs,kw", [("AdamW", torch.optim.AdamW, dict(weight_decay=0.05)),
                                             ("Adam", torch.optim.Adam, dict(weight_decay=0.05))], ids=["AdamW", "Adam"])
 def test_torch_optim_adam_state_dict_converts(ours, theirs, kw):
@@ -289,11 +280,11 @@ def test_torch_optim_adam_state_dict_converts(ours, theirs, kw):
     10 steps (fp32 rounding apart)."""
     ref_params = make_params()
     ref = theirs(ref_params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, **kw)
-    _torch_run(ref, ref_params, 0, 10)
+    run(ref, ref_params, 10, start=0)
 
     params = make_params()
     first = theirs(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, **kw)
-    _torch_run(first, params, 0, 5)
+    run(first, params, 5, start=0)
     moved = [p.detach().clone().requires_grad_() for p in params]
     second = getattr(optcompile, ours)(moved, lr=1.0, fused=False, foreach=False, triton=False)
     second.load_state_dict(save_load(first.state_dict()))
@@ -302,7 +293,7 @@ def test_torch_optim_adam_state_dict_converts(ours, theirs, kw):
     assert group["step"].dtype == torch.int32 and int(group["step"]) == 5 and group["fused"] is False
     assert "betas" not in group and "amsgrad" not in group
     assert set(second.state[moved[0]]) == {"exp_avg", "exp_avg_sq"}
-    _torch_run(second, moved, 5, 5)
+    run(second, moved, 5, start=5)
     for a, b in zip(moved, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert list(second.state_dict()["state"][0]) == ["exp_avg", "exp_avg_sq", "kahan_comp"]
@@ -314,7 +305,7 @@ def test_torch_optim_state_dicts_that_do_not_convert():
     amsgrad = torch.optim.AdamW(params, lr=1e-2, amsgrad=True)
     sgd = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
     for o in (adam_l2, amsgrad, sgd):
-        _torch_run(o, params, 0, 1)
+        run(o, params, 1, start=0)
     ours, _ = _trained_ours("AdamW")
     single = lambda sd: {**sd, "param_groups": sd["param_groups"] * 0 + [  # noqa: E731
         {**sd["param_groups"][0], "params": [0, 1]}, {**sd["param_groups"][0], "params": [2]}]}
