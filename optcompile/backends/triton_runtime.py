@@ -44,6 +44,8 @@ class Layout:
     program_tensor: torch.Tensor  # int64 [n_programs]
     program_start: torch.Tensor  # int64 [n_programs]
     tensor_first_program: torch.Tensor  # int64 [n_tensors + 1]
+    tensor_offsets: torch.Tensor  # int64 [n_tensors]: where each tensor starts in a scratch row
+    total: int  # elements over all tensors
     partials: torch.Tensor  # fp32 [n_reductions, n_programs]
     totals: torch.Tensor  # fp32 [n_reductions, n_tensors]
 
@@ -65,6 +67,7 @@ class LaunchPlan:
     aligned: bool
     dtype: object  # tl dtype of param and states
     grad_dtype: object
+    spills: torch.Tensor | None  # fp32 [n_spills, total]: values a later stage reads, for this step only
 
     def __getattr__(self, name):  # grid, numels, program_tensor, … come from the layout
         return getattr(self.__dict__["layout"], name)
@@ -89,12 +92,14 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int, n_reducti
     n_programs = int(first[-1])
     program_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
     program_start = (torch.arange(n_programs, dtype=torch.int64) - first[program_tensor]) * block
-    table = torch.cat([n, program_tensor, program_start, first]).to(device)  # one host → device copy
-    numels_d, program_tensor_d, program_start_d, first_d = table.split(
-        [len(numels), n_programs, n_programs, len(numels) + 1])
+    offsets = torch.cumsum(n, 0) - n
+    table = torch.cat([n, program_tensor, program_start, first, offsets]).to(device)  # one host → device copy
+    numels_d, program_tensor_d, program_start_d, first_d, offsets_d = table.split(
+        [len(numels), n_programs, n_programs, len(numels) + 1, len(numels)])
     partials = torch.zeros(n_reductions, max(n_programs, 1), dtype=torch.float32, device=device)
     totals = torch.zeros(n_reductions, len(numels), dtype=torch.float32, device=device)
-    return Layout(len(numels), n_programs, numels_d, program_tensor_d, program_start_d, first_d, partials, totals)
+    return Layout(len(numels), n_programs, numels_d, program_tensor_d, program_start_d, first_d, offsets_d,
+                  sum(numels), partials, totals)
 
 
 def _check(buffers, dtype) -> None:
@@ -127,8 +132,10 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def launch_plan(buffers, block_size: int, n_reductions: int = 0) -> LaunchPlan:
-    """The tables for one launch over ``buffers`` = (params, grads, *states, kahan_comps)."""
+def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0) -> LaunchPlan:
+    """The tables for one launch over ``buffers`` = (params, grads, *states, kahan_comps), and
+    ``n_spills`` fp32 scratch rows (allocated per step: they would pin memory the size of the model
+    if the layout cache kept them)."""
     params = buffers[0]
     p0 = params[0]
     if p0.dtype not in _TL_DTYPES:
@@ -154,8 +161,9 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0) -> LaunchPlan:
         # strides at a freed tensor's address hits it; the layout record (or the check) does not
         _check(buffers, p0.dtype)
         _CHECKED.put(buffers, True)
+    spills = torch.empty(n_spills, layout.total, dtype=torch.float32, device=p0.device) if n_spills else None
     return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
-                      getattr(tl, _TL_DTYPES[grads[0].dtype]))
+                      getattr(tl, _TL_DTYPES[grads[0].dtype]), spills)
 
 
 def clear_tables() -> None:
@@ -176,8 +184,8 @@ def _interpreted(kernel) -> bool:
 
 def load(info, path):
     """Import ``<stem>_triton.py`` and return its launcher, wrapped with the device check and a
-    fallback to the eager backend (one warning per cause) for what the kernels cannot take: fp64,
-    non-dense tensors, or a spec with no kernels (its module's launcher raises why)."""
+    fallback to the eager backend (one warning per cause) for tensors the kernels cannot take:
+    fp64, non-dense ones."""
     module = loader.import_path(f"optcompile.generated.{path.stem.replace('-', '_')}", path)
     launcher = getattr(module, f"_triton_{info.functional}")
     kernel = next((v for k, v in vars(module).items() if k.endswith("_kernel")), None)
@@ -188,7 +196,7 @@ def load(info, path):
             raise RuntimeError(f"{info.name}(triton=True) got CPU tensors. {CPU_HINT}")
         try:
             launcher(params, *lists, **host)
-        except (UnsupportedTensors, NotImplementedError) as exc:
+        except UnsupportedTensors as exc:
             message = f"{info.name}: Triton kernels skipped ({exc}); using the for-loop backend"
             if message not in _WARNED:
                 _WARNED.add(message)

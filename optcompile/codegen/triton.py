@@ -21,14 +21,12 @@ renders: a stub module whose launcher raises why, so the other backends keep wor
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import sympy
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..ir import TRUE, Assign, Origin, Program, Reduction, TensorScalar
+from .. import kernel_plan
+from ..ir import TRUE, Program
 from .forms import Forms, Lerp
 
 _ALLOWED = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.Abs,
@@ -45,10 +43,9 @@ class TritonPrinter(PythonCodePrinter):
     prints with ``&``/``|``/``~`` and ``tl.where``.
     """
 
-    def __init__(self, constexpr=(), tensors=(), settings=None):
+    def __init__(self, constexpr=(), settings=None):
         super().__init__({"standard": "python3", **(settings or {})})
         self.constexpr = set(constexpr)
-        self.tensors = set(tensors)
 
     def doprint(self, expr, assign_to=None):
         expr = sympy.sympify(expr)
@@ -136,14 +133,8 @@ class TritonPrinter(PythonCodePrinter):
         return sign + text
 
     def _print_Add(self, expr, order=None):
-        """Left to right in the IR's term order, starting from a bare tensor, scalars last: the
-        order the eager backend's in-place ops use, so the two round alike."""
-        terms = list(sympy.Add.make_args(expr))
-        is_tensor = lambda t: bool({s.name for s in t.free_symbols} & self.tensors)  # noqa: E731
-        start = next((i for i, t in enumerate(terms) if t.is_Symbol and t.name in self.tensors), None)
-        if start is not None:
-            terms.insert(0, terms.pop(start))
-        terms = [t for t in terms if is_tensor(t)] + [t for t in terms if not is_tensor(t)]
+        """Left to right in the kernel plan's term order (kernel_plan.ordered_terms)."""
+        terms = list(expr.args)
         out = self._print(terms[0])
         for t in terms[1:]:
             if t.could_extract_minus_sign():
@@ -232,227 +223,131 @@ def guard_text(guard, printer: TritonPrinter) -> str:
     return printer.doprint(guard)
 
 
-def _any(guards) -> sympy.Basic:
-    """The Or of guards, simplified (``a & b | a & ~b`` → ``a``)."""
-    g = sympy.Or(*guards)
-    if g in (sympy.true, sympy.false) or len(g.free_symbols) > 8:
-        return g
-    return sympy.simplify_logic(g, form="dnf")
-
-
-def _by_guard(items: list[dict]) -> list[dict]:
-    """Buffers grouped under one ``if`` per guard, in first-use order (None: unguarded)."""
-    out: dict = {}
-    for x in items:
-        out.setdefault(x["guard"], []).append(x["name"])
-    return [{"guard": g, "names": names} for g, names in out.items()]
-
-
-def _condition_names(e) -> set[str]:
-    """Names read inside conditions (Piecewise conditions, relations, and/or/not) of ``e``."""
-    out: set[str] = set()
-    for node in sympy.preorder_traversal(sympy.sympify(e)):
-        if isinstance(node, sympy.Piecewise):
-            out |= set().union(*[_names(c) for _, c in node.args])
-        elif isinstance(node, (sympy.core.relational.Relational, sympy.And, sympy.Or, sympy.Not)):
-            out |= _names(node)
-    return out
-
-
-def _names(e) -> set[str]:
-    return {s.name for s in sympy.sympify(e).free_symbols}
-
-
-def _shown(o: Origin) -> Origin:
-    """``specs/adamw.py:22``; never an absolute path (generated text must not depend on the host)."""
-    if o.file and os.path.isabs(o.file):
-        from .render import spec_display_path
-        return dataclasses.replace(o, file=spec_display_path(o.file))
-    return o
-
-
-def _origin(stmt) -> str:
-    return str(_shown(stmt.origin))
-
-
-class StageError(ValueError):
-    """A value cannot cross a stage boundary (a kernel boundary in Triton)."""
-
-
 class KernelBuilder:
-    """The template context of each stage kernel and reduce kernel of one program."""
+    """The template context of each stage kernel and reduce kernel of one program's plan."""
 
     def __init__(self, prog: Program):
         self.prog = prog
+        self.plan = kernel_plan.build(prog)
         self.fn = prog.functional
-        self.stored = list(prog.stored())
-        self.buffers = ["param", "grad"] + [s.name for s in prog.states]
-        from .host import used_host_names
-        self.host_used = used_host_names(prog)
-        flags = {k for a in prog.args if a.kind == "flag" for k in a.keys}
-        bools = {h.name for h in prog.host if h.kind == "bool"} | flags | {"update_parameters", "kahan"}
-        # a "bool" host value that only ever appears in arithmetic is a number (e.g. a let that
-        # aliases a float hyperparameter): pass it as a scalar, not a compile-time flag
-        conditions = set().union(*[_names(s.guard) | _condition_names(s.expr) for s in prog.body])
-        arithmetic = set().union(*[_names(s.expr) for s in prog.body]) - conditions
-        bools -= {n for n in arithmetic if n not in flags and n not in ("update_parameters", "kahan")}
-        self.flags = [n for n in self.host_used if n in bools]
-        self.scalars = [n for n in self.host_used if n not in bools]
-        self.printer = TritonPrinter(constexpr=self.flags, tensors=set(self.buffers) | self._temps())
-        self.forms = Forms(prog).body(prog)  # lerps and in-place products, as the torch backends group them
-        self.stages = prog.stages()
-        self.reductions = [s for st in self.stages for s in st if isinstance(s, Reduction)]
-        self.n_reductions = len(self.reductions)
-        if len(self.stages) > 1:
-            self.kernel_names = [f"_{self.fn}_stage{k}_kernel" for k in range(len(self.stages))]
+        self.printer = TritonPrinter(constexpr=self.plan.flags)
+        self.table = [b.name for b in self.plan.buffers if b.role != "spill"]  # rows of the pointer table
+        if len(self.plan.stages) > 1:
+            self.kernel_names = [f"_{self.fn}_stage{k}_kernel" for k in range(len(self.plan.stages))]
         else:
             self.kernel_names = [f"_{self.fn}_kernel"]
-
-    # ── dataflow ───────────────────────────────────────────────────────────────────────────────
-    def replay(self, k: int) -> list:
-        """Statements of earlier stages that stage ``k`` must recompute: temps, ``grad``
-        reassignments and tensor scalars it reads (a kernel boundary keeps only memory)."""
-        earlier = [s for st in self.stages[:k] for s in st]
-        start = len(earlier)
-        needed = set().union(*[_names(s.expr) for s in self.stages[k]]) if self.stages[k] else set()
-        chosen = []
-        for i in reversed(range(start)):
-            s = earlier[i]
-            name = s.target if isinstance(s, Assign) else s.name
-            if name not in needed or isinstance(s, Reduction) or name in self.stored:
-                continue
-            chosen.append(s)
-            if s.guard == TRUE:
-                needed.discard(name)
-            needed |= _names(s.expr)
-            for buf in _names(s.expr) & set(self.stored):
-                later = [w for w in earlier[i + 1:] if isinstance(w, Assign) and w.target == buf]
-                if later:
-                    raise StageError(
-                        f"{self.prog.name}: `{name}` ({_origin(s)}) is computed in stage {self._stage_of(s)} from "
-                        f"`{buf}`, which is written again before stage {k} reads `{name}`; the Triton backend "
-                        f"recomputes values across a reduction from memory, so make `{name}` a state or compute it "
-                        "after the reduction")
-        return list(reversed(chosen))
-
-    def _stage_of(self, stmt) -> int:
-        return next(i for i, st in enumerate(self.stages) if any(s is stmt for s in st))
-
-    # ── one stage kernel ───────────────────────────────────────────────────────────────────────
-    def stage(self, k: int) -> dict:
-        replayed = self.replay(k)
-        stmts = replayed + list(self.stages[k])
-        earlier_reductions = [r for st in self.stages[:k] for r in st if isinstance(r, Reduction)]
-        used = set().union(*[_names(s.expr) | _names(s.guard) for s in stmts]) if stmts else set()
-
-        loads, stores = [], []
-        memory_guards = []  # the host conditions of the loads and stores, whose flags the kernel takes
-        for buf in self.buffers:
-            readers = [s for s in stmts if buf in _names(s.expr)]
-            writers = [s for s in self.stages[k] if isinstance(s, Assign) and s.target == buf]
-            for group, out in ((readers, loads), (writers if buf in self.stored else [], stores)):
-                if group:
-                    guard = _any([s.guard for s in group])
-                    memory_guards.append(guard)
-                    out.append({"name": buf, "guard": self._guard(guard)})
-        pointers = [b for b in self.buffers if b in {x["name"] for x in loads + stores}]
-        loads, stores = _by_guard(loads), _by_guard(stores)
-
-        body: list[dict] = []  # {"guard": text|None, "lines": [...], "origin": str}
-        for s in stmts:
-            lines = self.statement(s)
-            g = self._guard(s.guard)
-            if body and body[-1]["guard"] == g:
-                body[-1]["lines"] += lines
-            else:
-                body.append({"guard": g, "lines": lines})
-
-        totals = [r.name for r in earlier_reductions if r.name in used]
-        partials = [r.name for r in self.stages[k] if isinstance(r, Reduction)]
-        guard_names = set().union(*[_names(g) for g in memory_guards]) if memory_guards else set()
-        flags = [f for f in self.flags if f in used or f in guard_names]
-        scalars = [n for n in self.scalars if n in used]
-        return {
-            "name": self.kernel_names[k],
-            "stage": k,
-            "pointers": pointers,
-            "loads": loads,
-            "stores": stores,
-            "body": body,
-            "totals": totals,
-            "partials": partials,
-            "scalars": scalars,
-            "flags": flags,
-            "uses_numel": "numel" in used,
-            "replayed": [s.target if isinstance(s, Assign) else s.name for s in replayed],
-            "origins": [str(o) for o in sorted({_shown(s.origin) for s in self.stages[k] if s.origin},
-                                               key=Origin.sort_key)],
-        }
 
     def _guard(self, guard) -> str | None:
         return None if guard == TRUE else guard_text(guard, self.printer)
 
+    def _grouped(self, items) -> list[dict]:
+        """Consecutive lines under one ``if`` per guard: ``[(guard, line), …]`` → blocks."""
+        blocks: list[dict] = []
+        for guard, lines in items:
+            g = self._guard(guard)
+            if blocks and blocks[-1]["guard"] == g:
+                blocks[-1]["lines"] += lines
+            else:
+                blocks.append({"guard": g, "lines": list(lines)})
+        return blocks
+
+    # ── one stage kernel ───────────────────────────────────────────────────────────────────────
+    def stage(self, st: kernel_plan.Stage) -> dict:
+        plan, p = self.plan, self.printer
+        touched = set(st.buffers())
+        pointers = [b for b in plan.buffers if b.name in touched]
+        per_tensor = self._grouped((t.guard, [f"{t.name} = {p.doprint(t.expr)}"]) for t in st.per_tensor)
+        loads = []
+        for a in st.loads:
+            b = plan.buffer(a.buffer)
+            value = f"tl.load(_{b.name}_ptr + _offsets, mask=_mask)"
+            loads.append((a.guard, [f"{b.value} = {value}" + ("" if b.role == "spill" else ".to(tl.float32)")]))
+        body = self._grouped((s.guard, self.statement(s)) for s in st.body)
+        stores = []
+        for a in st.stores:
+            b = plan.buffer(a.buffer)
+            if b.role == "spill":
+                line = f"tl.store(_{b.name}_ptr + _offsets, {b.value}, mask=_mask)  # fp32 scratch, read by a later stage"
+            else:
+                line = f"tl.store(_{b.name}_ptr + _offsets, {b.name}.to(DTYPE), mask=_mask)  # exact: {b.name} is already rounded"
+            stores.append((a.guard, [line]))
+        recomputed = [t.name for t in st.per_tensor if t.stage != st.index]
+        return {
+            "name": self.kernel_names[st.index],
+            "stage": st.index,
+            "pointers": [{"name": b.name, "dtype": {"grad": "GRAD_DTYPE", "fp32": "tl.float32"}.get(b.storage, "DTYPE"),
+                          "spill": b.role == "spill", "value": b.value} for b in pointers],
+            "spills": any(b.role == "spill" for b in pointers),
+            "per_tensor": per_tensor,
+            "loads": self._grouped(loads),
+            "body": body,
+            "stores": self._grouped(stores),
+            "totals": list(st.totals),
+            "partials": [r.name for r in st.reductions],
+            "scalars": list(st.scalars),
+            "flags": list(st.flags),
+            "uses_numel": st.uses_numel,
+            "recomputed": recomputed,
+            "origins": [str(o) for o in st.origins],
+        }
+
     def statement(self, s) -> list[str]:
         p = self.printer
-        if isinstance(s, Reduction):
+        if isinstance(s, kernel_plan.Reduce):
             fill, total = ('-float("inf")', "tl.reduce({}, 0, _nanmax)") if s.op == "max" else ("0.0", "tl.sum({}, axis=0)")
-            value = p.doprint(self.forms[id(s)])  # a max reduction propagates NaN, as torch.max does
+            value = p.doprint(s.expr)  # a max reduction propagates NaN, as torch.max does
             return [f"tl.store(_{s.name}_partials + _pid, {total.format(f'tl.where(_mask, {value}, {fill})')})"
                     f"  # {s.op}, per tensor: finished by {self.reduce_name(s)}"]
-        if isinstance(s, TensorScalar):
-            return [f"{s.name} = {p.doprint(s.expr)}"]
-        value = p.doprint(self.forms[id(s)])
-        per_element = _names(s.expr) & (set(self.buffers) | self._temps())
-        if not per_element:  # a scalar value written per element: broadcast it to the block
+        value = p.doprint(s.expr)
+        if not s.per_element:  # a scalar value written per element: broadcast it to the block
             value = f"{value} + tl.zeros([BLOCK_SIZE], dtype=tl.float32)"
         lines = [f"{s.target} = {value}"]
-        if s.target in self.stored:
+        if s.rounds:
             lines.append(f"{s.target} = _rounded({s.target}, DTYPE)  # what a load of the stored value returns")
         return lines
 
-    def _temps(self) -> set[str]:
-        return {s.target for s in self.prog.body if isinstance(s, Assign)}
-
-    def reduce_name(self, r: Reduction) -> str:
+    def reduce_name(self, r: kernel_plan.Reduce) -> str:
         return f"_{self.fn}_reduce{self._stage_of(r)}_kernel"
 
+    def _stage_of(self, r) -> int:
+        return next(st.index for st in self.plan.stages if r in st.reductions)
+
     # ── one reduce kernel: partials of one stage → per-tensor totals ──────────────────────────
-    def reduce(self, k: int) -> dict | None:
-        reds = [r for r in self.stages[k] if isinstance(r, Reduction)]
+    def reduce(self, st: kernel_plan.Stage) -> dict | None:
+        reds = st.reductions
         if not reds:
             return None
-        items = []
-        for r in reds:
-            items.append({"name": r.name, "op": r.op, "guard": self._guard(r.guard)})
+        items = [{"name": r.name, "op": r.op, "guard": self._guard(r.guard)} for r in reds]
         guard_names = set().union(*[_names(r.guard) for r in reds])
-        flags = [f for f in self.flags if f in guard_names]
-        return {"name": f"_{self.fn}_reduce{k}_kernel", "stage": k, "reductions": items, "flags": flags}
+        flags = [f for f in self.plan.flags if f in guard_names]
+        return {"name": f"_{self.fn}_reduce{st.index}_kernel", "stage": st.index, "reductions": items, "flags": flags}
 
     def context(self) -> dict:
         launches = []
-        for k in range(len(self.stages)):
-            kernel = self.stage(k)
-            launches.append({"kind": "stage", **kernel})
-            red = self.reduce(k)
+        for st in self.plan.stages:
+            launches.append({"kind": "stage", **self.stage(st)})
+            red = self.reduce(st)
             if red:
                 launches.append({"kind": "reduce", **red})
-        index = {r.name: i for i, r in enumerate(self.reductions)}
         state_lists = [f"{s.name}s" for s in self.prog.states if s.name != "kahan_comp"]
         return {
             "name": self.prog.name,
             "fn": self.fn,
             "spec_path": self.prog.spec_path,
             "launches": launches,
-            "buffers": self.buffers,
+            "table": self.table,
+            "spills": [b.name for b in self.plan.spills],
             "buffer_lists": ["params", "grads"] + state_lists + ["kahan_comps"],
-            "host_used": self.host_used,
-            "flags": self.flags,
-            "scalars": self.scalars,
-            "reduction_index": index,
-            "n_reductions": self.n_reductions,
+            "host_used": list(self.plan.host_inputs),
+            "reduction_index": {r.name: r.slot for r in self.plan.reductions},
+            "n_reductions": len(self.plan.reductions),
             "n_launches": len(launches),
-            "optional": [k for a in self.prog.args if a.kind == "optional_float" for k in a.keys],  # None → 0.0
+            "optional": list(self.plan.optional),  # None → 0.0
         }
+
+
+def _names(e) -> set[str]:
+    return {s.name for s in sympy.sympify(e).free_symbols}
 
 
 def context(prog: Program) -> dict:
@@ -460,17 +355,9 @@ def context(prog: Program) -> dict:
 
 
 def render(prog: Program, spec_source: bytes, key: str) -> str:
-    """The ``_triton.py`` module. A spec the kernels cannot express still compiles (the other
-    backends run it): its module's launcher raises the reason when Triton is chosen."""
+    """The ``_triton.py`` module."""
     from .render import env, header, spec_display_path
-    try:
-        ctx = context(prog)
-    except (StageError, NotImplementedError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        body = env().get_template("triton_unsupported.py.j2").render(
-            name=prog.name, fn=prog.functional, reason=reason,
-            message=repr(f"{prog.name} has no Triton kernels ({reason})"))
-        return header(prog, spec_source, body, key) + body
+    ctx = context(prog)
     ctx["spec_display"] = spec_display_path(prog.spec_path)
     body = env().get_template("triton.py.j2").render(**ctx)
     return header(prog, spec_source, body, key) + body
