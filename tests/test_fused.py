@@ -285,11 +285,15 @@ def test_printer_golden():
     semantics, but it vectorises), sign as a difference of comparisons, tensor Piecewise as a ternary."""
     import sympy
     from optcompile.codegen.c import cexpr
+    from optcompile.kernel_plan import ordered_terms
     g, v, eps, m = sympy.symbols("grad exp_avg_sq eps exp_avg", real=True)
     assert cexpr(g**2 / sympy.Max(v, eps**2)) == "(grad*grad)/oc_max((eps*eps), exp_avg_sq)"
     assert cexpr(sympy.sign(m)) == "((float)((exp_avg) > 0.0f) - (float)((exp_avg) < 0.0f))"
     assert cexpr(sympy.Piecewise((m, v > 0), (g, True))) == "((exp_avg_sq > 0.0f) ? (exp_avg) : (grad))"
-    assert cexpr(1 / sympy.sqrt(v) + v / 3) == "(0.3333333333333333f)*exp_avg_sq + (1.0f / sqrtf(exp_avg_sq))"
+    # sums print in the kernel plan's term order (here: as sympy holds them, both are tensor terms)
+    assert cexpr(ordered_terms(v / 3 + 1 / sympy.sqrt(v), {"exp_avg_sq"})) == \
+        "(1.0f / sqrtf(exp_avg_sq)) + (0.3333333333333333f)*exp_avg_sq"
+    assert cexpr(ordered_terms(eps + m + v, {"exp_avg", "exp_avg_sq"})) == "exp_avg + exp_avg_sq + eps"
 
 
 def test_vector_printer_golden():
@@ -298,9 +302,11 @@ def test_vector_printer_golden():
     keeps only the scalar loop)."""
     import sympy
     from optcompile.codegen.c import vexpr
+    from optcompile.kernel_plan import ordered_terms
     g, v, c0, m = sympy.symbols("grad exp_avg_sq oc_c0 exp_avg", real=True)
     assert vexpr(g**2 / sympy.Max(v, c0), ["oc_c0"]) == "(grad*grad)/oc_vmax(exp_avg_sq, oc_c0)"
-    assert vexpr(-m * c0 / (sympy.sqrt(v) + c0), ["oc_c0"]) == "-exp_avg*oc_c0/(oc_vsqrt(exp_avg_sq) + oc_c0)"
+    assert vexpr(ordered_terms(-m * c0 / (sympy.sqrt(v) + c0), {"exp_avg", "exp_avg_sq"}), ["oc_c0"]) == \
+        "-exp_avg*oc_c0/(oc_vsqrt(exp_avg_sq) + oc_c0)"
     assert vexpr(sympy.sign(m)) == "(oc_vsel((exp_avg) > 0.0f, 1.0f, 0.0f) - oc_vsel((exp_avg) < 0.0f, 1.0f, 0.0f))"
     assert vexpr(sympy.Piecewise((m, (v > 0) & (g < 1)), (g, True))) == \
         "oc_vsel((OC_VMASK(exp_avg_sq > 0.0f) & OC_VMASK(grad < 1.0f)), exp_avg, grad)"

@@ -36,16 +36,16 @@ import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
-from ..ir import TRUE, Assign, Program, Reduction, TensorScalar
-from .forms import Forms, Lerp
-from .host import used_host_names
+from .. import kernel_plan
+from ..ir import TRUE, Program
+from .forms import Lerp
 
 
 class CPrinter(C99CodePrinter):
     """fp32 element math: ``sqrtf``, ``x*x`` for squares, float literals, ternaries for Piecewise."""
 
     def __init__(self, settings=None):
-        super().__init__({"type_aliases": {real: float32}, **(settings or {})})
+        super().__init__({"type_aliases": {real: float32}, "order": "none", **(settings or {})})  # the plan's term order
 
     def _print_Float(self, expr):
         return _flit(float(expr))
@@ -167,7 +167,7 @@ class VecPrinter(CPrinter):
         return f"(~{self.mask(expr.args[0])})"
 
 
-_C, _D, _V = CPrinter(), DoublePrinter(), VecPrinter()
+_C, _D, _V = CPrinter(), DoublePrinter({"order": "none"}), VecPrinter()
 _VEC_NODES = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.core.numbers.Infinity,
               sympy.core.numbers.NegativeInfinity, sympy.Add, sympy.Mul, sympy.Max, sympy.Min, sympy.Abs,
               sympy.sign, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair, Lerp, sympy.And,
@@ -210,14 +210,9 @@ def vexpr(expr, scalar_names=()) -> str | None:
     return f"OC_VEC({text})" if _syms(expr) <= set(scalar_names) else text
 
 
-# ── the program as loops ─────────────────────────────────────────────────────────────────────────
+# ── the plan as C ────────────────────────────────────────────────────────────────────────────────
 def _syms(e) -> set[str]:
     return {s.name for s in sympy.sympify(e).free_symbols}
-
-
-def _flags(prog: Program) -> list[str]:
-    """Host booleans that guard statements: each combination is a specialised loop."""
-    return sorted(set().union(*[_syms(s.guard) for s in prog.body]))
 
 
 def _on(guard, env: dict) -> bool:
@@ -226,71 +221,147 @@ def _on(guard, env: dict) -> bool:
     return bool(g == TRUE)
 
 
-class _Stage:
-    """One element loop: its statements, variants, per-tensor scalars and reductions."""
+def _guard(guard) -> str | None:
+    """A host guard over the flags, which are ``const int`` parameters of a stage body (the
+    outermost and/or needs no parentheses of its own)."""
+    if guard == TRUE:
+        return None
+    if isinstance(guard, (sympy.And, sympy.Or)):
+        return _C.AND.join(_C.doprint(a) for a in sorted(guard.args, key=str)) if isinstance(guard, sympy.And) \
+            else _C.OR.join(_C.doprint(a) for a in sorted(guard.args, key=str))
+    return _C.doprint(guard)
 
-    def __init__(self, index, stmts):
-        self.index = index
-        self.elem = [s for s in stmts if isinstance(s, (Assign, Reduction))]
-        self.tscalars = [s for s in stmts if isinstance(s, TensorScalar)]
-        self.reductions = [s for s in stmts if isinstance(s, Reduction)]
-        self.variants: list[dict] = []
-        self.table: list[int] = []
+
+def _if(guard, line: str) -> str:
+    g = _guard(guard)
+    return line if g is None else f"if ({g}) {line}"
+
+
+def _when(guard, value: str, otherwise: str) -> str:
+    g = _guard(guard)
+    return value if g is None else f"({g}) ? {value} : {otherwise}"
 
 
 def context(prog: Program) -> dict:
+    plan = kernel_plan.build(prog)
     fn = prog.functional
-    flags = _flags(prog)
-    stored = list(prog.stored())
-    host_used = used_host_names(prog)
-    host_bools = [h.name for h in prog.host if h.kind == "bool"] + ["update_parameters", "kahan"]
-    host_floats = [n for n in host_used if n not in host_bools and n not in flags]
-    tscalar_names = [s.name for s in prog.body if isinstance(s, (TensorScalar, Reduction))]
+    flags = list(plan.flags)
+    host_floats = list(plan.scalars)
+    ts_names = list(plan.per_tensor_names)
     scalar_src = {n: f"oc_h[{i}]" for i, n in enumerate(host_floats)}
-    scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(tscalar_names)})
+    scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(ts_names)})
     scalar_src["numel"] = "(double)oc_numel"
-    stages = [_Stage(i, st) for i, st in enumerate(prog.stages())]
-    forms = Forms(prog).body(prog)  # lerps and in-place products, as the torch backends group them
-    spills = _spills(prog, stages, stored)
-    buffers = [{"name": b, "ctype": "OC_T", "const": b == "grad"} for b in ["param", "grad"] + stored[1:]]
-    buffers += [{"name": f"spill_{n}", "ctype": "float", "const": False} for n in spills]
-
-    for st in stages:
-        seen: dict = {}
-        for bits in range(1 << len(flags)):
-            env = {f: bool(bits >> i & 1) for i, f in enumerate(flags)}
-            active = tuple(i for i, s in enumerate(st.elem) if _on(s.guard, env))
-            if not active:
-                st.table.append(-1)
-                continue
-            # a flag the math reads (`Piecewise((a, f & (g > 0)), …)`) is a constant in the loop: part of the key
-            read = sorted(set().union(*[_syms(st.elem[i].expr) for i in active]) & set(env))
-            key = (active, tuple(env[f] for f in read))
-            if key not in seen:
-                seen[key] = len(st.variants)
-                st.variants.append(_variant(prog, st, [st.elem[i] for i in active], stored, scalar_src,
-                                            spills, f"{fn}_stage{st.index}_v{len(st.variants)}", env,
-                                            [b["name"] for b in buffers], forms))
-            st.table.append(seen[key])
+    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else "OC_T", "const": b.role == "grad"}
+               for b in plan.buffers]
+    stages = [_stage(plan, st, flags, scalar_src) for st in plan.stages]
     return {
         "fn": fn,
         "name": prog.name,
         "flags": flags,
         "host_floats": host_floats,
-        "tscalars": tscalar_names,
         "buffers": buffers,
-        "stages": [{"index": st.index, "variants": st.variants, "table": st.table,
-                    "tscalars": [_tscalar(s, host_floats, tscalar_names, flags) for s in st.tscalars],
-                    "reductions": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": tscalar_names.index(r.name),
-                                    "guard": _guard_c(r.guard, flags)} for k, r in enumerate(st.reductions)]}
-                   for st in stages],
-        "n_tscalars": max(1, len(tscalar_names)),
+        "stages": stages,
+        "n_tscalars": max(1, len(ts_names)),
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
-                                 "buffers": [b["name"] for b in buffers], "spills": len(spills)}, sort_keys=True),
+                                 "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills)},
+                                sort_keys=True),
     }
 
 
-def _guard_c(guard, flags) -> str:
+def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str], scalar_src: dict) -> dict:
+    """One stage: its element loop written once over ``const int`` flags, and its variants (one per
+    flag combination that runs a different set of statements) that call it with constant flags, so
+    each inlined copy is straight-line, branch-free code that the C compiler vectorises."""
+    fn = plan.fn
+    hoisted: dict = {}
+    scalar_names = set(scalar_src) | set(flags)
+    body: list[str] = []  # the scalar loop's statements
+    body_lanes: list[str] = []  # the same, accumulating reductions in 16 lanes (vectorises)
+    vbody: list[str] | None = []  # the bf16 SIMD loop's; None: some statement has no vector form
+    reductions = []
+    loaded = {plan.buffer(a.buffer).value for a in st.loads}
+    temps: list[str] = []
+    for s in st.body:
+        hexpr = _hoist(s.expr, scalar_names, hoisted)
+        rhs = cexpr(hexpr)
+        vrhs = vexpr(hexpr, {h[0] for h in hoisted.values()} | set(flags))
+        if vrhs is None:
+            vbody = None
+        if isinstance(s, kernel_plan.Reduce):
+            acc = f"oc_acc_{s.name}"
+            slot = st.reductions.index(s)
+            reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": slot})
+            for a, out in ((acc, body), (f"{acc}_lanes[oc_l]", body_lanes)):
+                out.append(_if(s.guard, f"{a} = oc_nanmax({a}, {rhs});" if s.op == "max" else f"{a} += {rhs};"))
+            if vbody is not None:  # committed after the NaN check, so a flagged block is not counted twice
+                new = f"oc_vnanmax({acc}_v[oc_k], {vrhs})" if s.op == "max" else f"{acc}_v[oc_k] + {vrhs}"
+                vbody.append(f"{acc}_next[oc_k] = {_when(s.guard, new, f'{acc}_v[oc_k]')};")
+            continue
+        t = s.target.name
+        if t not in loaded and t not in temps:
+            temps.append(t)
+        if s.rounds:  # a later read sees the stored value, and the store is exact
+            rhs, vrhs = f"OC_ROUND({rhs})", f"oc_vround({vrhs}, &oc_nan)"
+        body.append(_if(s.guard, f"{t} = {rhs};"))
+        body_lanes.append(body[-1])
+        if vbody is not None:
+            vbody.append(_if(s.guard, f"{t} = {vrhs};"))
+    loads, stores = [], []
+    for a in st.loads:
+        b = plan.buffer(a.buffer)
+        value = f"oc_ptr_{b.name}[oc_i]" if b.storage == "fp32" else f"OC_LOAD(oc_ptr_{b.name}[oc_i])"
+        loads.append(f"float {b.value} = {_when(a.guard, value, '0.0f')};")
+    for a in st.stores:
+        b = plan.buffer(a.buffer)
+        value = b.value if b.storage == "fp32" else f"OC_STORE_EXACT({b.value})"
+        stores.append(_if(a.guard, f"oc_ptr_{b.name}[oc_i] = {value};"))
+    declared = [f"float {' = 0.0f, '.join(temps)} = 0.0f;"] if temps else []
+    spills = any(plan.buffer(n).role == "spill" for n in st.buffers())
+    vector = None if vbody is None or spills else {  # fp32 spill rows are not in the even/odd lane order
+        "loads": [{"name": a.buffer, "value": plan.buffer(a.buffer).value, "guard": _guard(a.guard)}
+                  for a in st.loads],
+        "temps": temps, "body": vbody, "accs": [r["acc"] for r in reductions],
+        "stores": [{"name": a.buffer, "value": plan.buffer(a.buffer).value, "guard": _guard(a.guard)}
+                   for a in st.stores]}
+    used = sorted(set().union(*[v[2] for v in hoisted.values()])) if hoisted else []
+    variants, table = _variants(plan, st, flags)
+    return {"index": st.index, "name": f"{fn}_stage{st.index}", "flags": flags, "variants": variants, "table": table,
+            "scalars": [{"name": n, "src": scalar_src[n]} for n in used if n in scalar_src],
+            "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()],
+            "element": loads + declared + body + stores, "element_lanes": loads + declared + body_lanes + stores,
+            "reductions": reductions, "vector": vector,
+            "tscalars": [_tscalar(t, plan, flags) for t in st.own_per_tensor],
+            "partials": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": list(plan.per_tensor_names).index(r.name),
+                          "guard": _guard_bits(r.guard, flags)} for k, r in enumerate(st.reductions)]}
+
+
+def _variants(plan, st, flags) -> tuple[list[dict], list[int]]:
+    """The flag combinations that run a different set of statements (or read a flag in the math
+    differently), and the table from flag bits to variant (-1: the stage does nothing)."""
+    variants: list[dict] = []
+    table: list[int] = []
+    seen: dict = {}
+    names = [b.name for b in plan.buffers]
+    for bits in range(1 << len(flags)):
+        env = {f: bool(bits >> i & 1) for i, f in enumerate(flags)}
+        active = tuple(i for i, s in enumerate(st.body) if _on(s.guard, env))
+        if not active:
+            table.append(-1)
+            continue
+        read = sorted(set().union(*[_syms(st.body[i].expr) for i in active]) & set(env))
+        key = (active, tuple(env[f] for f in read))
+        if key not in seen:
+            seen[key] = len(variants)
+            uses = {a.buffer for a in st.loads + st.stores if _on(a.guard, env)}
+            variants.append({"name": f"{plan.fn}_stage{st.index}_v{len(variants)}",
+                             "mask": sum(1 << i for i, b in enumerate(names) if b in uses),
+                             "flag_values": [int(env[f]) for f in flags],
+                             "flags": ", ".join(f"{k}={int(v)}" for k, v in sorted(env.items())) or "none"})
+        table.append(seen[key])
+    return variants, table
+
+
+def _guard_bits(guard, flags) -> str:
     """A host guard over the flag bits, for per-tensor statements (outside element loops)."""
     if guard == TRUE:
         return "1"
@@ -298,119 +369,15 @@ def _guard_c(guard, flags) -> str:
     return _C.doprint(g.xreplace({s: sympy.Symbol(f"OC_FLAG({flags.index(s.name)})") for s in g.free_symbols}))
 
 
-def _tscalar(s: TensorScalar, host_floats, tscalar_names, flags) -> dict:
-    src = {n: f"h[{i}]" for i, n in enumerate(host_floats)}
-    src.update({n: f"ts_t[{i}]" for i, n in enumerate(tscalar_names)})
+def _tscalar(t: kernel_plan.PerTensor, plan, flags) -> dict:
+    src = {n: f"h[{i}]" for i, n in enumerate(plan.scalars)}
+    src.update({n: f"ts_t[{i}]" for i, n in enumerate(plan.per_tensor_names)})
     src.update({n: f"OC_FLAG({i})" for i, n in enumerate(flags)})
     src["numel"] = "(double)numel[t]"
-    expr = sympy.sympify(s.expr)
+    expr = sympy.sympify(t.expr)
     expr = expr.xreplace({x: sympy.Symbol(src[x.name], **x.assumptions0) for x in expr.free_symbols})
-    return {"name": s.name, "slot": tscalar_names.index(s.name), "expr": _D.doprint(expr),
-            "guard": _guard_c(s.guard, flags)}
-
-
-def _spills(prog, stages, stored) -> dict[str, int]:
-    """Element locals (temps, a reassigned ``grad``) read in a later stage than the one that sets
-    them, with that stage: they go through an fp32 scratch buffer."""
-    out: dict[str, int] = {}
-    defined: dict[str, int] = {}
-    for st in stages:
-        local: set[str] = set()
-        for s in st.elem:
-            for n in sorted(_syms(s.expr)):
-                if n in defined and n not in local and n not in stored and n not in out:
-                    out[n] = defined[n]
-            if isinstance(s, Assign) and s.target not in stored:
-                local.add(s.target)
-        for n in local:
-            defined.setdefault(n, st.index)
-    return out
-
-
-def _variant(prog, st, stmts, stored, scalar_src, spills, name, env, buffer_names, forms) -> dict:
-    """Straight-line C for one flag combination: loads, statements, rounding, stores."""
-    scalar_src = {**scalar_src, **{f: "1.0" if on else "0.0" for f, on in env.items()}}  # constants here
-    scalar_names = set(scalar_src)
-    hoisted: dict = {}
-    body: list[str] = []
-    body_lanes: list[str] = []  # the same, accumulating reductions in 16 lanes (vectorises)
-    declared: set[str] = set()
-    loads: list[str] = []
-    loaded: list[str] = []  # the names the loads define, in order
-    spilled_io = False  # reads or writes an fp32 spill buffer
-    written: list[str] = []
-    reductions: list[dict] = []
-    rounded: set[str] = set()
-    vbody: list[str] | None = []  # the bf16 SIMD loop's body; None: this variant has none
-    later_reads = [set().union(*[_syms(r.expr) for r in stmts[i + 1:]]) for i in range(len(stmts))]
-    for i, s in enumerate(stmts):
-        for n in sorted(_syms(s.expr)):
-            if n in scalar_names or n in declared:
-                continue
-            if n in spills and spills[n] < st.index:
-                loads.append(f"float {n} = oc_ptr_spill_{n}[oc_i];")
-                spilled_io = True
-            elif n in stored or n == "grad":
-                loads.append(f"float {n} = OC_LOAD(oc_ptr_{n}[oc_i]);")
-            else:
-                raise NotImplementedError(f"{prog.name}: {n} is read before it is set in stage {st.index}")
-            loaded.append(n)
-            declared.add(n)
-        hexpr = _hoist(forms[id(s)], scalar_names, hoisted)
-        rhs = cexpr(hexpr)
-        vrhs = vexpr(hexpr, {h[0] for h in hoisted.values()})
-        if vrhs is None:
-            vbody = None
-        if isinstance(s, Reduction):
-            acc = f"oc_acc_{s.name}"
-            reductions.append({"acc": acc, "op": s.op, "name": s.name, "slot": st.reductions.index(s)})
-            for a, out in ((acc, body), (f"{acc}_lanes[oc_l]", body_lanes)):
-                out.append(f"{a} = oc_nanmax({a}, {rhs});" if s.op == "max" else f"{a} += {rhs};")
-            if vbody is not None:  # committed after the NaN check, so a flagged block is not counted twice
-                new = f"oc_vnanmax({acc}_v[oc_k], {vrhs})" if s.op == "max" else f"{acc}_v[oc_k] + {vrhs}"
-                vbody.append(f"{acc}_next[oc_k] = {new};")
-            continue
-        t = s.target
-        if t in stored and t in later_reads[i]:
-            rhs = f"OC_ROUND({rhs})"  # a later read sees the stored (rounded) value
-            vrhs = f"oc_vround({vrhs}, &oc_nan)"
-            rounded.add(t)
-        else:
-            rounded.discard(t)
-        decl = "" if t in declared else "float "
-        declared.add(t)
-        body.append(f"{decl}{t} = {rhs};")
-        body_lanes.append(body[-1])
-        if vbody is not None:
-            vbody.append(f"{'oc_vf ' if decl else ''}{t} = {vrhs};")
-        if t in stored and t not in written:
-            written.append(t)
-    # a value already rounded to the storage type is stored exactly (bf16: its top 16 bits)
-    stores = [f"oc_ptr_{b}[oc_i] = OC_STORE{'_EXACT' if b in rounded else ''}({b});" for b in stored if b in written]
-    grad_passed_through = False
-    for n, stage in spills.items():
-        if stage == st.index and n in declared:
-            stores.append(f"oc_ptr_spill_{n}[oc_i] = {n};")
-            spilled_io = True
-        elif stage == st.index and n == "grad":  # not reassigned under these flags: pass it through
-            stores.append("oc_ptr_spill_grad[oc_i] = OC_LOAD(oc_ptr_grad[oc_i]);")
-            spilled_io = grad_passed_through = True
-    if spilled_io:
-        vbody = None  # fp32 spill buffers are not in the even/odd lane order: scalar loop only
-    vector = None if vbody is None else {
-        "loads": loaded, "body": vbody, "accs": [r["acc"] for r in reductions],
-        "stores": [{"name": b, "bits": f"oc_vbits({b})" if b in rounded else f"oc_vrne({b}, &oc_nan)"}
-                   for b in stored if b in written]}
-    uses = set(loaded) | set(written) | {n for n in spills if n in declared}
-    if grad_passed_through:
-        uses |= {"grad"}
-    used = sorted(set().union(*[v[2] for v in hoisted.values()]))
-    mask = sum(1 << i for i, b in enumerate(buffer_names) if b in uses or b.removeprefix("spill_") in uses)
-    return {"name": name, "mask": mask, "flags": ", ".join(f"{k}={int(v)}" for k, v in sorted(env.items())) or "none",
-            "scalars": [{"name": n, "src": scalar_src[n]} for n in used],
-            "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()], "loads": loads, "body": body,
-            "body_lanes": body_lanes,
-            "stores": stores, "reductions": reductions, "uses": sorted(uses), "vector": vector}
+    return {"name": t.name, "slot": list(plan.per_tensor_names).index(t.name), "expr": _D.doprint(expr),
+            "guard": _guard_bits(t.guard, flags)}
 
 
 def _hoist(expr, scalar_names: set, hoisted: dict):
@@ -437,4 +404,3 @@ def render(prog: Program, spec_source: bytes, key: str) -> str:
     from .render import env, header
     body = env().get_template("fused.c.j2").render(**context(prog))
     return header(prog, spec_source, body, key, comment="//") + body
-
