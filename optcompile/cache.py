@@ -29,7 +29,7 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from .codegen.header import body_hash_ok, parse_key
+from .stamp import body_hash_ok, parse_key
 from .version import __version__
 
 _FALLBACK: dict[Path, Path] = {}  # unusable cache folder → the temp folder used instead (per process)

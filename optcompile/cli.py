@@ -101,6 +101,10 @@ def cmd_show(args) -> int:
     if args.ir or args.after:
         print(build_program(spec, until=args.after).dump(), end="")
         return 0
+    if args.plan:
+        from .kernel_plan import build
+        print(build(build_program(spec)).dump(), end="")
+        return 0
     text = generate_sources(spec)[MODULE_SUFFIX] if args.backend == "module" else backend_source(spec, args.backend)
     print(text, end="")
     return 0
@@ -185,6 +189,7 @@ def _main(argv: list[str] | None) -> int:
                         "function, the Triton module, the fused C file")
     s.add_argument("--ir", action="store_true", help="print the IR after all passes")
     s.add_argument("--after", help="print the IR after this pass (e.g. add_weight_decay)")
+    s.add_argument("--plan", action="store_true", help="print the kernel plan the Triton and C kernels are printed from")
     s.set_defaults(func=cmd_show)
     sub.add_parser("list", help="list the built-in specs").set_defaults(func=cmd_list)
     k = sub.add_parser("cache", help="inspect or clear the cache")

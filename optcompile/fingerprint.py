@@ -10,7 +10,8 @@ from .paths import templates_dir
 from .version import __version__
 
 _PKG = Path(__file__).resolve().parent
-_COMPILER_FILES = ("spec.py", "ir.py", "lower.py", "verify.py", "compiler.py", "passes/*.py", "codegen/*.py",
+_COMPILER_FILES = ("spec.py", "ir.py", "lower.py", "verify.py", "compiler.py", "passes/*.py", "kernel_plan.py",
+                   "codegen/*.py", "stamp.py",
                    "backends/registry.py", "step_flags.py")
 
 

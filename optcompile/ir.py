@@ -124,11 +124,19 @@ class HostScalar:
 
 @dataclass(frozen=True)
 class Assign:
-    target: str
+    symbol: sympy.Symbol  # what is written: ``param``, a state, ``grad`` or a temp, as expressions read it
     expr: Any
     guard: Any = TRUE
     origin: Origin = NO_ORIGIN
     role: str = ""  # "update" (spec.update), "kahan", "decay_l2": what passes added or look for
+
+    @property
+    def target(self) -> str:
+        return self.symbol.name
+
+    @property
+    def sym(self) -> sympy.Symbol:
+        return self.symbol
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,10 @@ class Reduction:
     guard: Any = TRUE
     origin: Origin = NO_ORIGIN
 
+    @property
+    def sym(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name, real=True)
+
 
 @dataclass(frozen=True)
 class TensorScalar:
@@ -148,6 +160,10 @@ class TensorScalar:
     expr: Any
     guard: Any = TRUE
     origin: Origin = NO_ORIGIN
+
+    @property
+    def sym(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name, real=True)
 
 
 Stmt = Union[Assign, Reduction, TensorScalar]

@@ -300,7 +300,7 @@ def build(prog: Program) -> KernelPlan:
                 reductions.append(red)
                 body.append(red)
                 continue
-            body.append(Compute(sympy.Symbol(s.target, real=True), expr, s.guard, s.target in stored,
+            body.append(Compute(s.symbol, expr, s.guard, s.target in stored,
                                 bool(_names(s.expr) & element), s.origin))
         elem = elems[k]
         # spill stores: each value a later stage reads from scratch, written by the stages that set it;

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import cache
 from .backends import registry
-from .codegen.header import body_hash_ok, parse_key
+from .stamp import body_hash_ok, parse_key
 from .fingerprint import cache_key
 from .paths import builtin_specs, generated_dir
 

@@ -75,7 +75,7 @@ def lower(spec: OptimizerSpec) -> Program:
                         not syms & (tscalar_syms | {GRAD, PARAM} | set(state_syms)):
                     raise SpecError("a boolean let must depend only on hyperparameters and step", file,
                                     stmt.origin.line, expr)
-                body.extend(_split_piecewise(stmt.target.name, expr, TRUE, stmt, host_syms, guard_of, names))
+                body.extend(_split_piecewise(stmt.target, expr, TRUE, stmt, host_syms, guard_of, names))
         elif stmt.kind == "reduce":
             if not (syms - host_syms - tscalar_syms):
                 raise SpecError("a reduction needs a per-element operand (param, grad or a state)", file,
@@ -95,7 +95,7 @@ def lower(spec: OptimizerSpec) -> Program:
                     raise SpecError("the learning rate of spec.update must not depend on param, grad or states",
                                     file, stmt.origin.line, stmt.lr)
             _check_elementwise_choices(expr, tscalar_syms, file, stmt.origin.line)
-            split = _split_piecewise(stmt.target.name, expr, guard, stmt, host_syms, guard_of, names)
+            split = _split_piecewise(stmt.target, expr, guard, stmt, host_syms, guard_of, names)
             if stmt.kind == "update":
                 split = [dataclasses.replace(a, role="update") if a.target == "param" else a for a in split]
             body.extend(split)
@@ -213,7 +213,7 @@ def _nest_host_tails(expr, host_syms):
     return expr.replace(lambda e: isinstance(e, sympy.Piecewise), nest)
 
 
-def _split_piecewise(target: str, expr, guard, stmt, host_syms, guard_of, names: Namer) -> list:
+def _split_piecewise(target: sympy.Symbol, expr, guard, stmt, host_syms, guard_of, names: Namer) -> list:
     """``x = Piecewise((a, c1), (b, True))`` with host conditions → guarded assignments."""
     expr = _nest_host_tails(sympy.sympify(expr), host_syms)
     origin = Origin(stmt.origin.file, stmt.origin.line)

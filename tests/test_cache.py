@@ -20,7 +20,7 @@ from optcompile import cache, cli, loader
 from optcompile.backends import registry
 from optcompile.backends_available import c_compiler
 from optcompile.cache import CacheWarning, JITDisabledError
-from optcompile.codegen.header import body_hash_ok, parse_key
+from optcompile.stamp import body_hash_ok, parse_key
 from optcompile.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import sympy
 
+from optcompile import kernel_plan
 from optcompile.codegen.host import pyexpr
 from optcompile.codegen.tensor_code import Dialect, ForeachDialect, TensorCode
 from optcompile.compiler import as_spec, build_program
@@ -34,6 +35,7 @@ def test_ir_after_each_pass(spec):
     for name in PASS_NAMES:
         _check(f"{spec}.after_{name}.txt", build_program(s, until=name).dump())
     _check(f"{spec}.final.txt", build_program(s).dump())
+    _check(f"{spec}.plan.txt", kernel_plan.build(build_program(s)).dump())
 
 
 def test_passes_are_idempotent():
@@ -63,7 +65,7 @@ def _emit(dialect, target, expr, stored=("param", "exp_avg", "exp_avg_sq")):
     code = TensorCode(prog, dialect)
     code.stored = set(stored)
     code.host |= {"c", "lr", "eps"}
-    code.statement(Assign(target, expr))
+    code.statement(Assign(sympy.Symbol(target, real=True), expr))
     return code.lines
 
 

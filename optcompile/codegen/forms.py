@@ -79,10 +79,9 @@ class Forms:
             (a, x), (b, y) = (b, y), (a, x)
         return x, y, b
 
-    def linear_parts(self, target: str, e):
+    def linear_parts(self, x: sympy.Symbol, e):
         """``x ← outer·(a·x + Σ cᵢ·tᵢ)``: (outer, a, [(cᵢ, tᵢ)]), or None if ``e`` is not of that form
         (``a == 0``). A scalar times a sum without ``x`` contributes one term per summand."""
-        x = sympy.Symbol(target, real=True)
         outer = sympy.Integer(1)
         if isinstance(e, sympy.Mul):
             scal = [f for f in e.args if self.is_scalar(f)]
@@ -103,11 +102,10 @@ class Forms:
             return None
         return outer, a, others
 
-    def in_place_lerp(self, target: str, parts):
+    def in_place_lerp(self, x: sympy.Symbol, parts):
         """``x ← a·x + c·t`` with host ``a + c == 1`` and a tensor ``t`` (a name, or a value that reads
         ``x`` and is therefore built first): ``x.lerp_(t, c)``'s (t, c)."""
         outer, a, others = parts
-        x = sympy.Symbol(target, real=True)
         if len(others) == 1 and outer == 1:
             c, t = others[0]
             if (isinstance(t, sympy.Symbol) or x in t.free_symbols) and self.is_weight_pair(a, c):
@@ -126,18 +124,17 @@ class Forms:
                 return Lerp(*pair)
         return e.func(*[self.lerps(a) for a in e.args])
 
-    def statement(self, target: str, e, in_place: bool):
-        """The value of ``target ← e`` grouped as the torch backends evaluate it. ``in_place``:
-        ``target`` is a buffer (or a temp already holding a value) that the torch code updates in
-        place, so a linear update keeps its ``a·x`` product and an interpolation is ``x.lerp_``."""
+    def statement(self, x: sympy.Symbol, e, in_place: bool):
+        """The value of ``x ← e`` grouped as the torch backends evaluate it. ``in_place``: ``x`` is a
+        buffer (or a temp already holding a value) that the torch code updates in place, so a
+        linear update keeps its ``a·x`` product and an interpolation is ``x.lerp_``."""
         e = sympy.sympify(e)
-        x = sympy.Symbol(target, real=True)
         if not in_place or x not in e.free_symbols:
             return self.lerps(e)
-        parts = self.linear_parts(target, e)
+        parts = self.linear_parts(x, e)
         if parts is None:
             return self.lerps(e)
-        lerp = self.in_place_lerp(target, parts)
+        lerp = self.in_place_lerp(x, parts)
         if lerp is not None:
             t, c = lerp
             return Lerp(x, self.lerps(t), c)
@@ -158,7 +155,7 @@ class Forms:
                     out[id(s)] = self.lerps(s.expr)
                     continue
                 e = sympy.sympify(s.expr)
-                out[id(s)] = self.statement(s.target, e, s.target in stored or s.target in owned)
+                out[id(s)] = self.statement(s.symbol, e, s.target in stored or s.target in owned)
                 if isinstance(e, sympy.Symbol) and not self.is_scalar(e):
                     owned.discard(s.target)  # an alias (or a copy into a buffer)
                 else:

@@ -18,7 +18,7 @@ from ..fingerprint import templates_hash
 from ..paths import specs_dir, templates_dir
 from ..version import __version__
 from . import eager, foreach
-from .header import stamp
+from ..stamp import stamp
 from .host import host_lines, pyexpr, used_host_names
 from .tensor_code import Dialect, TensorCode
 

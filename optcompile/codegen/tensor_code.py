@@ -142,26 +142,6 @@ def _reduction(op: str, x: str) -> str:
     return f"{x}.{op}()"
 
 
-def _operand(text: str) -> str:
-    """``text`` as the receiver of a method call: ``(sum0 + sum1)/(sum2 + 1)`` needs parentheses
-    (``.item()`` would bind to the last factor); a name or a single call does not."""
-    head, paren, _ = text.partition("(")
-    if text.replace(".", "_").isidentifier() or (paren and head.replace(".", "_").isidentifier()
-                                                 and _closing(text, len(head)) == len(text) - 1):
-        return text
-    return f"({text})"
-
-
-def _closing(text: str, start: int) -> int:
-    """Index of the parenthesis that closes the one at ``start``."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[i], 0)
-        if depth == 0:
-            return i
-    return -1
-
-
 def _per_tensor(text: str, names) -> str:
     """``[text for a, b in zip(a, b)]``: a per-tensor scalar over the lists of one foreach call."""
     names = list(names)
@@ -182,6 +162,14 @@ class DevicePrinter(HostPrinter):
 
     def _print_log(self, expr):
         return f"torch.log({self._print(expr.args[0])})"
+
+    def receiver(self, e) -> str:
+        """``e`` as the receiver of a method call: a name or a single call as printed, anything
+        else in parentheses (``.item()`` would bind to the last factor of ``a/b``)."""
+        text = self.doprint(e)
+        call = isinstance(e, sympy.core.function.Application) or \
+            (isinstance(e, sympy.Pow) and e.exp in (sympy.Rational(1, 2), -sympy.Rational(1, 2)))
+        return text if e.is_Symbol or call else f"({text})"
 
 
 _DEVICE_PRINTER = DevicePrinter({"fully_qualified_modules": True, "standard": "python3"})
@@ -234,6 +222,7 @@ class TensorCode:
         self.indent = ""
         self.owned: set[str] = set()
         self.tmp = itertools.count()
+        self.definitions: dict[str, list[tuple[int, str]]] = {}  # temp → (line index, value) of each definition
         self.scalar_tmp = itertools.count()
         self.written_later: set[str] = set()
         self.device, self.floats = device_scalars(prog)
@@ -257,6 +246,12 @@ class TensorCode:
 
     def emit(self, line: str) -> None:
         self.lines.append(self.indent + line)
+
+    def define(self, tmp: str, value: str) -> None:
+        """``tmp = value``, remembered: a temp defined by exactly the last line can take the name
+        of the statement's target instead (``assign``)."""
+        self.definitions.setdefault(tmp, []).append((len(self.lines), value))
+        self.emit(f"{tmp} = {value}")
 
     def new_tmp(self) -> str:
         name = f"_t{next(self.tmp)}"
@@ -304,21 +299,21 @@ class TensorCode:
             if s.name not in self.device:
                 self.scalar_line(s.name, pyexpr(e), per_tensor)
                 return
-            text = _DEVICE_PRINTER.doprint(e.xreplace({x: sympy.Symbol(self.device_name(x.name), real=True)
-                                                       for x in e.free_symbols}))
+            on_device = e.xreplace({x: sympy.Symbol(self.device_name(x.name), real=True) for x in e.free_symbols})
             names = [self.device_name(n) for n in per_tensor]
             if s.name not in self.readers_on_device:
-                self.scalar_line(s.name, f"{_operand(text)}.item()", names)
+                self.scalar_line(s.name, f"{_DEVICE_PRINTER.receiver(on_device)}.item()", names)
                 return
-            self.scalar_line(self.device_name(s.name), text, names)
+            self.scalar_line(self.device_name(s.name), _DEVICE_PRINTER.doprint(on_device), names)
             if s.name in self.floats:
                 self.scalar_line(s.name, f"{s.name}_t.item()", [f"{s.name}_t"])
         else:
-            self.assign(s.target, sympy.sympify(s.expr))
+            self.assign(s.symbol, sympy.sympify(s.expr))
 
-    def assign(self, target: str, e) -> None:
+    def assign(self, x: sympy.Symbol, e) -> None:
+        target = x.name
         in_place = target in self.stored or target in self.owned
-        if in_place and sympy.Symbol(target, real=True) in e.free_symbols and self.linear_update(target, e):
+        if in_place and x in e.free_symbols and self.linear_update(x, e):
             return
         if isinstance(e, sympy.Symbol) and not self.is_scalar(e):
             src = e.name
@@ -331,15 +326,14 @@ class TensorCode:
                 self.emit(f"{target} = {src}")
                 self.owned.discard(target)
             return
-        if target in self.stored and sympy.Symbol(target, real=True) not in e.free_symbols and \
+        if target in self.stored and x not in e.free_symbols and \
                 self.build_in_place(target, e):
             return
         value = self.fresh(e)
         if target in self.stored:
             self.emit(self.d.copy(target, value))
-        elif self.lines and self.lines[-1].startswith(f"{self.indent}{value} = ") and \
-                not any(value in line for line in self.lines[:-1]):
-            self.lines[-1] = self.lines[-1].replace(f"{value} = ", f"{target} = ", 1)  # one op: name it directly
+        elif [i for i, _ in self.definitions.get(value, ())] == [len(self.lines) - 1]:
+            self.lines[-1] = f"{self.indent}{target} = {self.definitions[value][0][1]}"  # one op: name it directly
             self.owned.add(target)
         else:
             self.emit(f"{target} = {value}")
@@ -360,17 +354,17 @@ class TensorCode:
             self.accumulate(target, c, t)
         return True
 
-    def linear_update(self, target: str, e) -> bool:
+    def linear_update(self, x: sympy.Symbol, e) -> bool:
         """``x ← a·x + Σ cᵢ·fᵢ`` (or ``c·(…)``) in place. False when ``e`` is not of that form."""
-        x = sympy.Symbol(target, real=True)
-        parts = self.forms.linear_parts(target, e)
+        target = x.name
+        parts = self.forms.linear_parts(x, e)
         if parts is None:
             return False
         outer, a, others = parts
         for i, (c, t) in enumerate(others):  # a term that reads x is built before x changes
             if x in t.free_symbols:
                 others[i] = (c, sympy.Symbol(self.fresh(t), real=True))
-        lerp = self.forms.in_place_lerp(target, (outer, a, others))
+        lerp = self.forms.in_place_lerp(x, (outer, a, others))
         if lerp is not None:
             t, c = lerp
             self.emit(self.d.inplace(target, "lerp", self.atom(t), self.scalar(c)))
@@ -465,7 +459,7 @@ class TensorCode:
         e = sympy.sympify(e)
         if self.is_scalar(e):  # an element value that is a scalar in one branch: Piecewise((sqrt(v), f), (1, True))
             tmp = self.new_tmp()
-            self.emit(f"{tmp} = {self.d.full(self.scalar(e), per_tensor=not self.is_host(e))}")
+            self.define(tmp, f"{self.d.full(self.scalar(e), per_tensor=not self.is_host(e))}")
             return tmp
         if isinstance(e, sympy.Add):
             return self.fresh_add(e)
@@ -475,7 +469,7 @@ class TensorCode:
             return self.fresh_pow(e)
         tmp = self.new_tmp()
         if isinstance(e, sympy.Symbol):
-            self.emit(f"{tmp} = {self.d.clone(e.name)}")
+            self.define(tmp, f"{self.d.clone(e.name)}")
         elif isinstance(e, (sympy.Max, sympy.Min)):
             # the DSL's Max/Min ignore a NaN operand: torch.fmax/fmin (clamp and maximum propagate it)
             fn = "fmax" if isinstance(e, sympy.Max) else "fmin"
@@ -483,10 +477,10 @@ class TensorCode:
             scalars = [a for a in e.args if self.is_scalar(a)]
             out = self.atom(tensors[0])
             for t in tensors[1:]:
-                self.emit(f"{tmp} = {self.d.new(fn, out, self.atom(t))}")
+                self.define(tmp, f"{self.d.new(fn, out, self.atom(t))}")
                 out = tmp
             if scalars:  # one scalar operand: their Max (fmax is associative)
-                self.emit(f"{tmp} = {self.d.with_scalar(fn, out, self.zipped_operand(e.func(*scalars)))}")
+                self.define(tmp, f"{self.d.with_scalar(fn, out, self.zipped_operand(e.func(*scalars)))}")
         elif isinstance(e, sympy.Piecewise):
             self.fresh_where(tmp, e)
         elif isinstance(e, (sympy.Abs, sympy.sign, sympy.exp, sympy.log)):
@@ -499,7 +493,7 @@ class TensorCode:
     def unary(self, fn: str, arg) -> str:
         if isinstance(arg, sympy.Symbol):
             tmp = self.new_tmp()
-            self.emit(f"{tmp} = {self.d.new(fn, arg.name)}")
+            self.define(tmp, f"{self.d.new(fn, arg.name)}")
             return tmp
         inner = self.fresh(arg)
         self.emit(self.d.inplace(inner, fn))
@@ -517,7 +511,7 @@ class TensorCode:
         if pair is not None:
             x, y, w = pair
             tmp = self.new_tmp()
-            self.emit(f"{tmp} = {self.d.new('lerp', self.atom(x), self.atom(y), self.scalar(w))}")
+            self.define(tmp, f"{self.d.new('lerp', self.atom(x), self.atom(y), self.scalar(w))}")
             return tmp
         scalar_part = sympy.Add(*[c for c, t in terms if t == 1])
         tensor_terms = [(c, t) for c, t in terms if t != 1]
@@ -541,7 +535,7 @@ class TensorCode:
             else:
                 call = self.d.new('add', base, self.atom(t), alpha=value)
             tmp = self.new_tmp()
-            self.emit(f"{tmp} = {call}")
+            self.define(tmp, f"{call}")
         else:
             c, t = tensor_terms.pop(0)
             tmp = self.fresh(t)
@@ -571,7 +565,7 @@ class TensorCode:
             call = self.d.clone(self.atom(num[0]))
             num = []
         tmp = self.new_tmp()
-        self.emit(f"{tmp} = {call}")
+        self.define(tmp, f"{call}")
         if scaled:
             return tmp
         for f in num:
@@ -586,7 +580,7 @@ class TensorCode:
         base, exp = e.args
         if self.is_scalar(base):
             tmp = self.new_tmp()
-            self.emit(f"{tmp} = {self.d.new('pow', self.scalar(base), self.atom(exp))}")
+            self.define(tmp, f"{self.d.new('pow', self.scalar(base), self.atom(exp))}")
             return tmp
         fn = {sympy.Rational(1, 2): "sqrt", -sympy.Rational(1, 2): "rsqrt", sympy.Integer(-1): "reciprocal"}.get(exp)
         if fn:
@@ -594,16 +588,16 @@ class TensorCode:
         tmp = self.new_tmp()
         if exp == 2:
             x = self.atom(base)
-            self.emit(f"{tmp} = {self.d.new('mul', x, x)}")
+            self.define(tmp, f"{self.d.new('mul', x, x)}")
         else:
-            self.emit(f"{tmp} = {self.d.new('pow', self.atom(base), self.scalar(exp))}")
+            self.define(tmp, f"{self.d.new('pow', self.atom(base), self.scalar(exp))}")
         return tmp
 
     def fresh_where(self, tmp: str, e) -> None:
         (value, cond), rest = e.args[0], e.args[1:]
         other = rest[0][0] if len(rest) == 1 and rest[0][1] == TRUE else sympy.Piecewise(*rest)
         c = self.condition(cond)
-        self.emit(f"{tmp} = {self.d.where(c, self.zipped_operand(value), self.zipped_operand(other))}")
+        self.define(tmp, f"{self.d.where(c, self.zipped_operand(value), self.zipped_operand(other))}")
 
     def condition(self, cond) -> str:
         ops = {sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge", sympy.StrictLessThan: "lt",
@@ -658,7 +652,7 @@ def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tup
     current = None
     for i, s in enumerate(stmts):
         g = guard_text(s.guard)
-        code.lines, code.indent = [], ""
+        code.lines, code.indent, code.definitions = [], "", {}
         code.written_later = {getattr(r, "target", None) for r in stmts[i + 1:]}
         code.statement(s)
         target = getattr(s, "target", None)

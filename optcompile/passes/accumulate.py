@@ -27,16 +27,15 @@ def accumulate_only_states(prog: Program) -> Program:
         reads = sympy.sympify(s.expr).free_symbols
         if (isinstance(s, Assign) and (s.target == "param" or s.role == "decay_l2")) or (i > first and reads & after_update):
             if i > first and isinstance(s, Assign) and s.target not in prog.stored():
-                after_update.add(Symbol(s.target, real=True))
+                after_update.add(s.symbol)
             s = dataclasses.replace(s, guard=_and(s.guard, UPDATE)) if UPDATE not in _conj(s.guard) else s
         body.append(s)
     # propagate backwards: a value whose every reader is guarded by update_parameters is guarded too
     for i in reversed(range(len(body))):
         s = body[i]
-        name = s.target if isinstance(s, Assign) else s.name
         if isinstance(s, Assign) and (s.target in prog.stored() or s.target == "grad"):
             continue
-        readers = [r for r in body[i + 1:] if Symbol(name, real=True) in sympy.sympify(r.expr).free_symbols]
+        readers = [r for r in body[i + 1:] if s.sym in sympy.sympify(r.expr).free_symbols]
         if readers and all(UPDATE in _conj(r.guard) for r in readers) and UPDATE not in _conj(s.guard):
             body[i] = dataclasses.replace(s, guard=_and(s.guard, UPDATE))
     return prog.replace(body=tuple(body))

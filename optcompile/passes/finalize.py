@@ -75,7 +75,7 @@ def finalize(prog: Program) -> Program:
                                                         for _ in itertools.count()), order="canonical")
             temps, expr = _inline_reciprocals(temps, expr)
             for name, value in temps:
-                body.append(Assign(name.name, value, stmt.guard, stmt.origin))
+                body.append(Assign(name, value, stmt.guard, stmt.origin))
             body.append(dataclasses.replace(stmt, expr=expr))
         else:
             body.append(dataclasses.replace(stmt, expr=expr))
@@ -175,7 +175,7 @@ def _guard_temps(prog: Program, body: list) -> list:
         s = body[i]
         if not isinstance(s, Assign) or s.target in stored:
             continue
-        sym, readers = sympy.Symbol(s.target, real=True), []
+        sym, readers = s.symbol, []
         for r in body[i + 1:]:
             if sym in sympy.sympify(r.expr).free_symbols:  # readers of any later version: safe superset
                 readers.append(r)

@@ -21,9 +21,10 @@ import dataclasses
 import sympy
 from sympy import And, Not, Symbol
 
+from .. import step_flags
 from ..ir import KAHAN_COMP, PARAM, TRUE, Assign, Origin, Program, StateBuffer
 
-KAHAN = Symbol("kahan")
+KAHAN = Symbol(step_flags.KAHAN)
 
 
 def add_kahan_summation(prog: Program) -> Program:
@@ -47,10 +48,10 @@ def add_kahan_summation(prog: Program) -> Program:
         upd = Symbol(prog.fresh_name(f"kahan_upd{n or ''}"), real=True)
         prev = Symbol(prog.fresh_name(f"param_prev{n or ''}"), real=True)
         n += 1
-        body += [Assign(upd.name, sympy.sympify(s.expr).xreplace(exact) - PARAM, g, s.origin, "kahan"),
-                 Assign(prev.name, PARAM, g, s.origin, "kahan"),
-                 Assign("param", PARAM + upd, g, s.origin, s.role or "kahan"),
-                 Assign("kahan_comp", upd + (prev - PARAM), g, s.origin, "kahan")]
+        body += [Assign(upd, sympy.sympify(s.expr).xreplace(exact) - PARAM, g, s.origin, "kahan"),
+                 Assign(prev, PARAM, g, s.origin, "kahan"),
+                 Assign(PARAM, PARAM + upd, g, s.origin, s.role or "kahan"),
+                 Assign(KAHAN_COMP, upd + (prev - PARAM), g, s.origin, "kahan")]
     states = prog.states + (StateBuffer("kahan_comp", sympy.Integer(0), KAHAN, "param", Origin(added_by="kahan")),)
     return prog.replace(body=tuple(body), states=states)
 

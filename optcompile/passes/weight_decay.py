@@ -44,7 +44,7 @@ def add_weight_decay(prog: Program) -> Program:
         l2 = HostScalar(prog.fresh_name("decay_l2"), And(Ne(wd, 0), Not(decouple_wd), Not(decouple_lr)), "bool",
                         ORIGIN)
         host.append(l2)
-        body.insert(0, Assign("grad", GRAD + wd * PARAM, l2.sym, ORIGIN, role="decay_l2"))
+        body.insert(0, Assign(GRAD, GRAD + wd * PARAM, l2.sym, ORIGIN, role="decay_l2"))
         # optimi's torch_init momentum buffer starts from the decayed gradient, as torch's does
         states = [dataclasses.replace(s, init=Piecewise((s.init.xreplace({GRAD: GRAD + wd * PARAM}), l2.expr),
                                                         (s.init, True))) if GRAD in sympy.sympify(s.init).free_symbols

@@ -1,4 +1,5 @@
-"""The stamp on every generated file, and its integrity check (no sympy: the loader uses it)."""
+"""The stamp on every generated file, and the loader's check of it (no sympy): the key a file was
+generated under and the hash of its body, read back only to verify a file on disk before import."""
 from __future__ import annotations
 
 import hashlib
