@@ -165,3 +165,42 @@ def test_dsl_feature_spec_matches_torch_reference(stem, case, backend, dtype):
             assert "kahan_comp" in opt.state[got[i]] or a.numel() == 0
             torch.testing.assert_close((a.detach().float() + opt.state[a].get("kahan_comp", torch.zeros(())).float()),
                                        b, rtol=2**-7, atol=2e-3)
+
+
+def _train_released(stem, kw, backend, accumulate, release=True, steps=6):
+    """A small model stepped from its backward hooks (gradient release), with optimizer
+    accumulation (3 micro-steps per update) or without; ``release=False``: plain steps."""
+    from optcompile import prepare_for_gradient_release
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / f"{stem}.py")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    opt = cls(model.parameters(), lr=1e-2, **kw, gradient_release=release, **BACKENDS[backend].flags)
+    if release:
+        prepare_for_gradient_release(model, opt)
+    for i in range(steps):
+        if accumulate:
+            opt.optimizer_accumulation = i % 3 != 2
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()] + \
+        [t for s in opt.state.values() for k, t in sorted(s.items()) if torch.is_tensor(t) and t.dim() > 0]
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["release", "accumulate"])
+@pytest.mark.parametrize("backend", backend_params("eager", "fused", "triton"))  # foreach: off under release
+@pytest.mark.parametrize("stem", list(FEATURES))
+def test_dsl_feature_spec_gradient_release_and_accumulation(stem, backend, accumulate):
+    """numel, clamp and optional hyperparameters through gradient release and optimizer
+    accumulation: every backend as eager, and eager gradient release as plain steps."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs on CPU only under TRITON_INTERPRET=1")
+    kw = FEATURES[stem][1][0]
+    want = _train_released(stem, kw, "eager", accumulate)
+    if backend == "eager" and not accumulate:
+        for a, b in zip(want, _train_released(stem, kw, "eager", False, release=False)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    got = _train_released(stem, kw, backend, accumulate)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
