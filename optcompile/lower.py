@@ -108,6 +108,11 @@ def lower(spec: OptimizerSpec) -> Program:
             body.extend(split)
 
     for st in spec.states:
+        when = sympy.sympify(_when_expr(st.when))
+        if _expand(when, {h.sym: h.expr for h in host}).free_symbols & {STEP}:
+            raise SpecError(f"state {st.name!r}: when= decides once, at allocation, whether the buffer exists, so it "
+                            "may depend on hyperparameters only, not on the step; put a step condition on the "
+                            "writes instead (spec.assign(..., when=...))", file, st.origin.line, when)
         bad = st.init.free_symbols - arg_syms - {PARAM, GRAD}
         if bad:
             raise SpecError(f"state {st.name!r}: init may use only param, grad and hyperparameters, not "

@@ -242,3 +242,31 @@ def test_clamp_propagates_nan_like_torch(tmp_path, backend, poison, bounds, dtyp
     torch.testing.assert_close(opt.state[p]["exp_avg"].float(), want_m, **tol, equal_nan=True)
     torch.testing.assert_close(p.detach().float(), want_p, **tol, equal_nan=True)
     assert torch.equal(p.detach().float().isnan(), nans)
+
+
+ZERO_SUM_SPEC = '''
+"""Per-tensor divisions by a zero sum, and by numel, of a zero gradient."""
+from optcompile.spec import Abs, Interval, Max, OptimizerSpec, oo
+
+spec = OptimizerSpec("ZeroSum", weight_decay=None)
+lr = spec.hyper("lr", domain=Interval(0, oo), doc="Learning rate")
+g = spec.grad
+s, s2 = spec.sum(Abs(g)), spec.sum(g**2)
+r = spec.let("r", spec.numel / s + s / spec.numel)
+spec.update(g + r, lr=lr * Max(1, s / s2))
+'''
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_per_tensor_division_by_zero_is_ieee(tmp_path, backend):
+    """``n/0 = inf``, ``0/0 = nan`` for per-tensor values in every backend (the eager and foreach
+    code computes them as Python floats, which would raise ZeroDivisionError)."""
+    _skip_unavailable(backend)
+    path = tmp_path / "zerosum.py"
+    path.write_text(ZERO_SUM_SPEC)
+    cls = compile_spec(path)
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = cls([p], lr=0.1, **BACKENDS[backend])
+    p.grad = torch.zeros(5)
+    opt.step()  # r = 5/0 + 0/5 = inf; Max(1, 0/0) = Max(1, nan) = 1: p − 0.1·inf
+    assert (p.detach() == -float("inf")).all()
