@@ -29,6 +29,39 @@ KAHAN_COMP = sympy.Symbol("kahan_comp", real=True)
 TRUE = sympy.true
 
 
+class Clamp(sympy.Function):
+    """``Clamp(x, lo, hi)``, torch.clamp's semantics in every backend: ``min(max(x, lo), hi)``
+    where a NaN ``x``, ``lo`` or ``hi`` gives NaN (the DSL's ``Max``/``Min`` ignore NaN operands,
+    so a clamp is its own form) and ``lo > hi`` gives ``hi``. ``lo = -oo`` or ``hi = oo``: that side
+    is open. The DSL writes it ``clamp(x, lo, hi)``."""
+
+    nargs = 3
+
+    @classmethod
+    def eval(cls, x, lo, hi):
+        if lo is sympy.S.NegativeInfinity and hi is sympy.S.Infinity:
+            return x
+        if all(a.is_number for a in (x, lo, hi)):
+            if sympy.nan in (x, lo, hi):
+                return sympy.nan
+            return sympy.Min(sympy.Max(x, lo), hi)
+        return None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+class IsNone(sympy.logic.boolalg.BooleanFunction):
+    """``IsNone(x)``: whether the optional hyperparameter ``x`` (default ``None``) is None in this
+    param group; a host condition (``spec.is_none(x)``), printed only by the host printer."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        return None
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where an IR value comes from: a line of the spec file, or the pass that added it."""
@@ -86,7 +119,7 @@ class Arg:
     """A constructor argument. ``keys`` are the param_group keys (``betas`` → beta1, beta2)."""
 
     name: str
-    kind: str  # "float" | "tuple" | "flag" | "optional_float"
+    kind: str  # "float" | "tuple" | "flag" | "optional_float" | "optional_int" (None allowed)
     default: Any
     keys: tuple[str, ...]
     domain: Any = None
@@ -95,6 +128,11 @@ class Arg:
     injected_by: str = ""  # the pass that added it, "" for spec arguments
     type: str = "float"  # annotation of each value: float, int or bool
     after: str | None = None  # placed right after this argument (e.g. SGD's torch_init after max_lr)
+
+    @property
+    def optional(self) -> bool:
+        """Whether the value may be None (``max_lr``, a spec's ``hyper(..., default=None)``)."""
+        return self.kind.startswith("optional_")
 
 
 @dataclass(frozen=True)

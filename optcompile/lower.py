@@ -13,8 +13,8 @@ import sympy
 from sympy.logic.boolalg import Boolean
 
 from . import ir
-from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, Namer, Origin, Program, Reduction, StateBuffer,
-                 TensorScalar, satisfiable)
+from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, IsNone, Namer, Origin, Program, Reduction,
+                 StateBuffer, TensorScalar, satisfiable)
 from .spec import GENERATED_CODE_NAMES, RESERVED_NAMES, OptimizerSpec, SpecError
 
 def lower(spec: OptimizerSpec) -> Program:
@@ -77,11 +77,18 @@ def lower(spec: OptimizerSpec) -> Program:
                                     stmt.origin.line, expr)
                 body.extend(_split_piecewise(stmt.target, expr, TRUE, stmt, host_syms, guard_of, names))
         elif stmt.kind == "reduce":
+            op = _reduction_op(spec, stmt)
             if not (syms - host_syms - tscalar_syms):
-                raise SpecError("a reduction needs a per-element operand (param, grad or a state)", file,
-                                stmt.origin.line, expr)
-            body.append(Reduction(stmt.target.name, _reduction_op(spec, stmt), expr, TRUE,
-                                  where(stmt)))
+                # the same value in every element: sum(c) = c·numel, mean(c) = max(c) = c
+                value = expr * NUMEL if op == "sum" else expr
+                if value.free_symbols <= host_syms:
+                    host.append(HostScalar(stmt.target.name, value, "float", where(stmt)))
+                    host_syms.add(stmt.target)
+                else:
+                    body.append(TensorScalar(stmt.target.name, value, TRUE, where(stmt)))
+                    tscalar_syms.add(stmt.target)
+                continue
+            body.append(Reduction(stmt.target.name, op, expr, TRUE, where(stmt)))
             tscalar_syms.add(stmt.target)
         else:  # state / update / param writes
             guard = guard_of(stmt.when, stmt) if stmt.when is not TRUE and stmt.when != TRUE else TRUE
@@ -101,12 +108,18 @@ def lower(spec: OptimizerSpec) -> Program:
             body.extend(split)
 
     for st in spec.states:
+        when = sympy.sympify(_when_expr(st.when))
+        if _expand(when, {h.sym: h.expr for h in host}).free_symbols & {STEP}:
+            raise SpecError(f"state {st.name!r}: when= decides once, at allocation, whether the buffer exists, so it "
+                            "may depend on hyperparameters only, not on the step; put a step condition on the "
+                            "writes instead (spec.assign(..., when=...))", file, st.origin.line, when)
         bad = st.init.free_symbols - arg_syms - {PARAM, GRAD}
         if bad:
             raise SpecError(f"state {st.name!r}: init may use only param, grad and hyperparameters, not "
                             f"{', '.join(sorted(s.name for s in bad))}", file, st.origin.line, st.init)
     _check_host_conditions(spec, host, tscalar_syms)
     _check_conditional_reads(spec, host, body)
+    _check_optional_reads(spec, host, body)
     host_defs = {h.sym: h.expr for h in host}
     buffers = [StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
                            Origin(file, st.origin.line)) for st in spec.states]
@@ -153,7 +166,8 @@ def _check_elementwise_choices(expr, tscalar_syms: set, file: str, line: int) ->
         if isinstance(pw, sympy.Piecewise):
             for _, cond in pw.args:
                 if sympy.sympify(cond).free_symbols & tscalar_syms:
-                    raise SpecError("an elementwise Piecewise cannot branch on a per-tensor reduction; compute a "
+                    raise SpecError("an elementwise Piecewise cannot branch on a per-tensor value (a reduction or "
+                                    "numel); compute a "
                                     "per-tensor factor instead, e.g. f = spec.let('f', Piecewise((1, r > 1), "
                                     "(0, True))) and use f*a + (1 - f)*b", file, line, cond)
 
@@ -320,6 +334,54 @@ def _check_conditional_reads(spec: OptimizerSpec, host, body) -> None:
                 raise SpecError(f"state {st.name!r} exists only when `{when}`, but is read here where that may "
                                 f"be false; guard the read with when= or a Piecewise on `{when}`",
                                 spec.file, s.origin.line, s.expr)
+
+
+def _reads_under(expr, ctx, sym) -> list:
+    """The conditions under which ``expr`` reads ``sym``: ``ctx``, narrowed inside each ``Piecewise``
+    branch by that branch's condition (and the negation of the earlier ones); testing ``IsNone(sym)``
+    is not a read."""
+    expr = sympy.sympify(expr)
+    if sym not in expr.free_symbols or isinstance(expr, IsNone):
+        return []
+    if expr == sym:
+        return [ctx]
+    if isinstance(expr, sympy.Piecewise):
+        out, taken = [], sympy.false
+        for value, cond in expr.args:
+            out += _reads_under(cond, sympy.And(ctx, sympy.Not(taken)), sym)
+            out += _reads_under(value, sympy.And(ctx, cond, sympy.Not(taken)), sym)
+            taken = sympy.Or(taken, cond)
+        return out
+    return [c for a in expr.args for c in _reads_under(a, ctx, sym)]
+
+
+def _check_optional_reads(spec: OptimizerSpec, host, body) -> None:
+    """An optional hyperparameter (default None) may be read only where ``spec.is_none(x)`` is false:
+    in a ``Piecewise`` branch or under a ``when=`` that excludes None. Else the host code would do
+    arithmetic on None (a TypeError mid-step) and the kernels would read a placeholder."""
+    optional = [(a, s) for a in spec.args if a.kind.startswith("optional_") for s in a.symbols]
+    if not optional:
+        return
+    bools = {h.sym: h.expr for h in host if h.kind == "bool"}
+
+    def expand(e):
+        e = sympy.sympify(e)
+        for _ in range(len(bools) + 1):
+            e, before = e.xreplace(bools), e
+            if e == before:
+                break
+        return e
+
+    sites = [(h.expr, h.guard, h.origin.line) for h in host] + [(s.expr, s.guard, s.origin.line) for s in body]
+    sites += [(st.init, _when_expr(st.when), st.origin.line) for st in spec.states]
+    for a, sym in optional:
+        for expr, guard, line in sites:
+            for ctx in _reads_under(expr, guard, sym):
+                if satisfiable(sympy.And(expand(ctx), IsNone(sym))):
+                    raise SpecError(f"hyperparameter {a.name!r} may be None (its default), but is read here "
+                                    f"where it can be; read it under spec.is_none({a.name}) being false, e.g. "
+                                    f"Piecewise((..., spec.is_none({a.name})), (<uses {a.name}>, True)) or "
+                                    f"when=~spec.is_none({a.name})", spec.file, line, expr)
 
 
 def _check_unused(spec: OptimizerSpec, prog: Program) -> None:

@@ -47,6 +47,28 @@ def fmin(*values):
     return min(kept) if kept else math.nan
 
 
+def clamp(x, lo=None, hi=None):
+    """The DSL's ``clamp`` on host and per-tensor scalars, as ``torch.clamp``: NaN if ``x`` or a bound
+    is NaN (unlike :func:`fmax`), and ``hi`` where ``lo > hi``; a None bound is open."""
+    if x != x or (lo is not None and lo != lo) or (hi is not None and hi != hi):
+        return math.nan
+    if lo is not None and x < lo:
+        x = lo
+    if hi is not None and x > hi:
+        x = hi
+    return x
+
+
+def div(a: float, b: float) -> float:
+    """IEEE ``a / b`` for per-tensor values, as in the kernels: ``x/0 = ±inf``, ``0/0 = nan`` (a zero
+    sum, or ``numel`` of an empty tensor), where Python raises ``ZeroDivisionError``."""
+    if b == 0:
+        if a != a or a == 0:
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+    return a / b
+
+
 def sqrt(x: float) -> float:
     """IEEE ``sqrt`` for host and per-tensor values: NaN below 0 (``math.sqrt`` raises), as in the kernels."""
     return math.sqrt(x) if x >= 0 else math.nan

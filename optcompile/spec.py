@@ -15,6 +15,8 @@ DSL reference (``specs/*.py`` use all of it):
   library's state_dict layout (AdamW's ``decouple_wd=True``).
 * ``hyper(name, default, domain, names=, type=int|float, after=)``: a constructor argument (a tuple
   such as ``betas`` with ``names=``); ``domain`` (a sympy Interval) generates optimi's ValueErrors.
+  ``default=None`` makes it optional (``int | None``); ``is_none(x)`` is the host condition to branch
+  on, and the math may read ``x`` only where that condition is false.
   ``flag(name, default, after=)``: a bool. ``after="max_lr"`` places it after the injected ones.
 * ``state(name, init=0, when=True)``: a per-param buffer (param shape and dtype); ``init`` may use
   ``param``, ``grad`` and hypers (Ranger's ``init=param``, Adan's ``init=-grad``); ``when`` is a
@@ -29,6 +31,9 @@ DSL reference (``specs/*.py`` use all of it):
   a later param write (Ranger's ``p ← slow``).
 * ``mean/sum/max(expr)``: per-tensor reductions; math on them alone (``sqrt(mean(…))``) is done in
   the compute dtype before it becomes a Python float.
+* ``numel``: the element count of the tensor being stepped (per tensor, like a reduction);
+  ``sum(c)`` of a host or per-tensor ``c`` is ``c·numel``, ``mean(c)`` and ``max(c)`` are ``c``.
+* ``clamp(x, lo, hi)`` (``lo``/``hi`` may be None): torch.clamp, NaN-propagating, unlike Max/Min.
 * ``every(k)``: ``step % k == 0``. ``Piecewise`` on host conditions becomes guarded branches (a host
   let used only in one branch is computed only there: RAdam's ``rect``); on per-element conditions
   a ``where``.
@@ -51,11 +56,13 @@ from pathlib import Path
 from typing import Any
 
 import sympy
+
+from .ir import Clamp, IsNone
 from sympy import (Abs, And, Eq, Ge, Gt, Interval, Le, Lt, Max, Min, Mod, Ne, Not, Or,  # noqa: F401
                    Piecewise, Rational, oo, sign, sqrt, exp, log)
 
 __all__ = ["OptimizerSpec", "SpecError", "load_spec", "Interval", "oo", "sqrt", "Abs", "sign", "exp",
-           "log", "Max", "Min", "Piecewise", "Eq", "Ne", "Gt", "Ge", "Lt", "Le", "And", "Or", "Not",
+           "log", "Max", "Min", "clamp", "Piecewise", "Eq", "Ne", "Gt", "Ge", "Lt", "Le", "And", "Or", "Not",
            "Mod", "Rational", "REQUIRED", "RESERVED_NAMES", "SUPPORTED_FUNCTIONS"]
 
 
@@ -67,6 +74,27 @@ class SpecError(ValueError):
         where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
         what = f" (in `{expr}`)" if expr is not None else ""
         super().__init__(f"{where}{message}{what}")
+
+
+def clamp(x: Any, lo: Any = None, hi: Any = None):
+    """``x`` limited to ``[lo, hi]`` as torch.clamp computes it: NaN if ``x``, ``lo`` or ``hi`` is
+    NaN (``Max``/``Min`` ignore NaN instead), ``hi`` where ``lo > hi``; ``lo`` or ``hi`` None leaves
+    that side open. Constant bounds with ``lo > hi`` are refused: they clamp everything to ``hi``."""
+    frame = sys._getframe(1)
+    where = (_display(frame.f_code.co_filename), frame.f_lineno)
+    if lo is None and hi is None:
+        raise SpecError("clamp(x) needs a bound: clamp(x, lo, hi), clamp(x, lo=...) or clamp(x, hi=...)", *where)
+    try:
+        x, lo_, hi_ = (sympy.sympify(v) for v in (x, -oo if lo is None else lo, oo if hi is None else hi))
+    except (sympy.SympifyError, TypeError) as exc:
+        raise SpecError(f"clamp: an operand is not a sympy expression ({exc})", *where) from None
+    for name, b in (("lo", lo_), ("hi", hi_)):
+        if b is sympy.nan or (b.is_number and not b.is_extended_real):
+            raise SpecError(f"clamp: {name}={b} is not a real number", *where)
+    if lo_.is_number and hi_.is_number and bool(lo_ > hi_):
+        raise SpecError(f"clamp: lo={lo_} is greater than hi={hi_}, so every value would become {hi_}; "
+                        "swap the bounds", *where, Clamp(x, lo_, hi_, evaluate=False))
+    return Clamp(x, lo_, hi_)
 
 
 class _Required:
@@ -105,12 +133,13 @@ GENERATED_CODE_NAMES = frozenset({
 SUPPORTED_FUNCTIONS = {
     "sqrt": "square root (x**(1/2)); x**(-1/2) is printed as rsqrt",
     "Abs": "absolute value", "sign": "sign, with sign(0) = 0", "exp": "e**x", "log": "natural log",
-    "Max": "elementwise maximum", "Min": "elementwise minimum",
+    "Max": "elementwise maximum (ignores NaN)", "Min": "elementwise minimum (ignores NaN)",
+    "clamp": "torch.clamp(x, lo, hi): NaN propagates; lo or hi may be None",
     "Piecewise": "a choice: on host conditions a branch, on tensor conditions a where()",
     "Mod": "remainder, host scalars only (e.g. step % k)",
 }
 _ALLOWED_NODES = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.Add, sympy.Mul, sympy.Pow,
-                  Abs, sign, exp, log, Max, Min, Piecewise, Mod, sympy.logic.boolalg.BooleanAtom,
+                  Abs, sign, exp, log, Max, Min, Clamp, IsNone, Piecewise, Mod, sympy.logic.boolalg.BooleanAtom,
                   sympy.core.relational.Relational, And, Or, Not, sympy.functions.elementary.piecewise.ExprCondPair)
 
 _LABELS = {"lr": "learning rate", "eps": "epsilon", "weight_decay": "weight decay", "momentum": "momentum"}
@@ -134,7 +163,7 @@ class Arg:
     name: str
     default: Any
     symbols: tuple[sympy.Symbol, ...]
-    kind: str  # "float" | "tuple" | "flag"
+    kind: str  # "float" | "tuple" | "flag" | "optional_float" | "optional_int"
     domain: sympy.Set | None
     doc: str
     origin: Origin
@@ -218,7 +247,10 @@ class OptimizerSpec:
         self.param = sympy.Symbol("param", real=True)
         self.grad = sympy.Symbol("grad", real=True)
         self.step = sympy.Symbol("step", integer=True, positive=True)
-        self._names: dict[str, Origin] = {"param": self.origin, "grad": self.origin, "step": self.origin}
+        self.numel = sympy.Symbol("numel", integer=True, positive=True)  # elements of the tensor being stepped
+        self._names: dict[str, Origin] = {"param": self.origin, "grad": self.origin, "step": self.origin,
+                                          "numel": self.origin}
+        self._is_none: dict[sympy.Symbol, sympy.Symbol] = {}  # optional hyper → its `is_none` host bool
         self._made: set[str] = set()  # symbol names the DSL made: reductions, SSA versions, renamed lets
         self._versions = itertools.count(1)
         self._updated = False
@@ -227,8 +259,14 @@ class OptimizerSpec:
     # ── declarations ───────────────────────────────────────────────────────────────────────────
     def hyper(self, name: str, default: Any = REQUIRED, domain: sympy.Set | None = None, *, names=None,
               doc: str = "", labels=None, after: str | None = None, type: type = float):
-        """A float hyperparameter (``names=`` makes a tuple such as ``betas``); returns its symbol(s)."""
+        """A float hyperparameter (``names=`` makes a tuple such as ``betas``); returns its symbol(s).
+
+        ``default=None`` makes an optional one (``int | None`` with ``type=int``): branch on
+        ``spec.is_none(x)``; the math may read ``x`` only where that is false."""
         origin = _origin(self.file)
+        if type not in (int, float):
+            raise SpecError(f"hyper {name!r}: type={getattr(type, '__name__', type)!r}; expected int or float "
+                            "(a bool is spec.flag)", self.file, origin.line)
         if isinstance(default, (tuple, list)) or names is not None:
             names = tuple(names or ())
             if isinstance(default, (tuple, list)) and len(names) != len(default):
@@ -240,7 +278,12 @@ class OptimizerSpec:
                               domain, doc, origin, labels, after, type.__name__))
             return syms
         sym = self._new_symbol(name, origin)
-        self._add_arg(Arg(name, default, (sym,), "float", domain, doc, origin,
+        if type is int and default is not REQUIRED and default is not None and (
+                isinstance(default, bool) or not isinstance(default, int)):
+            raise SpecError(f"hyper {name!r}: default={default!r} is not an int or None (type=int)",
+                            self.file, origin.line)
+        kind = f"optional_{type.__name__}" if default is None else "float"
+        self._add_arg(Arg(name, default, (sym,), kind, domain, doc, origin,
                           (labels or _LABELS.get(name, name),), after, type.__name__))
         return sym
 
@@ -282,7 +325,7 @@ class OptimizerSpec:
     def assign(self, state: sympy.Symbol, expr: Any, *, when: Any = True):
         """``state ← expr`` (per element). Returns the new value; ``when=`` makes it conditional."""
         origin = _origin(self.file)
-        if state in (self.param, self.grad) or getattr(state, "name", None) in ("param", "grad", "step"):
+        if state in (self.param, self.grad) or getattr(state, "name", None) in ("param", "grad", "step", "numel"):
             raise SpecError(f"cannot assign to `{state}`: only states can be assigned (use spec.update for "
                             "the parameter)", self.file, origin.line, state)
         base = self._state_of(state, origin)
@@ -335,6 +378,20 @@ class OptimizerSpec:
     def max(self, expr: Any):
         """Maximum over all elements of this parameter (a per-tensor reduction)."""
         return self._reduce("max", expr)
+
+    def is_none(self, hyper: sympy.Symbol):
+        """The host condition "the optional hyperparameter ``hyper`` is None in this param group",
+        for ``Piecewise`` and ``when=``: ``Piecewise((1, spec.is_none(t0)), (Min(step / t0, 1), True))``."""
+        origin = _origin(self.file)
+        arg = next((a for a in self.args if a.kind.startswith("optional_") and hyper in a.symbols), None)
+        if arg is None:
+            raise SpecError(f"spec.is_none({hyper}): `{hyper}` is not an optional hyperparameter (declare it "
+                            "with spec.hyper(name, default=None, ...))", self.file, origin.line)
+        if hyper not in self._is_none:
+            sym = sympy.Symbol(self._fresh(f"{arg.name}_is_none"))
+            self.stmts.append(Stmt(sym, IsNone(hyper), origin, "let"))
+            self._is_none[hyper] = sym
+        return self._is_none[hyper]
 
     def every(self, k: Any):
         """True on steps that are a multiple of ``k`` (host condition: ``step % k == 0``)."""

@@ -184,3 +184,89 @@ def test_host_math_is_ieee_and_identical_to_math_for_other_values():
         assert x == 0 or runtime.rsqrt(x) == 1.0 / math.sqrt(x)
         assert x == 0 or runtime.reciprocal(x) == 1.0 / x
         assert x == 0 or runtime.log(x) == math.log(x)
+
+
+# clamp propagates NaN like torch.clamp (from x and from either bound; lo > hi gives hi), unlike
+# Max/Min: elementwise with host, tensor, mixed and one-sided bounds, on a per-tensor value and on
+# the host. Checked against plain torch on every backend, fp32 and bf16.
+CLAMP_SPEC = '''
+"""clamp with NaN operands: elementwise, per tensor and on the host."""
+from optcompile.spec import Abs, Interval, OptimizerSpec, clamp, oo
+
+spec = OptimizerSpec("NanClamp", weight_decay=None)
+lr = spec.hyper("lr", domain=Interval(0, oo), doc="Learning rate")
+lo = spec.hyper("lo", default=-0.5)
+hi = spec.hyper("hi", default=0.5)
+g = spec.grad
+m = spec.state("exp_avg", init=0.25)
+m = spec.assign(m, clamp(g, lo, hi) + clamp(m + 1, -Abs(g), Abs(g)) + clamp(g, lo=lo) + clamp(g, -1, Abs(g) + 0.5))
+s = spec.let("s", clamp(spec.max(Abs(g)), 0, 4))
+h = spec.let("h", clamp(hi * 10, lo, 3))
+spec.update(m * s * h, lr=lr)
+'''
+
+
+def _clamp_reference(p, g, lr, lo, hi):
+    m = torch.full_like(p, 0.25)
+    m = (torch.clamp(g, lo, hi) + torch.clamp(m + 1, -g.abs(), g.abs()) + torch.clamp(g, min=lo)
+         + torch.clamp(torch.clamp(g, min=-1.0), max=g.abs() + 0.5))
+    s = torch.clamp(g.abs().max(), 0, 4)
+    h = torch.clamp(torch.tensor(hi * 10), lo, 3)
+    return p - lr * (m * s * h), m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bounds", [(-0.5, 0.5), (float("nan"), 0.5), (-0.5, float("nan")), (1.0, 0.5)],
+                         ids=["finite", "lo_nan", "hi_nan", "lo_above_hi"])
+@pytest.mark.parametrize("poison", [False, True], ids=["clean", "nan_grad"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_clamp_propagates_nan_like_torch(tmp_path, backend, poison, bounds, dtype):
+    _skip_unavailable(backend)
+    path = tmp_path / "nanclamp.py"
+    path.write_text(CLAMP_SPEC)
+    cls = compile_spec(path)
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(77, generator=gen).to(dtype).float()
+    g = (torch.randn(77, generator=gen) * 2).to(dtype).float()
+    if poison:
+        g[POISONED] = float("nan")
+    lo, hi = bounds
+    p = torch.nn.Parameter(p0.clone().to(dtype))
+    opt = cls([p], lr=0.1, lo=lo, hi=hi, kahan_sum=False, **BACKENDS[backend])
+    p.grad = g.clone().to(dtype)
+    opt.step()
+    want_p, want_m = _clamp_reference(p0, g, 0.1, lo, hi)
+    nans = want_p.isnan()
+    assert nans.all() == (poison or lo != lo or hi != hi) and (nans.any() or want_p.isfinite().all())
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
+    torch.testing.assert_close(opt.state[p]["exp_avg"].float(), want_m, **tol, equal_nan=True)
+    torch.testing.assert_close(p.detach().float(), want_p, **tol, equal_nan=True)
+    assert torch.equal(p.detach().float().isnan(), nans)
+
+
+ZERO_SUM_SPEC = '''
+"""Per-tensor divisions by a zero sum, and by numel, of a zero gradient."""
+from optcompile.spec import Abs, Interval, Max, OptimizerSpec, oo
+
+spec = OptimizerSpec("ZeroSum", weight_decay=None)
+lr = spec.hyper("lr", domain=Interval(0, oo), doc="Learning rate")
+g = spec.grad
+s, s2 = spec.sum(Abs(g)), spec.sum(g**2)
+r = spec.let("r", spec.numel / s + s / spec.numel)
+spec.update(g + r, lr=lr * Max(1, s / s2))
+'''
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_per_tensor_division_by_zero_is_ieee(tmp_path, backend):
+    """``n/0 = inf``, ``0/0 = nan`` for per-tensor values in every backend (the eager and foreach
+    code computes them as Python floats, which would raise ZeroDivisionError)."""
+    _skip_unavailable(backend)
+    path = tmp_path / "zerosum.py"
+    path.write_text(ZERO_SUM_SPEC)
+    cls = compile_spec(path)
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = cls([p], lr=0.1, **BACKENDS[backend])
+    p.grad = torch.zeros(5)
+    opt.step()  # r = 5/0 + 0/5 = inf; Max(1, 0/0) = Max(1, nan) = 1: p − 0.1·inf
+    assert (p.detach() == -float("inf")).all()

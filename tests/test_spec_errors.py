@@ -47,8 +47,37 @@ CASES = {
                                      ["condition on a per-tensor reduction cannot be lowered"], "mean0 > 1"),
     "reduction_in_state_init": ("r = spec.mean(g**2)\nm = spec.state('m', init=r)\nm = spec.assign(m, g + m)\n"
                                 "spec.update(m, lr=lr)", 7, ["init may use only", "mean0"], "mean0"),
-    "reduction_without_tensor": ("r = spec.mean(lr * 2)\nspec.update(g * r, lr=lr)", 6,
-                                 ["reduction needs a per-element operand"], "2*lr"),
+    "clamp_lo_above_hi": ("spec.update(clamp(g, 1, -1), lr=lr)", 6, ["lo=1 is greater than hi=-1"],
+                          "Clamp(grad, 1, -1)"),
+    "clamp_without_bounds": ("spec.update(clamp(g), lr=lr)", 6, ["clamp(x) needs a bound"], None),
+    "clamp_nan_bound": ("spec.update(clamp(g, sympy.nan), lr=lr)", 6, ["lo=nan is not a real number"], None),
+    "numel_in_host_condition": ("m = spec.state('m')\nm = spec.assign(m, g, when=spec.numel > 10)\n"
+                                "spec.update(m, lr=lr)", 7, ["(numel)", "hyperparameters and step"], "numel > 10"),
+    "numel_in_state_init": ("m = spec.state('m', init=spec.numel)\nm = spec.assign(m, g + m)\nspec.update(m, lr=lr)",
+                            6, ["init may use only", "numel"], "numel"),
+    "numel_in_elementwise_branch": ("spec.update(Piecewise((g, spec.numel > 10), (2 * g, True)), lr=lr)", 6,
+                                    ["cannot branch on a per-tensor value (a reduction or numel)"], "numel > 10"),
+    "assign_numel": ("spec.assign(spec.numel, g)\nspec.update(g, lr=lr)", 6, ["cannot assign to `numel`"], "numel"),
+    "hyper_named_numel": ("n = spec.hyper('numel', 1.0)\nspec.update(g * n, lr=lr)", 6,
+                          ["'numel' is a reserved name"], None),
+    "optional_read_unguarded": ("t0 = spec.hyper('t0', None, type=int)\nspec.update(g * t0, lr=lr)", 7,
+                                ["'t0' may be None", "spec.is_none(t0)"], None),
+    "optional_read_in_none_branch": ("t0 = spec.hyper('t0', None, type=int)\n"
+                                     "c = spec.let('c', Piecewise((t0, spec.is_none(t0)), (1, True)))\n"
+                                     "spec.update(g * c, lr=lr)", 7, ["'t0' may be None"], None),
+    "optional_read_under_other_guard": ("t0 = spec.hyper('t0', None, type=int)\nm = spec.state('m')\n"
+                                        "m = spec.assign(m, g * t0, when=spec.every(2))\nspec.update(m, lr=lr)", 8,
+                                        ["'t0' may be None"], None),
+    "is_none_of_required_hyper": ("a = spec.hyper('a', 1.0)\n"
+                                  "spec.update(Piecewise((g, spec.is_none(a)), (g * a, True)), lr=lr)", 7,
+                                  ["`a` is not an optional hyperparameter"], None),
+    "int_hyper_float_default": ("k = spec.hyper('k', 2.5, type=int)\nspec.update(g * k, lr=lr)", 6,
+                                ["default=2.5 is not an int or None"], None),
+    "state_when_reads_step": ("m = spec.state('m', when=spec.step > 2)\nm = spec.assign(m, g + m, when=spec.step > 2)\n"
+                              "spec.update(Piecewise((m, spec.step > 2), (g, True)), lr=lr)", 6,
+                              ["state 'm': when= decides once", "not on the step"], "step > 2"),
+    "hyper_type_bool": ("k = spec.hyper('k', 1, type=bool)\nspec.update(g * k, lr=lr)", 6,
+                        ["type='bool'", "spec.flag"], None),
     "hyper_shadows_reserved": ("s = spec.hyper('step', 1.0)\nspec.update(g, lr=lr)", 6,
                                ["'step' is a reserved name"], None),
     "hyper_shadows_max_lr": ("s = spec.hyper('max_lr', 1.0)\nspec.update(g, lr=lr)", 6,
@@ -180,3 +209,36 @@ def test_valid_spec_compiles(tmp_path, cache_dir):
     cls = compile_spec(path)
     assert cls.__name__ == "T"
     assert any(p.suffix == ".py" for p in cache_dir.rglob("*"))
+
+
+OPTIONAL_INT = """\
+from optcompile.spec import *
+spec = OptimizerSpec("T", weight_decay=None)
+lr = spec.hyper("lr", domain=Interval(0, oo))
+t0 = spec.hyper("t0", default=None, type=int, domain=Interval(1, oo))
+m = spec.state("m")
+m = spec.assign(m, spec.grad / t0, when=~spec.is_none(t0))
+spec.update(Piecewise((spec.grad, spec.is_none(t0)), (m, True)), lr=lr)
+"""
+
+
+def test_optional_int_hyperparameter_validation_names_the_argument(tmp_path, cache_dir):
+    """``hyper(name, default=None, type=int)``: ``int | None`` in the signature, None accepted,
+    anything but an int refused, and the domain checked only for a value; None skips every read."""
+    import inspect
+
+    import torch
+    path = tmp_path / "optional_int.py"
+    path.write_text(OPTIONAL_INT)
+    cls = compile_spec(path)
+    assert str(inspect.signature(cls).parameters["t0"]) == "t0: int | None = None"
+    for bad, why in ((2.5, "t0=2.5 (an int or None)"), (True, "t0=True (an int or None)"), ("3", "t0='3'"),
+                     (0, "t0=0")):
+        with pytest.raises(ValueError, match=f"Invalid t0: {why}".replace("(", r"\(").replace(")", r"\)")):
+            cls([torch.zeros(3, requires_grad=True)], lr=0.1, t0=bad)
+    for t0, want in ((None, -0.1 * 2), (4, -0.1 * 2 / 4)):
+        p = torch.zeros(3, requires_grad=True)
+        opt = cls([p], lr=0.1, t0=t0, foreach=False, triton=False, fused=False)
+        p.grad = torch.full((3,), 2.0)
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.full((3,), want))

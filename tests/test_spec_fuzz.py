@@ -1,7 +1,7 @@
 """The spec fuzzer: random specs written with the public DSL the way a README-only user writes
 them — hyperparameters, a flag, host lets, states with ``init=`` and ``when=``, guarded writes,
-element lets, reductions and ratios of reductions, Piecewise on flags, hyperparameters and
-elements — with every name drawn from a list that holds the identifiers the generated code uses
+element lets, reductions and ratios of reductions, ``numel`` and ``sum(1)``, ``clamp``, Piecewise on
+flags, hyperparameters and elements — with every name drawn from a list that holds the identifiers the generated code uses
 itself (``mask``, ``offsets``, ``torch``, ``h0``, ``sum0`` …). Each spec is compiled to all four
 backends and stepped on small tensors in fp32 and bf16; every backend must agree with eager.
 
@@ -116,7 +116,9 @@ def spec_texts(draw) -> str:
                  f"{x}/(Abs({y}) + 1)", f"sqrt(Abs({x}))", f"Piecewise(({x}, {host_condition()}), ({y}, True))",
                  f"Max({x}, {y}, -1)", f"Max(g, {pick(coefs)})", f"Min({x}, {pick(coefs)})",
                  f"Piecewise(({x}, {host_condition()}), ({pick(['0', '1', pick(coefs)])}, True))",
-                 f"Piecewise((g, Gt(g, 0)), ({pick(coefs)}, True))", f"{x}*{pick(coefs)}"]
+                 f"Piecewise((g, Gt(g, 0)), ({pick(coefs)}, True))", f"{x}*{pick(coefs)}",
+                 f"clamp({x}, -{pick(coefs)}, {pick(coefs)})", f"clamp({x}, lo=-1)",
+                 f"clamp(g, -Abs({y}) - {pick(coefs)}, hi=Abs({x}) + 1)"]
         forms += [f"Piecewise(({x}, {f} & Gt(g, 0)), (-{y}, True))" for f in flags]
         return pick(forms)
 
@@ -145,7 +147,7 @@ def spec_texts(draw) -> str:
     for k in range(draw(st.integers(0, 3))):
         op, x = pick(["sum", "mean", "max"]), pick(plain + lets)
         signed = [f"g*{x}"] if op != "max" else []
-        operand = pick([f"{x}**2", f"Abs({x})", "g**2", "Abs(g)"] + signed)
+        operand = pick([f"{x}**2", f"Abs({x})", "g**2", "Abs(g)", "1"] + signed)  # sum(1) is numel
         body.append(f"R{k} = spec.{op}({operand})")
         reductions.append(f"R{k}")
         if operand not in signed:
@@ -155,7 +157,7 @@ def spec_texts(draw) -> str:
     tscalars = []
     for k in range(draw(st.integers(0, 2)) if nonneg else 0):
         r, r2, any_r = pick(nonneg), pick(nonneg), pick(reductions)
-        forms = [f"({r} + {any_r})/({r} + 1)", f"{any_r}/({r2} + 1)"]
+        forms = [f"({r} + {any_r})/({r} + 1)", f"{any_r}/({r2} + 1)", f"clamp({any_r}/spec.numel, -1, 1)"]
         if rooted:
             r, r2 = pick(rooted), pick(rooted)
             forms += [f"Min(1, 1/(sqrt({r}) + E))", f"sqrt({r})/(sqrt({r2}) + 1)"]

@@ -19,7 +19,10 @@ OPTIONS = {"lamb": {}, "rmsprop": {"centered": True, "momentum": 0.9, "weight_de
            "nadam": {"k": 2}, "plain": {}, "adamax": {"weight_decay": 0.1, "init_scale": 0.5},
            "clipsgd": {"clip": 0.3, "weight_decay": 0.01, "sign_only": True},
            "adagrad": {"initial_accumulator_value": 0.5, "clip_updates": False, "weight_decay": 0.01},
-           "nesterov": {"momentum": 0.9, "dampening": 0.1}}
+           "nesterov": {"momentum": 0.9, "dampening": 0.1},
+           "rmsnormsgd": {"momentum": 0.8, "weight_decay": 0.1},
+           "clampsgd": {"clip": 0.3, "max_ratio": 1.5, "weight_decay": 0.1},
+           "warmupavgsgd": {"warmup": 4, "weight_decay": 0.1}}
 
 
 def _run(cls, kw, dtype, backend):
@@ -78,3 +81,126 @@ def test_elementwise_piecewise_with_host_conditions_after_a_tensor_one(tmp_path,
         p.grad = g.clone()
         opt.step()
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+# ── the DSL features of issue 14 (numel, clamp, optional int hyperparameters, when= on the step):
+# each user spec against a plain-torch reference written here, on every backend, fp32 and bf16+Kahan
+def _ref_rmsnormsgd(p, g, st, t, lr, momentum=0.9, weight_decay=0.0, eps=1e-8):
+    n = p.numel()
+    rms = (g.square().sum() / n).sqrt()
+    st["exp_avg"] = momentum * st.get("exp_avg", torch.zeros_like(p)) + g / (rms + eps)
+    lr_t = lr / n**0.5  # spec.update(..., lr=lr/sqrt(numel)): the decay uses it too
+    return p * (1 - lr_t * weight_decay) - lr_t * st["exp_avg"]
+
+
+def _ref_clampsgd(p, g, st, t, lr, clip=1.0, max_ratio=2.0, momentum=0.9, warmup=4.0, weight_decay=0.0):
+    m = st.get("exp_avg", torch.zeros_like(p))
+    m = torch.clamp(momentum * m + torch.clamp(g, -clip, clip), max=max_ratio * g.abs() + 1)
+    st["exp_avg"] = m
+    warm = min(max(t / warmup, 0.1), 1.0)
+    p_sq, m_sq = p.square().sum(), m.square().sum()
+    trust = torch.clamp((p_sq / m_sq).sqrt(), 0, 10).item() if m_sq > 0 else 1.0
+    lr_t = lr * warm * trust
+    return p * (1 - lr_t * weight_decay) - lr_t * torch.clamp(m, min=-1)
+
+
+def _ref_warmupavgsgd(p, g, st, t, lr, warmup=None, avg_start=3, weight_decay=0.0):
+    avg = st.setdefault("avg", p.clone())
+    lr_t = lr * (1.0 if warmup is None else min(t / warmup, 1.0))
+    p = p * (1 - lr_t * weight_decay) - lr_t * g
+    if t >= avg_start:
+        st["avg"] = avg + (p - avg) / (t - avg_start + 1)
+    return p
+
+
+FEATURES = {  # spec stem: (reference, options to run with)
+    "rmsnormsgd": (_ref_rmsnormsgd, [{"momentum": 0.8, "weight_decay": 0.1}]),
+    "clampsgd": (_ref_clampsgd, [{"clip": 0.3, "max_ratio": 1.5, "weight_decay": 0.1}]),
+    "warmupavgsgd": (_ref_warmupavgsgd, [{"warmup": 4, "weight_decay": 0.1}, {}]),
+}
+SHAPES = [(3,), (1025,), (0,), (7, 9)]
+
+
+def _grads(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _reference(stem, kw, steps):
+    ref, _ = FEATURES[stem]
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SHAPES)]
+    states = [{} for _ in params]
+    for t in range(1, steps + 1):  # an empty tensor has nothing to step (its numel is 0)
+        params = [ref(p, g, st, t, 1e-2, **kw) if p.numel() else p for p, g, st in zip(params, _grads(t), states)]
+    return params, states
+
+
+def _compiled(stem, kw, steps, dtype, backend):
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / f"{stem}.py")
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype).requires_grad_()
+              for i, s in enumerate(SHAPES)]
+    opt = cls(params, lr=1e-2, **kw, kahan_sum=dtype != torch.float32, **BACKENDS[backend].flags)
+    for t in range(1, steps + 1):
+        for p, g in zip(params, _grads(t)):
+            p.grad = g.to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_kahan"])
+@pytest.mark.parametrize("backend", backend_params(*BACKENDS))
+@pytest.mark.parametrize("stem,case", [(s, i) for s, (_, cases) in FEATURES.items() for i in range(len(cases))])
+def test_dsl_feature_spec_matches_torch_reference(stem, case, backend, dtype):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs on CPU only under TRITON_INTERPRET=1")
+    kw = FEATURES[stem][1][case]
+    want, want_states = _reference(stem, kw, steps=6)
+    got, opt = _compiled(stem, kw, 6, dtype, backend)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+            for name, value in want_states[i].items() if a.numel() else ():
+                torch.testing.assert_close(opt.state[got[i]][name], value, rtol=1e-5, atol=1e-6)
+        else:  # bf16 states; Kahan keeps the params on the fp32 trajectory within a few bf16 ulp
+            assert "kahan_comp" in opt.state[got[i]] or a.numel() == 0
+            torch.testing.assert_close((a.detach().float() + opt.state[a].get("kahan_comp", torch.zeros(())).float()),
+                                       b, rtol=2**-7, atol=2e-3)
+
+
+def _train_released(stem, kw, backend, accumulate, release=True, steps=6):
+    """A small model stepped from its backward hooks (gradient release), with optimizer
+    accumulation (3 micro-steps per update) or without; ``release=False``: plain steps."""
+    from optcompile import prepare_for_gradient_release
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / f"{stem}.py")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    opt = cls(model.parameters(), lr=1e-2, **kw, gradient_release=release, **BACKENDS[backend].flags)
+    if release:
+        prepare_for_gradient_release(model, opt)
+    for i in range(steps):
+        if accumulate:
+            opt.optimizer_accumulation = i % 3 != 2
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()] + \
+        [t for s in opt.state.values() for k, t in sorted(s.items()) if torch.is_tensor(t) and t.dim() > 0]
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["release", "accumulate"])
+@pytest.mark.parametrize("backend", backend_params("eager", "fused", "triton"))  # foreach: off under release
+@pytest.mark.parametrize("stem", list(FEATURES))
+def test_dsl_feature_spec_gradient_release_and_accumulation(stem, backend, accumulate):
+    """numel, clamp and optional hyperparameters through gradient release and optimizer
+    accumulation: every backend as eager, and eager gradient release as plain steps."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs on CPU only under TRITON_INTERPRET=1")
+    kw = FEATURES[stem][1][0]
+    want = _train_released(stem, kw, "eager", accumulate)
+    if backend == "eager" and not accumulate:
+        for a, b in zip(want, _train_released(stem, kw, "eager", False, release=False)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    got = _train_released(stem, kw, backend, accumulate)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -37,7 +37,7 @@ from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
 from .. import kernel_plan
-from ..ir import TRUE, Program
+from ..ir import TRUE, Clamp, Program
 from .forms import Lerp
 
 
@@ -106,6 +106,11 @@ class CPrinter(C99CodePrinter):
     def mask(self, cond) -> str:
         return self._print(cond)
 
+    def _print_Clamp(self, expr):
+        """torch.clamp, NaN propagating from ``x`` and both bounds (a GCC/Clang statement expression
+        evaluates each operand once); an open side (``±oo``) is left out."""
+        return _clamp_text(self, expr, "float", "", "({c}) ? ({a}) : ({b})")
+
     def _print_Lerp(self, expr):
         return f"{self.LERP}(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
@@ -140,6 +145,9 @@ class DoublePrinter(C99CodePrinter):
         x = self._print(expr.args[0])
         return f"((double)(({x}) > 0.0) - (double)(({x}) < 0.0))"
 
+    def _print_Clamp(self, expr):
+        return _clamp_text(self, expr, "double", "", "({c}) ? ({a}) : ({b})")
+
 
 class VecPrinter(CPrinter):
     """The same fp32 math on ``oc_vf`` (8 floats, a GCC/Clang vector extension; the bf16 SIMD loop):
@@ -163,6 +171,9 @@ class VecPrinter(CPrinter):
     def mask(self, cond) -> str:  # a hoisted host flag (a float) joins lane masks as all-ones or zeros
         return f"OC_VMASK({self._print(cond)})"
 
+    def _print_Clamp(self, expr):
+        return _clamp_text(self, expr, "oc_vf", "OC_VEC", "oc_vselect({c}, {a}, {b})")
+
     def _print_Not(self, expr):
         return f"(~{self.mask(expr.args[0])})"
 
@@ -171,7 +182,25 @@ _C, _D, _V = CPrinter(), DoublePrinter({"order": "none"}), VecPrinter()
 _VEC_NODES = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.core.numbers.Infinity,
               sympy.core.numbers.NegativeInfinity, sympy.Add, sympy.Mul, sympy.Max, sympy.Min, sympy.Abs,
               sympy.sign, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair, Lerp, sympy.And,
-              sympy.Or, sympy.Not, sympy.core.relational.Relational, sympy.logic.boolalg.BooleanAtom)
+              sympy.Or, sympy.Not, sympy.core.relational.Relational, sympy.logic.boolalg.BooleanAtom, Clamp)
+
+
+def _clamp_text(printer, expr, ctype: str, wrap: str, select: str) -> str:
+    """``Clamp(x, lo, hi)`` as one C statement expression over ``ctype`` values: ``x`` becomes ``lo``
+    where ``x > lo`` is false and ``x`` is not NaN (so a NaN ``lo`` gives NaN), then ``hi`` likewise."""
+    x, lo, hi = expr.args
+    names = {"float": "oc_x", "double": "oc_xd", "oc_vf": "oc_vx"}
+    v = names[ctype]
+    decls = [f"{v} = {wrap}({printer._print(x)})"]
+    steps = []
+    for op, b, tag in ((">", lo, "lo"), ("<", hi, "hi")):
+        if b in (-sympy.oo, sympy.oo):
+            continue
+        decls.append(f"{v}_{tag} = {wrap}({printer._print(b)})")
+        steps.append(select.format(c=f"({v} != {v}) | ({v} {op} {v}_{tag})" if ctype == "oc_vf"
+                                   else f"{v} != {v} || {v} {op} {v}_{tag}", a=v, b=f"{v}_{tag}"))
+    body = "; ".join(f"{v} = {s}" for s in steps[:-1]) + ("; " if len(steps) > 1 else "") + steps[-1]
+    return f"({{ {ctype} {', '.join(decls)}; {body}; }})"
 
 
 def _flit(x: float) -> str:

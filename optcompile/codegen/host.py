@@ -38,6 +38,15 @@ class HostPrinter(PythonCodePrinter):
         max(nan, 1) is nan): ``runtime.fmax``/``fmin``, imported by generated modules as ``_max``/``_min``."""
         return f"_{fn}(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
+    def _print_Clamp(self, expr):
+        """``runtime.clamp`` (``_clamp``): torch.clamp's NaN propagation; an infinite bound is None."""
+        x, lo, hi = expr.args
+        bounds = ["None" if b in (-sympy.oo, sympy.oo) else self._print(b) for b in (lo, hi)]
+        return f"_clamp({self._print(x)}, {', '.join(bounds)})"
+
+    def _print_IsNone(self, expr):
+        return f"({self._print(expr.args[0])} is None)"
+
     def _print_log(self, expr):
         return f"_log({self._print(expr.args[0])})"  # runtime.log: -inf at 0, NaN below, as the kernels
 

@@ -89,8 +89,8 @@ def _wrap(name: str, doc: str, default: str | None) -> str:
 def _annotation(a) -> str:
     if a.kind == "tuple":
         return "tuple[" + ", ".join([_ANNOT[a.type]] * len(a.keys)) + "]"
-    if a.kind == "optional_float":
-        return "float | None"
+    if a.optional:
+        return f"{_ANNOT[a.type]} | None"
     return _ANNOT[a.type]
 
 
@@ -104,11 +104,15 @@ def _default(a) -> str | None:
 
 
 def _validation(a) -> list[str]:
-    """optimi's ValueErrors, generated from each argument's sympy domain."""
-    if a.domain is None:
-        return []
-    dom = a.domain
+    """optimi's ValueErrors, generated from each argument's sympy domain (an optional argument
+    may also be None; an optional int must be an int)."""
     out = []
+    if a.kind == "optional_int":
+        out.append((f"if {a.name} is not None and (isinstance({a.name}, bool) or not isinstance({a.name}, int)):",
+                    f'raise ValueError(f"Invalid {a.labels[0]}: {a.name}={{{a.name}!r}} (an int or None)")'))
+    if a.domain is None:
+        return out
+    dom = a.domain
     values = [(f"{a.name}[{i}]", k, a.labels[i]) for i, k in enumerate(a.keys)] if a.kind == "tuple" \
         else [(a.name, a.name, a.labels[0])]
     for expr, _, label in values:
@@ -121,7 +125,8 @@ def _validation(a) -> list[str]:
             continue
         cond = " and ".join(conds) if len(conds) > 1 else conds[0]
         shown = f"{{{expr}=}}" if a.kind == "tuple" else f"{expr}={{{expr}}}"
-        out.append((f"if not ({cond}):", f'raise ValueError(f"Invalid {label}: {shown}")'))
+        test = f"{expr} is not None and not ({cond})" if a.optional else f"not ({cond})"
+        out.append((f"if {test}:", f'raise ValueError(f"Invalid {label}: {shown}")'))
     return out
 
 
@@ -247,8 +252,8 @@ def _functional_params(prog: Program) -> list[str]:
         for k in a.keys:
             if k not in keys:
                 continue
-            if a.kind == "optional_float":
-                out.append(f"{k}: float | None = None")
+            if a.optional:
+                out.append(f"{k}: {_ANNOT[a.type]} | None = None")
             elif a.kind == "flag":
                 out.append(f"{k}: bool = {a.default!r}" if a.name == "decouple_lr" or a.after else f"{k}: bool")
             else:

@@ -13,7 +13,7 @@ import itertools
 
 import sympy
 
-from ..ir import TRUE, Program, Reduction, TensorScalar, satisfiable
+from ..ir import TRUE, Clamp, Program, Reduction, TensorScalar, satisfiable
 from .forms import Forms
 from .host import HostPrinter, host_of, pyexpr
 
@@ -131,7 +131,7 @@ class ForeachDialect(Dialect):
         return [f"torch._foreach_copy_(_{name}_s, {name})"]
 
 
-_NO_FOREACH = {"square", "where", "rsqrt_scalar", "fmax", "fmin"}
+_NO_FOREACH = {"square", "where", "rsqrt_scalar", "fmax", "fmin", "clamp", "clamp_min", "clamp_max"}
 
 
 def _reduction(op: str, x: str) -> str:
@@ -173,6 +173,39 @@ class DevicePrinter(HostPrinter):
 
 
 _DEVICE_PRINTER = DevicePrinter({"fully_qualified_modules": True, "standard": "python3"})
+
+
+class TensorScalarPrinter(HostPrinter):
+    """Per-tensor math on Python floats: a division by a per-tensor value is IEEE (``runtime.div``:
+    ``x/0 = ±inf``, ``0/0 = nan``), as in the kernels, for a zero sum or the ``numel`` of an empty
+    tensor, where Python raises. Host-only math keeps the host printer's rules."""
+
+    def __init__(self, per_tensor: set[str]):
+        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
+        self.per_tensor = per_tensor
+
+    def _print_Mul(self, expr):
+        den = [f for f in sympy.Mul.make_args(expr) if f.is_Pow and f.exp.is_Rational and f.exp.is_negative
+               and {s.name for s in f.base.free_symbols} & self.per_tensor]
+        if not den:
+            return super()._print_Mul(expr)
+        num = sympy.Mul(*[f for f in sympy.Mul.make_args(expr) if f not in den])
+        d = sympy.Mul(*[sympy.Pow(f.base, -f.exp) for f in den])
+        return f"_div({self._print(num)}, {self._print(d)})"
+
+    def _print_Pow(self, expr, rational=False):
+        if expr.exp.is_Rational and expr.exp.is_negative and expr.exp != -1 and \
+                {s.name for s in expr.base.free_symbols} & self.per_tensor:
+            return self._print_Mul(sympy.Mul(1, expr, evaluate=False))
+        return super()._print_Pow(expr, rational)
+
+
+def tensor_pyexpr(e, per_tensor: set[str]) -> str:
+    """A scalar expression as Python: :class:`TensorScalarPrinter` where it reads per-tensor values."""
+    e = sympy.sympify(e)
+    if {s.name for s in e.free_symbols} & per_tensor:
+        return TensorScalarPrinter(per_tensor).doprint(e)
+    return pyexpr(e)
 _DEVICE_NODES = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow)
 
 
@@ -262,7 +295,7 @@ class TensorCode:
     def scalar(self, e) -> str:
         """A scalar operand: host values print inline; per-tensor values are lists in foreach."""
         e = sympy.sympify(e)
-        text = pyexpr(e)
+        text = tensor_pyexpr(e, self.tscalars)
         per_tensor = sorted({s.name for s in e.free_symbols} & self.tscalars)
         if not per_tensor or not self.d.per_tensor_scalars_are_lists:
             return text
@@ -297,7 +330,7 @@ class TensorCode:
             e = sympy.sympify(s.expr)
             per_tensor = sorted({x.name for x in e.free_symbols} & self.tscalars)
             if s.name not in self.device:
-                self.scalar_line(s.name, pyexpr(e), per_tensor)
+                self.scalar_line(s.name, tensor_pyexpr(e, self.tscalars), per_tensor)
                 return
             on_device = e.xreplace({x: sympy.Symbol(self.device_name(x.name), real=True) for x in e.free_symbols})
             names = [self.device_name(n) for n in per_tensor]
@@ -483,6 +516,8 @@ class TensorCode:
                 self.define(tmp, f"{self.d.with_scalar(fn, out, self.zipped_operand(e.func(*scalars)))}")
         elif isinstance(e, sympy.Piecewise):
             self.fresh_where(tmp, e)
+        elif isinstance(e, Clamp):
+            self.fresh_clamp(tmp, e)
         elif isinstance(e, (sympy.Abs, sympy.sign, sympy.exp, sympy.log)):
             fn = {sympy.Abs: "abs", sympy.sign: "sign", sympy.exp: "exp", sympy.log: "log"}[e.func]
             return self.unary(fn, e.args[0])
@@ -592,6 +627,20 @@ class TensorCode:
         else:
             self.define(tmp, f"{self.d.new('pow', self.atom(base), self.scalar(exp))}")
         return tmp
+
+    def fresh_clamp(self, tmp: str, e) -> None:
+        """``torch.clamp`` (NaN in ``x`` or a bound propagates; ``lo > hi`` gives ``hi``): one call when
+        both bounds are scalars or both tensors (torch has no mixed overload), else ``clamp_min``
+        then ``clamp_max``, which compute the same ``min(max(x, lo), hi)``."""
+        x, lo, hi = e.args
+        bounds = [(fn, b) for fn, b in (("clamp_min", lo), ("clamp_max", hi)) if b not in (-sympy.oo, sympy.oo)]
+        out = self.atom(x)
+        if len(bounds) == 2 and self.is_scalar(lo) == self.is_scalar(hi):
+            self.emit(f"{tmp} = {self.d.new('clamp', out, self.zipped_operand(lo), self.zipped_operand(hi))}")
+            return
+        for fn, b in bounds:
+            self.emit(f"{tmp} = {self.d.new(fn, out, self.zipped_operand(b))}")
+            out = tmp
 
     def fresh_where(self, tmp: str, e) -> None:
         (value, cond), rest = e.args[0], e.args[1:]

@@ -26,13 +26,13 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import kernel_plan
-from ..ir import TRUE, Program
-from .forms import Forms, Lerp
+from ..ir import TRUE, Clamp, Program
+from .forms import Lerp
 
 _ALLOWED = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.Abs,
             sympy.sign, sympy.exp, sympy.log, sympy.Piecewise, sympy.logic.boolalg.Boolean,
             sympy.core.relational.Relational, sympy.NumberSymbol, sympy.core.numbers.Infinity,
-            sympy.core.numbers.NegativeInfinity, sympy.functions.elementary.piecewise.ExprCondPair, Lerp)
+            sympy.core.numbers.NegativeInfinity, sympy.functions.elementary.piecewise.ExprCondPair, Lerp, Clamp)
 
 
 class TritonPrinter(PythonCodePrinter):
@@ -154,6 +154,16 @@ class TritonPrinter(PythonCodePrinter):
         out = self._print(args[0])
         for a in args[1:]:
             out = f"{fn}({out}, {self._print(a)}, propagate_nan=tl.PropagateNan.NONE)"
+        return out
+
+    def _print_Clamp(self, expr):
+        """torch.clamp: ``min(max(x, lo), hi)`` with NaN propagating from every operand (an open side,
+        ``±oo``, is left out)."""
+        x, lo, hi = expr.args
+        out = self._print(x)
+        for fn, b in (("tl.maximum", lo), ("tl.minimum", hi)):
+            if b not in (-sympy.oo, sympy.oo):
+                out = f"{fn}({out}, {self._print(b)}, propagate_nan=tl.PropagateNan.ALL)"
         return out
 
     def _print_Lerp(self, expr):
