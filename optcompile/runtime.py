@@ -88,6 +88,14 @@ def reciprocal(x: float) -> float:
     return 1.0 / x
 
 
+def exp(x: float) -> float:
+    """IEEE ``exp``: +inf past the largest double (``math.exp`` raises ``OverflowError``)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def log(x: float) -> float:
     """IEEE ``log``: -inf at 0, NaN below 0 (``math.log`` raises)."""
     if x > 0:

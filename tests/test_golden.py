@@ -107,3 +107,39 @@ def test_fused_interface_states_its_spill_buffers():
         c = generate_sources(as_spec(ROOT / "specs" / f"{spec}.py"))["_fused.c"]
         iface = json.loads(next(line for line in c.splitlines() if line.startswith("// interface: "))[14:])
         assert iface["spills"] == sum(b.startswith("spill_") for b in iface["buffers"])
+
+
+def test_every_printer_spells_every_dsl_function():
+    """The DSL's functions (spec.SUPPORTED_FUNCTIONS) and powers, on the host, torch (0-dim), Triton,
+    C fp32 and C double printers: one decision tree (codegen/printing.py), each printer's spelling.
+    A function missing from a printer's table raises instead of printing sympy's default."""
+    from optcompile.codegen import c, host, tensor_code, triton
+    from optcompile.ir import Clamp
+    from optcompile.spec import SUPPORTED_FUNCTIONS
+    x, y = sympy.symbols("x y", real=True)
+    printers = [host.pyexpr, tensor_code._DEVICE_PRINTER.doprint, triton.TritonPrinter().doprint, c.cexpr,
+                c._D.doprint]
+    golden = {
+        sympy.sqrt(x): ["_sqrt(x)", "torch.sqrt(x)", "tl.sqrt(x)", "sqrtf(x)", "sqrt(x)"],
+        1 / sympy.sqrt(x): ["_rsqrt(x)", "torch.rsqrt(x)", "tl.rsqrt(x)", "(1.0f / sqrtf(x))", "(1.0 / sqrt(x))"],
+        x ** 0.5: ["_sqrt(x)", "torch.sqrt(x)", "tl.sqrt(x)", "sqrtf(x)", "sqrt(x)"],
+        sympy.Abs(x): ["abs(x)", "torch.abs(x)", "tl.abs(x)", "fabsf(x)", "fabs(x)"],
+        sympy.exp(x): ["_exp(x)", "torch.exp(x)", "tl.exp(x)", "expf(x)", "exp(x)"],
+        sympy.log(x): ["_log(x)", "torch.log(x)", "tl.log(x)", "logf(x)", "log(x)"],
+        x ** 3: ["x**3", "x**3", "x * x * x", "(x*x*x)", "pow(x, 3.0)"],
+        1 / x: ["_reciprocal(x)", "(1.0 / x)", "1.0/x", "(1.0f / (x))", "(1.0 / x)"],
+        x ** sympy.Rational(1, 3): ["x**(0.3333333333333333)", "x**(0.3333333333333333)",
+                                    "libdevice.pow(x, 0.3333333333333333)", "powf(x, 0.3333333333333333f)",
+                                    "pow(x, 0.3333333333333333)"],
+    }
+    for e, want in golden.items():
+        assert [p(e) for p in printers] == want, e
+    others = {"sign": sympy.sign(x), "Max": sympy.Max(x, y), "Min": sympy.Min(x, y), "clamp": Clamp(x, -y, y),
+              "Piecewise": sympy.Piecewise((x, x > y), (y, True))}
+    assert {"sqrt", "Abs", "exp", "log", "Mod"} | set(others) == set(SUPPORTED_FUNCTIONS)
+    for e in others.values():  # forms with semantics of their own: each printer has a method (golden elsewhere)
+        assert all(p(e) for p in printers)
+    assert host.pyexpr(sympy.Mod(sympy.Symbol("step"), 3)) == "(step % 3)"  # Mod: host scalars only
+    with pytest.raises(NotImplementedError, match="VecPrinter has no spelling for exp"):
+        c._V.doprint(sympy.exp(x))  # the bf16 SIMD loop: has_vector_form says no first
+    assert c.vexpr(sympy.exp(x)) is None and c.vexpr(sympy.Abs(x)) == "oc_vabs(x)"

@@ -39,42 +39,35 @@ from sympy.printing.c import C99CodePrinter
 from .. import kernel_plan
 from ..ir import TRUE, Clamp, Program
 from .forms import Lerp
+from .printing import PrinterBase
 
 
-class CPrinter(C99CodePrinter):
+class CPrinter(PrinterBase, C99CodePrinter):
     """fp32 element math: ``sqrtf``, ``x*x`` for squares, float literals, ternaries for Piecewise."""
+
+    FUNCTIONS = {"exp": "expf", "log": "logf", "Abs": "fabsf"}
+    SQRT, PRODUCTS = "sqrtf", 4
+    # Max/Min ignore a NaN operand (fmaxf's semantics; fmaxf itself does not vectorise)
+    MAX, MIN, AND, OR = "oc_max", "oc_min", " && ", " || "
+    LERP = "oc_lerp"
 
     def __init__(self, settings=None):
         super().__init__({"type_aliases": {real: float32}, "order": "none", **(settings or {})})  # the plan's term order
 
-    def _print_Float(self, expr):
-        return _flit(float(expr))
+    def literal(self, x: float) -> str:
+        return _flit(x)
 
-    def _print_Rational(self, expr):
-        return _flit(float(expr.p) / float(expr.q))
+    def reciprocal_of(self, text: str) -> str:
+        return f"(1.0f / {text})"
 
-    def _print_Integer(self, expr):
-        return _flit(float(int(expr)))
+    def product(self, base, n: int) -> str:
+        return "(" + "*".join([self.parenthesize(base, 50)] * n) + ")"
 
-    def _print_Half(self, expr):
-        return "0.5f"
+    def reciprocal(self, base, n: int) -> str | None:
+        return f"(1.0f / {self.product(base, n)})" if n <= self.PRODUCTS else None
 
-    def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        b = self.parenthesize(base, 50)
-        if exp == sympy.Rational(1, 2):
-            return f"{self.SQRT}({self._print(base)})"
-        if exp == -sympy.Rational(1, 2):
-            return f"(1.0f / {self.SQRT}({self._print(base)}))"
-        if exp.is_Integer and 1 <= exp <= 4:
-            return "(" + "*".join([b] * int(exp)) + ")"
-        if exp.is_Integer and -4 <= exp <= -1:
-            return "(1.0f / (" + "*".join([b] * int(-exp)) + "))"
+    def power(self, base, exp) -> str:
         return f"powf({self._print(base)}, {self._print(exp)})"
-
-    # Max/Min ignore a NaN operand (fmaxf's semantics; fmaxf itself does not vectorise)
-    MAX, MIN, AND, OR = "oc_max", "oc_min", " && ", " || "
-    LERP, SQRT = "oc_lerp", "sqrtf"
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"(({cond}) ? ({a}) : ({b}))"
@@ -121,24 +114,15 @@ class CPrinter(C99CodePrinter):
         return "(" + self.OR.join(self.mask(a) for a in sorted(expr.args, key=str)) + ")"
 
 
-class DoublePrinter(C99CodePrinter):
+class DoublePrinter(PrinterBase, C99CodePrinter):
     """Scalar math, once per tensor and chunk, in double: what Python computes on the host."""
 
-    def _print_Float(self, expr):
-        return repr(float(expr))
+    FUNCTIONS = {"exp": "exp", "log": "log", "Abs": "fabs"}
 
-    def _print_Rational(self, expr):
-        return repr(float(expr.p) / float(expr.q))
+    def reciprocal(self, base, n: int) -> str | None:
+        return f"(1.0 / {self.parenthesize(base, 50)})" if n == 1 else None
 
-    def _print_Integer(self, expr):
-        return repr(float(int(expr)))
-
-    def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        if exp == sympy.Rational(1, 2):
-            return f"sqrt({self._print(base)})"
-        if exp == -1:
-            return f"(1.0 / {self.parenthesize(base, 50)})"
+    def power(self, base, exp) -> str:
         return f"pow({self._print(base)}, {self._print(exp)})"
 
     def _print_sign(self, expr):
@@ -157,6 +141,7 @@ class VecPrinter(CPrinter):
 
     MAX, MIN, AND, OR = "oc_vmax", "oc_vmin", " & ", " | "  # comparisons give lane masks
     LERP, SQRT = "oc_vlerp", "oc_vsqrt"
+    FUNCTIONS = {"Abs": "oc_vabs"}
 
     def select(self, cond: str, a: str, b: str) -> str:
         return f"oc_vsel({cond}, {a}, {b})"
@@ -164,9 +149,6 @@ class VecPrinter(CPrinter):
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"({self.select(f'({x}) > 0.0f', '1.0f', '0.0f')} - {self.select(f'({x}) < 0.0f', '1.0f', '0.0f')})"
-
-    def _print_Abs(self, expr):
-        return f"oc_vabs({self._print(expr.args[0])})"
 
     def mask(self, cond) -> str:  # a hoisted host flag (a float) joins lane masks as all-ones or zeros
         return f"OC_VMASK({self._print(cond)})"

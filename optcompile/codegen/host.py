@@ -10,22 +10,25 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from ..ir import TRUE, HostScalar, Program
 from ..step_flags import STEP_FLAGS
+from .printing import PrinterBase
 
 
-class HostPrinter(PythonCodePrinter):
-    """Python floats and bools; ``math`` for transcendental functions; conditions as ``and/or``."""
+class HostPrinter(PrinterBase, PythonCodePrinter):
+    """Python floats and bools; ``math`` for transcendental functions; conditions as ``and/or``.
+    IEEE results where Python raises (``math.sqrt(-inf)``, ``1.0 / 0.0``): NaN and ±inf like the
+    kernels, from ``runtime.sqrt``/``rsqrt``/``reciprocal``/``log`` (identical to math's otherwise)."""
 
-    def _print_Float(self, expr):
-        return repr(float(expr))
-
-    def _print_Rational(self, expr):
-        return repr(float(expr.p) / float(expr.q))
-
-    def _print_Half(self, expr):
-        return "0.5"
+    FUNCTIONS = {"exp": "_exp", "log": "_log", "Abs": "abs"}
+    SQRT, RSQRT = "_sqrt", "_rsqrt"
 
     def _print_Integer(self, expr):
-        return str(int(expr))
+        return str(int(expr))  # host math has ints: step % k
+
+    def reciprocal(self, base, n: int) -> str | None:
+        return f"_reciprocal({self._print(base)})" if n == 1 else None
+
+    def power(self, base, exp) -> str:
+        return f"{self.parenthesize(base, 100)}**{self.parenthesize(exp, 100)}"
 
     def _print_Max(self, expr):
         return self._nan_ignoring("max", expr)
@@ -46,12 +49,6 @@ class HostPrinter(PythonCodePrinter):
 
     def _print_IsNone(self, expr):
         return f"({self._print(expr.args[0])} is None)"
-
-    def _print_log(self, expr):
-        return f"_log({self._print(expr.args[0])})"  # runtime.log: -inf at 0, NaN below, as the kernels
-
-    def _print_Abs(self, expr):
-        return f"abs({self._print(expr.args[0])})"
 
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
@@ -75,18 +72,6 @@ class HostPrinter(PythonCodePrinter):
     def _print_Mod(self, expr):
         a, b = expr.args
         return f"({self.parenthesize(a, 100)} % {self.parenthesize(b, 100)})"
-
-    def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        # IEEE results where Python raises (``math.sqrt(-inf)``, ``1.0 / 0.0``): NaN and ±inf like the
-        # kernels; ``runtime.sqrt``/``rsqrt``/``reciprocal``, identical to math's for the other values
-        if exp == sympy.Rational(1, 2):
-            return f"_sqrt({self._print(base)})"
-        if exp == -sympy.Rational(1, 2):
-            return f"_rsqrt({self._print(base)})"
-        if exp == -1:
-            return f"_reciprocal({self._print(base)})"
-        return f"{self.parenthesize(base, 100)}**{self.parenthesize(exp, 100)}"
 
     def _print_Piecewise(self, expr):
         out = []

@@ -153,15 +153,11 @@ class DevicePrinter(HostPrinter):
     """Per-tensor math on 0-dim tensors (a reduction's ``sqrt``), so it rounds in the compute dtype
     like the reduction itself and like a kernel would; ``.item()`` happens once, at the end."""
 
-    def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        fn = {sympy.Rational(1, 2): "torch.sqrt", -sympy.Rational(1, 2): "torch.rsqrt"}.get(exp)
-        if exp == -1:  # torch's division is IEEE already (±inf at 0)
-            return f"(1.0 / {self.parenthesize(base, 100)})"
-        return f"{fn}({self._print(base)})" if fn else super()._print_Pow(expr, rational)
+    FUNCTIONS = {"exp": "torch.exp", "log": "torch.log", "Abs": "torch.abs"}
+    SQRT, RSQRT = "torch.sqrt", "torch.rsqrt"
 
-    def _print_log(self, expr):
-        return f"torch.log({self._print(expr.args[0])})"
+    def reciprocal(self, base, n: int) -> str | None:  # torch's division is IEEE already (±inf at 0)
+        return f"(1.0 / {self.parenthesize(base, 100)})" if n == 1 else None
 
     def receiver(self, e) -> str:
         """``e`` as the receiver of a method call: a name or a single call as printed, anything

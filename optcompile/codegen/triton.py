@@ -28,6 +28,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from .. import kernel_plan
 from ..ir import TRUE, Clamp, Program
 from .forms import Lerp
+from .printing import PrinterBase
 
 _ALLOWED = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Max, sympy.Min, sympy.Abs,
             sympy.sign, sympy.exp, sympy.log, sympy.Piecewise, sympy.logic.boolalg.Boolean,
@@ -35,13 +36,16 @@ _ALLOWED = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.M
             sympy.core.numbers.NegativeInfinity, sympy.functions.elementary.piecewise.ExprCondPair, Lerp, Clamp)
 
 
-class TritonPrinter(PythonCodePrinter):
+class TritonPrinter(PrinterBase, PythonCodePrinter):
     """Python syntax, Triton semantics: ``tl.*`` functions, float literals, fp32 everywhere.
 
     ``constexpr`` names the host booleans: conditions over them print as Python ``and/or/not``
     and ``x if c else y`` (resolved at compile time); any other condition is a runtime value and
     prints with ``&``/``|``/``~`` and ``tl.where``.
     """
+
+    FUNCTIONS = {"exp": "tl.exp", "log": "tl.log", "Abs": "tl.abs"}
+    SQRT, RSQRT, PRODUCTS = "tl.sqrt", "tl.rsqrt", 4
 
     def __init__(self, constexpr=(), settings=None):
         super().__init__({"standard": "python3", **(settings or {})})
@@ -56,28 +60,11 @@ class TritonPrinter(PythonCodePrinter):
         return super().doprint(expr, assign_to)
 
     # ── numbers: always float literals, so no integer arithmetic (no // or %) reaches a kernel ──
-    def _print_Float(self, expr):
-        return repr(float(expr))
-
-    def _print_Integer(self, expr):
-        return repr(float(expr))
-
-    def _print_Rational(self, expr):
-        return repr(float(expr.p) / float(expr.q))
-
-    def _print_Half(self, expr):
-        return "0.5"
-
     def _print_Infinity(self, expr):
         return 'float("inf")'
 
     def _print_NegativeInfinity(self, expr):
         return '-float("inf")'
-
-    def _print_NumberSymbol(self, expr):
-        return repr(float(expr))
-
-    _print_Pi = _print_Exp1 = _print_NumberSymbol
 
     def _print_BooleanTrue(self, expr):
         return "True"
@@ -86,19 +73,14 @@ class TritonPrinter(PythonCodePrinter):
         return "False"
 
     # ── arithmetic ─────────────────────────────────────────────────────────────────────────────
-    def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        if exp.is_Float and float(exp) * 2 == int(float(exp) * 2):  # 0.5, 2.0: as the rationals
-            exp = sympy.Rational(int(float(exp) * 2), 2)
+    def product(self, base, n: int) -> str:
         b = self.parenthesize(base, PRECEDENCE["Atom"], strict=False) if not base.is_Atom else self._print(base)
-        if exp == sympy.Rational(1, 2):
-            return f"tl.sqrt({self._print(base)})"
-        if exp == -sympy.Rational(1, 2):
-            return f"tl.rsqrt({self._print(base)})"
-        if exp.is_Integer and 1 < exp <= 4:
-            return " * ".join([b] * int(exp))
-        if exp.is_Integer and exp < 0:
-            return f"1.0/{self._denominator(sympy.Pow(base, -exp))}"
+        return " * ".join([b] * n)
+
+    def reciprocal(self, base, n: int) -> str:
+        return f"1.0/{self._denominator(sympy.Pow(base, n))}"
+
+    def power(self, base, exp) -> str:
         return f"libdevice.pow({self._print(base)}, {self._print(exp)})"
 
     def _denominator(self, d) -> str:
@@ -169,18 +151,9 @@ class TritonPrinter(PythonCodePrinter):
     def _print_Lerp(self, expr):
         return "_lerp(" + ", ".join(self._print(a) for a in expr.args) + ")"
 
-    def _print_Abs(self, expr):
-        return f"tl.abs({self._print(expr.args[0])})"
-
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, 0.0))"
-
-    def _print_exp(self, expr):
-        return f"tl.exp({self._print(expr.args[0])})"
-
-    def _print_log(self, expr):
-        return f"tl.log({self._print(expr.args[0])})"
 
     # ── conditions ─────────────────────────────────────────────────────────────────────────────
     def is_static(self, cond) -> bool:
