@@ -162,7 +162,7 @@ def _out_of_the_way(prog: Program) -> Program:
 
     host = tuple(dataclasses.replace(h, name=name(h.name), expr=ren(h.expr), guard=ren(h.guard)) for h in prog.host)
     body = tuple(dataclasses.replace(s, expr=ren(s.expr), guard=ren(s.guard), **(
-        {"target": name(s.target)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
+        {"symbol": ren(s.symbol)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
     return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr))
 
 
