@@ -314,7 +314,7 @@ def build(prog: Program) -> KernelPlan:
                 spill_stores.append(Access(spill, any_of(later)))
             elif later and writers:
                 spill_stores.append(Access(spill, any_of(writers)))
-        loads, stores = [], []
+        loads, stores = [], []  # an access whose guard can never hold (``f & ~f``) is left out
         for b in buffers:
             if b.role == "spill":
                 if b.value in reads_spilled.get(k, ()):
@@ -332,6 +332,8 @@ def build(prog: Program) -> KernelPlan:
             if b.name in stored and writers:
                 stores.append(Access(b.name, any_of([w.guard for w in writers])))
         stores += spill_stores
+        loads = [a for a in loads if a.guard != sympy.false]
+        stores = [a for a in stores if a.guard != sympy.false]
         # a stage that reads a spilled grad reads it under the name grad: the printers map spill loads
         # back to the value's name (Stage.value_of)
         stmts_read = [s.expr for s in elem] + [t.expr for t in per_tensor]

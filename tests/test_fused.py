@@ -280,6 +280,38 @@ def test_kernel_locals_and_deep_selects(tmp_path):
     torch.testing.assert_close(out[1], out[0], rtol=2e-2, atol=1e-3)
 
 
+IMPOSSIBLE_GUARD_SPEC = '''
+"""A state allocated only without the flag and updated only with it: its load and store guards
+simplify to False (the fuzzer found the C backend printing `(false) ? …`)."""
+from optcompile.spec import *
+spec = OptimizerSpec("Impossible", weight_decay=None)
+lr = spec.hyper("lr", domain=Interval(0, oo))
+f = spec.flag("f", True)
+s = spec.state("s", init=1, when=~f)
+s = spec.assign(s, 0.5 * s + spec.grad, when=f)  # runs when f and s exists when ~f: never
+r = spec.mean(spec.grad ** 2)  # the update reads s in the next stage
+spec.update(spec.grad * r + Piecewise((s, ~f), (0, True)), lr=lr)
+'''
+
+
+@pytest.mark.parametrize("f", [True, False])
+def test_state_behind_an_impossible_guard(tmp_path, f):
+    path = tmp_path / "impossible.py"
+    path.write_text(IMPOSSIBLE_GUARD_SPEC)
+    cls = compile_spec(path)
+    out = []
+    for fused in (False, True):
+        p = torch.ones(40, requires_grad=True)
+        opt = cls([p], lr=0.1, f=f, fused=fused, foreach=False, triton=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                p.grad = torch.full_like(p, 0.5)
+                opt.step()
+        out.append(p.detach())
+    assert torch.equal(out[1], out[0])
+
+
 def test_printer_golden():
     """Element math as C: squares as products, max as a select that drops a NaN operand (fmaxf's
     semantics, but it vectorises), sign as a difference of comparisons, tensor Piecewise as a ternary."""

@@ -99,6 +99,12 @@ class CPrinter(PrinterBase, C99CodePrinter):
     def mask(self, cond) -> str:
         return self._print(cond)
 
+    def _print_BooleanTrue(self, expr):
+        return "1"
+
+    def _print_BooleanFalse(self, expr):
+        return "0"
+
     def _print_Clamp(self, expr):
         """torch.clamp, NaN propagating from ``x`` and both bounds (a GCC/Clang statement expression
         evaluates each operand once); an open side (``±oo``) is left out."""
