@@ -620,14 +620,15 @@ class _FusedGroup:
     the table again. Hyperparameters and the step count are read from the group every step.
 
     A table that keeps failing (a loop that changes what it steps every step) costs a build
-    (~2.5 µs a tensor) each time: after a short-lived table the next build waits twice as many
-    general steps (up to 256).
+    (~2.5 µs a tensor) each time, and a layout that does not fit the kernel (``_mixed``) a
+    lookup: after a short-lived table, or a third general step in a row without one, the next
+    try waits twice as many general steps (up to 256).
     """
 
     SHORT = 8  # a table that ran fewer steps than this before failing doubles the wait
 
     def __init__(self, group: dict):
-        self.group, self.table, self.wait, self.backoff, self.ran = group, None, 0, 1, 0
+        self.group, self.table, self.wait, self.backoff, self.ran, self.misses = group, None, 0, 1, 0, 0
 
     @staticmethod
     def after_general_step(opt, group, grads, state_lists, kahan_comps) -> None:
@@ -652,9 +653,12 @@ class _FusedGroup:
         impl = info.backend("fused")
         build = getattr(impl, "table", None)
         table = None if build is None else build([params, grads, *state_lists, kahan_comps])
-        if table is None:
+        if table is None:  # the first general step records the layout, the second builds: then back off
+            slot.misses += 1
+            if slot.misses >= 2:
+                slot.wait, slot.backoff = slot.backoff, min(slot.backoff * 2, 256)
             return
-        slot.table, slot.ran = table, 0
+        slot.table, slot.ran, slot.misses = table, 0, 0
         slot.params = list(params)
         slot.state = opt.state
         slot.dicts = list(map(opt.state.__getitem__, params))

@@ -321,6 +321,48 @@ def test_a_table_that_keeps_failing_is_built_ever_less_often(monkeypatch):
     assert len(built) <= 8, f"{len(built)} tables built in 60 steps"
 
 
+def test_a_layout_that_does_not_fit_is_looked_up_ever_less_often(monkeypatch):
+    """One strided param: the kernel takes the others (``_mixed``), no table fits; the lookup
+    that finds so backs off too."""
+    tries = []
+    table = fused_runtime.FusedStep.table
+    monkeypatch.setattr(fused_runtime.FusedStep, "table", lambda *a: tries.append(1) or table(*a))
+    params = [_grad(s, i).requires_grad_() for i, s in enumerate(SHAPES)]
+    params[0] = torch.randn(8, 2)[:, 0].requires_grad_()  # not contiguous
+    opt = optcompile.AdamW(params, lr=1e-2, fused=True)
+    for k in range(60):
+        _set_grads(params, k)
+        opt.step()
+    assert _table(opt) is None and len(tries) <= 10, len(tries)
+
+
+def test_scratch_buffers_of_a_reduction_spec(tmp_path, state_check):
+    """A spec whose kernel spills to fp32 scratch (one flat buffer per step in the table path,
+    one tensor each in the general path): the same results as a fresh optimizer's step."""
+    from test_fused import REDUCE_SPEC
+    from optcompile.loader import compile_spec
+    path = tmp_path / "rmsclipped.py"
+    path.write_text(REDUCE_SPEC)
+    cls = compile_spec(path)
+    params = [_grad(s, i).requires_grad_() for i, s in enumerate(SHAPES)]
+    opt = cls(params, lr=1e-2, fused=True)
+    assert opt._info.backend("fused").iface["spills"] > 0
+    for k in range(6):
+        _set_grads(params, k)
+        copies = [p.detach().clone().requires_grad_() for p in params]
+        fresh = cls(copies, lr=1e-2, fused=True)
+        for p, c in zip(params, copies):
+            if p in opt.state:
+                fresh.state[c] = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in opt.state[p].items()}
+            c.grad = p.grad.clone()
+        fresh.param_groups[0]["step"] = opt.param_groups[0].get("step", torch.tensor(0, dtype=torch.int32)).clone()
+        fresh.param_groups[0]["setup"] = opt.param_groups[0].get("setup", False)
+        opt.step()
+        fresh.step()
+        _same(opt, params, fresh, copies)
+    assert _table(opt) is not None
+
+
 def test_functional_api_and_small_groups_take_the_general_path():
     """Below MIN_TENSORS no layout is recorded (the Python checks are cheaper) and no table is
     built; the functional API never builds one."""
