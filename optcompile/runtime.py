@@ -614,10 +614,10 @@ class _FusedGroup:
     and picks the same backend; ``optimizer.state`` is the same dict, no param's state dict was
     replaced, added or removed, and none of them was mutated (CPython's dict version tags, one
     read per param; without them every state tensor is looked up and compared by identity);
-    then ``FusedTable.run`` checks every param's, grad's and state's layout in one C++ pass and
-    reads their data pointers afresh. Any difference and the step returns False having done
-    nothing: the general path runs, checks, raises where something does not fit, and may build
-    the table again. Hyperparameters and the step count are read from the group every step.
+    then ``FusedTable.check`` compares every param's, grad's and state's layout in one C++ pass,
+    and ``launch`` reads their data pointers afresh. Any difference and the step returns False
+    having done nothing: the general path runs, checks, raises where something does not fit, and
+    may build the table again. Hyperparameters and the step count are read from the group every step.
 
     A table that keeps failing (a loop that changes what it steps every step) costs a build
     (~2.5 µs a tensor) each time, and a layout that does not fit the kernel (``_mixed``) a
