@@ -79,7 +79,12 @@ def many_small(scale: float) -> list[tuple[int, ...]]:
     return [(int(n),) for n in torch.randint(64, hi, (2000,), generator=g)]
 
 
-SETS = {"gpt2": gpt2_like, "small": many_small, "gpt2-1b": gpt2_1b}
+def many_small_flat(scale: float) -> list[tuple[int, ...]]:
+    """The elements of ``small`` as one tensor: what ``small`` would cost without per-tensor overhead."""
+    return [(numel(many_small(scale)),)]
+
+
+SETS = {"gpt2": gpt2_like, "small": many_small, "small-flat": many_small_flat, "gpt2-1b": gpt2_1b}
 
 
 def numel(shapes) -> int:
@@ -355,7 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2", help="CPU thread counts (torch.set_num_threads)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="shrink the parameter sets (1.0: gpt2 34M, small 2,000 tensors, gpt2-1b 1.31B)")
-    ap.add_argument("--sets", default="gpt2,small", help=f"comma-separated, of: {', '.join(SETS)}")
+    ap.add_argument("--sets", default="gpt2,small,small-flat", help=f"comma-separated, of: {', '.join(SETS)}")
     ap.add_argument("--optimizers", default=",".join(p.stem for p in builtin_specs()))
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--only", default="", help="comma-separated substrings of implementation labels")
@@ -413,6 +418,7 @@ def main(argv=None) -> int:
                  "|" + "---|" * (len(cols) + 7 + len(extra))]
         print("\n".join(head), flush=True)
         lines += head
+        results: dict = {}
         for set_name, shapes in sets.items():
             n = numel(shapes)
             for name in optimizers:
@@ -435,9 +441,13 @@ def main(argv=None) -> int:
                             ratio(ours, tf), ratio(ours, opt_best)]
                     if with_ds:
                         row.append(ratio(ours, by_col.get(DEEPSPEED)))
+                    results[(set_name, name, dname)] = by_col
                     line = "| " + " | ".join(row) + " |"
                     print(line, flush=True)
                     lines.append(line)
+        overhead = per_tensor_overhead(results, nt)
+        lines += overhead
+        print("\n".join(overhead))
         lines.append("")
         print()
     if not args.no_compile_costs:
@@ -450,6 +460,19 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
     return 0
+
+
+def per_tensor_overhead(results: dict, threads: int) -> list[str]:
+    """Lines comparing the ``small`` set with the same elements as one tensor (``small-flat``),
+    where both ran: the price of stepping 2,000 tensors instead of one, per implementation."""
+    out = []
+    for (set_name, name, dname), by_col in results.items():
+        flat = results.get(("small-flat", name, dname)) if set_name == "small" else None
+        if flat:
+            parts = [f"{col} {ratio(t, flat.get(col))}×" for col, t in by_col.items() if flat.get(col)]
+            out.append(f"- small ÷ small-flat, {name} {dname}, {threads} thread{'s' if threads > 1 else ''}: "
+                       + ", ".join(parts))
+    return [""] + out if out else []
 
 
 def ratio(a, b) -> str:

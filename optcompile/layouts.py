@@ -13,6 +13,13 @@ can only skip checks that passed on exactly this layout.
 
 ``TensorGuards`` is private to torch; if it is missing or does not behave as tested at import,
 nothing is recorded and every step runs the Python checks.
+
+A layout says nothing about *which* memory a tensor holds (``p.data = other`` and ``set_()`` keep
+it): whoever skips checks by a layout still reads every data pointer afresh. ``DICT_VERSION``
+tells that a dict has not been mutated since it was last seen (CPython's per-dict version tag,
+read by torch's guards), so a fused step can tell that ``optimizer.state`` still holds the same
+state tensors without looking each of them up; ``None`` where it is unavailable (then they are
+looked up and compared by identity every step).
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ MISSING = object()
 MIN_TENSORS = 32  # fewer tensors: the Python checks cost less than a lookup (gradient release steps one)
 
 
-def _guard(tensors):
+def guard(tensors):
+    """A record of the layout of ``tensors``: ``guard(a).check(*b)`` is True iff every tensor of
+    ``b`` has the layout (dtype, device, sizes, strides, requires_grad, dispatch keys) of ``a``'s."""
     from torch._C._dynamo.guards import TensorGuards
     return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
                         dynamic_dims_strides=[list(t.stride()) for t in tensors])
@@ -34,20 +43,43 @@ def _guard(tensors):
 
 def _guards_work() -> bool:
     """The properties this module relies on, tested on this torch: same layout passes (other
-    tensors, too); another size, dtype, stride or device fails; None fails."""
+    tensors, too); another size, dtype, stride or device fails; None and a sparse tensor fail."""
     try:
         a = [torch.zeros(3), torch.zeros(2, 2)]
-        g = _guard(a)
+        g = guard(a)
         return bool(g.check(*a) and g.check(torch.ones(3), torch.ones(2, 2))
                     and not g.check(torch.zeros(4), a[1]) and not g.check(a[0], torch.zeros(4, 1))
                     and not g.check(a[0], torch.zeros(1, 4)) and not g.check(a[0].double(), a[1])
                     and not g.check(a[0], torch.zeros(2, 2).t()) and not g.check(a[0], None)
-                    and not g.check(torch.zeros(3, device="meta"), a[1]))
+                    and not g.check(torch.zeros(3, device="meta"), a[1])
+                    and not g.check(torch.zeros(3).to_sparse(), a[1]))
     except Exception:
         return False
 
 
 AVAILABLE = _guards_work()
+
+
+def _dict_version():
+    """torch's reader of CPython's dict version tag, if it behaves as relied on here: every
+    mutation (insert, replace, delete, clear, update) changes it; reading does not."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+        d: dict = {"a": 1}
+        seen = [dict_version(d)]
+        for change in (lambda: d.__setitem__("a", 2), lambda: d.__setitem__("b", 1), lambda: d.pop("b"),
+                       lambda: d.update(a=3), lambda: d.setdefault("c", 1), lambda: d.clear()):
+            d.get("a")
+            if dict_version(d) != seen[-1]:
+                return None  # reading changed it
+            change()
+            seen.append(dict_version(d))
+        return dict_version if len(set(seen)) == len(seen) else None
+    except Exception:
+        return None
+
+
+DICT_VERSION = _dict_version()
 
 
 class LayoutCache:
@@ -106,7 +138,7 @@ class LayoutCache:
         if any(not none and any([t is None for t in lst]) for none, lst in zip(key[2], lists)):
             return
         try:
-            entry = ([None if none else _guard(lst) for none, lst in zip(key[2], lists)], value)
+            entry = ([None if none else guard(lst) for none, lst in zip(key[2], lists)], value)
         except Exception:  # a tensor the guards cannot record (a subclass): just check every step
             return
         with self._lock:

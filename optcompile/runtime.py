@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from .backends import registry
-from .layouts import MISSING, LayoutCache
+from .layouts import DICT_VERSION, MISSING, LayoutCache
 from .step_flags import step_flags
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -467,6 +467,8 @@ class CompiledOptimizer(Optimizer):
 
     def _register_hooks(self) -> None:
         self._released: dict[int, dict] = {}  # groups stepped from hooks since the last step(), by id
+        self._fused_groups: dict[int, _FusedGroup] = {}  # groups stepped from prebuilt tables, by id
+        self.register_load_state_dict_pre_hook(_drop_fused_groups)
         self.register_state_dict_post_hook(_pack_gradient_release_groups)
         self.register_load_state_dict_pre_hook(_check_and_convert_state_dict)
         self.register_load_state_dict_post_hook(_link_gradient_release_groups)
@@ -567,8 +569,16 @@ class CompiledOptimizer(Optimizer):
             self._step_param(param)
             return loss
         released = self._released
+        fused_groups = self._fused_groups
         for group in self.param_groups:
             self._setup_group(group)
+            fast = fused_groups.get(id(group))
+            if fast is not None and fast.group is group and fast.table is not None:
+                if fast.step(self, group):
+                    if released:
+                        released.pop(id(group), None)
+                    continue
+                fast.drop()  # something changed: the general path checks (and names) it, then maybe rebuilds
             # the per-param hot path of every step: comprehensions and C-level map/itemgetter
             grads = [p.grad for p in group["params"]]
             if any([g is None for g in grads]):
@@ -593,6 +603,8 @@ class CompiledOptimizer(Optimizer):
             state_lists = [list(map(operator.itemgetter(name), states)) for name in self._info.states]
             kahan_comps = list(map(operator.itemgetter("kahan_comp"), states))
             self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"))
+            if params is group["params"] and not self.defaults.get("gradient_release"):
+                _FusedGroup.after_general_step(self, group, grads, state_lists, kahan_comps)
         return loss
 
     def _step_param(self, param: torch.Tensor) -> None:
@@ -622,6 +634,122 @@ class CompiledOptimizer(Optimizer):
                 else:
                     param.grad.requires_grad_(False)
                 param.grad.zero_()
+
+
+class _FusedGroup:
+    """A param group stepped by the fused C kernel from tables built once (``FusedTable``),
+    while nothing the general path would look at has changed.
+
+    ``step`` checks, before anything is written: the group holds the same params (by identity)
+    and picks the same backend; ``optimizer.state`` is the same dict, no param's state dict was
+    replaced, added or removed, and none of them was mutated (CPython's dict version tags, one
+    read per param; without them every state tensor is looked up and compared by identity);
+    then ``FusedTable.check`` compares every param's, grad's and state's layout in one C++ pass,
+    and ``launch`` reads their data pointers afresh. Any difference and the step returns False
+    having done nothing: the general path runs, checks, raises where something does not fit, and
+    may build the table again. Hyperparameters and the step count are read from the group every step.
+
+    A table that keeps failing (a loop that changes what it steps every step) costs a build
+    (~2.5 µs a tensor) each time, and a layout that does not fit the kernel (``_mixed``) a
+    lookup: after a short-lived table, or a third general step in a row without one, the next
+    try waits twice as many general steps (up to 256).
+    """
+
+    SHORT = 8  # a table that ran fewer steps than this before failing doubles the wait
+
+    def __init__(self, group: dict):
+        self.group, self.table, self.wait, self.backoff, self.ran, self.misses = group, None, 0, 1, 0, 0
+
+    @staticmethod
+    def after_general_step(opt, group, grads, state_lists, kahan_comps) -> None:
+        """After a general step over every param of ``group``: build its table where it took the
+        fused kernel over a layout that passed the checks."""
+        slots = opt._fused_groups
+        slot = slots.get(id(group))
+        if slot is None or slot.group is not group:
+            if len(slots) >= len(opt.param_groups):  # groups gone (replaced): drop what holds their tensors
+                live = {id(g) for g in opt.param_groups}
+                for key in [k for k in slots if k not in live]:
+                    del slots[key]
+            slot = slots[id(group)] = _FusedGroup(group)
+        if slot.wait > 0:
+            slot.wait -= 1
+            return
+        params = group["params"]
+        info = opt._info
+        if choose_backend(params, foreach=group.get("foreach"), triton=group.get("triton"),
+                          fused=group.get("fused")) != "fused":
+            return
+        impl = info.backend("fused")
+        build = getattr(impl, "table", None)
+        table = None if build is None else build([params, grads, *state_lists, kahan_comps])
+        if table is None:  # the first general step records the layout, the second builds: then back off
+            slot.misses += 1
+            if slot.misses >= 2:
+                slot.wait, slot.backoff = slot.backoff, min(slot.backoff * 2, 256)
+            return
+        slot.table, slot.ran, slot.misses = table, 0, 0
+        slot.params = list(params)
+        slot.state = opt.state
+        slot.dicts = list(map(opt.state.__getitem__, params))
+        slot.lists = [*state_lists, kahan_comps]
+        slot.choice = (group.get("foreach"), group.get("triton"), group.get("fused"))
+        slot.dtype = params[0].dtype
+        if DICT_VERSION is not None:
+            slot.version, slot.versions = DICT_VERSION(opt.state), list(map(DICT_VERSION, slot.dicts))
+
+    def drop(self) -> None:
+        """The table no longer fits: forget it and what it holds; wait longer if it lived briefly."""
+        self.backoff = min(self.backoff * 2, 256) if self.ran < self.SHORT else 1
+        self.wait = self.backoff - 1
+        self.table = self.params = self.dicts = self.lists = self.state = None
+
+    def _states_unchanged(self, opt) -> bool:
+        if opt.state is not self.state:
+            return False
+        if DICT_VERSION is not None:
+            return DICT_VERSION(opt.state) == self.version and list(map(DICT_VERSION, self.dicts)) == self.versions
+        dicts = list(map(opt.state.get, self.params))
+        if not all(map(operator.is_, dicts, self.dicts)):
+            return False
+        try:
+            return all([all(map(operator.is_, map(operator.itemgetter(name), dicts), lst))
+                        for name, lst in zip((*opt._info.states, "kahan_comp"), self.lists)])
+        except KeyError:
+            return False
+
+    def step(self, opt, group) -> bool:
+        """Step the group from the table if nothing changed; False, nothing done, otherwise."""
+        params, plist = self.params, group["params"]
+        if len(plist) != len(params) or not all(map(operator.is_, plist, params)):
+            return False
+        if (group.get("foreach"), group.get("triton"), group.get("fused")) != self.choice or choose_backend(
+                params, foreach=self.choice[0], triton=self.choice[1], fused=self.choice[2]) != "fused":
+            return False
+        if not self._states_unchanged(opt):
+            return False
+        buffers = [params, list(map(_GRAD, params)), *self.lists]
+        if not self.table.check(buffers):
+            return False
+        info = opt._info
+        hypers = host_values(info, {k: group[k] for k in info.keys})
+        step = group.get("step")
+        if info.uses_step:
+            hypers["step"] = int(step.item()) + 1
+        kahan = bool(group.get("kahan_sum")) and self.dtype in LOW_PRECISION
+        self.table.launch(buffers, info.host(**hypers, **step_flags(optimizer_accumulation=False, kahan=kahan)))
+        if info.uses_step:
+            step.add_(1)
+        self.ran += 1
+        return True
+
+
+_GRAD = operator.attrgetter("grad")
+
+
+def _drop_fused_groups(optimizer: CompiledOptimizer, state_dict: dict) -> None:
+    """load_state_dict(): new groups and states; tables are built again from them."""
+    optimizer._fused_groups.clear()
 
 
 def _pack_gradient_release_groups(optimizer: CompiledOptimizer, state_dict: dict) -> dict:

@@ -15,6 +15,7 @@ import array
 import ctypes
 import functools
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import backends_available, cache
+from .. import layouts
 from ..layouts import MISSING, LayoutCache
 from ..runtime import check_buffers
 
@@ -172,17 +174,37 @@ class FusedStep:
         scratch = [torch.empty(k, dtype=torch.float32) for _ in range(spills) for k in numel]
         ptrs = array.array("q", ptrs + [t.data_ptr() for t in scratch])
         c_numel = array.array("q", numel)
+        self._launch(fn, len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], host)
+
+    def _launch(self, fn, n: int, numel_addr: int, ptrs_addr: int, host: dict) -> None:
+        """One call of the kernel over tables that passed their checks; its return codes as errors."""
         # None (max_lr without decouple_lr) is only read under a flag that is off: NaN marks it
         c_host = array.array("d", [math.nan if host[k] is None else float(host[k]) for k in self.iface["host"]]
                              or [0.0])
         flags = sum(1 << i for i, f in enumerate(self.iface["flags"]) if host[f])
-        rc = fn(len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], c_host.buffer_info()[0], flags,
-                torch.get_num_threads())
+        rc = fn(n, numel_addr, ptrs_addr, c_host.buffer_info()[0], flags, torch.get_num_threads())
         if rc == 2:
             raise RuntimeError(f"{self.info.name}: a state this step needs is None (was kahan_sum or a "
                                "hyperparameter that allocates state changed after the first step?)")
         if rc != 0:
             raise MemoryError("the fused C kernel could not allocate its scratch memory")
+
+    def table(self, buffers) -> "FusedTable | None":
+        """The kernel's tables for ``buffers`` (``[params, grads, *states, kahan_comps]``), to step
+        them again and again (``FusedTable``); None unless they are a layout that passed the
+        checks and fits the kernel as it is (``_FITS``: recorded the second time it is seen)."""
+        params = buffers[0]
+        code = DTYPES.get(params[0].dtype)
+        if code is None or params[0].device.type != "cpu":
+            return None
+        fits = _FITS.get(buffers)
+        if fits is MISSING or fits is None:
+            return None
+        try:
+            fn = self._fn(code)
+            return FusedTable(self, fn, buffers)
+        except Exception:  # the library did not load (the step warned), or the guards cannot record a tensor
+            return None
 
     @staticmethod
     def _pointers(params, lists, shapes):
@@ -242,6 +264,75 @@ class FusedStep:
             self([params[i] for i in fast], *[[lst[i] for i in fast] for lst in lists], **host)
         if slow:
             self.eager([params[i] for i in slow], *[[lst[i] for i in slow] for lst in lists], **host)
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+_ALIGN = 16  # fp32 elements: each tensor's scratch starts on a 64-byte line, as torch.empty's would
+
+
+class FusedTable:
+    """The pointer and size tables of one list of buffers, built once, for a training loop that
+    steps the same tensors (and fresh gradients of the same layout) every step.
+
+    Per step ``check`` tells, before anything is written, whether every tensor still has the
+    layout that passed ``check_buffers`` and ``FusedStep._pointers`` when the table was built
+    (one C++ ``TensorGuards`` pass over all of them: it fails on None, another shape, stride,
+    dtype, device or requires_grad); ``launch`` then reads every data pointer afresh
+    (``p.data = other`` and ``set_()`` keep the layout and move the memory), rewrites the parts
+    of the table that moved and calls the kernel. A False ``check`` means nothing ran: the caller
+    takes the general path, which checks and names what does not fit. Which tensors are stepped
+    is the caller's to keep (runtime's ``_FusedGroup``: the optimizer's state).
+    """
+
+    def __init__(self, step: FusedStep, fn, buffers):
+        params = buffers[0]
+        self.step, self.fn, self.n = step, fn, len(params)
+        absent = [lst[0] is None and lst[-1] is None and lst.count(None) == self.n for lst in buffers]
+        self.present = [i for i, none in enumerate(absent) if not none]
+        self.absent = [i for i, none in enumerate(absent) if none]
+        self.n_buffers = len(buffers)
+        self.guard = layouts.guard(list(itertools.chain.from_iterable(buffers[i] for i in self.present)))
+        numels = [p.numel() for p in params]
+        self.numel = array.array("q", numels)
+        self.spills = step.iface["spills"]
+        self.ptrs = array.array("q", bytes(8 * self.n * (len(buffers) + self.spills)))  # absent buffers: NULL
+        self.last: dict[int, list] = {i: [] for i in self.present}  # the pointers in the table, per buffer
+        self.scratch_at = len(buffers) * self.n
+        offsets, at = [], 0
+        for k in numels:
+            offsets.append(at * 4)
+            at += -(-k // _ALIGN) * _ALIGN
+        self.offsets, self.scratch_numel = offsets, at
+
+    def check(self, buffers) -> bool:
+        """Whether ``buffers`` (the same lists, by position, as at build; fresh grads allowed)
+        have the recorded layout: then ``launch`` may step them. Reads and writes nothing."""
+        present, n = self.present, self.n
+        if len(buffers) != self.n_buffers or any([len(buffers[i]) != n for i in present]):
+            return False
+        if any([buffers[i].count(None) != n for i in self.absent]):
+            return False  # a state that was absent (NULL in the table) is there now
+        return self.guard.check(*itertools.chain.from_iterable([buffers[i] for i in present]))
+
+    def launch(self, buffers, host: dict) -> None:
+        """One kernel call over ``buffers``, which just passed ``check``: every data pointer is
+        read afresh and the parts of the table that moved are rewritten."""
+        n, ptrs, last = self.n, self.ptrs, self.last
+        for i in self.present:
+            now = list(map(_DATA_PTR, buffers[i]))
+            if now != last[i]:
+                ptrs[i * n:(i + 1) * n] = array.array("q", now)
+                last[i] = now
+        scratch = None
+        if self.spills:  # one fp32 buffer per spill for all tensors, freed after the step as before
+            scratch = torch.empty(self.spills * self.scratch_numel, dtype=torch.float32)
+            base = scratch.data_ptr()
+            for s in range(self.spills):
+                at = self.scratch_at + s * n
+                ptrs[at:at + n] = array.array("q", [base + o for o in self.offsets])
+                base += self.scratch_numel * 4
+        self.step._launch(self.fn, n, self.numel.buffer_info()[0], ptrs.buffer_info()[0], host)
+        del scratch
 
 
 # layouts (optcompile/layouts.py) whose buffers passed _pointers: their numels, or None where a
