@@ -58,6 +58,7 @@ from typing import Any
 import sympy
 
 from .ir import Clamp, IsNone
+from .step_flags import STEP_FLAGS
 from sympy import (Abs, And, Eq, Ge, Gt, Interval, Le, Lt, Max, Min, Mod, Ne, Not, Or,  # noqa: F401
                    Piecewise, Rational, oo, sign, sqrt, exp, log)
 
@@ -106,10 +107,9 @@ REQUIRED = _Required()
 
 # Names the runtime owns: a spec may not declare hyperparameters, flags or states with them.
 RESERVED_NAMES = frozenset({
-    "param", "grad", "step", "params", "grads", "kahan", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
-    "triton", "fused",
-    "gradient_release", "optimizer_accumulation", "update_parameters", "setup", "decouple_wd",
-    "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults",
+    "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
+    "triton", "fused", "gradient_release", "optimizer_accumulation", "setup", "decouple_wd",
+    "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults", *STEP_FLAGS,
 })
 
 # Names the generated code itself uses at module level (modules, helpers, the builtins and C math

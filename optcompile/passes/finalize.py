@@ -13,12 +13,13 @@ from sympy.logic.boolalg import BooleanAtom
 
 from ..ir import STEP, TRUE, Assign, HostScalar, Namer, Program, Reduction, TensorScalar
 from ..spec import GENERATED_CODE_NAMES, RESERVED_NAMES
+from ..step_flags import STEP_FLAGS
 
 # Every name the generated code may use outside its private namespaces (`_…` in Python and Triton,
 # `oc_…`/`OC_…` in C): modules and helpers, Python builtins, the step functions' own parameters,
 # C keywords, types, functions and macros. An internal name equal to one is renamed (`finalize`).
 CODE_NAMES = GENERATED_CODE_NAMES | RESERVED_NAMES | frozenset(dir(builtins)) | {
-    "params", "grads", "kahan_comps", "kahan", "update_parameters", "state", "group", "numel",
+    "params", "grads", "kahan_comps", *STEP_FLAGS, "state", "group", "numel",
     "sqrt", "sqrtf", "pow", "powf", "exp", "expf", "log", "logf", "fabs", "fabsf", "fmax", "fmaxf", "fmin",
     "fminf", "floor", "ceil", "INFINITY", "NAN", "NULL", "HUGE_VAL", "HUGE_VALF", "int8_t", "int16_t",
     "int32_t", "int64_t", "uint8_t", "uint16_t", "uint32_t", "uint64_t", "size_t", "float_t", "double_t",
@@ -127,8 +128,7 @@ def _out_of_the_way(prog: Program) -> Program:
     that equal a name the generated code uses get a trailing ``_``, in every backend: a let ``torch``
     is ``torch_``, a let ``ms`` next to a state ``m`` (whose list is ``ms``) is ``ms_``. API names
     (hyperparameters, flags, states) keep theirs: the DSL keeps them off these names."""
-    api = {k for a in prog.args for k in a.keys} | set(prog.stored()) | {"grad", "step", "numel", "kahan",
-                                                                         "update_parameters"}
+    api = {k for a in prog.args for k in a.keys} | set(prog.stored()) | {"grad", "step", "numel", *STEP_FLAGS}
     internal: list[str] = []
     for n in [h.name for h in prog.host] + [s.target if isinstance(s, Assign) else s.name for s in prog.body]:
         if n not in api and n not in internal:
