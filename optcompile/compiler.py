@@ -31,7 +31,8 @@ def fingerprint(spec: OptimizerSpec) -> bytes:
         return sympy.srepr(sympy.sympify(x)) if x is not None else "None"
 
     lines = [f"spec {spec.name} {spec.functional} wd={spec.weight_decay} kahan={spec.kahan_sum!r} "
-             f"decouple_wd={spec.decouple_wd} flag={spec.decoupled_flag} consts={sorted(spec.group_constants.items())!r}",
+             f"decouple_wd={spec.decouple_wd} flag={spec.decoupled_flag} consts={sorted(spec.group_constants.items())!r}"
+             + (f" state_dict={spec.state_dict}" if spec.state_dict != "optimi" else ""),
              f"doc {spec.doc!r}"]
     lines += [f"arg {a.name} {a.kind} {a.type} {a.default!r} {a.domain} {a.labels} {a.after} {a.doc!r} {a.errors!r}"
               for a in spec.args]

@@ -175,6 +175,7 @@ class Program:
     decoupled_flag: sympy.Symbol | None = None  # proximal decay: the flag that makes it decoupled instead
     state_order: tuple[str, ...] = ()  # every state as the spec declares it (records included)
     group_constants: tuple[tuple[str, Any], ...] = ()  # param_group entries the spec fixes
+    state_dict_layout: str = "optimi"  # "torch": torch.optim's state_dict layout (and a step count)
     signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
 
     def replace(self, **changes) -> "Program":

@@ -125,7 +125,8 @@ def lower(spec: OptimizerSpec) -> Program:
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
                    decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
                    state_order=tuple(st.name for st in spec.states),
-                   group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order)
+                   group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order,
+                   state_dict_layout=spec.state_dict)
     _check_unused(spec, prog)
     return prog
 

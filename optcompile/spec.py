@@ -7,12 +7,15 @@ line the author wrote. Nothing here knows about backends: the spec is data.
 DSL reference (``specs/*.py`` use all of it):
 
 * ``OptimizerSpec(name, weight_decay=..., kahan_sum=None, decouple_wd=False, decoupled_flag=None,
-  group_constants={})``: ``weight_decay`` is the decay the compiler injects: ``"decoupled"``
+  group_constants={}, state_dict="optimi")``: ``weight_decay`` is the decay the compiler injects: ``"decoupled"``
   (p·(1 − lr·wd)), ``"l2"`` (g + wd·p, with a ``decouple_wd`` switch defaulting to ``decouple_wd``),
   ``"proximal"`` (Adan: (p − lr·d)/(1 + lr·wd), or decoupled when the flag named by
   ``decoupled_flag`` is on) or ``None``; all add ``decouple_lr``/``max_lr``. ``kahan_sum`` is the
   constructor default. ``group_constants`` are fixed param_group entries kept only for another
-  library's state_dict layout (AdamW's ``decouple_wd=True``).
+  library's state_dict layout (AdamW's ``decouple_wd=True``). ``state_dict="torch"``: the class
+  saves torch.optim's layout (a per-param ``step``, tuple hyperparameters such as ``betas`` under
+  their own name, no state that is None) and loads it, so its state_dicts go both ways with the
+  torch.optim class of the same name; it then counts steps even where the math does not read them.
 * ``hyper(name, default, domain, names=, type=int|float, after=, error=)``: a constructor argument
   (a tuple such as ``betas`` with ``names=``); ``domain`` (a sympy Interval, or one per element of a
   tuple) generates optimi's ValueErrors, or torch.optim's with ``error=`` (a message with the
@@ -201,6 +204,7 @@ class OptimizerSpec:
     decouple_wd: bool = False
     decoupled_flag: str | None = None
     group_constants: dict = field(default_factory=dict)
+    state_dict: str = "optimi"  # "torch": torch.optim's state_dict layout (optcompile/checkpoint.py)
     doc: str = ""
     functional: str | None = None
     args: list[Arg] = field(default_factory=list)
@@ -220,6 +224,8 @@ class OptimizerSpec:
         if self.weight_decay not in ("decoupled", "l2", "proximal", None):
             raise SpecError(f"weight_decay={self.weight_decay!r}: expected 'decoupled', 'l2', 'proximal' or None",
                             self.file, self.origin.line)
+        if self.state_dict not in ("optimi", "torch"):
+            raise SpecError(f"state_dict={self.state_dict!r}: expected 'optimi' or 'torch'", self.file, self.origin.line)
         if not self.doc:
             module = sys.modules.get(_spec_module_name(self.file))
             self.doc = (getattr(module, "__doc__", None) or "").strip() if module else ""

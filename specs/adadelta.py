@@ -6,7 +6,8 @@ $p_t = p_{t-1} - \gamma \Delta_t$ ($\gamma$ = 1 in the paper).
 """
 from optcompile.spec import Interval, OptimizerSpec, oo, sqrt
 
-spec = OptimizerSpec("Adadelta", weight_decay="l2", group_constants={"capturable": False, "differentiable": False})
+spec = OptimizerSpec("Adadelta", weight_decay="l2", state_dict="torch",
+                     group_constants={"capturable": False, "differentiable": False})
 lr = spec.hyper("lr", 1.0, Interval(0, oo), doc="Coefficient that scales delta before it is applied to the "
                 "parameters", error="Invalid learning rate: {lr}")
 rho = spec.hyper("rho", 0.9, Interval(0, 1), doc="Coefficient for the running averages of squared gradients and "

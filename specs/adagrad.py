@@ -5,7 +5,8 @@ $s_t = s_{t-1} + g^2$ from $s_0 = $ ``initial_accumulator_value``, $p_t = p_{t-1
 """
 from optcompile.spec import Interval, OptimizerSpec, oo, sqrt
 
-spec = OptimizerSpec("Adagrad", weight_decay="l2", group_constants={"differentiable": False})
+spec = OptimizerSpec("Adagrad", weight_decay="l2", state_dict="torch",
+                     group_constants={"differentiable": False})
 lr = spec.hyper("lr", 1e-2, Interval(0, oo), doc="Learning rate", error="Invalid learning rate: {lr}")
 lr_decay = spec.hyper("lr_decay", 0, Interval(0, oo), doc="Learning rate decay", error="Invalid lr_decay value: {lr_decay}")
 spec.weight_decay_hyper(0, error="Invalid weight_decay value: {weight_decay}")

@@ -5,7 +5,8 @@ $u_t = \max(\beta_2 u_{t-1}, |g| + \epsilon)$, $p_t = p_{t-1} - \frac{\gamma}{1-
 """
 from optcompile.spec import Abs, Interval, Max, OptimizerSpec, oo
 
-spec = OptimizerSpec("Adamax", weight_decay="l2", group_constants={"capturable": False, "differentiable": False})
+spec = OptimizerSpec("Adamax", weight_decay="l2", state_dict="torch",
+                     group_constants={"capturable": False, "differentiable": False})
 lr = spec.hyper("lr", 2e-3, Interval(0, oo), doc="Learning rate", error="Invalid learning rate: {lr}")
 beta1, beta2 = spec.hyper("betas", (0.9, 0.999), Interval.Ropen(0, 1), names=("beta1", "beta2"),
                           doc="Coefficients for the running average of the gradient and the infinity norm",

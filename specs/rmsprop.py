@@ -7,7 +7,8 @@ else $p_t = p_{t-1} - \gamma g/(\sqrt{\tilde v_t}+\epsilon)$. No step count, no 
 """
 from optcompile.spec import Gt, Interval, OptimizerSpec, Piecewise, oo, sqrt
 
-spec = OptimizerSpec("RMSprop", weight_decay="l2", group_constants={"capturable": False, "differentiable": False})
+spec = OptimizerSpec("RMSprop", weight_decay="l2", state_dict="torch",
+                     group_constants={"capturable": False, "differentiable": False})
 lr = spec.hyper("lr", 1e-2, Interval(0, oo), doc="Learning rate", error="Invalid learning rate: {lr}")
 alpha = spec.hyper("alpha", 0.99, Interval(0, oo), doc="Smoothing constant", error="Invalid alpha value: {alpha}")
 eps = spec.hyper("eps", 1e-8, Interval(0, oo), doc="Added to the denominator to improve numerical stability",

@@ -7,7 +7,8 @@ and ``prev`` keeps $g_t$. The learning rate only sets $\Delta_0$ (as in torch, a
 """
 from optcompile.spec import Eq, Interval, Max, Min, OptimizerSpec, Piecewise, oo, sign
 
-spec = OptimizerSpec("Rprop", weight_decay=None, group_constants={"capturable": False, "differentiable": False})
+spec = OptimizerSpec("Rprop", weight_decay=None, state_dict="torch",
+                     group_constants={"capturable": False, "differentiable": False})
 lr = spec.hyper("lr", 1e-2, Interval(0, oo), doc="Learning rate: the initial step size", error="Invalid learning rate: {lr}")
 etaminus, etaplus = spec.hyper("etas", (0.5, 1.2), (Interval.open(0, 1), Interval.open(1, oo)),
                                names=("etaminus", "etaplus"), doc="Multiplicative decrease and increase factors",

@@ -9,6 +9,7 @@ that names it. tests/test_registry.py checks the entries against the classes and
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -99,6 +100,8 @@ class OptimizerInfo:
     * ``stateful``: the least that gives the optimizer all its states (SGD: momentum).
     * ``state_dict``: the options the checkpoint tests save and load with.
     * ``torch_optim``: the configurations that are torch.optim's algorithm too.
+    * ``torch_family``: for a class that *is* torch.optim's (same name, arguments and state), the
+      option combinations run against it with identical keywords (tests/test_torch_family.py).
     """
     stem: str
     name: str
@@ -109,6 +112,7 @@ class OptimizerInfo:
     stateful: Mapping = field(default_factory=dict)
     state_dict: Mapping = field(default_factory=dict)
     torch_optim: tuple[TorchCase, ...] = ()
+    torch_family: tuple[Mapping, ...] = ()
 
     def __post_init__(self):
         for name in ("stateful", "state_dict"):  # shared by every test: read-only
@@ -118,6 +122,11 @@ class OptimizerInfo:
     def cls(self):
         from optcompile import loader
         return loader.builtin_class(self.stem)
+
+    @property
+    def torch_cls(self):
+        """torch.optim's class of the same name where this optimizer is torch.optim's, else None."""
+        return getattr(torch.optim, self.name) if self.torch_family else None
 
     @property
     def optimi_cls(self):
@@ -131,12 +140,46 @@ def _training(*configs):
     return tuple(Config(kw, cid) for cid, kw in configs)
 
 
+def _product(**choices):
+    """Every combination of the choices (``name=[value, …]``; a tuple of names takes values together),
+    without the keywords left at their first (default) value."""
+    names = list(choices)
+    out = []
+    for values in itertools.product(*choices.values()):
+        kw = {}
+        for name, value in zip(names, values):
+            if isinstance(name, str) and "__" in name:
+                kw.update(value)  # a bundle of keywords chosen together
+            else:
+                kw[name] = value
+        out.append(MappingProxyType({k: v for k, v in kw.items() if v not in (None, False, 0) or k == "lr"}))
+    return tuple(out)
+
+
+_TORCH_KERNEL = ({"maximize": True, "weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_wd": True})
+
 # fused.py's option sets for specs without their own: decay, and fully decoupled decay
 _KERNEL_DEFAULT = ({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr": True})
 
 # Differential option sets: every weight-decay style, fully decoupled decay with and without
 # max_lr, and the algorithm's own switches.
 _ENTRIES = {e.stem: e for e in [
+    OptimizerInfo(
+        "adadelta", "Adadelta", lr=1.0,
+        training=_training(("l2", dict(weight_decay=1e-2))),
+        kernel=_TORCH_KERNEL,
+        differential=(),
+        state_dict=dict(rho=0.8, weight_decay=0.01),
+        torch_family=_product(opts__=[{}, dict(lr=0.5, rho=0.8, eps=1e-5)], weight_decay=[0, 0.1],
+                              maximize=[False, True])),
+    OptimizerInfo(
+        "adagrad", "Adagrad",
+        training=_training(("l2", dict(weight_decay=1e-2, lr_decay=1e-3))),
+        kernel=({"lr_decay": 0.01, "initial_accumulator_value": 0.1},) + _TORCH_KERNEL,
+        differential=(),
+        state_dict=dict(lr_decay=0.01, initial_accumulator_value=0.1),
+        torch_family=_product(lr_decay=[0, 0.01], initial_accumulator_value=[0, 0.1],
+                              wd__=[{}, dict(weight_decay=0.1, eps=1e-6)], maximize=[False, True])),
     OptimizerInfo(
         "adam", "Adam",
         training=_training(("l2", dict(weight_decay=1e-2))),
@@ -146,6 +189,14 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(weight_decay=0.01),
         torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.Adam,
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
+    OptimizerInfo(
+        "adamax", "Adamax",
+        training=_training(("l2", dict(weight_decay=1e-2))),
+        kernel=_TORCH_KERNEL,
+        differential=(),
+        state_dict=dict(betas=(0.8, 0.99)),
+        torch_family=_product(betas__=[{}, dict(betas=(0.8, 0.99), eps=1e-6)], weight_decay=[0, 0.1],
+                              maximize=[False, True])),
     OptimizerInfo(
         "adamw", "AdamW",
         training=_training(("defaults", dict())),
@@ -184,6 +235,24 @@ _ENTRIES = {e.stem: e for e in [
         differential=(dict(), dict(k=4, alpha=0.3, weight_decay=0.1), dict(k=5, weight_decay=0.1, decouple_wd=False),
                       dict(weight_decay=1e-3, decouple_lr=True), dict(k=3, weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
         state_dict=dict(k=3)),
+    OptimizerInfo(
+        "rmsprop", "RMSprop",
+        training=_training(("centered-momentum", dict(momentum=0.9, centered=True, weight_decay=1e-2))),
+        kernel=({"momentum": 0.9, "centered": True}, {"momentum": 0.9, "weight_decay": 0.01, "maximize": True},
+                {"weight_decay": 0.01, "decouple_wd": True}),
+        differential=(),
+        stateful=dict(momentum=0.9, centered=True),
+        state_dict=dict(momentum=0.9, centered=True, alpha=0.9),
+        torch_family=_product(centered=[False, True], momentum=[0, 0.9], wd__=[{}, dict(weight_decay=0.1, alpha=0.9)],
+                              maximize=[False, True])),
+    OptimizerInfo(
+        "rprop", "Rprop",
+        training=_training(("defaults", dict())),
+        kernel=({}, {"maximize": True}),
+        differential=(),
+        state_dict=dict(etas=(0.4, 1.3)),
+        torch_family=_product(opts__=[{}, dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2))],
+                              maximize=[False, True])),
     OptimizerInfo(
         "sgd", "SGD",
         # both decay styles: the training-loop files used to disagree (L2 in one, decoupled in two)

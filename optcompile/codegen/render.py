@@ -232,6 +232,9 @@ def module_context(prog: Program) -> dict:
         "foreach": foreach.context(prog),
         "uses_step": prog.uses_step,
         "whole_tensor": prog.whole_tensor(),
+        # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
+        "layout_extra": "" if prog.state_dict_layout == "optimi" else
+        f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}',
         "max_lr": prog.arg("max_lr") is not None,
         "traffic": traffic(prog),
         "functional_params": _functional_params(prog),
