@@ -9,7 +9,8 @@ from optcompile.spec import Eq, Interval, Max, Min, OptimizerSpec, Piecewise, oo
 
 spec = OptimizerSpec("Rprop", weight_decay=None, state_dict="torch",
                      group_constants={"capturable": False, "differentiable": False})
-lr = spec.hyper("lr", 1e-2, Interval(0, oo), doc="Learning rate: the initial step size", error="Invalid learning rate: {lr}")
+lr = spec.hyper("lr", 1e-2, Interval(0, oo), doc="Learning rate: the initial step size",
+                error="Invalid learning rate: {lr}")
 etaminus, etaplus = spec.hyper("etas", (0.5, 1.2), (Interval.open(0, 1), Interval.open(1, oo)),
                                names=("etaminus", "etaplus"), doc="Multiplicative decrease and increase factors",
                                error="Invalid eta values: {etas[0]}, {etas[1]}")
