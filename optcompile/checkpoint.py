@@ -21,7 +21,8 @@ Conversions (docs/differences.md, "Checkpoints"):
 - ``torch.optim.Adam`` / ``AdamW`` state dicts load into ``Adam`` / ``AdamW``: torch keeps the raw
   moments and a per-param float ``step``, optimi the bias-corrected moments and an int32 group
   ``step``, so ``exp_avg / (1 - beta1**t)`` and ``exp_avg_sq / (1 - beta2**t)`` continue the same
-  training. ``amsgrad`` and ``maximize`` have no counterpart and are rejected.
+  training (``maximize`` too); ``amsgrad`` has no counterpart and is rejected.
+- A group without ``maximize`` (optimi's, an older optcompile's) loads with ``maximize=False``.
 - torch.optim's own layout, for the classes that are torch.optim's (specs with
   ``state_dict="torch"``: Adadelta, Adagrad, Adamax, RMSprop, Rprop): they *save* it too
   (``to_torch_layout``), so a state dict goes both ways. On load, per-param float ``step`` tensors
@@ -40,9 +41,14 @@ import torch
 from .runtime import uses_kahan
 
 OPTIMI_TRITON_SCRATCH = ("mean_square",)  # optimi's StableAdamW Triton kernel's per-param scratch
-TORCH_ONLY_GROUP_KEYS = ("betas", "amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable",
+TORCH_ONLY_GROUP_KEYS = ("betas", "amsgrad", "foreach", "fused", "capturable", "differentiable",
                          "decoupled_weight_decay")
 BACKEND_KEYS = ("kahan_sum", "foreach", "triton", "fused", "gradient_release")
+# group keys of passes newer than optimi's layout, with the value that means "off": a group saved
+# without one (optimi's, an older optcompile's) ran without it
+LATER_GROUP_KEYS = {"maximize": False}
+# optcompile's group keys that a torch.optim state dict lacks: the weight-decay pass's and the runtime's
+TORCH_LAYOUT_EXTRAS = ("decouple_wd", "decouple_lr", "max_lr") + BACKEND_KEYS
 
 
 def check_and_convert(optimizer, state_dict: dict) -> dict | None:
@@ -101,6 +107,9 @@ def _check_and_convert(optimizer, state_dict: dict) -> dict | None:
 def _check_group(optimizer, name: str, gi: int, saved: dict) -> dict:
     """A saved group has every hyperparameter the step reads, and (for algorithms with a step
     counter) a step that ``step()`` will continue rather than restart."""
+    later = {k: v for k, v in LATER_GROUP_KEYS.items() if k in optimizer._info.keys and k not in saved}
+    if later:
+        saved = {**saved, **later}
     missing = [k for k in optimizer._info.keys if k not in saved]
     if missing:
         raise ValueError(f"{name}: param_groups[{gi}] has no {', '.join(map(repr, missing))} "
@@ -202,8 +211,9 @@ def _check_param_state(optimizer, name, gi, position, index, param, st, layout, 
 
 
 def _from_torch_optim(group: dict) -> bool:
-    """torch.optim's groups carry keys that optimi's never do."""
-    return "differentiable" in group or "maximize" in group or ("betas" in group and "beta1" not in group)
+    """torch.optim's groups carry keys that optimi's never do, and none of optimi's and ours (``kahan_sum``)."""
+    return "kahan_sum" not in group and ("differentiable" in group or "maximize" in group
+                                         or ("betas" in group and "beta1" not in group))
 
 
 def _torch_adam(group: dict) -> bool:
@@ -235,7 +245,7 @@ def _convert_torch_adam(optimizer, name: str, saved_groups: list, saved_state: d
     for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
         if not _torch_adam(saved):
             raise ValueError(f"{name}: param_groups[{gi}] is not a torch.optim Adam group while others are")
-        for flag in ("amsgrad", "maximize"):
+        for flag in ("amsgrad",):
             if saved.get(flag):
                 raise ValueError(f"{name}: param_groups[{gi}] has {flag}=True (torch.optim), which {cls} does not "
                                  "implement")
@@ -326,9 +336,9 @@ def _from_torch_layout(optimizer, name: str, saved_groups: list, saved_state: di
                 if not isinstance(values, (tuple, list)) or len(values) != len(keys):
                     raise ValueError(f"{name}: param_groups[{gi}][{arg!r}] is {values!r}, expected {len(keys)} values")
                 new.update(zip(keys, values))
-        for k, v in group.items():  # optcompile's own keys (decouple_wd, kahan_sum …): this optimizer's
-            if k not in new and k not in ("params", "step", "setup"):
-                new[k] = v
+        for k in TORCH_LAYOUT_EXTRAS:  # optcompile's own keys (decouple_wd, kahan_sum …): this optimizer's
+            if k in group and k not in new:
+                new[k] = group[k]
         steps = []
         for index in saved["params"]:
             st = saved_state.get(index)
