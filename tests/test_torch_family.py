@@ -277,3 +277,19 @@ def test_user_spec_gets_maximize(tmp_path):
     p.grad = torch.tensor([1.0, -2.0, 0.0])
     cls([p], lr=0.1, maximize=True, **BACKENDS["eager"].flags).step()
     assert torch.equal(p.detach(), torch.tensor([0.1, -0.1, 0.0]))
+
+
+def test_torch_adam_state_dict_with_maximize_converts():
+    """torch.optim.Adam(maximize=True) checkpoints convert onto optcompile.Adam, maximize kept."""
+    case = BY_STEM["adam"].torch_optim[-1]
+    ours, theirs = make_params(), make_params()
+    t = train(case.torch_cls(sum(theirs, []), **case.theirs, maximize=True, foreach=False), theirs, steps=5)
+    for p, q in zip(sum(ours, []), sum(theirs, [])):
+        p.data.copy_(q.data)
+    o = optcompile.Adam(sum(ours, []), **case.ours, **BACKENDS["eager"].flags)
+    o.load_state_dict(t.state_dict())
+    assert o.param_groups[0]["maximize"] is True
+    train(o, ours, steps=5, seed=2)
+    train(t, theirs, steps=5, seed=2)
+    for a, b in zip(sum(ours, []), sum(theirs, [])):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
