@@ -8,10 +8,10 @@ flag is a keyword-only constructor argument defaulting to False; a spec that dec
 ``maximize`` keeps it (and its meaning) and gets nothing from this pass. Runs after the
 weight-decay pass, so that the negation lands before the decay it inserted.
 
-The negation is one unguarded ``grad ← s·grad`` with the host scalar ``s = ±1`` (exact), not
-``if maximize: grad ← −grad``: the eager and foreach printers (codegen/tensor_code.py) count a
-variable written under a guard as their own temporary after the guard too, and would then apply
-the L2 decay in place to the user's ``p.grad`` when ``maximize`` is False.
+The negation is ``if maximize: grad ← −grad``, so a minimizing step pays nothing for it. The
+eager and foreach printers (codegen/tensor_code.py) own ``grad`` after it only where the guard
+held: with ``maximize=False`` the L2 decay that follows builds a new tensor instead of adding
+``λp`` in place into the caller's ``p.grad``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import dataclasses
 import sympy
 from sympy import Piecewise, Symbol
 
-from ..ir import GRAD, TRUE, Arg, Assign, HostScalar, Origin, Program
+from ..ir import GRAD, Arg, Assign, Origin, Program
 
 ORIGIN = Origin(added_by="maximize")
 MAXIMIZE = Symbol("maximize")
@@ -35,8 +35,5 @@ def add_maximize(prog: Program) -> Program:
     ascent = Piecewise((-GRAD, MAXIMIZE), (GRAD, True))
     states = tuple(dataclasses.replace(s, init=sympy.sympify(s.init).xreplace({GRAD: ascent}))
                    if GRAD in sympy.sympify(s.init).free_symbols else s for s in prog.states)
-    # one unguarded write, grad ← ±grad (exact): a guarded first write would leave the printers
-    # taking the user's gradient for a temporary of their own (see the module docstring)
-    sign = HostScalar(prog.fresh_name("grad_sign"), Piecewise((-1, MAXIMIZE), (1, True)), "float", ORIGIN)
-    body = (Assign("grad", sign.sym * GRAD, TRUE, ORIGIN, role="maximize"),) + prog.body
-    return prog.replace(args=prog.args + (arg,), host=prog.host + (sign,), body=body, states=states)
+    body = (Assign("grad", -GRAD, MAXIMIZE, ORIGIN, role="maximize"),) + prog.body
+    return prog.replace(args=prog.args + (arg,), body=body, states=states)
