@@ -130,8 +130,13 @@ def test_eager_nonfinite_places_match_the_oracle(stem, pattern):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["foreach", "triton", "fused"])
 @pytest.mark.parametrize("stem, pattern", CASES)
-def test_backend_nonfinite_places_match_eager(stem, pattern, backend, dtype):
+def test_backend_nonfinite_places_match_eager(stem, pattern, backend, dtype, request):
     _skip_unavailable(backend)
+    if (stem, pattern, backend) == ("rmsprop", "huge", "triton"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "centered RMSprop, grads ×1e30: torch's addcmul(v, ḡ, ḡ, value=-1) is a fused multiply-add, "
+            "so inf − ḡ² (ḡ² = 1e56 unrounded) stays inf and g/√ṽ = 0, as in the fused C kernel; the Triton "
+            "kernel rounds ḡ² to inf first and gets inf − inf = NaN (codegen/triton.py: needs tl.fma there)")))
     got = _run(_cls(stem), pattern, dtype, BACKENDS[backend])
     _assert_same_places(got, _eager(stem, pattern, dtype), f"{stem} {backend} vs eager, {pattern}, {dtype}")
 
