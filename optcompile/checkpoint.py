@@ -21,7 +21,15 @@ Conversions (docs/differences.md, "Checkpoints"):
 - ``torch.optim.Adam`` / ``AdamW`` state dicts load into ``Adam`` / ``AdamW``: torch keeps the raw
   moments and a per-param float ``step``, optimi the bias-corrected moments and an int32 group
   ``step``, so ``exp_avg / (1 - beta1**t)`` and ``exp_avg_sq / (1 - beta2**t)`` continue the same
-  training. ``amsgrad`` and ``maximize`` have no counterpart and are rejected.
+  training (``maximize`` too); ``amsgrad`` has no counterpart and is rejected.
+- A group without ``maximize`` (optimi's, an older optcompile's) loads with ``maximize=False``.
+- torch.optim's own layout, for the classes that are torch.optim's (specs with
+  ``state_dict="torch"``: Adadelta, Adagrad, Adamax, RMSprop, Rprop): they *save* it too
+  (``to_torch_layout``), so a state dict goes both ways. On load, per-param float ``step`` tensors
+  become the group's int32 ``step`` (the largest, where params missed steps), tuple
+  hyperparameters (``betas``) their keys (``beta1``, ``beta2``), a state torch does not allocate
+  (RMSprop's ``momentum_buffer`` without momentum) None, and optcompile's own group keys
+  (``decouple_wd``, ``kahan_sum`` …) are kept from the optimizer.
 """
 from __future__ import annotations
 
@@ -33,9 +41,14 @@ import torch
 from .runtime import uses_kahan
 
 OPTIMI_TRITON_SCRATCH = ("mean_square",)  # optimi's StableAdamW Triton kernel's per-param scratch
-TORCH_ONLY_GROUP_KEYS = ("betas", "amsgrad", "maximize", "foreach", "fused", "capturable", "differentiable",
+TORCH_ONLY_GROUP_KEYS = ("betas", "amsgrad", "foreach", "fused", "capturable", "differentiable",
                          "decoupled_weight_decay")
 BACKEND_KEYS = ("kahan_sum", "foreach", "triton", "fused", "gradient_release")
+# group keys of passes newer than optimi's layout, with the value that means "off": a group saved
+# without one (optimi's, an older optcompile's) ran without it
+LATER_GROUP_KEYS = {"maximize": False}
+# optcompile's group keys that a torch.optim state dict lacks: the weight-decay pass's and the runtime's
+TORCH_LAYOUT_EXTRAS = ("decouple_wd", "decouple_lr", "max_lr") + BACKEND_KEYS
 
 
 def check_and_convert(optimizer, state_dict: dict) -> dict | None:
@@ -59,7 +72,10 @@ def _check_and_convert(optimizer, state_dict: dict) -> dict | None:
                                                for g, s in zip(groups, saved_groups)):
         return None  # torch raises its ValueError about group and param counts next
     converted = False
-    if any(_torch_adam(g) for g in saved_groups):
+    if optimizer._info.extra.get("state_dict") == "torch":
+        saved_groups, saved_state = _from_torch_layout(optimizer, name, saved_groups, saved_state)
+        converted = True
+    elif any(_torch_adam(g) for g in saved_groups):
         saved_groups, saved_state = _convert_torch_adam(optimizer, name, saved_groups, saved_state)
         converted = True
     state = dict(saved_state)
@@ -91,6 +107,9 @@ def _check_and_convert(optimizer, state_dict: dict) -> dict | None:
 def _check_group(optimizer, name: str, gi: int, saved: dict) -> dict:
     """A saved group has every hyperparameter the step reads, and (for algorithms with a step
     counter) a step that ``step()`` will continue rather than restart."""
+    later = {k: v for k, v in LATER_GROUP_KEYS.items() if k in optimizer._info.keys and k not in saved}
+    if later:
+        saved = {**saved, **later}
     missing = [k for k in optimizer._info.keys if k not in saved]
     if missing:
         raise ValueError(f"{name}: param_groups[{gi}] has no {', '.join(map(repr, missing))} "
@@ -192,8 +211,9 @@ def _check_param_state(optimizer, name, gi, position, index, param, st, layout, 
 
 
 def _from_torch_optim(group: dict) -> bool:
-    """torch.optim's groups carry keys that optimi's never do."""
-    return "differentiable" in group or "maximize" in group or ("betas" in group and "beta1" not in group)
+    """torch.optim's groups carry keys that optimi's never do, and none of optimi's and ours (``kahan_sum``)."""
+    return "kahan_sum" not in group and ("differentiable" in group or "maximize" in group
+                                         or ("betas" in group and "beta1" not in group))
 
 
 def _torch_adam(group: dict) -> bool:
@@ -202,8 +222,9 @@ def _torch_adam(group: dict) -> bool:
 
 def _origin(group: dict) -> str:
     if _from_torch_optim(group):
-        return ("it is a torch.optim state dict; only torch.optim.Adam and AdamW state dicts convert, onto "
-                "optcompile's Adam and AdamW")
+        return ("it is a torch.optim state dict; torch.optim.Adam and AdamW state dicts convert onto optcompile's "
+                "Adam and AdamW, and Adadelta, Adagrad, Adamax, RMSprop and Rprop state dicts load into the "
+                "optcompile class of the same name")
     return "is it a state dict of another optimizer class?"
 
 
@@ -224,7 +245,7 @@ def _convert_torch_adam(optimizer, name: str, saved_groups: list, saved_state: d
     for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
         if not _torch_adam(saved):
             raise ValueError(f"{name}: param_groups[{gi}] is not a torch.optim Adam group while others are")
-        for flag in ("amsgrad", "maximize"):
+        for flag in ("amsgrad",):
             if saved.get(flag):
                 raise ValueError(f"{name}: param_groups[{gi}] has {flag}=True (torch.optim), which {cls} does not "
                                  "implement")
@@ -263,4 +284,80 @@ def _convert_torch_adam(optimizer, name: str, saved_groups: list, saved_state: d
             new.pop("step", None)
         ordered = {k: new[k] for k in group if k in new}  # this optimizer's key order (its state_dict layout)
         groups.append({**ordered, **new})
+    return groups, state
+
+
+# ── torch.optim's layout (specs with state_dict="torch") ────────────────────────────────────────
+def to_torch_layout(optimizer, state_dict: dict) -> dict:
+    """state_dict(): torch.optim's layout for a class that is torch.optim's, so that the torch.optim
+    class of the same name loads it: tuple hyperparameters under their own name (``betas``), a
+    float32 ``step`` per stepped param instead of the group's int32 one, no None states.
+    optcompile's own group keys (``kahan_sum``, ``decouple_wd`` …) stay; torch ignores them."""
+    info = optimizer._info
+    if info.extra.get("state_dict") != "torch":
+        return state_dict
+    state = dict(state_dict["state"])
+    groups = []
+    for saved in state_dict["param_groups"]:
+        group = dict(saved)
+        for arg, keys in info.extra["tuple_keys"].items():
+            if all(k in group for k in keys):
+                group[arg] = tuple(group.pop(k) for k in keys)
+        step = group.pop("step", None)
+        group.pop("setup", None)
+        count = int(step.item()) if isinstance(step, torch.Tensor) else int(step or 0)
+        for index in group["params"]:
+            st = state.get(index)
+            if not isinstance(st, dict) or not any(st.get(k) is not None for k in info.states):
+                continue  # never stepped: torch.optim allocates it lazily too
+            own = st.get("step")  # gradient release: a step per param
+            new = {k: v for k, v in st.items() if v is not None and k != "step"}
+            new["step"] = torch.tensor(float(own.item() if isinstance(own, torch.Tensor) else count))
+            state[index] = {"step": new.pop("step"), **new}
+        groups.append(group)
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _from_torch_layout(optimizer, name: str, saved_groups: list, saved_state: dict):
+    """torch.optim's layout (``to_torch_layout``, or torch.optim's own state dict) in this
+    optimizer's (new containers); a group already in it passes unchanged."""
+    info = optimizer._info
+    release = optimizer.defaults.get("gradient_release")
+    groups, state = [], dict(saved_state)
+    for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        for flag in ("capturable", "differentiable"):
+            if saved.get(flag):
+                raise ValueError(f"{name}: param_groups[{gi}] has {flag}=True (torch.optim), which optcompile "
+                                 "does not implement")
+        new = {k: v for k, v in saved.items() if k not in ("step", "setup")}
+        for arg, keys in info.extra["tuple_keys"].items():
+            if arg in new:
+                values = new.pop(arg)
+                if not isinstance(values, (tuple, list)) or len(values) != len(keys):
+                    raise ValueError(f"{name}: param_groups[{gi}][{arg!r}] is {values!r}, expected {len(keys)} values")
+                new.update(zip(keys, values))
+        for k in TORCH_LAYOUT_EXTRAS:  # optcompile's own keys (decouple_wd, kahan_sum …): this optimizer's
+            if k in group and k not in new:
+                new[k] = group[k]
+        steps = []
+        for index in saved["params"]:
+            st = saved_state.get(index)
+            if not isinstance(st, dict):
+                continue
+            st = dict(st)
+            if "step" in st:
+                t = step_count(st.pop("step"), f"{name}: state[{index!r}]['step']")
+                steps.append(t)
+                if release:
+                    st["step"] = torch.tensor(t, dtype=torch.int32)
+            if any(k in st for k in info.states):
+                st = {**{k: None for k in info.states}, **st}  # torch allocates no conditional state
+            state[index] = st
+        if steps:  # one step per group: params that missed gradients continue at the group's
+            new.update(setup=True, step=torch.tensor(max(steps), dtype=torch.int32))
+        elif "step" in saved:  # optcompile's own (optimi) layout
+            new.update(step=saved["step"], setup=saved.get("setup", True))
+        else:
+            new["setup"] = False
+        groups.append({**{k: new[k] for k in group if k in new}, **new})
     return groups, state

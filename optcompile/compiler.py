@@ -31,9 +31,12 @@ def fingerprint(spec: OptimizerSpec) -> bytes:
         return sympy.srepr(sympy.sympify(x)) if x is not None else "None"
 
     lines = [f"spec {spec.name} {spec.functional} wd={spec.weight_decay} kahan={spec.kahan_sum!r} "
-             f"decouple_wd={spec.decouple_wd} flag={spec.decoupled_flag} consts={sorted(spec.group_constants.items())!r}",
+             f"decouple_wd={spec.decouple_wd} flag={spec.decoupled_flag} consts={sorted(spec.group_constants.items())!r}"
+             + (f" state_dict={spec.state_dict}" if spec.state_dict != "optimi" else ""),
              f"doc {spec.doc!r}"]
-    lines += [f"arg {a.name} {a.kind} {a.type} {a.default!r} {a.domain} {a.labels} {a.after} {a.doc!r}" for a in spec.args]
+    lines += [f"arg {a.name} {a.kind} {a.type} {a.default!r} {a.domain} {a.labels} {a.after} {a.doc!r} {a.errors!r}"
+              for a in spec.args]
+    lines += [f"signature {spec.order!r}"] if spec.order else []
     lines += [f"state {st.name} {e(st.init)} {e(st.when)} {st.scalar}" for st in spec.states]
     lines += [f"stmt {st.kind} {st.target} {e(st.expr)} {e(st.when)} {e(st.lr)}" for st in spec.stmts]
     return "\n".join(lines).encode()

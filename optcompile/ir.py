@@ -128,6 +128,8 @@ class Arg:
     injected_by: str = ""  # the pass that added it, "" for spec arguments
     type: str = "float"  # annotation of each value: float, int or bool
     after: str | None = None  # placed right after this argument (e.g. SGD's torch_init after max_lr)
+    errors: tuple[str, ...] = ()  # torch.optim-style ValueError messages (spec ``error=``)
+    keyword_only: bool = False  # a pass's argument that comes after the runtime's, keyword-only (maximize)
 
     @property
     def optional(self) -> bool:
@@ -227,6 +229,8 @@ class Program:
     decoupled_flag: sympy.Symbol | None = None  # proximal decay: the flag that makes it decoupled instead
     state_order: tuple[str, ...] = ()  # every state as the spec declares it (records included)
     group_constants: tuple[tuple[str, Any], ...] = ()  # param_group entries the spec fixes
+    state_dict_layout: str = "optimi"  # "torch": torch.optim's state_dict layout (and a step count)
+    signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)

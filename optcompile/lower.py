@@ -131,14 +131,15 @@ def lower(spec: OptimizerSpec) -> Program:
                             "the step; use the hyperparameters it is computed from", file, st.origin.line)
     # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
     decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
-    args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after)
-                 for a in spec.args)
+    args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after,
+                        a.errors) for a in spec.args)
     prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
                    states=states, host=tuple(host), body=tuple(body), update_lr=update_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
                    decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
                    state_order=tuple(st.name for st in spec.states),
-                   group_constants=tuple(spec.group_constants.items()), records=records)
+                   group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order,
+                   state_dict_layout=spec.state_dict)
     _check_unused(spec, prog)
     return prog
 

@@ -470,6 +470,7 @@ class CompiledOptimizer(Optimizer):
         self._fused_groups: dict[int, _FusedGroup] = {}  # groups stepped from prebuilt tables, by id
         self.register_load_state_dict_pre_hook(_drop_fused_groups)
         self.register_state_dict_post_hook(_pack_gradient_release_groups)
+        self.register_state_dict_post_hook(_torch_layout)
         self.register_load_state_dict_pre_hook(_check_and_convert_state_dict)
         self.register_load_state_dict_post_hook(_link_gradient_release_groups)
         self.register_load_state_dict_post_hook(_keep_constructor_only_keys)
@@ -770,6 +771,12 @@ def uses_kahan(group: dict, param: torch.Tensor) -> bool:
     """Kahan-compensated updates: low-precision params, unless the group's kahan_sum is False."""
     kahan_sum = group.get("kahan_sum")
     return bool(kahan_sum or kahan_sum is None) and param.dtype in LOW_PRECISION
+
+
+def _torch_layout(optimizer: CompiledOptimizer, state_dict: dict) -> dict:
+    """state_dict(): torch.optim's layout for the classes that are torch.optim's (checkpoint.py)."""
+    from .checkpoint import to_torch_layout
+    return to_torch_layout(optimizer, state_dict)
 
 
 def _check_and_convert_state_dict(optimizer: CompiledOptimizer, state_dict: dict) -> dict | None:

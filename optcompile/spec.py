@@ -7,17 +7,27 @@ line the author wrote. Nothing here knows about backends: the spec is data.
 DSL reference (``specs/*.py`` use all of it):
 
 * ``OptimizerSpec(name, weight_decay=..., kahan_sum=None, decouple_wd=False, decoupled_flag=None,
-  group_constants={})``: ``weight_decay`` is the decay the compiler injects: ``"decoupled"``
+  group_constants={}, state_dict="optimi")``: ``weight_decay`` is the decay the compiler injects: ``"decoupled"``
   (p·(1 − lr·wd)), ``"l2"`` (g + wd·p, with a ``decouple_wd`` switch defaulting to ``decouple_wd``),
   ``"proximal"`` (Adan: (p − lr·d)/(1 + lr·wd), or decoupled when the flag named by
   ``decoupled_flag`` is on) or ``None``; all add ``decouple_lr``/``max_lr``. ``kahan_sum`` is the
   constructor default. ``group_constants`` are fixed param_group entries kept only for another
-  library's state_dict layout (AdamW's ``decouple_wd=True``).
-* ``hyper(name, default, domain, names=, type=int|float, after=)``: a constructor argument (a tuple
-  such as ``betas`` with ``names=``); ``domain`` (a sympy Interval) generates optimi's ValueErrors.
+  library's state_dict layout (AdamW's ``decouple_wd=True``). ``state_dict="torch"``: the class
+  saves torch.optim's layout (a per-param ``step``, tuple hyperparameters such as ``betas`` under
+  their own name, no state that is None) and loads it, so its state_dicts go both ways with the
+  torch.optim class of the same name; it then counts steps even where the math does not read them.
+* ``hyper(name, default, domain, names=, type=int|float, after=, error=)``: a constructor argument
+  (a tuple such as ``betas`` with ``names=``); ``domain`` (a sympy Interval, or one per element of a
+  tuple) generates optimi's ValueErrors, or torch.optim's with ``error=`` (a message with the
+  argument in braces, ``"Invalid epsilon value: {eps}"``; one per element of a tuple, or one for all).
   ``default=None`` makes it optional (``int | None``); ``is_none(x)`` is the host condition to branch
   on, and the math may read ``x`` only where that condition is false.
   ``flag(name, default, after=)``: a bool. ``after="max_lr"`` places it after the injected ones.
+* ``signature(*names)``: the constructor's argument order after ``params`` where it must be another
+  library's (torch.optim's): spec arguments, pass-added ones (``maximize``), the runtime's
+  (``foreach``, ``kahan_sum`` …), ``"*"`` for the keyword-only marker, and ``capturable`` /
+  ``differentiable``, accepted for torch.optim's signature and refused when True. Arguments it does
+  not name follow, keyword-only. Without it: the spec's arguments in order, then the runtime's.
 * ``state(name, init=0, when=True)``: a per-param buffer (param shape and dtype); ``init`` may use
   ``param``, ``grad`` and hypers (Ranger's ``init=param``, Adan's ``init=-grad``); ``when`` is a
   host condition for its existence. ``state(..., scalar=True)``: a 0-dim record computed at
@@ -170,6 +180,7 @@ class Arg:
     labels: tuple[str, ...] = ()
     after: str | None = None
     type: str = "float"
+    errors: tuple[str, ...] = ()  # torch.optim-style messages (``error=``): one per value, or one for all
 
     @property
     def group_keys(self) -> tuple[str, ...]:
@@ -222,6 +233,7 @@ class OptimizerSpec:
     decouple_wd: bool = False
     decoupled_flag: str | None = None
     group_constants: dict = field(default_factory=dict)
+    state_dict: str = "optimi"  # "torch": torch.optim's state_dict layout (optcompile/checkpoint.py)
     doc: str = ""
     functional: str | None = None
     args: list[Arg] = field(default_factory=list)
@@ -231,6 +243,7 @@ class OptimizerSpec:
     lets: dict[str, Origin] = field(default_factory=dict)
     file: str = "<spec>"
     origin: Origin | None = None
+    order: tuple[str, ...] = ()  # spec.signature(): the constructor's argument order, "*" keyword-only
 
     def __post_init__(self) -> None:
         self.file = _caller_file()
@@ -240,6 +253,8 @@ class OptimizerSpec:
         if self.weight_decay not in ("decoupled", "l2", "proximal", None):
             raise SpecError(f"weight_decay={self.weight_decay!r}: expected 'decoupled', 'l2', 'proximal' or None",
                             self.file, self.origin.line)
+        if self.state_dict not in ("optimi", "torch"):
+            raise SpecError(f"state_dict={self.state_dict!r}: expected 'optimi' or 'torch'", self.file, self.origin.line)
         if not self.doc:
             module = sys.modules.get(_spec_module_name(self.file))
             self.doc = (getattr(module, "__doc__", None) or "").strip() if module else ""
@@ -258,15 +273,20 @@ class OptimizerSpec:
 
     # ── declarations ───────────────────────────────────────────────────────────────────────────
     def hyper(self, name: str, default: Any = REQUIRED, domain: sympy.Set | None = None, *, names=None,
-              doc: str = "", labels=None, after: str | None = None, type: type = float):
+              doc: str = "", labels=None, after: str | None = None, type: type = float, error=None):
         """A float hyperparameter (``names=`` makes a tuple such as ``betas``); returns its symbol(s).
 
         ``default=None`` makes an optional one (``int | None`` with ``type=int``): branch on
-        ``spec.is_none(x)``; the math may read ``x`` only where that is false."""
+        ``spec.is_none(x)``; the math may read ``x`` only where that is false. ``error``: torch.optim's
+        ValueError message(s) for values outside ``domain``."""
         origin = _origin(self.file)
         if type not in (int, float):
             raise SpecError(f"hyper {name!r}: type={getattr(type, '__name__', type)!r}; expected int or float "
                             "(a bool is spec.flag)", self.file, origin.line)
+        errors = (error,) if isinstance(error, str) else tuple(error or ())
+        if isinstance(domain, (tuple, list)) and not (isinstance(default, (tuple, list)) or names is not None):
+            raise SpecError(f"hyper {name!r}: one domain per element is for tuple hyperparameters", self.file,
+                            origin.line)
         if isinstance(default, (tuple, list)) or names is not None:
             names = tuple(names or ())
             if isinstance(default, (tuple, list)) and len(names) != len(default):
@@ -274,22 +294,46 @@ class OptimizerSpec:
                                 self.file, origin.line)
             syms = tuple(self._new_symbol(n, origin) for n in names)
             labels = tuple(labels or (f"{n} parameter" for n in names))
+            if isinstance(domain, (tuple, list)):
+                domain = tuple(domain)
+                if len(domain) != len(names):
+                    raise SpecError(f"hyper {name!r}: {len(domain)} domains for {len(names)} values", self.file,
+                                    origin.line)
+            if len(errors) not in (0, 1, len(names)):
+                raise SpecError(f"hyper {name!r}: {len(errors)} error messages for {len(names)} values", self.file,
+                                origin.line)
             self._add_arg(Arg(name, tuple(default) if default is not REQUIRED else default, syms, "tuple",
-                              domain, doc, origin, labels, after, type.__name__))
+                              domain, doc, origin, labels, after, type.__name__, errors))
             return syms
         sym = self._new_symbol(name, origin)
         if type is int and default is not REQUIRED and default is not None and (
                 isinstance(default, bool) or not isinstance(default, int)):
             raise SpecError(f"hyper {name!r}: default={default!r} is not an int or None (type=int)",
                             self.file, origin.line)
+        if len(errors) > 1:
+            raise SpecError(f"hyper {name!r}: {len(errors)} error messages for one value", self.file, origin.line)
         kind = f"optional_{type.__name__}" if default is None else "float"
         self._add_arg(Arg(name, default, (sym,), kind, domain, doc, origin,
-                          (labels or _LABELS.get(name, name),), after, type.__name__))
+                          (labels or _LABELS.get(name, name),), after, type.__name__, errors))
         return sym
 
-    def weight_decay_hyper(self, default: float = 0.0, doc: str = ""):
+    def weight_decay_hyper(self, default: float = 0.0, doc: str = "", error=None):
         """Declare ``weight_decay`` at this place in the signature; the weight-decay pass uses it."""
-        return self.hyper("weight_decay", default, Interval(0, oo), doc=doc or "weight decay coefficient")
+        return self.hyper("weight_decay", default, Interval(0, oo), doc=doc or "weight decay coefficient", error=error)
+
+    def signature(self, *names: str) -> None:
+        """The constructor's arguments after ``params``, in order (``"*"``: the rest are keyword-only),
+        for a class that must take another library's signature (torch.optim's). Names are checked
+        when the program is lowered, where the arguments the passes add are known."""
+        origin = _origin(self.file)
+        if self.order:
+            raise SpecError("spec.signature called twice", self.file, origin.line)
+        bad = [n for n in names if not isinstance(n, str) or not (n == "*" or n.isidentifier())]
+        if bad or len(set(names)) != len(names) or names.count("*") > 1:
+            raise SpecError(f"spec.signature{names!r}: expected distinct argument names and at most one '*'",
+                            self.file, origin.line)
+        self.order = tuple(names)
+        self.order_origin = origin
 
     def flag(self, name: str, default: bool = False, *, doc: str = "", after: str | None = None):
         """A boolean constructor argument, usable in ``Piecewise`` conditions and ``when=``."""

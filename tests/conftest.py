@@ -7,6 +7,10 @@ import tempfile
 
 os.environ.setdefault("OPTCOMPILE_VERIFY", "1")
 os.environ.setdefault("OPTCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="optcompile-test-cache-"))
+# subprocesses (cache and distributed workers, CLI runs) import the checkout under test, not the
+# one the venv's editable install points at (another worktree: other specs, other cache keys)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

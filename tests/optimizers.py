@@ -9,6 +9,7 @@ that names it. tests/test_registry.py checks the entries against the classes and
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -60,12 +61,15 @@ BACKENDS = {b.name: b for b in [
 EAGER = BACKENDS["eager"].flags
 ORACLE_EAGER = BACKENDS["eager"].oracle_flags
 TORCH_BACKENDS = ("eager", "foreach")  # the ones torch-optimi (and torch.optim) have on CPU
+TORCH_EAGER = _flags(foreach=False)  # torch.optim's for-loop path
 
 
 def backend_params(*names: str) -> list:
     """``pytest.param`` per backend (all by default), with its marker and availability skip."""
     return [BACKENDS[n].param() for n in (names or BACKENDS)]
 
+
+SUMMED_ULPS = 4  # OptimizerInfo.summed_states: fp32 ulps of a summed state's largest magnitude
 
 # ── optimizers ────────────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
@@ -99,6 +103,30 @@ class OptimizerInfo:
     * ``stateful``: the least that gives the optimizer all its states (SGD: momentum).
     * ``state_dict``: the options the checkpoint tests save and load with.
     * ``torch_optim``: the configurations that are torch.optim's algorithm too.
+    * ``torch_family``: for a class that *is* torch.optim's (same name, arguments and state), the
+      option combinations run against it with identical keywords (tests/test_torch_family.py).
+
+    Facts where an algorithm departs from what most tests assume (checked against the class in
+    tests/test_registry.py; each test that reads one checks the other behaviour instead):
+
+    * ``weight_decay``: the class has weight decay (the pass's ``weight_decay``, ``decouple_wd``,
+      ``decouple_lr``, ``max_lr``). Rprop has none, as in torch.
+    * ``freeze``: group values under which a step cannot move the params. ``lr=0`` where the
+      step scales with lr; Rprop's lr only seeds the per-element step sizes (as in torch), so
+      its step sizes are clamped to 0 instead.
+    * ``forgets_nonfinite``: a non-finite gradient element that stops coming leaves no trace in
+      params or states after the next step: Rprop reads only ``sign(g·g_prev)`` and ``sign(g)``,
+      and ``sign(nan) = 0`` (torch.sign), so a NaN/inf never moves a param or a step size and its
+      ``prev`` is overwritten by the next gradient (torch.optim.Rprop does the same).
+    * ``kahan``: hyperparameters for the bf16 Kahan measurement (tests/test_low_precision.py) where
+      the default lr 1e-3 does not put the updates below half a bf16 ulp (see the entries).
+    * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
+      zero two backends' fp32 values differ by a few ulps of the *terms*: the backend comparisons
+      (tests/test_fused.py, tests/test_triton.py) allow an absolute error of ``SUMMED_ULPS`` fp32
+      ulps of the tensor's largest magnitude there (:func:`fp32_atol`). RMSprop's momentum buffer
+      sums ``g/√ṽ``, which is ±1/√(1−α) = ±10 on the first step: |b| reaches ~40 in 7 steps, and
+      the backends' ``g/√ṽ`` (torch's addcdiv against C's and Triton's own rounding of the same
+      ops) differ by 1-2 ulps of it (measured up to 1.7 ulps of max|b|, 7.6e-6).
     """
     stem: str
     name: str
@@ -109,9 +137,22 @@ class OptimizerInfo:
     stateful: Mapping = field(default_factory=dict)
     state_dict: Mapping = field(default_factory=dict)
     torch_optim: tuple[TorchCase, ...] = ()
+    torch_family: tuple[Mapping, ...] = ()
+    weight_decay: bool = True
+    freeze: Mapping = field(default_factory=lambda: {"lr": 0.0})
+    forgets_nonfinite: bool = False
+    kahan: Mapping = field(default_factory=dict)
+    summed_states: tuple[str, ...] = ()
+
+    def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
+        """The absolute tolerance for comparing ``value`` (a param: ``state=None``) between two
+        backends in fp32: ``atol``, or for a summed state at least SUMMED_ULPS ulps of max|value|."""
+        if state not in self.summed_states or value.numel() == 0:
+            return atol
+        return max(atol, SUMMED_ULPS * torch.finfo(torch.float32).eps * float(value.abs().max()))
 
     def __post_init__(self):
-        for name in ("stateful", "state_dict"):  # shared by every test: read-only
+        for name in ("stateful", "state_dict", "freeze", "kahan"):  # shared by every test: read-only
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @property
@@ -120,10 +161,29 @@ class OptimizerInfo:
         return loader.builtin_class(self.stem)
 
     @property
+    def torch_cls(self):
+        """torch.optim's class of the same name where this optimizer is torch.optim's, else None."""
+        return getattr(torch.optim, self.name) if self.torch_family else None
+
+    @property
     def optimi_cls(self):
         """torch-optimi's class of the same name, or None where optimi has none."""
         import optimi
         return getattr(optimi, self.name, None)
+
+    @property
+    def lr_scales_step(self) -> bool:
+        """Whether group["lr"] scales every step (so a scheduler drives it): all but Rprop."""
+        return "lr" in self.freeze
+
+    @property
+    def oracle(self) -> tuple[type, Mapping]:
+        """The reference implementation and its flags for its for-loop path on CPU: optimi's class
+        where optimi has one, else torch.optim's (the torch family)."""
+        if self.optimi_cls is not None:
+            return self.optimi_cls, ORACLE_EAGER
+        assert self.torch_cls is not None, f"{self.name}: neither optimi nor torch.optim has it"
+        return self.torch_cls, TORCH_EAGER
 
 
 def _training(*configs):
@@ -131,12 +191,49 @@ def _training(*configs):
     return tuple(Config(kw, cid) for cid, kw in configs)
 
 
+def _product(**choices):
+    """Every combination of the choices (``name=[value, …]``; a tuple of names takes values together),
+    without the keywords left at their first (default) value."""
+    names = list(choices)
+    out = []
+    for values in itertools.product(*choices.values()):
+        kw = {}
+        for name, value in zip(names, values):
+            if isinstance(name, str) and "__" in name:
+                kw.update(value)  # a bundle of keywords chosen together
+            else:
+                kw[name] = value
+        out.append(MappingProxyType({k: v for k, v in kw.items() if v not in (None, False, 0) or k == "lr"}))
+    return tuple(out)
+
+
+_TORCH_KERNEL = ({"maximize": True, "weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_wd": True})
+
 # fused.py's option sets for specs without their own: decay, and fully decoupled decay
 _KERNEL_DEFAULT = ({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr": True})
 
 # Differential option sets: every weight-decay style, fully decoupled decay with and without
 # max_lr, and the algorithm's own switches.
 _ENTRIES = {e.stem: e for e in [
+    OptimizerInfo(
+        "adadelta", "Adadelta", lr=1.0,
+        training=_training(("l2", dict(weight_decay=1e-2))),
+        # lr scales a unit-free step (torch's default 1.0): at lr 1e-3 the fp32 run barely moves
+        # (0.01); at 1.0 the steps are ~1e-3, below half a bf16 ulp: measured 26x
+        kahan=dict(lr=1.0),
+        kernel=_TORCH_KERNEL,
+        differential=(),
+        state_dict=dict(rho=0.8, weight_decay=0.01),
+        torch_family=_product(opts__=[{}, dict(lr=0.5, rho=0.8, eps=1e-5)], weight_decay=[0, 0.1],
+                              maximize=[False, True])),
+    OptimizerInfo(
+        "adagrad", "Adagrad",
+        training=_training(("l2", dict(weight_decay=1e-2, lr_decay=1e-3))),
+        kernel=({"lr_decay": 0.01, "initial_accumulator_value": 0.1},) + _TORCH_KERNEL,
+        differential=(),
+        state_dict=dict(lr_decay=0.01, initial_accumulator_value=0.1),
+        torch_family=_product(lr_decay=[0, 0.01], initial_accumulator_value=[0, 0.1],
+                              wd__=[{}, dict(weight_decay=0.1, eps=1e-6)], maximize=[False, True])),
     OptimizerInfo(
         "adam", "Adam",
         training=_training(("l2", dict(weight_decay=1e-2))),
@@ -146,6 +243,14 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(weight_decay=0.01),
         torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.Adam,
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
+    OptimizerInfo(
+        "adamax", "Adamax",
+        training=_training(("l2", dict(weight_decay=1e-2))),
+        kernel=_TORCH_KERNEL,
+        differential=(),
+        state_dict=dict(betas=(0.8, 0.99)),
+        torch_family=_product(betas__=[{}, dict(betas=(0.8, 0.99), eps=1e-6)], weight_decay=[0, 0.1],
+                              maximize=[False, True])),
     OptimizerInfo(
         "adamw", "AdamW",
         training=_training(("defaults", dict())),
@@ -184,6 +289,35 @@ _ENTRIES = {e.stem: e for e in [
         differential=(dict(), dict(k=4, alpha=0.3, weight_decay=0.1), dict(k=5, weight_decay=0.1, decouple_wd=False),
                       dict(weight_decay=1e-3, decouple_lr=True), dict(k=3, weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
         state_dict=dict(k=3)),
+    OptimizerInfo(
+        "rmsprop", "RMSprop",
+        training=_training(("centered-momentum", dict(momentum=0.9, centered=True, weight_decay=1e-2))),
+        kernel=({"momentum": 0.9, "centered": True}, {"momentum": 0.9, "weight_decay": 0.01, "maximize": True},
+                {"weight_decay": 0.01, "decouple_wd": True}),
+        differential=(),
+        stateful=dict(momentum=0.9, centered=True),
+        state_dict=dict(momentum=0.9, centered=True, alpha=0.9),
+        summed_states=("momentum_buffer",),
+        # g/sqrt(v) is ~10 on the first steps ((1 − α) = 0.01) and momentum 0.9 sums ten of them, so
+        # at lr 1e-3 the updates are far above a bf16 ulp (4.0x); at lr 1e-4: measured 18x
+        kahan=dict(lr=1e-4),
+        torch_family=_product(centered=[False, True], momentum=[0, 0.9], wd__=[{}, dict(weight_decay=0.1, alpha=0.9)],
+                              maximize=[False, True])),
+    OptimizerInfo(
+        "rprop", "Rprop",
+        training=_training(("defaults", dict())),
+        kernel=({}, {"maximize": True}),
+        differential=(),
+        state_dict=dict(etas=(0.4, 1.3)),
+        torch_family=_product(opts__=[{}, dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2))],
+                              maximize=[False, True]),
+        weight_decay=False,
+        freeze={"step_size_min": 0.0, "step_size_max": 0.0},
+        forgets_nonfinite=True,
+        # its step sizes grow ×1.2 a step up to 50 whatever lr is (1.1x at the default caps, where
+        # the steps dwarf a bf16 ulp and rounding loses nothing to compensate); capped at 3e-4 they
+        # stay below half an ulp of the O(1) weights: measured 33x
+        kahan=dict(step_sizes=(1e-6, 3e-4))),
     OptimizerInfo(
         "sgd", "SGD",
         # both decay styles: the training-loop files used to disagree (L2 in one, decoupled in two)

@@ -8,7 +8,7 @@ from torch import nn
 
 import optimi
 from optcompile import loader, prepare_for_gradient_release, remove_gradient_release
-from optimizers import EAGER, ORACLE_EAGER, batches, make_model, mse_backward, training_cases
+from optimizers import BY_STEM, EAGER, ORACLE_EAGER, batches, make_model, mse_backward, training_cases
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,10 +264,14 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
     opt_c = cls(c.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_c.load_state_dict(sd)
     prepare_for_gradient_release(c, opt_c)
-    torch.optim.lr_scheduler.LambdaLR(opt_c, lambda _: 0.0)  # lr → 0: a step must not move params
+    freeze = BY_STEM[stem].freeze  # group values under which a step must not move params
+    if BY_STEM[stem].lr_scales_step:
+        torch.optim.lr_scheduler.LambdaLR(opt_c, lambda _: freeze["lr"])  # lr → 0
+    else:  # Rprop: lr only seeds the step sizes (as in torch); clamp them to 0 in the live group
+        opt_c.param_groups[0].update(freeze)
     train(c, opt_c, data[3:], True)
     for p, (k, v) in zip(c.parameters(), model_sd.items()):
-        assert torch.equal(p, v), f"{k} moved with lr=0: the step read a stale group"
+        assert torch.equal(p, v), f"{k} moved with {dict(freeze)}: the step read a stale group"
 
 
 @pytest.mark.parametrize("stem, kw", training_cases())

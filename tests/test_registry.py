@@ -1,5 +1,6 @@
 """The test registry (tests/optimizers.py) against what it describes: an entry per built-in spec,
 configurations every library accepts, and backend flags that select their backend."""
+import inspect
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def test_entry_matches_its_class_and_every_config_constructs(info):
             for kw in configs:
                 info.optimi_cls(p, **{"lr": info.lr, **kw}, **optimizers.ORACLE_EAGER)
     assert len({c.id for c in info.training}) == len(info.training)
+    # the facts other tests branch on describe the class
+    params = inspect.signature(cls.__init__).parameters
+    assert info.weight_decay == ("weight_decay" in params), "OptimizerInfo.weight_decay"
+    group = cls(p, **{"lr": info.lr, **info.kahan}, **optimizers.EAGER).param_groups[0]
+    assert set(info.freeze) <= set(group), f"freeze {dict(info.freeze)}: not group keys"
+    assert set(info.summed_states) <= set(cls._info.states), "summed_states"
+    assert info.oracle[0].__name__ == info.name
     for case in info.torch_optim:
         cls(p, **case.ours, **optimizers.EAGER)
         case.torch_cls(p, **case.theirs)

@@ -37,7 +37,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 from optcompile.codegen.triton import TritonPrinter  # noqa: E402
 from optcompile.kernel_plan import ordered_terms  # noqa: E402
 from optcompile.loader import builtin_module, compile_spec  # noqa: E402
-from optimizers import BACKENDS, STEMS  # noqa: E402
+from optimizers import BACKENDS, BY_STEM, STEMS  # noqa: E402
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,9 @@ SPECS = STEMS
 @pytest.mark.parametrize("stem", SPECS)
 def test_fp32_matches_eager(stem):
     for name, e, t in _pairs(_class(stem), torch.float32):
-        torch.testing.assert_close(t, e, **FP32, msg=lambda m: f"{stem} {name}: {m}")
+        state = name.partition(".")[2] or None  # a summed state: a few ulps of its largest |value|
+        tol = {**FP32, "atol": BY_STEM[stem].fp32_atol(state, e, FP32["atol"])}
+        torch.testing.assert_close(t, e, **tol, msg=lambda m: f"{stem} {name}: {m}")
 
 
 @pytest.mark.parametrize("stem", SPECS)

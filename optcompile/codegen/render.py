@@ -16,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from ..ir import TRUE, Program
 from ..fingerprint import templates_hash
 from ..paths import specs_dir, templates_dir
+from ..signature import NOT_APPLICABLE, constructor_params
 from ..version import __version__
 from . import eager, foreach
 from ..stamp import stamp
@@ -104,8 +105,8 @@ def _default(a) -> str | None:
 
 
 def _validation(a) -> list[str]:
-    """optimi's ValueErrors, generated from each argument's sympy domain (an optional argument
-    may also be None; an optional int must be an int)."""
+    """optimi's ValueErrors (or torch.optim's, with ``error=``), generated from each argument's
+    sympy domain (an optional argument may also be None; an optional int must be an int)."""
     out = []
     if a.kind == "optional_int":
         out.append((f"if {a.name} is not None and (isinstance({a.name}, bool) or not isinstance({a.name}, int)):",
@@ -115,7 +116,8 @@ def _validation(a) -> list[str]:
     dom = a.domain
     values = [(f"{a.name}[{i}]", k, a.labels[i]) for i, k in enumerate(a.keys)] if a.kind == "tuple" \
         else [(a.name, a.name, a.labels[0])]
-    for expr, _, label in values:
+    for i, (expr, _, label) in enumerate(values):
+        dom = a.domain[i] if isinstance(a.domain, tuple) else a.domain
         conds = []
         if dom.inf != -sympy.oo:
             conds.append(f"{float(dom.inf)!r} {'<' if dom.left_open else '<='} {expr}")
@@ -126,7 +128,32 @@ def _validation(a) -> list[str]:
         cond = " and ".join(conds) if len(conds) > 1 else conds[0]
         shown = f"{{{expr}=}}" if a.kind == "tuple" else f"{expr}={{{expr}}}"
         test = f"{expr} is not None and not ({cond})" if a.optional else f"not ({cond})"
-        out.append((f"if {test}:", f'raise ValueError(f"Invalid {label}: {shown}")'))
+        message = a.errors[i if len(a.errors) > 1 else 0] if a.errors else f"Invalid {label}: {shown}"
+        out.append((f"if {test}:", f'raise ValueError(f{message!r})'))
+    return out
+
+
+def _signature(prog: Program, docs: dict) -> list[dict]:
+    """The constructor's arguments after ``params`` (``optcompile.signature``), ready to print."""
+    args = {a.name: a for a in prog.args}
+    runtime = {"kahan_sum": ("bool | None", repr(prog.kahan_default)), "foreach": ("bool | None", "None"),
+               "triton": ("bool | None", "None"), "gradient_release": ("bool", "False"),
+               "fused": ("bool | None", "None")}
+    out, star = [], False
+    for p in constructor_params(prog):
+        if p.kind == "arg":
+            a = args[p.name]
+            annotation, default, doc = _annotation(a), _default(a), docs[a.name]
+        elif p.kind == "runtime":
+            annotation, default = runtime[p.name]
+            doc = _wrap(p.name, SHARED_DOCS[p.name], default)
+        else:
+            annotation, default = "bool", "False"
+            doc = _wrap(p.name, f"accepted for torch.optim's signature; must be False: {NOT_APPLICABLE[p.name]}",
+                        default)
+        out.append({"name": p.name, "annotation": annotation, "default": default, "doc": doc,
+                    "star": p.keyword_only and not star})
+        star = star or p.keyword_only
     return out
 
 
@@ -193,8 +220,13 @@ def module_context(prog: Program) -> dict:
                   "doc": _wrap(a.name, a.doc or SHARED_DOCS.get(a.name, a.name), _default(a)), "keys": a.keys, "kind": a.kind} for a in spec_args],
         "kahan_default": repr(prog.kahan_default),
         # optimi checks its own arguments first, then the base class checks lr and weight_decay
-        "validations": [v for a in sorted(spec_args, key=lambda a: ("lr", "weight_decay").index(a.name) + 1
-                                          if a.name in ("lr", "weight_decay") else 0) for v in _validation(a)],
+        # torch.optim-style specs (error=) check in declaration order, as torch does
+        "validations": [v for a in (spec_args if any(a.errors for a in spec_args) else sorted(
+            spec_args, key=lambda a: ("lr", "weight_decay").index(a.name) + 1 if a.name in ("lr", "weight_decay")
+            else 0)) for v in _validation(a)],
+        "signature": _signature(prog, {a.name: _wrap(a.name, a.doc or SHARED_DOCS.get(a.name, a.name), _default(a))
+                                       for a in spec_args}),
+        "not_applicable": [n for n in prog.signature if n in NOT_APPLICABLE],
         "host_inputs": host_inputs,
         "host_lines": host_lines(prog),
         "host_used": used,
@@ -206,11 +238,13 @@ def module_context(prog: Program) -> dict:
         "foreach": foreach.context(prog),
         "uses_step": prog.uses_step,
         "whole_tensor": prog.whole_tensor(),
-        "runtime_docs": [_wrap(n, SHARED_DOCS[n], d) for n, d in (("kahan_sum", repr(prog.kahan_default)),
-                         ("foreach", "None"), ("triton", "None"), ("gradient_release", "False"), ("fused", "None"))],
+        # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
+        "layout_extra": "" if prog.state_dict_layout == "optimi" else
+        f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}',
         "max_lr": prog.arg("max_lr") is not None,
         "traffic": traffic(prog),
         "functional_params": _functional_params(prog),
+        "functional_extras": _functional_extras(prog),
         "hyper_keys": repr(tuple(keys)),
         "hyper_dict": "{" + ", ".join(f"{k!r}: {k}" for k in keys) + "}",
         "functional_positional": _functional_positional(prog),
@@ -247,6 +281,8 @@ def _functional_params(prog: Program) -> list[str]:
     out = []
     keys = set(step_keys(prog))
     for a in prog.args:
+        if a.keyword_only:
+            continue  # after the runtime's switches (_functional_extras)
         if a.injected_by and prog.uses_step and "step: Tensor" not in out:
             out.append("step: Tensor")
         for k in a.keys:
@@ -261,6 +297,12 @@ def _functional_params(prog: Program) -> list[str]:
     if prog.uses_step and "step: Tensor" not in out:
         out.append("step: Tensor")
     return out
+
+
+def _functional_extras(prog: Program) -> list[str]:
+    """Keyword-only arguments of passes after optimi's (``maximize``), with their defaults."""
+    keys = set(step_keys(prog))
+    return [f"{k}: {_ANNOT[a.type]} = {a.default!r}" for a in prog.args if a.keyword_only for k in a.keys if k in keys]
 
 
 def render_module(prog: Program, spec_source: bytes, key: str) -> str:

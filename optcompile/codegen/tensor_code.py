@@ -340,6 +340,8 @@ class TensorCode:
             self.assign(s.symbol, sympy.sympify(s.expr))
 
     def assign(self, x: sympy.Symbol, e) -> None:
+        if e == x:  # x ← x: nothing to do (and nothing to print)
+            return
         target = x.name
         in_place = target in self.stored or target in self.owned
         if in_place and x in e.free_symbols and self.linear_update(x, e):
@@ -590,6 +592,8 @@ class TensorCode:
         elif den:
             call = self.d.new('div', self.atom(num[0]), self.atom(den.pop(0)))
             num = []
+        elif c == -1:  # -x, as written (exact, like x·(-1))
+            call, scaled = self.d.new('neg', self.atom(num[0])), True
         elif not self.numeric_one(c):
             call, scaled = self.d.new('mul', self.atom(num[0]), self.scalar(c)), True
         else:
@@ -680,6 +684,11 @@ def _may_run_together(a, b) -> bool:
     return satisfiable(sympy.And(a, b))
 
 
+def _implies(a, b) -> bool:
+    """Whether host guard ``a`` provably implies ``b`` (unsure: False)."""
+    return not satisfiable(sympy.And(a, sympy.Not(b)))
+
+
 def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tuple[list[str], list[str]]:
     """Statements with their guards (consecutive ones share an ``if``), then the buffers to write
     back when compute views are fp32 copies of low-precision storage.
@@ -695,12 +704,23 @@ def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tup
     out: list[str] = []
     written: list[str] = []
     current = None
+    owned_where: dict[str, object] = {}  # a temp the code owns → the host condition under which it does
     for i, s in enumerate(stmts):
         g = guard_text(s.guard)
         code.lines, code.indent, code.definitions = [], "", {}
         code.written_later = {getattr(r, "target", None) for r in stmts[i + 1:]}
+        # owned here only where its owning write ran whenever this statement runs: after
+        # `if maximize: grad = -grad`, `grad` may still be the caller's gradient
+        code.owned = {n for n, w in owned_where.items() if w == TRUE or w == s.guard or _implies(s.guard, w)}
+        before = set(code.owned)
         code.statement(s)
+        for n in code.owned - before:
+            owned_where[n] = sympy.Or(owned_where.get(n, sympy.false), s.guard)
         target = getattr(s, "target", None)
+        if target is not None and target not in code.owned:
+            owned_where.pop(target, None)  # an alias now, at least where this statement ran
+        if not code.lines:  # nothing to run (x ← x): no empty `if`
+            continue
         if target in code.stored:
             later = set().union(*[{x.name for x in sympy.sympify(r.expr).free_symbols}
                                   for r in stmts[i + 1:] + list(after)  # `after`: later stages

@@ -84,7 +84,9 @@ def finalize(prog: Program) -> Program:
     prog = _guard_host_scalars(prog)
     used = set().union(*(sympy.sympify(h.expr).free_symbols for h in prog.host)) | \
         set().union(*(sympy.sympify(s.expr).free_symbols for s in prog.body))
-    return _out_of_the_way(prog.replace(uses_step=STEP.name in {x.name for x in used}))
+    # torch.optim's state_dict layout keeps a step count for every algorithm
+    uses_step = STEP.name in {x.name for x in used} or prog.state_dict_layout == "torch"
+    return _out_of_the_way(prog.replace(uses_step=uses_step))
 
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
