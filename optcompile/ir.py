@@ -170,6 +170,10 @@ class Assign:
     origin: Origin = NO_ORIGIN
     role: str = ""  # "update" (spec.update), "kahan", "decay_l2": what passes added or look for
 
+    def __post_init__(self):
+        if not isinstance(self.symbol, sympy.Symbol):
+            raise TypeError(f"Assign: the target must be a sympy Symbol (e.g. ir.GRAD), not {self.symbol!r}")
+
     @property
     def target(self) -> str:
         return self.symbol.name

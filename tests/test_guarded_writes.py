@@ -28,20 +28,20 @@ def _prog():
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_a_write_under_a_guard_is_not_owned_where_the_guard_fails(dialect):
     decay = sympy.Symbol("weight_decay", real=True)
-    stmts = [Assign("grad", -GRAD, MAXIMIZE), Assign("grad", GRAD + decay * PARAM)]
+    stmts = [Assign(GRAD, -GRAD, MAXIMIZE), Assign(GRAD, GRAD + decay * PARAM)]
     lines, _ = emit_body(_prog(), DIALECTS[dialect], stmts)
     in_place = "grad.add_(" if dialect == "eager" else "torch._foreach_add_(grad,"
     assert not any(in_place in line for line in lines), lines
     # under the same guard the code's own tensor is still updated in place
-    lines, _ = emit_body(_prog(), DIALECTS[dialect], [Assign("grad", -GRAD, MAXIMIZE),
-                                                      Assign("grad", GRAD + decay * PARAM, MAXIMIZE)])
+    lines, _ = emit_body(_prog(), DIALECTS[dialect], [Assign(GRAD, -GRAD, MAXIMIZE),
+                                                      Assign(GRAD, GRAD + decay * PARAM, MAXIMIZE)])
     assert any(in_place in line for line in lines), lines
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_identity_write_prints_nothing_and_no_empty_if(dialect):
-    lines, _ = emit_body(_prog(), DIALECTS[dialect], [Assign("grad", -GRAD), Assign("grad", GRAD, MAXIMIZE),
-                                                      Assign("grad", GRAD + 1)])
+    lines, _ = emit_body(_prog(), DIALECTS[dialect], [Assign(GRAD, -GRAD), Assign(GRAD, GRAD, MAXIMIZE),
+                                                      Assign(GRAD, GRAD + 1)])
     compile("\n".join(lines), "<body>", "exec")  # an `if` without a body: IndentationError
     assert not any(line.startswith("if ") for line in lines), lines
 

@@ -35,5 +35,5 @@ def add_maximize(prog: Program) -> Program:
     ascent = Piecewise((-GRAD, MAXIMIZE), (GRAD, True))
     states = tuple(dataclasses.replace(s, init=sympy.sympify(s.init).xreplace({GRAD: ascent}))
                    if GRAD in sympy.sympify(s.init).free_symbols else s for s in prog.states)
-    body = (Assign("grad", -GRAD, MAXIMIZE, ORIGIN, role="maximize"),) + prog.body
+    body = (Assign(GRAD, -GRAD, MAXIMIZE, ORIGIN, role="maximize"),) + prog.body
     return prog.replace(args=prog.args + (arg,), body=body, states=states)
