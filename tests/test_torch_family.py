@@ -58,7 +58,7 @@ def states(opt):
     return [opt.state[p] for g in opt.param_groups for p in g["params"]]
 
 
-def compare_states(ours, theirs, exact):
+def compare_states(ours, theirs, exact, info):
     for so, st in zip(states(ours), states(theirs)):
         for key, value in st.items():
             if key == "step":
@@ -66,8 +66,9 @@ def compare_states(ours, theirs, exact):
             assert key in so, key
             if exact:
                 assert torch.equal(so[key], value), f"state {key!r}: max |Δ| = {(so[key] - value).abs().max():.3g}"
-            else:
-                torch.testing.assert_close(so[key], value, **TOLERANCE)
+            else:  # a summed state (RMSprop's momentum buffer) crossing zero: ulps of its largest terms
+                torch.testing.assert_close(so[key], value, rtol=TOLERANCE["rtol"],
+                                           atol=info.fp32_atol(key, value, TOLERANCE["atol"]))
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -83,7 +84,7 @@ def test_matches_torch_optim(stem, kw, backend):
             assert torch.equal(a, b), f"max |Δ| = {(a - b).abs().max():.3g}"
         else:
             torch.testing.assert_close(a, b, **TOLERANCE)
-    compare_states(o, t, exact)
+    compare_states(o, t, exact, info)
 
 
 @pytest.mark.parametrize("backend", backend_params())
