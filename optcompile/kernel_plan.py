@@ -111,7 +111,8 @@ class Stage:
         return tuple(t for t in self.per_tensor if t.stage == self.index)
 
     def buffers(self) -> list[str]:
-        """The buffers this stage touches, in first-access order of the plan's buffer list."""
+        """The buffers this stage touches: its loads', then its stores' (a spill load is read under
+        the name of the value it holds, ``Buffer.value``)."""
         return list(dict.fromkeys(a.buffer for a in self.loads + self.stores))
 
 
@@ -334,8 +335,6 @@ def build(prog: Program) -> KernelPlan:
         stores += spill_stores
         loads = [a for a in loads if a.guard != sympy.false]
         stores = [a for a in stores if a.guard != sympy.false]
-        # a stage that reads a spilled grad reads it under the name grad: the printers map spill loads
-        # back to the value's name (Stage.value_of)
         stmts_read = [s.expr for s in elem] + [t.expr for t in per_tensor]
         guards = [s.guard for s in elem] + [t.guard for t in per_tensor] + \
             [a.guard for a in loads + stores]
@@ -348,8 +347,7 @@ def build(prog: Program) -> KernelPlan:
             origins=tuple(sorted({_shown(s.origin) for s in stage if s.origin}, key=Origin.sort_key))))
     optional = tuple(k for a in prog.args if a.optional for k in a.keys)
     return KernelPlan(prog.name, prog.functional, prog.spec_path, tuple(buffers), tuple(used), tuple(flags),
-                      tuple(scalars),
-                      optional, tuple(stages), tuple(reductions), per_tensor_names)
+                      tuple(scalars), optional, tuple(stages), tuple(reductions), per_tensor_names)
 
 
 def _per_tensor(k: int, stage: list, tensor_stmts: list[TensorScalar], stage_of_value: dict) -> tuple[PerTensor, ...]:
