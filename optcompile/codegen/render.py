@@ -77,6 +77,12 @@ SHARED_DOCS = {
                         "Requires model hooks created with `prepare_for_gradient_release`",
     "fused": "Enables the generated fused multi-tensor C kernel for CPU params (keyword-only). If "
              "unspecified, used for CPU params when a C compiler is available",
+    "state_precision": "Storage dtype of the optimizer states: None (each in its param's dtype), 'fp32', "
+                       "'bf16', 'fp16', or a dict from state name to one of those; math stays fp32 "
+                       "(keyword-only; kahan_comp follows the param)",
+    "stochastic_rounding": "Round bf16/fp16 params and states stochastically instead of to nearest, an "
+                           "alternative to Kahan summation (keyword-only; kahan_sum=True with it is an error)",
+    "sr_seed": "Seed of stochastic rounding's counter-based random bits (keyword-only)",
 }
 
 
@@ -207,7 +213,8 @@ def module_context(prog: Program) -> dict:
         "uses_step": prog.uses_step,
         "whole_tensor": prog.whole_tensor(),
         "runtime_docs": [_wrap(n, SHARED_DOCS[n], d) for n, d in (("kahan_sum", repr(prog.kahan_default)),
-                         ("foreach", "None"), ("triton", "None"), ("gradient_release", "False"), ("fused", "None"))],
+                         ("foreach", "None"), ("triton", "None"), ("gradient_release", "False"), ("fused", "None"),
+                         ("state_precision", "None"), ("stochastic_rounding", "False"), ("sr_seed", "0"))],
         "max_lr": prog.arg("max_lr") is not None,
         "traffic": traffic(prog),
         "functional_params": _functional_params(prog),
