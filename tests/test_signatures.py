@@ -8,7 +8,7 @@ import pytest
 import optcompile
 
 NAMES = optcompile.OPTIMIZERS
-ADDED = {"fused"}  # optcompile's keyword-only extras
+ADDED = {"fused", "state_precision", "stochastic_rounding", "sr_seed"}  # optcompile's keyword-only extras
 
 
 def _annotation(p):
