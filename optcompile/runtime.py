@@ -598,7 +598,10 @@ class CompiledOptimizer(Optimizer):
         sr = None
         if group.get("stochastic_rounding"):
             index = self._param_indices([params] if isinstance(params, torch.Tensor) else params)
-            sr = (int(group.get("sr_seed") or 0), None if self._info.uses_step else group.get("sr_step", 0), index)
+            # a spec without a step counts in sr_step, advanced by step() before it steps the group:
+            # hooks under gradient release run before that step() and take the count it will have
+            counter = group.get("sr_step", 0) + (1 if gradient_release else 0)
+            sr = (int(group.get("sr_seed") or 0), None if self._info.uses_step else counter, index)
         run_functional(self._info, params, grads, state_lists, kahan_comps, hypers, step=step,
                        kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
                        triton=group.get("triton"), fused=group.get("fused"), gradient_release=gradient_release,

@@ -314,3 +314,24 @@ def test_persistent_bytes_per_param_adamw(kw, expected):
     dtype = kw.pop("dtype")
     params, opt = _train("adamw", "eager", dtype, steps=1, **kw)
     assert persistent_bytes_per_param(opt) == expected
+
+
+@pytest.mark.parametrize("stem, kw", [("adamw", {"state_precision": "bf16"}), ("sgd", {})])
+def test_gradient_release_draws_the_bits_of_a_normal_step(stem, kw):
+    """Under gradient release each param is stepped from its hook with the step count the normal
+    step() would use (SGD has no step: the group's sr_step), so both runs are bit for bit equal."""
+    from optcompile import prepare_for_gradient_release
+    from tests.optimizers import batches, mse_backward
+    out = []
+    for release in (False, True):
+        model = make_model(torch.bfloat16)
+        opt = BY_STEM[stem].cls(model.parameters(), lr=2 ** -6, stochastic_rounding=True, gradient_release=release,
+                                **kw, **BACKENDS["eager"].flags)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        for x, y in batches(3):
+            mse_backward(model, x, y)
+            opt.step()
+            opt.zero_grad()
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -298,7 +298,7 @@ class KernelBuilder:
     def dtype(self, b: kernel_plan.Buffer) -> str:
         """The constexpr a buffer is stored in: the group's (param, kahan_comp), the grads', a
         state's own (state_precision), or fp32 scratch."""
-        return {"grad": "GRAD_DTYPE", "fp32": "tl.float32", "state": f"{b.name.upper()}_DTYPE"}.get(b.storage, "DTYPE")
+        return {"grad": "GRAD_DTYPE", "fp32": "tl.float32", "state": f"DTYPE_{b.name}"}.get(b.storage, "DTYPE")
 
     def reduce_name(self, r: kernel_plan.Reduce) -> str:
         return f"_{self.fn}_reduce{self._stage_of(r)}_kernel"
