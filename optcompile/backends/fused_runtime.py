@@ -154,7 +154,7 @@ class FusedStep:
             return None
         states = []
         for name, lst in zip(self.iface.get("states", []), lists[1:]):
-            t = next((x for x in lst if x is not None), None)
+            t = next((x for x in lst if isinstance(x, torch.Tensor)), None)  # not a tensor: the checks name it
             c = code if t is None else DTYPES.get(t.dtype)
             if c is None:
                 return None
@@ -218,7 +218,7 @@ class FusedStep:
         dtype = params[0].dtype
         out = [dtype]
         for k, lst in enumerate(lists):
-            t = next((x for x in lst if x is not None), None) if k <= self.n_states else None
+            t = next((x for x in lst if isinstance(x, torch.Tensor)), None) if k <= self.n_states else None
             out.append(dtype if t is None else t.dtype)
         return out
 

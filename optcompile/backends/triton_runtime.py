@@ -141,7 +141,7 @@ def _list_dtypes(buffers) -> list:
     dtype = buffers[0][0].dtype
     out = [dtype, buffers[1][0].dtype]
     for k, tensors in enumerate(buffers[2:], 2):
-        t = next((x for x in tensors if x is not None), None) if k < len(buffers) - 1 else None
+        t = next((x for x in tensors if isinstance(x, torch.Tensor)), None) if k < len(buffers) - 1 else None
         out.append(dtype if t is None else t.dtype)
     return out
 
