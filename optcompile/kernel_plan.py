@@ -140,6 +140,10 @@ class KernelPlan:
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
 
+    def slot(self, name: str) -> int:
+        """A stored buffer's position (:func:`stored_slot`): it salts stochastic rounding's bits."""
+        return stored_slot([b.name for b in self.buffers if b.role != "spill"], name)
+
     # ── text form, for golden tests and `optcompile show --plan` ──────────────────────────────
     def dump(self) -> str:
         def when(guard) -> str:
@@ -168,6 +172,17 @@ class KernelPlan:
             for a in st.stores:
                 out.append(f"    store {a.buffer}{when(a.guard)}")
         return "\n".join(out) + "\n"
+
+
+def buffer_names(prog: Program) -> tuple[str, ...]:
+    """The plan's buffers before its spills: ``param, grad, *states`` (``kahan_comp`` last)."""
+    return ("param", "grad", *[s.name for s in prog.states])
+
+
+def stored_slot(names, name: str) -> int:
+    """A buffer's position in :func:`buffer_names`: every backend salts stochastic rounding's random
+    bits with it (optcompile/rounding.py), so it is decided here, once."""
+    return list(names).index(name)
 
 
 # ── building ───────────────────────────────────────────────────────────────────────────────────

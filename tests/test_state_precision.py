@@ -335,3 +335,36 @@ def test_gradient_release_draws_the_bits_of_a_normal_step(stem, kw):
             opt.zero_grad()
         out.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@pytest.mark.parametrize("stem", ["lamb", "signum"])
+@pytest.mark.parametrize("backend", backend_params("foreach", "triton", "fused"))
+def test_user_specs_get_state_precision_and_stochastic_rounding(stem, backend):
+    """A user spec gets both for free (LAMB: reductions and an fp32 spill between stages): states in
+    the requested dtype, every backend tracking eager (per-tensor sums are ordered differently, so
+    a stochastic rounding may land an ulp apart)."""
+    from pathlib import Path
+
+    import optcompile
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / f"{stem}.py")
+    states = cls._info.states
+    precision = {states[0]: "fp32"}
+    runs = []
+    for name in ("eager", backend):
+        torch.manual_seed(0)
+        params = [torch.randn(n, dtype=torch.bfloat16, requires_grad=True) for n in (64, 5)]
+        opt = cls(params, lr=1e-2, state_precision=precision, stochastic_rounding=True, **BACKENDS[name].flags)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.step()
+        runs.append((params, opt))
+    (ref, ref_opt), (got, opt) = runs
+    for p, q in zip(got, ref):
+        assert opt.state[p][states[0]].dtype == torch.float32
+        assert opt.state[p].get("kahan_comp") is None
+        _assert_close(p.detach(), q.detach(), f"{stem} param")
+        for name in states:
+            if torch.is_tensor(opt.state[p].get(name)):
+                _assert_close(opt.state[p][name], ref_opt.state[q][name], f"{stem} {name}")

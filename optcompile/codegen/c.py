@@ -272,7 +272,7 @@ def context(prog: Program) -> dict:
                for b in plan.buffers]
     # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own
     storage = [{"name": b.name, "code": "OC_DTYPE" if b.storage != "state" else f"OC_DTYPE_{b.name}",
-                "state": b.storage == "state", "slot": i} for i, b in enumerate(plan.buffers) if b.role != "spill"]
+                "state": b.storage == "state"} for b in plan.buffers if b.role != "spill"]
     stages = [_stage(plan, st, flags, scalar_src) for st in plan.stages]
     return {
         "fn": fn,
@@ -354,7 +354,7 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()],
             "element": loads + declared + body + stores, "element_lanes": loads + declared + body_lanes + stores,
             "reductions": reductions, "vector": vector,
-            "rounded": [{"name": n, "slot": [b.name for b in plan.buffers].index(n)} for n in dict.fromkeys(rounded)],
+            "rounded": [{"name": n, "slot": plan.slot(n)} for n in dict.fromkeys(rounded)],
             "tscalars": [_tscalar(t, plan, flags) for t in st.own_per_tensor],
             "partials": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": list(plan.per_tensor_names).index(r.name),
                           "guard": _guard_bits(r.guard, flags)} for k, r in enumerate(st.reductions)]}

@@ -683,9 +683,10 @@ class TensorCode:
 
 
 def buffer_slot(prog: Program, name: str) -> int:
-    """A stored buffer's position in ``[param, grad, *states, kahan_comp]`` (the kernel plan's
-    order): it salts the random bits of stochastic rounding, the same on every backend."""
-    return ["param", "grad", *[s.name for s in prog.states]].index(name)
+    """A stored buffer's position in the kernel plan's buffers: it salts the random bits of
+    stochastic rounding, the same on every backend."""
+    from ..kernel_plan import buffer_names, stored_slot
+    return stored_slot(buffer_names(prog), name)
 
 
 def guard_text(guard) -> str | None:

@@ -290,7 +290,7 @@ class KernelBuilder:
         lines = [f"{s.target} = {value}"]
         if s.rounds:
             b = self.plan.buffer(s.target.name)
-            salt = (([x.name for x in self.plan.buffers].index(b.name) + 1) * GOLDEN) & M32
+            salt = ((self.plan.slot(b.name) + 1) * GOLDEN) & M32
             lines.append(f"{s.target} = _rounded({s.target}, {self.dtype(b)}, SR, _tensor_key, {salt:#010x}, _offsets)"
                          "  # what a load of the stored value returns")
         return lines
