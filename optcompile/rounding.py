@@ -15,7 +15,7 @@ The random bits are a counter-based hash, the same on every backend (torch int64
 (all mod 2**32; ``fmix32`` is murmur3's finalizer). ``step`` is the step being taken (the group's
 ``step`` + 1, or the per-param step under gradient release; a spec without a step counts in the
 group's ``sr_step``), ``index`` the param's position in the optimizer's parameter list (over all
-groups, as ``state_dict`` numbers them; the position in ``params`` for the functional API),
+groups, as ``state_dict`` numbers them; ``run_functional`` takes the indices it is given),
 ``slot`` the buffer's position in ``[param, grad, *states, kahan_comp]``, ``e`` the element's
 row-major index in its tensor. So eager, foreach, fused and Triton draw the same bits, and a run
 resumed from a state dict (which saves ``sr_seed`` and the step) continues bit for bit.
