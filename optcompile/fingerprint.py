@@ -11,7 +11,7 @@ from .version import __version__
 
 _PKG = Path(__file__).resolve().parent
 _COMPILER_FILES = ("spec.py", "ir.py", "lower.py", "verify.py", "compiler.py", "passes/*.py", "kernel_plan.py",
-                   "codegen/*.py", "stamp.py",
+                   "codegen/*.py", "stamp.py", "rounding.py",
                    "backends/registry.py", "step_flags.py")
 
 

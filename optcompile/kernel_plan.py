@@ -3,13 +3,16 @@
 A finished :class:`~optcompile.ir.Program` says *what* a step computes; the plan says how a kernel
 computes it, in terms that no printer re-derives:
 
-* the **buffers** and each one's storage (the group's dtype, the grad's dtype, or fp32 scratch);
+* the **buffers** and each one's storage (the group's dtype, the grad's dtype, each state's own
+  dtype — ``state_precision`` — or fp32 scratch);
 * per **stage** (the body split at reductions): the per-tensor values it computes first, the loads
   and stores with their host guards, the element statements in kernel form (interpolations and
   in-place groupings from forms.py, sums in one term order), and the reductions it feeds;
 * **one rounding rule**: every write to a stored buffer is rounded to the buffer's storage right
-  after it (round to nearest even), so a later read sees what memory would hold (Kahan measures
-  the real rounding error) and the store itself is an exact cast;
+  after it (round to nearest even, or stochastically under ``stochastic_rounding``: random bits
+  from the buffer's position, the tensor and the element, optcompile/rounding.py), so a later read
+  sees what memory would hold (Kahan measures the real rounding error) and the store itself is an
+  exact cast;
 * **one rule for values crossing a stage**: an element value (a temp, or ``grad`` after L2 decay)
   that a later stage reads goes through an fp32 scratch buffer (a *spill*), stored by the stage
   that sets it; a per-tensor value is recomputed from the reductions' totals, which stay in memory;
@@ -40,7 +43,8 @@ class Buffer:
 
     name: str
     role: str  # "param" | "grad" | "state" | "spill"
-    storage: str  # "param": the group's dtype (param, states); "grad": the grads' dtype; "fp32": scratch
+    storage: str  # "param": the group's dtype (param, kahan_comp); "grad": the grads' dtype; "state": the
+    # state's own dtype (``state_precision``, a per-buffer parameter of a C build / Triton launch); "fp32": scratch
     value: str  # the element value it holds (a spill holds a temp, or ``grad`` after L2 decay)
 
 
@@ -137,6 +141,10 @@ class KernelPlan:
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
 
+    def slot(self, name: str) -> int:
+        """A stored buffer's position (:func:`stored_slot`): it salts stochastic rounding's bits."""
+        return stored_slot([b.name for b in self.buffers if b.role != "spill"], name)
+
     # ── text form, for golden tests and `optcompile show --plan` ──────────────────────────────
     def dump(self) -> str:
         def when(guard) -> str:
@@ -165,6 +173,17 @@ class KernelPlan:
             for a in st.stores:
                 out.append(f"    store {a.buffer}{when(a.guard)}")
         return "\n".join(out) + "\n"
+
+
+def buffer_names(prog: Program) -> tuple[str, ...]:
+    """The plan's buffers before its spills: ``param, grad, *states`` (``kahan_comp`` last)."""
+    return ("param", "grad", *[s.name for s in prog.states])
+
+
+def stored_slot(names, name: str) -> int:
+    """A buffer's position in :func:`buffer_names`: every backend salts stochastic rounding's random
+    bits with it (optcompile/rounding.py), so it is decided here, once."""
+    return list(names).index(name)
 
 
 # ── building ───────────────────────────────────────────────────────────────────────────────────
@@ -272,7 +291,9 @@ def build(prog: Program) -> KernelPlan:
     element = set(stored) | {"grad"} | temps
     spill_of, reads_spilled = _spills(prog, stages_ir, set(stored))
     buffers = [Buffer("param", "param", "param", "param"), Buffer("grad", "grad", "grad", "grad")]
-    buffers += [Buffer(n, "state", "param", n) for n in states]
+    # a state's storage is its own (state_precision: the build's / launch's parameter per buffer);
+    # kahan_comp compensates the param and is stored like it
+    buffers += [Buffer(n, "state", "param" if n == "kahan_comp" else "state", n) for n in states]
     buffers += [Buffer(spill_of[n], "spill", "fp32", n) for n in spill_of]
     first_grad_write = next((k for k, st in enumerate(stages_ir)
                              if any(isinstance(s, Assign) and s.target == "grad" for s in st)), None)

@@ -162,9 +162,12 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
 
 def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
-                   optimizer_accumulation=False, group: dict | None = None) -> None:
+                   optimizer_accumulation=False, group: dict | None = None,
+                   stochastic_rounding: tuple[int, int | None, list[int]] | None = None) -> None:
     """One optimizer step over lists of tensors; the body of every generated functional API.
-    ``group`` is the param group of a class step (its constants decide which states exist)."""
+    ``group`` is the param group of a class step (its constants decide which states exist).
+    ``stochastic_rounding``: ``(seed, counter, param indices)`` (optcompile/rounding.py); the
+    counter is the step being taken, None to take it from ``step``."""
     if gradient_release and foreach:
         raise ValueError(f"Gradient release {gradient_release=} and foreach {foreach=} cannot be used together")
     if isinstance(params, torch.Tensor):
@@ -183,6 +186,13 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     if info.uses_step:  # the tensor advances once the step has run: a step that raises leaves it as it was
         hypers["step"] = int(step.item()) + 1
     alloc = hypers if group is None else {**group, **hypers}
+    sr = None
+    if stochastic_rounding is not None:
+        from .rounding import StochasticRounding, step_key
+        seed, counter, index = stochastic_rounding
+        if counter is None:
+            counter = hypers["step"]
+        sr = StochasticRounding(step_key(seed, counter), tuple(index), (0,) * len(index))
     types, dtypes = set(map(type, params)), {p.dtype for p in params}
     single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
     if any(dtype.is_complex for dtype in dtypes):
@@ -191,14 +201,14 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
             _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
                                   fused=fused, gradient_release=gradient_release,
-                                  optimizer_accumulation=optimizer_accumulation, alloc=alloc)
+                                  optimizer_accumulation=optimizer_accumulation, alloc=alloc, sr=sr)
             lists = None
         else:
             lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
     if lists is not None:
         _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
                   gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation, single=single,
-                  alloc=alloc)
+                  alloc=alloc, sr=sr)
     if info.uses_step:
         step.add_(1)
 
@@ -321,23 +331,31 @@ def _max_lr_message(max_lr) -> str:
 
 
 def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation,
-              single=None, alloc=None):
+              single=None, alloc=None, sr=None):
     """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend;
-    every group's buffers are checked before the first is stepped."""
-    groups = _group_by_device_and_dtype(tensors[0], tensors[1:], single)
+    every group's buffers are checked before the first is stepped. ``sr``: this step's stochastic
+    rounding (``rounding.StochasticRounding`` over ``tensors``), passed to the backend as ``_sr``."""
+    positions = [] if sr is None else [list(range(len(tensors[0])))]  # which of sr's tensors each group has
+    groups = _group_by_device_and_dtype(tensors[0], tensors[1:] + positions, single)
     if len(groups) > 1:
         check_buffers(info, tensors)
     plans = []
     for device, dtype, ps, lists in groups:
+        group_sr = None
+        if sr is not None:
+            *lists, taken = lists
+            group_sr = sr if len(groups) == 1 else sr.take(taken)
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
         name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
         impl = info.backend(name)
         kahan = bool(kahan_sum) and dtype in LOW_PRECISION
         if not getattr(impl, "checks_buffers", False):  # the fused kernel checks in its pointer pass
             check_buffers(info, [ps, *lists], allocated_states(info, hypers if alloc is None else alloc, kahan))
-        plans.append((device, dtype, ps, lists, name, impl, kahan))
-    for device, dtype, ps, lists, name, impl, kahan in plans:
+        plans.append((device, dtype, ps, lists, name, impl, kahan, group_sr))
+    for device, dtype, ps, lists, name, impl, kahan, group_sr in plans:
         host = info.host(**hypers, **step_flags(optimizer_accumulation=optimizer_accumulation, kahan=kahan))
+        if group_sr is not None:
+            host["_sr"] = group_sr
         if device.type == "cpu" and registry.get(name).in_module:
             _run_in_cpu_pieces(impl, ps, lists, host, split=not _needs_whole_tensor(info),
                                batch=CPU_FOREACH_BATCH if name == "foreach" else None)
@@ -364,35 +382,46 @@ def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int | N
     a slice boundary moves that as a thread count does). Algorithms with per-tensor reductions
     keep whole tensors.
     """
+    sr = host.get("_sr")
     if split and any(p.numel() > CPU_CHUNK for p in params):
-        params, lists = _cpu_slices(params, lists)
+        params, lists, origin = _cpu_slices(params, lists)
+        if sr is not None:  # a slice draws the bits of its elements' places in the whole param
+            host = {**host, "_sr": type(sr)(sr.key, tuple(sr.index[i] for i, _ in origin),
+                                            tuple(sr.offset[i] + a for i, a in origin))}
+            sr = host["_sr"]
     if batch is None:  # the for-loop backend: one call, its temporaries are per tensor already
         return impl(params, *lists, **host)
+
+    def part(lo, hi):
+        return host if sr is None else {**host, "_sr": sr.take(range(lo, hi))}
     lo, total = 0, 0
     for i, p in enumerate(params):
         n = p.numel()
         if i > lo and total + n > batch:
-            impl(params[lo:i], *[lst[lo:i] for lst in lists], **host)
+            impl(params[lo:i], *[lst[lo:i] for lst in lists], **part(lo, i))
             lo, total = i, 0
         total += n
-    impl(params[lo:], *[lst[lo:] for lst in lists], **host)
+    impl(params[lo:], *[lst[lo:] for lst in lists], **part(lo, len(params)))
 
 
 def _cpu_slices(params, lists):
-    out_params, out_lists = [], [[] for _ in lists]
+    """The pieces, and for each its (param position, first element)."""
+    out_params, out_lists, origin = [], [[] for _ in lists], []
     for i, p in enumerate(params):
         row = [lst[i] for lst in lists]
         if p.numel() <= CPU_CHUNK or not all(t is None or t.is_contiguous() for t in [p, *row]):
             out_params.append(p)
+            origin.append((i, 0))
             for out, t in zip(out_lists, row):
                 out.append(t)
             continue
         flat = [p.view(-1)] + [None if t is None else t.view(-1) for t in row]
         for a in range(0, p.numel(), CPU_CHUNK):
             out_params.append(flat[0][a:a + CPU_CHUNK])
+            origin.append((i, a))
             for out, t in zip(out_lists, flat[1:]):
                 out.append(None if t is None else t[a:a + CPU_CHUNK])
-    return out_params, out_lists
+    return out_params, out_lists, origin
 
 
 def _real(x):
@@ -465,6 +494,15 @@ class CompiledOptimizer(Optimizer):
                     self.state[p]["group"] = group
         self._register_hooks()
 
+    def _param_indices(self, params) -> list[int]:
+        """Each param's position in the optimizer's parameter list (``state_dict`` numbering):
+        the tensor index of stochastic rounding's random bits."""
+        index = getattr(self, "_sr_index", None)
+        if index is None:
+            all_params = [p for g in self.param_groups for p in g["params"]]
+            index = self._sr_index = {id(p): i for i, p in enumerate(all_params)}
+        return [index[id(p)] for p in params]
+
     def _register_hooks(self) -> None:
         self._released: dict[int, dict] = {}  # groups stepped from hooks since the last step(), by id
         self._fused_groups: dict[int, _FusedGroup] = {}  # groups stepped from prebuilt tables, by id
@@ -474,6 +512,8 @@ class CompiledOptimizer(Optimizer):
         self.register_load_state_dict_pre_hook(_check_and_convert_state_dict)
         self.register_load_state_dict_post_hook(_link_gradient_release_groups)
         self.register_load_state_dict_post_hook(_keep_constructor_only_keys)
+        self.register_load_state_dict_pre_hook(_keep_storage_choices)
+        self.register_load_state_dict_post_hook(_restore_state_precision)
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickle rebuild an optimizer from defaults, state and param_groups only:
@@ -498,6 +538,8 @@ class CompiledOptimizer(Optimizer):
         # decoupled decay then applies weight_decay·lr_t/peak (tests/test_integration.py).
         # A tensor lr is copied as a number: an aliased tensor would follow the schedule in place.
         scalar_hyperparameters(type(self).__name__, **{k: group[k] for k in self._info.keys if k in group})
+        _check_precision_and_rounding(type(self).__name__, group, self._info.states)
+        self._sr_index = None
         for key in ("lr", "weight_decay", "max_lr"):
             value = group.get(key)
             if value is not None and not 0.0 <= value:
@@ -533,6 +575,7 @@ class CompiledOptimizer(Optimizer):
             group["kahan_sum"] = True
         if not any(name in state for name in self._info.states):
             self._info.init_state(state, param, group, kahan)
+            _store_states_in_precision(self._info, group, state, param)
         else:
             fresh: dict = {}
             self._info.init_state(fresh, param, group, kahan)
@@ -553,10 +596,17 @@ class CompiledOptimizer(Optimizer):
     def _call(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
               optimizer_accumulation=False) -> None:
         hypers = {k: group[k] for k in self._info.keys}
+        sr = None
+        if group.get("stochastic_rounding"):
+            index = self._param_indices([params] if isinstance(params, torch.Tensor) else params)
+            # a spec without a step counts in sr_step, advanced by step() before it steps the group:
+            # hooks under gradient release run before that step() and take the count it will have
+            counter = group.get("sr_step", 0) + (1 if gradient_release else 0)
+            sr = (int(group.get("sr_seed") or 0), None if self._info.uses_step else counter, index)
         run_functional(self._info, params, grads, state_lists, kahan_comps, hypers, step=step,
                        kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
                        triton=group.get("triton"), fused=group.get("fused"), gradient_release=gradient_release,
-                       optimizer_accumulation=optimizer_accumulation, group=group)
+                       optimizer_accumulation=optimizer_accumulation, group=group, stochastic_rounding=sr)
 
     # ── step ───────────────────────────────────────────────────────────────────────────────────
     @torch.no_grad()
@@ -573,8 +623,11 @@ class CompiledOptimizer(Optimizer):
         fused_groups = self._fused_groups
         for group in self.param_groups:
             self._setup_group(group)
+            if group.get("stochastic_rounding") and not self._info.uses_step:
+                group["sr_step"] = group.get("sr_step", 0) + 1  # the random bits' step count (no step here)
             fast = fused_groups.get(id(group))
-            if fast is not None and fast.group is group and fast.table is not None:
+            if fast is not None and fast.group is group and fast.table is not None and \
+                    not group.get("stochastic_rounding"):
                 if fast.step(self, group):
                     if released:
                         released.pop(id(group), None)
@@ -676,6 +729,8 @@ class _FusedGroup:
         if slot.wait > 0:
             slot.wait -= 1
             return
+        if group.get("stochastic_rounding"):
+            return  # the tables do not carry the random streams: stochastic rounding takes the general path
         params = group["params"]
         info = opt._info
         if choose_backend(params, foreach=group.get("foreach"), triton=group.get("triton"),
@@ -768,7 +823,10 @@ _NAMES = {"lr": "learning rate", "weight_decay": "weight decay", "max_lr": "maxi
 
 
 def uses_kahan(group: dict, param: torch.Tensor) -> bool:
-    """Kahan-compensated updates: low-precision params, unless the group's kahan_sum is False."""
+    """Kahan-compensated updates: low-precision params, unless the group's kahan_sum is False or
+    it rounds stochastically (then ``kahan_sum=None`` means off)."""
+    if group.get("stochastic_rounding"):
+        return False
     kahan_sum = group.get("kahan_sum")
     return bool(kahan_sum or kahan_sum is None) and param.dtype in LOW_PRECISION
 
@@ -815,3 +873,76 @@ def _link_gradient_release_groups(optimizer: CompiledOptimizer) -> None:
                 # resumed from a normal-step checkpoint: every param continues the group's count
                 step = group.get("step")
                 state["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(0, dtype=torch.int32)
+
+
+# ── state precision and stochastic rounding (optcompile/rounding.py) ─────────────────────────────
+def _check_precision_and_rounding(optimizer: str, group: dict, states: tuple[str, ...]) -> None:
+    """A constructor's or param group's ``state_precision``, ``stochastic_rounding`` and ``sr_seed``."""
+    from .rounding import state_precision_error
+    problem = state_precision_error(optimizer, group.get("state_precision"), states)
+    if problem:
+        raise ValueError(problem)
+    sr = group.get("stochastic_rounding", False)
+    if not isinstance(sr, bool):
+        raise ValueError(f"{optimizer}: stochastic_rounding must be True or False, not {sr!r}")
+    if sr and group.get("kahan_sum"):
+        raise ValueError(f"{optimizer}: kahan_sum=True and stochastic_rounding=True cannot be used together; "
+                         "both keep low-precision updates from being lost: choose one (with stochastic_rounding, "
+                         "leave kahan_sum None or False)")
+    seed = group.get("sr_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{optimizer}: sr_seed must be an int, not {seed!r}")
+
+
+def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, param: torch.Tensor) -> None:
+    """Freshly allocated states in the group's ``state_precision`` (``kahan_comp`` keeps the param's)."""
+    precision = group.get("state_precision")
+    if precision is None:
+        return
+    from .rounding import state_dtype
+    for name in info.states:
+        t = state.get(name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            want = state_dtype(precision, name, param.dtype)
+            if t.dtype != want:
+                state[name] = t.to(want)
+
+
+def _keep_storage_choices(optimizer: CompiledOptimizer, state_dict: dict) -> dict:
+    """load_state_dict(): this optimizer's ``state_precision`` and ``stochastic_rounding`` are how it
+    stores and rounds, and stay; a checkpoint saved in another precision is cast to them
+    (``_restore_state_precision``). ``sr_seed`` and the step counts come from the checkpoint, so a
+    resumed run draws the random bits it would have drawn. The states as saved are kept aside:
+    torch's loader casts every state to its param's dtype, which would round fp32 states of bf16
+    params to bf16."""
+    groups = []
+    for saved, live in zip(state_dict.get("param_groups", []), optimizer.param_groups):
+        saved = dict(saved)
+        for key in ("state_precision", "stochastic_rounding"):
+            saved[key] = live.get(key, saved.get(key))
+        saved.setdefault("sr_seed", live.get("sr_seed", 0))
+        groups.append(saved)
+    saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+    optimizer._loading_states = (saved_ids, state_dict.get("state", {}))
+    return {**state_dict, "param_groups": groups + list(state_dict.get("param_groups", []))[len(groups):]}
+
+
+def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
+    """load_state_dict(): each state in its group's precision, cast from the tensor as saved."""
+    saved = getattr(optimizer, "_loading_states", None)
+    optimizer._loading_states = None
+    optimizer._sr_index = None
+    if not saved:
+        return
+    from .rounding import state_dtype
+    ids, states = saved
+    pairs = [(g, p) for g in optimizer.param_groups for p in g["params"]]
+    for i, (group, p) in zip(ids, pairs):
+        s, state = states.get(i), optimizer.state.get(p)
+        if not s or state is None:
+            continue
+        precision = group.get("state_precision")
+        for name in optimizer._info.states:
+            t, now = s.get(name), state.get(name)
+            if isinstance(t, torch.Tensor) and isinstance(now, torch.Tensor) and t.is_floating_point():
+                state[name] = t.to(device=p.device, dtype=state_dtype(precision, name, p.dtype))

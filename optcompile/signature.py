@@ -1,8 +1,9 @@
 """The constructor's argument order: optimi's by default, or the one a spec names (torch.optim's).
 
 Default (optimi 0.3.3's signature, then optcompile's keyword-only extras): the spec's and the
-weight-decay pass's arguments, ``kahan_sum, foreach, triton, gradient_release``, then ``*, fused``
-and the keyword-only arguments of later passes (``maximize``). A spec that calls
+weight-decay pass's arguments, ``kahan_sum, foreach, triton, gradient_release``, then ``*, fused,
+state_precision, stochastic_rounding, sr_seed`` and the keyword-only arguments of later passes
+(``maximize``). A spec that calls
 ``spec.signature(...)`` gets exactly that order; whatever it leaves out follows keyword-only in
 the default order, so optcompile's own extras come after the other library's arguments.
 ``capturable`` and ``differentiable`` exist only to take torch.optim's signature: always False.
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 
 from .ir import Program
 
-RUNTIME_ARGS = ("kahan_sum", "foreach", "triton", "gradient_release", "fused")
+RUNTIME_ARGS = ("kahan_sum", "foreach", "triton", "gradient_release", "fused", "state_precision",
+                "stochastic_rounding", "sr_seed")
+KEYWORD_ONLY_RUNTIME_ARGS = ("fused", "state_precision", "stochastic_rounding", "sr_seed")  # optcompile's own
 NOT_APPLICABLE = {
     "capturable": "CUDA-graph capture of the step is torch.optim's; optcompile's steps read the step count "
                   "on the host",
@@ -31,7 +34,7 @@ class Param:
 def constructor_params(prog: Program) -> list[Param]:
     """Every constructor argument after ``params``, in order."""
     default = ([Param(a.name, "arg", False) for a in prog.args if not a.keyword_only]
-               + [Param(n, "runtime", n == "fused") for n in RUNTIME_ARGS]
+               + [Param(n, "runtime", n in KEYWORD_ONLY_RUNTIME_ARGS) for n in RUNTIME_ARGS]
                + [Param(a.name, "arg", True) for a in prog.args if a.keyword_only])
     if not prog.signature:
         return default

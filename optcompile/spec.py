@@ -120,6 +120,7 @@ RESERVED_NAMES = frozenset({
     "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
     "triton", "fused", "gradient_release", "optimizer_accumulation", "setup", "decouple_wd",
     "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults", *STEP_FLAGS,
+    "state_precision", "stochastic_rounding", "sr_seed", "sr_step",
 })
 
 # Names the generated code itself uses at module level (modules, helpers, the builtins and C math
@@ -130,7 +131,7 @@ RESERVED_NAMES = frozenset({
 GENERATED_CODE_NAMES = frozenset({
     "torch", "math", "tl", "triton", "libdevice", "fp32", "Tensor", "Iterable", "LOW_PRECISION",
     "CompiledOptimizer", "OptimizerInfo", "run_functional", "launch_plan", "BLOCK_SIZE", "lowp",
-    "DTYPE", "GRAD_DTYPE", "ALIGNED", "abs", "bool", "dict", "enumerate", "isinstance", "len", "max", "min",
+    "DTYPE", "GRAD_DTYPE", "ALIGNED", "SR", "abs", "bool", "dict", "enumerate", "isinstance", "len", "max", "min",
     "range", "super", "zip", "ValueError", "sqrt", "pow", "exp", "log", "fabs", "fmax", "fmin",
 } | set(keyword.kwlist) | {
     "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "enum", "extern",

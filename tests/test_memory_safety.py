@@ -408,18 +408,21 @@ def test_triton_functional_grads_of_two_dtypes_do_not_reach_the_kernel():
 def test_triton_pointer_table_hit_still_checks_what_lies_at_the_addresses():
     """The Triton pointer tables are cached by data_ptr: a state replaced by a tensor of another
     dtype at the same address (a freed one reused) hit the cache and skipped the dtype check, so the
-    kernel wrote fp32 values into a bf16 buffer of half the bytes."""
+    kernel wrote fp32 values into a bf16 buffer of half the bytes. (A state list's dtype is its
+    own since state_precision: the second param's state is replaced, so the list mixes dtypes.)"""
     _backend("triton")
     from optcompile.backends import triton_runtime
-    opt, params = _trained(_backend("triton"), [(8,)], steps=1)
-    state = opt.state[params[0]]
+    opt, params = _trained(_backend("triton"), [(8,), (8,)], steps=1)
+    state = opt.state[params[1]]
     storage = torch.zeros(8)  # exp_avg's bytes, then the same address seen as bf16
     state["exp_avg"] = storage
-    params[0].grad = torch.randn_like(params[0])
+    for p in params:
+        p.grad = torch.randn_like(p)
     opt.step()  # records the pointer table for this address
     storage.zero_()
     state["exp_avg"] = storage.view(torch.bfloat16)[:8]  # fp32 elements 0-3
-    params[0].grad = torch.randn_like(params[0])
+    for p in params:
+        p.grad = torch.randn_like(p)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -65,7 +65,8 @@ def test_layout_matches_optimi(name):
             else:
                 assert ours["state"][i][k] is v is None
     for go, gt in zip(ours["param_groups"], theirs["param_groups"]):
-        assert set(go) - set(gt) == {"fused", "maximize"} and set(gt) <= set(go)  # our keyword-only extras
+        extras = {"fused", "maximize", "state_precision", "stochastic_rounding", "sr_seed"}  # our keyword-only extras
+        assert set(go) - set(gt) == extras and set(gt) <= set(go)
         if "step" in gt:
             assert torch.equal(go["step"], gt["step"]) and go["step"].dtype == torch.int32
 

@@ -1,7 +1,8 @@
 """Load ``<stem>_fused.c``: build it with the system C compiler, cache the shared library, call it
 with ctypes.
 
-One library per (source, dtype) is built on first use of that dtype (~0.3 s with gcc) and kept
+One library per (source, storage) is built on first use of that storage (the param's dtype, each
+state's under ``state_precision``, and whether stores round stochastically) (~0.3 s with gcc) and kept
 in ``<cache dir>/fused/``, keyed by the source's hash, the compiler's identity (path and
 ``--version``), the flags and the CPU model: ``-march=native`` code is only valid on the CPU that
 built it. Builds follow the cache's pattern: lock, check again, build in a temp folder, atomic
@@ -23,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,7 +74,24 @@ def cpu_model() -> str:
         return f"{platform.machine()}|{platform.processor()}"
 
 
-def build(source: Path, dtype_code: int) -> Path:
+@dataclass(frozen=True)
+class Storage:
+    """What one library is built for: the param's dtype code (grads and kahan_comp share it),
+    each state's (``state_precision``), and stochastic rounding."""
+
+    param: int
+    states: tuple[tuple[str, int], ...] = ()
+    stochastic: bool = False
+
+    def flags(self) -> tuple[str, ...]:
+        return (f"-DOC_DTYPE={self.param}",) + tuple(f"-DOC_DTYPE_{n}={c}" for n, c in self.states
+                                                     if c != self.param) + (("-DOC_SR=1",) if self.stochastic else ())
+
+    def tag(self) -> str:
+        return f"{self.param}" + "".join(str(c) for _, c in self.states) + ("s" if self.stochastic else "")
+
+
+def build(source: Path, dtype_code: "int | Storage") -> Path:
     """The shared library of ``source`` for one dtype, from the cache or freshly compiled.
 
     A cached library is used only if its seal (a hash of its bytes and name) holds, so a truncated
@@ -82,11 +101,12 @@ def build(source: Path, dtype_code: int) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     text = source.read_bytes()
-    flags = FLAGS + (f"-DOC_DTYPE={dtype_code}",)
+    storage = dtype_code if isinstance(dtype_code, Storage) else Storage(dtype_code)
+    flags = FLAGS + storage.flags()
     h = hashlib.sha256()
     for part in (text, compiler_identity(cc).encode(), " ".join(flags).encode(), cpu_model().encode()):
         h.update(part + b"\0")
-    name = f"{cache.FUSED}/{source.stem}-{dtype_code}-{h.hexdigest()[:16]}.so"
+    name = f"{cache.FUSED}/{source.stem}-{storage.tag()}-{h.hexdigest()[:16]}.so"
     found = cache.find(name)
     if found is not None and cache.seal_problem(found) is None:
         return found
@@ -123,9 +143,25 @@ class FusedStep:
     def __init__(self, info, source: Path):
         self.info, self.source = info, source
         self.iface = read_interface(source)
-        self.fns: dict[int, object] = {}
+        self.fns: dict[Storage, object] = {}
+        self.n_states = len(self.iface.get("states", []))
 
-    def _fn(self, dtype_code: int):
+    def storage(self, params, lists, sr: bool) -> "Storage | None":
+        """The library these lists need (each state's dtype from its first tensor), or None when a
+        dtype is not one the kernel stores."""
+        code = DTYPES.get(params[0].dtype)
+        if code is None:
+            return None
+        states = []
+        for name, lst in zip(self.iface.get("states", []), lists[1:]):
+            t = next((x for x in lst if isinstance(x, torch.Tensor)), None)  # not a tensor: the checks name it
+            c = code if t is None else DTYPES.get(t.dtype)
+            if c is None:
+                return None
+            states.append((name, c))
+        return Storage(code, tuple(states), sr)
+
+    def _fn(self, dtype_code: "Storage"):
         fn = self.fns.get(dtype_code)
         if fn is None:
             with _LOCK:
@@ -135,7 +171,7 @@ class FusedStep:
                     fn = getattr(lib, self.iface["function"])
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                   ctypes.c_int]
+                                   ctypes.c_int, ctypes.c_void_p]
                     self.fns[dtype_code] = fn
         return fn
 
@@ -146,7 +182,8 @@ class FusedStep:
 
     def __call__(self, params, *lists, **host):
         p0 = params[0]
-        code = DTYPES.get(p0.dtype)
+        sr = host.get("_sr")
+        code = self.storage(params, lists, sr is not None)
         if p0.device.type != "cpu" or code is None:
             warn_once(f"dtype:{p0.device}:{p0.dtype}", f"the fused C kernel runs fp32/bf16/fp16 CPU tensors; "
                       f"{p0.dtype} on {p0.device} uses the eager backend")
@@ -161,7 +198,7 @@ class FusedStep:
         numel = _FITS.get(buffers)  # the numels of a layout that fit the kernel before, or None
         if numel is MISSING:
             shapes = [p.shape for p in params]
-            ptrs = self._pointers(params, lists, shapes)
+            ptrs = self._pointers(params, lists, shapes, self._dtypes(params, lists))
             if ptrs is None:
                 check_buffers(self.info, buffers)  # a grad or state of another shape raises here
             numel = None if ptrs is None else [s.numel() for s in shapes]
@@ -176,13 +213,25 @@ class FusedStep:
         c_numel = array.array("q", numel)
         self._launch(fn, len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], host)
 
+    def _dtypes(self, params, lists) -> list:
+        """The dtype each list must have: the param's, or for a state its first tensor's."""
+        dtype = params[0].dtype
+        out = [dtype]
+        for k, lst in enumerate(lists):
+            t = next((x for x in lst if isinstance(x, torch.Tensor)), None) if k <= self.n_states else None
+            out.append(dtype if t is None else t.dtype)
+        return out
+
     def _launch(self, fn, n: int, numel_addr: int, ptrs_addr: int, host: dict) -> None:
         """One call of the kernel over tables that passed their checks; its return codes as errors."""
         # None (max_lr without decouple_lr) is only read under a flag that is off: NaN marks it
         c_host = array.array("d", [math.nan if host[k] is None else float(host[k]) for k in self.iface["host"]]
                              or [0.0])
         flags = sum(1 << i for i, f in enumerate(self.iface["flags"]) if host[f])
-        rc = fn(n, numel_addr, ptrs_addr, c_host.buffer_info()[0], flags, torch.get_num_threads())
+        sr = host.get("_sr")
+        keys = None if sr is None else array.array("I", sr.tensor_keys())
+        rc = fn(n, numel_addr, ptrs_addr, c_host.buffer_info()[0], flags, torch.get_num_threads(),
+                None if keys is None else keys.buffer_info()[0])
         if rc == 2:
             raise RuntimeError(f"{self.info.name}: a state this step needs is None (was kahan_sum or a "
                                "hyperparameter that allocates state changed after the first step?)")
@@ -194,7 +243,7 @@ class FusedStep:
         them again and again (``FusedTable``); None unless they are a layout that passed the
         checks and fits the kernel as it is (``_FITS``: recorded the second time it is seen)."""
         params = buffers[0]
-        code = DTYPES.get(params[0].dtype)
+        code = self.storage(params, buffers[1:], False)
         if code is None or params[0].device.type != "cpu":
             return None
         fits = _FITS.get(buffers)
@@ -207,18 +256,18 @@ class FusedStep:
             return None
 
     @staticmethod
-    def _pointers(params, lists, shapes):
+    def _pointers(params, lists, shapes, dtypes):
         """Data pointers, buffer-major, with 0 for absent states; None if a tensor does not fit
         (another shape, dtype or device, not contiguous). The kernel takes one numel per param and
         indexes every buffer by it, so a buffer of another shape must never get through. Params
         arrive grouped by (device, dtype). Per tensor this is the hot Python of a fused step: one
         list comprehension per property and buffer, compared in C (a list of ``torch.Size``
         against the params'), is the cheapest form (~0.1–0.15 µs a check at 2,000 tensors)."""
-        dtype, n = params[0].dtype, len(params)
+        n = len(params)
         if not all([t.is_contiguous() for t in params]):
             return None
         ptrs = [t.data_ptr() for t in params]
-        for lst in lists:
+        for lst, dtype in zip(lists, dtypes[1:]):
             if lst[0] is None and lst[-1] is None and lst.count(None) == n:
                 ptrs += [0] * n  # an absent state: NULL, never touched (its guard is off)
                 continue
@@ -254,16 +303,20 @@ class FusedStep:
     def _mixed(self, params, lists, host):
         """Tensors the kernel cannot take directly (strided, mixed dtypes) take the eager loop.
         Shapes were checked by the caller."""
-        dtype = params[0].dtype
+        dtypes = self._dtypes(params, lists)
         fast = [i for i in range(len(params)) if all(
             lst[i] is None or (lst[i].dtype is dtype and lst[i].is_contiguous() and lst[i].device.type == "cpu")
-            for lst in (params, *lists))]
+            for lst, dtype in zip((params, *lists), dtypes))]
         fast_set = set(fast)
         slow = [i for i in range(len(params)) if i not in fast_set]
+        sr = host.get("_sr")
+
+        def part(idx):
+            return host if sr is None else {**host, "_sr": sr.take(idx)}
         if fast:
-            self([params[i] for i in fast], *[[lst[i] for i in fast] for lst in lists], **host)
+            self([params[i] for i in fast], *[[lst[i] for i in fast] for lst in lists], **part(fast))
         if slow:
-            self.eager([params[i] for i in slow], *[[lst[i] for i in slow] for lst in lists], **host)
+            self.eager([params[i] for i in slow], *[[lst[i] for i in slow] for lst in lists], **part(slow))
 
 
 _DATA_PTR = torch.Tensor.data_ptr

@@ -65,9 +65,11 @@ class LaunchPlan:
     layout: Layout
     pointers: torch.Tensor  # int64 [n_buffers, n_tensors]
     aligned: bool
-    dtype: object  # tl dtype of param and states
+    dtype: object  # tl dtype of param and kahan_comp
     grad_dtype: object
     spills: torch.Tensor | None  # fp32 [n_spills, total]: values a later stage reads, for this step only
+    state_dtypes: tuple = ()  # tl dtype of each state (state_precision)
+    tensor_keys: torch.Tensor | None = None  # int64 [n_tensors]: stochastic rounding's keys, or None
 
     def __getattr__(self, name):  # grid, numels, program_tensor, … come from the layout
         return getattr(self.__dict__["layout"], name)
@@ -102,17 +104,19 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int, n_reducti
                   sum(numels), partials, totals)
 
 
-def _check(buffers, dtype) -> None:
-    """Every present tensor must be dense, shaped and strided like its param, on its device."""
+def _check(buffers, dtypes) -> None:
+    """Every present tensor must be dense, shaped and strided like its param, on its device, and of
+    its buffer's dtype (the param's; a state's own under state_precision)."""
     params = buffers[0]
     for b, tensors in enumerate(buffers[1:], 1):
+        dtype = dtypes[b]
         for p, t in zip(params, tensors):
             if t is None:
                 continue
             if t.device != p.device or t.shape != p.shape or t.stride() != p.stride():
                 raise UnsupportedTensors("a gradient or state does not match its param's device, shape or strides")
             if b > 1 and t.dtype != dtype:
-                raise UnsupportedTensors(f"a state is {t.dtype} but its param is {dtype}")
+                raise UnsupportedTensors(f"a state or kahan_comp is {t.dtype} but its list's dtype is {dtype}")
             if b == 1 and t.dtype != tensors[0].dtype:  # the kernel reads every grad as the first one's dtype
                 raise UnsupportedTensors(f"the gradients mix {tensors[0].dtype} and {t.dtype}")
     for p in params:
@@ -132,7 +136,17 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0) -> LaunchPlan:
+def _list_dtypes(buffers) -> list:
+    """The dtype of each buffer list: a state's from its first tensor, else the param's."""
+    dtype = buffers[0][0].dtype
+    out = [dtype, buffers[1][0].dtype]
+    for k, tensors in enumerate(buffers[2:], 2):
+        t = next((x for x in tensors if isinstance(x, torch.Tensor)), None) if k < len(buffers) - 1 else None
+        out.append(dtype if t is None else t.dtype)
+    return out
+
+
+def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0, sr=None) -> LaunchPlan:
     """The tables for one launch over ``buffers`` = (params, grads, *states, kahan_comps), and
     ``n_spills`` fp32 scratch rows (allocated per step: they would pin memory the size of the model
     if the layout cache kept them)."""
@@ -144,8 +158,11 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
     if grads[0].dtype not in _TL_DTYPES:
         raise UnsupportedTensors(f"gradients of dtype {grads[0].dtype} are not supported")
     import triton.language as tl
+    dtypes = _list_dtypes(buffers)
+    if any(d not in _TL_DTYPES for d in dtypes):
+        raise UnsupportedTensors(f"the Triton kernels store fp32/bf16/fp16, not {[str(d) for d in dtypes]}")
     numels = tuple(p.numel() for p in params)
-    key = (p0.device, p0.dtype, grads[0].dtype, block_size) + tuple(
+    key = (p0.device, tuple(dtypes), block_size) + tuple(
         0 if t is None else t.data_ptr() for tensors in buffers for t in tensors) + numels
     layout = _lru(_LAYOUTS, (p0.device, block_size, n_reductions, numels),
                   lambda: _layout(p0.device, numels, block_size, n_reductions))
@@ -159,11 +176,13 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
     if _CHECKED.get(buffers) is MISSING:
         # the pointer key holds addresses, not what lies there: a state replaced by another dtype or
         # strides at a freed tensor's address hits it; the layout record (or the check) does not
-        _check(buffers, p0.dtype)
+        _check(buffers, dtypes)
         _CHECKED.put(buffers, True)
     spills = torch.empty(n_spills, layout.total, dtype=torch.float32, device=p0.device) if n_spills else None
+    keys = None if sr is None else torch.tensor(sr.tensor_keys(), dtype=torch.int64).to(p0.device)
     return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
-                      getattr(tl, _TL_DTYPES[grads[0].dtype]), spills)
+                      getattr(tl, _TL_DTYPES[grads[0].dtype]), spills,
+                      tuple(getattr(tl, _TL_DTYPES[d]) for d in dtypes[2:-1]), keys)
 
 
 def clear_tables() -> None:

@@ -268,8 +268,11 @@ def context(prog: Program) -> dict:
     scalar_src = {n: f"oc_h[{i}]" for i, n in enumerate(host_floats)}
     scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(ts_names)})
     scalar_src["numel"] = "(double)oc_numel"
-    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else "OC_T", "const": b.role == "grad"}
+    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad"}
                for b in plan.buffers]
+    # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own
+    storage = [{"name": b.name, "code": "OC_DTYPE" if b.storage != "state" else f"OC_DTYPE_{b.name}",
+                "state": b.storage == "state"} for b in plan.buffers if b.role != "spill"]
     stages = [_stage(plan, st, flags, scalar_src) for st in plan.stages]
     return {
         "fn": fn,
@@ -277,10 +280,12 @@ def context(prog: Program) -> dict:
         "flags": flags,
         "host_floats": host_floats,
         "buffers": buffers,
+        "storage": storage,
         "stages": stages,
         "n_tscalars": max(1, len(ts_names)),
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
-                                 "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills)},
+                                 "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills),
+                                 "states": [b.name for b in plan.buffers if b.storage == "state"]},
                                 sort_keys=True),
     }
 
@@ -298,6 +303,7 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
     reductions = []
     loaded = {plan.buffer(a.buffer).value for a in st.loads}
     temps: list[str] = []
+    rounded: list[str] = []  # buffers whose writes round (their stochastic-rounding keys)
     for s in st.body:
         hexpr = _hoist(s.expr, scalar_names, hoisted)
         rhs = cexpr(hexpr)
@@ -318,7 +324,8 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
         if t not in loaded and t not in temps:
             temps.append(t)
         if s.rounds:  # a later read sees the stored value, and the store is exact
-            rhs, vrhs = f"OC_ROUND({rhs})", f"oc_vround({vrhs}, &oc_nan)"
+            rhs, vrhs = f"OC_ROUND_{t}({rhs})", f"oc_vround({vrhs}, &oc_nan)"
+            rounded.append(t)
         body.append(_if(s.guard, f"{t} = {rhs};"))
         body_lanes.append(body[-1])
         if vbody is not None:
@@ -326,11 +333,11 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
     loads, stores = [], []
     for a in st.loads:
         b = plan.buffer(a.buffer)
-        value = f"oc_ptr_{b.name}[oc_i]" if b.storage == "fp32" else f"OC_LOAD(oc_ptr_{b.name}[oc_i])"
+        value = f"oc_ptr_{b.name}[oc_i]" if b.storage == "fp32" else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[oc_i])"
         loads.append(f"float {b.value} = {_when(a.guard, value, '0.0f')};")
     for a in st.stores:
         b = plan.buffer(a.buffer)
-        value = b.value if b.storage == "fp32" else f"OC_STORE_EXACT({b.value})"
+        value = b.value if b.storage == "fp32" else f"OC_EXACT_{b.name}({b.value})"
         stores.append(_if(a.guard, f"oc_ptr_{b.name}[oc_i] = {value};"))
     declared = [f"float {' = 0.0f, '.join(temps)} = 0.0f;"] if temps else []
     spills = any(plan.buffer(n).role == "spill" for n in st.buffers())
@@ -347,6 +354,7 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()],
             "element": loads + declared + body + stores, "element_lanes": loads + declared + body_lanes + stores,
             "reductions": reductions, "vector": vector,
+            "rounded": [{"name": n, "slot": plan.slot(n)} for n in dict.fromkeys(rounded)],
             "tscalars": [_tscalar(t, plan, flags) for t in st.own_per_tensor],
             "partials": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": list(plan.per_tensor_names).index(r.name),
                           "guard": _guard_bits(r.guard, flags)} for k, r in enumerate(st.reductions)]}

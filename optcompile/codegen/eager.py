@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 from ..ir import Program
-from .tensor_code import Dialect, emit_body
+from .tensor_code import Dialect, buffer_slot, emit_body
 
 
 def context(prog: Program) -> dict:
@@ -19,5 +19,5 @@ def context(prog: Program) -> dict:
         body, w = emit_body(prog, Dialect(), stage, tmp, after=sum(stages[i + 1:], []))
         lines += body
         written += [x for x in w if x not in written]
-    return {"name": f"_single_tensor_{prog.functional}", "body": lines, "writeback": written,
+    return {"name": f"_single_tensor_{prog.functional}", "body": lines, "writeback": [line for b in written for line in Dialect().writeback(b, buffer_slot(prog, b))],
             "uses_numel": prog.uses_numel()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 from ..ir import Program
-from .tensor_code import ForeachDialect, emit_body
+from .tensor_code import ForeachDialect, buffer_slot, emit_body
 
 
 def context(prog: Program) -> dict:
@@ -18,5 +18,5 @@ def context(prog: Program) -> dict:
         body, w = emit_body(prog, ForeachDialect(), stage, tmp, after=sum(stages[i + 1:], []))
         lines += body
         written += [x for x in w if x not in written]
-    return {"name": f"_foreach_{prog.functional}", "body": lines, "writeback": written,
+    return {"name": f"_foreach_{prog.functional}", "body": lines, "writeback": [line for b in written for line in ForeachDialect().writeback(b, buffer_slot(prog, b))],
             "uses_numel": prog.uses_numel()}

@@ -78,6 +78,12 @@ SHARED_DOCS = {
                         "Requires model hooks created with `prepare_for_gradient_release`",
     "fused": "Enables the generated fused multi-tensor C kernel for CPU params (keyword-only). If "
              "unspecified, used for CPU params when a C compiler is available",
+    "state_precision": "Storage dtype of the optimizer states: None (each in its param's dtype), 'fp32', "
+                       "'bf16', 'fp16', or a dict from state name to one of those; math stays fp32 "
+                       "(keyword-only; kahan_comp follows the param)",
+    "stochastic_rounding": "Round bf16/fp16 params and states stochastically instead of to nearest, an "
+                           "alternative to Kahan summation (keyword-only; kahan_sum=True with it is an error)",
+    "sr_seed": "Seed of stochastic rounding's counter-based random bits (keyword-only)",
 }
 
 
@@ -138,7 +144,8 @@ def _signature(prog: Program, docs: dict) -> list[dict]:
     args = {a.name: a for a in prog.args}
     runtime = {"kahan_sum": ("bool | None", repr(prog.kahan_default)), "foreach": ("bool | None", "None"),
                "triton": ("bool | None", "None"), "gradient_release": ("bool", "False"),
-               "fused": ("bool | None", "None")}
+               "fused": ("bool | None", "None"), "state_precision": ("str | dict | None", "None"),
+               "stochastic_rounding": ("bool", "False"), "sr_seed": ("int", "0")}
     out, star = [], False
     for p in constructor_params(prog):
         if p.kind == "arg":

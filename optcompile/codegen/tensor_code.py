@@ -67,12 +67,18 @@ class Dialect:
     def numel(self) -> str:
         return "param.numel()"
 
-    def sync(self, name: str) -> list[str]:
-        """After storing a low-precision buffer that is read again: read back the rounded value."""
-        return [f"if {name} is not _{name}_s:", f"    _{name}_s.copy_({name})", f"    {name}.copy_(_{name}_s)"]
+    def sync(self, name: str, slot: int) -> list[str]:
+        """After storing a low-precision buffer that is read again: read back the rounded value.
+        (A buffer stored in fp32 is its own compute view: nothing to do.)"""
+        return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot), f"    {name}.copy_(_{name}_s)"]
 
-    def writeback(self, name: str) -> list[str]:
-        return [f"_{name}_s.copy_({name})"]
+    def store(self, name: str, slot: int) -> str:
+        """Round the fp32 compute view into low-precision storage: to nearest, or stochastically
+        (``_sr``: optcompile/rounding.py; ``slot`` is the buffer's position in the plan)."""
+        return f"_{name}_s.copy_({name}) if _sr is None else _sr_copy_(_{name}_s, {name}, _sr, _i, {slot})"
+
+    def writeback(self, name: str, slot: int) -> list[str]:
+        return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot)]
 
 
 class ForeachDialect(Dialect):
@@ -124,11 +130,16 @@ class ForeachDialect(Dialect):
     def numel(self) -> str:
         return "[_p.numel() for _p in param]"
 
-    def sync(self, name: str) -> list[str]:
-        return ["if _lowp:", f"    torch._foreach_copy_(_{name}_s, {name})", f"    torch._foreach_copy_({name}, _{name}_s)"]
+    def sync(self, name: str, slot: int) -> list[str]:
+        return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot),
+                f"    torch._foreach_copy_({name}, _{name}_s)"]
 
-    def writeback(self, name: str) -> list[str]:
-        return [f"torch._foreach_copy_(_{name}_s, {name})"]
+    def store(self, name: str, slot: int) -> str:
+        return (f"torch._foreach_copy_(_{name}_s, {name}) if _sr is None else "
+                f"_sr_foreach_copy_(_{name}_s, {name}, _sr, {slot})")
+
+    def writeback(self, name: str, slot: int) -> list[str]:
+        return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot)]
 
 
 _NO_FOREACH = {"square", "where", "rsqrt_scalar", "fmax", "fmin", "clamp", "clamp_min", "clamp_max"}
@@ -675,6 +686,13 @@ class TensorCode:
         raise NotImplementedError(f"tensor condition {cond}")
 
 
+def buffer_slot(prog: Program, name: str) -> int:
+    """A stored buffer's position in the kernel plan's buffers: it salts the random bits of
+    stochastic rounding, the same on every backend."""
+    from ..kernel_plan import buffer_names, stored_slot
+    return stored_slot(buffer_names(prog), name)
+
+
 def guard_text(guard) -> str | None:
     return None if guard == TRUE else pyexpr(guard)
 
@@ -726,7 +744,7 @@ def emit_body(prog: Program, dialect: Dialect, stmts, tmp=None, after=()) -> tup
                                   for r in stmts[i + 1:] + list(after)  # `after`: later stages
                                   if _may_run_together(s.guard, r.guard)])
             if target in later:
-                code.lines += dialect.sync(target)
+                code.lines += dialect.sync(target, buffer_slot(prog, target))
             elif target not in written:
                 written.append(target)
         pad = "    " if g is not None else ""

@@ -27,6 +27,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from .. import kernel_plan
 from ..ir import TRUE, Clamp, Program
+from ..rounding import GOLDEN, M32
 from .forms import Lerp
 from .printing import PrinterBase
 
@@ -252,13 +253,14 @@ class KernelBuilder:
             if b.role == "spill":
                 line = f"tl.store(_{b.name}_ptr + _offsets, {b.value}, mask=_mask)  # fp32 scratch, read by a later stage"
             else:
-                line = f"tl.store(_{b.name}_ptr + _offsets, {b.name}.to(DTYPE), mask=_mask)  # exact: {b.name} is already rounded"
+                line = (f"tl.store(_{b.name}_ptr + _offsets, {b.name}.to({self.dtype(b)}), mask=_mask)"
+                        f"  # exact: {b.name} is already rounded")
             stores.append((a.guard, [line]))
         recomputed = [t.name for t in st.per_tensor if t.stage != st.index]
         return {
             "name": self.kernel_names[st.index],
             "stage": st.index,
-            "pointers": [{"name": b.name, "dtype": {"grad": "GRAD_DTYPE", "fp32": "tl.float32"}.get(b.storage, "DTYPE"),
+            "pointers": [{"name": b.name, "dtype": self.dtype(b),
                           "spill": b.role == "spill", "value": b.value} for b in pointers],
             "spills": any(b.role == "spill" for b in pointers),
             "per_tensor": per_tensor,
@@ -270,6 +272,7 @@ class KernelBuilder:
             "scalars": list(st.scalars),
             "flags": list(st.flags),
             "uses_numel": st.uses_numel,
+            "rounds": any(isinstance(s, kernel_plan.Compute) and s.rounds for s in st.body),
             "recomputed": recomputed,
             "origins": [str(o) for o in st.origins],
         }
@@ -286,8 +289,16 @@ class KernelBuilder:
             value = f"{value} + tl.zeros([BLOCK_SIZE], dtype=tl.float32)"
         lines = [f"{s.target} = {value}"]
         if s.rounds:
-            lines.append(f"{s.target} = _rounded({s.target}, DTYPE)  # what a load of the stored value returns")
+            b = self.plan.buffer(s.target.name)
+            salt = ((self.plan.slot(b.name) + 1) * GOLDEN) & M32
+            lines.append(f"{s.target} = _rounded({s.target}, {self.dtype(b)}, SR, _tensor_key, {salt:#010x}, _offsets)"
+                         "  # what a load of the stored value returns")
         return lines
+
+    def dtype(self, b: kernel_plan.Buffer) -> str:
+        """The constexpr a buffer is stored in: the group's (param, kahan_comp), the grads', a
+        state's own (state_precision), or fp32 scratch."""
+        return {"grad": "GRAD_DTYPE", "fp32": "tl.float32", "state": f"DTYPE_{b.name}"}.get(b.storage, "DTYPE")
 
     def reduce_name(self, r: kernel_plan.Reduce) -> str:
         return f"_{self.fn}_reduce{self._stage_of(r)}_kernel"
@@ -326,6 +337,7 @@ class KernelBuilder:
             "n_reductions": len(self.plan.reductions),
             "n_launches": len(launches),
             "optional": list(self.plan.optional),  # None → 0.0
+            "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
         }
 
 

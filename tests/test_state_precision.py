@@ -1,0 +1,370 @@
+"""``state_precision`` and ``stochastic_rounding`` (optcompile/rounding.py) on every backend.
+
+States are stored in the requested dtype and the math stays fp32, so a backend tracks the eager
+reference of the same configuration; stochastic rounding draws the same counter-based bits on
+eager, foreach, fused and Triton, is unbiased, moves a bf16 param by updates far below its ulp,
+and resumes bit for bit from a state dict."""
+import functools
+import io
+
+import pytest
+import torch
+
+from optcompile import rounding
+from optcompile.runtime import CPU_CHUNK
+from tests.optimizers import BACKENDS, BY_STEM, STEMS, backend_params, make_model
+
+STEPS = 4
+
+
+def _kwargs(stem: str, **extra) -> dict:
+    info = BY_STEM[stem]
+    training = dict(info.training[0].kwargs)
+    return {"lr": info.lr, **training, **info.stateful, **extra}
+
+
+def _precision(stem: str, which: str):
+    """``which`` as a state_precision value: a dict stores the first state in fp32, the last in bf16."""
+    if which != "dict":
+        return which
+    states = BY_STEM[stem].cls._info.states
+    return {states[0]: "fp32", **({states[-1]: "bf16"} if len(states) > 1 else {})}
+
+
+def _train(stem: str, backend: str, dtype, steps=STEPS, **kw):
+    """``steps`` steps of the shared model in ``dtype``; its params and the optimizer."""
+    model = make_model(dtype)
+    params = list(model.parameters())
+    opt = BY_STEM[stem].cls(params, **_kwargs(stem, **kw), **BACKENDS[backend].flags)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@functools.cache
+def _eager(stem: str, dtype, which):
+    params, opt = _train(stem, "eager", dtype, **({} if which is None else {"state_precision": _precision(stem, which)}))
+    return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()
+                                                   if torch.is_tensor(v) and v.dim()} for p in params]
+
+
+def _assert_close(t, ref, what):
+    """fp32: reassociation and FMA contraction, a few ulps. bf16: a one-ulp flip where the fp32
+    values straddle a rounding boundary (FMA contraction differs by backend), carried by the state:
+    bounded by 2 ulp of the tensor's largest value (as tests/test_triton.py measures)."""
+    if t.dtype == torch.float32:
+        torch.testing.assert_close(t, ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+        return
+    bound = 2 * 2 ** -7 * ref.float().abs().max().item()
+    assert (t.float() - ref.float()).abs().max().item() <= bound, what
+
+
+# ── state_precision ─────────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("which", ["fp32", "bf16", "dict"])
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("stem", STEMS)
+def test_states_in_requested_precision_track_eager(stem, backend, which):
+    """Every state has the requested dtype (kahan_comp the param's); the backend matches the eager
+    reference of the same configuration (fp32 math, one rounding per store: bf16 params within an
+    ulp, fp32 states to fp32 reassociation), and tracks the fp32 training run."""
+    dtype = torch.float32 if which == "bf16" else torch.bfloat16  # bf16 states of fp32 params, and the reverse
+    precision = _precision(stem, which)
+    params, opt = _train(stem, backend, dtype, state_precision=precision)
+    ref_params, ref_states = _eager(stem, dtype, which)
+    for p, ref_p, ref_s in zip(params, ref_params, ref_states):
+        state = opt.state[p]
+        for name in BY_STEM[stem].cls._info.states:
+            if state.get(name) is None:
+                continue
+            assert state[name].dtype == rounding.state_dtype(precision, name, dtype), (name, state[name].dtype)
+            _assert_close(state[name], ref_s[name], f"{stem} {name}")
+        if state.get("kahan_comp") is not None:
+            assert state["kahan_comp"].dtype == dtype
+        _assert_close(p.detach(), ref_p, f"{stem} param")
+    fp32_params, _ = _eager(stem, torch.float32, None)
+    for p, ref in zip(params, fp32_params):  # within a few bf16 ulps of the fp32 run after STEPS steps
+        torch.testing.assert_close(p.detach().float(), ref, rtol=0, atol=3e-2)
+
+
+def test_default_is_param_dtype_and_fp32_states_are_more_accurate():
+    """None keeps optimi's layout (states in the param's dtype); fp32 states of bf16 params end
+    closer to the fp32 run than bf16 states do."""
+    params, opt = _train("adamw", "eager", torch.bfloat16, steps=20)
+    assert {opt.state[p]["exp_avg"].dtype for p in params} == {torch.bfloat16}
+    fp32_params, fp32_opt = _train("adamw", "eager", torch.float32, steps=20)
+    lean_params, lean_opt = _train("adamw", "eager", torch.bfloat16, steps=20, state_precision="fp32")
+    err = lambda ps, o: sum((o.state[p]["exp_avg_sq"].float() - fo.state[q]["exp_avg_sq"]).abs().sum().item()  # noqa
+                            for p, q, fo in zip(ps, fp32_params, [fp32_opt] * len(ps)))
+    assert err(lean_params, lean_opt) < err(params, opt)
+
+
+def test_state_precision_per_param_group():
+    model = make_model(torch.bfloat16)
+    a, b = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = BY_STEM["adamw"].cls([{"params": a, "state_precision": "fp32"}, {"params": b}], lr=1e-2,
+                               **BACKENDS["fused"].flags if BACKENDS["fused"].unavailable() is None
+                               else BACKENDS["eager"].flags)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert {opt.state[p]["exp_avg"].dtype for p in a} == {torch.float32}
+    assert {opt.state[p]["exp_avg"].dtype for p in b} == {torch.bfloat16}
+
+
+# ── errors ──────────────────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("bad, message", [
+    (dict(state_precision="int8"), r"state_precision='int8'.*'fp32', 'bf16', 'fp16'"),
+    (dict(state_precision="8bit"), r"state_precision='8bit' .*not available yet"),
+    (dict(state_precision={"exp_avgg": "fp32"}), r"unknown state 'exp_avgg'.*\['exp_avg', 'exp_avg_sq'\]"),
+    (dict(state_precision={"exp_avg": "fp8"}), r"state_precision\['exp_avg'\]='fp8'"),
+    (dict(state_precision={"kahan_comp": "fp32"}), r"unknown state 'kahan_comp'.*follows the param"),
+    (dict(state_precision=torch.float32), r"invalid state_precision=torch.float32 \(dtype\)"),
+    (dict(stochastic_rounding=True, kahan_sum=True), r"kahan_sum=True and stochastic_rounding=True"),
+    (dict(stochastic_rounding=1), r"stochastic_rounding must be True or False"),
+    (dict(sr_seed=1.5), r"sr_seed must be an int"),
+])
+def test_bad_arguments(bad, message):
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=message):
+        BY_STEM["adamw"].cls([p], lr=1e-2, **bad)
+    with pytest.raises(ValueError, match=message):  # per param group too
+        BY_STEM["adamw"].cls([{"params": [p], **bad}], lr=1e-2)
+
+
+def test_stochastic_rounding_turns_default_kahan_off():
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    opt = BY_STEM["adamw"].cls([p], lr=1e-2, stochastic_rounding=True, **BACKENDS["eager"].flags)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["kahan_comp"] is None
+
+
+# ── stochastic rounding ─────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("dtype, value", [(torch.bfloat16, 1.0 + 2 ** -9), (torch.bfloat16, -3.3e-3),
+                                          (torch.float16, 1.0 + 2 ** -12), (torch.float16, 1e-6),
+                                          (torch.float16, -4.2e-7)])
+def test_stochastic_rounding_is_unbiased(dtype, value):
+    """The mean of many roundings of one value converges to it (fixed seed); each rounding is one
+    of the two neighbours."""
+    n = 1 << 16
+    x = torch.full((n,), value)
+    bits = rounding.random_bits((n,), "cpu", rounding.buffer_key(rounding.tensor_key(rounding.step_key(0, 1), 0), 0), 0)
+    y = rounding.stochastic_round(x, dtype, bits).double()
+    assert len(torch.unique(y)) == 2
+    lo, hi = y.min().item(), y.max().item()
+    p = (value - lo) / (hi - lo)
+    sigma = (hi - lo) * (p * (1 - p) / n) ** 0.5
+    assert abs(y.mean().item() - value) < 4 * sigma
+    nearest = x.to(dtype).double()
+    assert abs(nearest.mean().item() - value) > 10 * sigma  # what SR fixes
+
+
+def test_stochastic_rounding_keeps_nonfinite():
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
+    for dtype in (torch.bfloat16, torch.float16):
+        y = rounding.stochastic_round(x, dtype, torch.full((5,), 0xFFFFFFFF, dtype=torch.int64))
+        assert y[0] == float("inf") and y[1] == -float("inf") and y[2].isnan()
+        assert y[3] == 0 and not y[3].signbit() and y[4] == 0 and y[4].signbit()
+
+
+def test_hash_matches_its_python_definition():
+    """The torch bits are the documented formula, for large element indices too (past 2**32)."""
+    key = rounding.buffer_key(rounding.tensor_key(rounding.step_key(7, 3), 2), 4)
+    for offset in (0, (1 << 32) - 2):
+        got = rounding.random_bits((4,), "cpu", key, offset).tolist()
+        want = [rounding.fmix32(key + ((offset + e) & rounding.M32) * rounding.GOLDEN) for e in range(4)]
+        assert got == want
+
+
+def _sr_run(stem, backend, dtype, sizes, steps=3, lr=2 ** -6, **kw):
+    """Steps with a power-of-two lr: SGD's ``param - lr*grad`` is then one rounding in fp32 whether
+    or not a backend contracts it to an FMA, so the values before storage rounding agree."""
+    torch.manual_seed(0)
+    params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in sizes]
+    opt = BY_STEM[stem].cls(params, lr=lr, stochastic_rounding=True, sr_seed=11, **kw, **BACKENDS[backend].flags)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("stem, dtype, kw", [
+    ("sgd", torch.bfloat16, {}), ("sgd", torch.float16, {}),
+    ("adamw", torch.bfloat16, {"state_precision": "bf16"}), ("adamw", torch.float16, {}),
+    ("adamw", torch.float32, {"state_precision": "bf16"}),
+], ids=["sgd-bf16", "sgd-fp16", "adamw-bf16", "adamw-fp16", "adamw-fp32-bf16-states"])
+@pytest.mark.parametrize("backend", backend_params("foreach", "triton", "fused"))
+def test_stochastic_rounding_is_bit_identical_across_backends(stem, dtype, kw, backend):
+    """The same bits on every backend: eager's torch ops, foreach, the fused C kernel and Triton.
+    Bit for bit where the fp32 values before rounding agree (these inputs); fp32 params themselves
+    differ by FMA contraction, so there the bf16 states may differ where such a difference straddles
+    a rounding threshold (probability ~2**-16 an element)."""
+    sizes = (300, 7, 1)
+    ref, ref_opt = _sr_run(stem, "eager", dtype, sizes, **kw)
+    got, opt = _sr_run(stem, backend, dtype, sizes, **kw)
+    for p, q in zip(got, ref):
+        if dtype == torch.float32:
+            _assert_close(p.detach(), q.detach(), "fp32 param")
+        else:
+            assert torch.equal(p, q)
+        for name, t in opt.state[p].items():
+            if torch.is_tensor(t) and t.dim() and t.dtype != torch.float32:
+                if dtype == torch.float32:
+                    _assert_close(t, ref_opt.state[q][name], name)
+                else:
+                    assert torch.equal(t, ref_opt.state[q][name]), name
+
+
+@pytest.mark.parametrize("backend", backend_params("foreach", "fused"))
+def test_stochastic_rounding_of_large_tensors_draws_by_element_index(backend):
+    """A CPU tensor past CPU_CHUNK is stepped in slices by eager and foreach: each slice draws the
+    bits of its elements' places in the whole tensor, so they match the fused kernel's."""
+    sizes = (CPU_CHUNK + 77,)
+    ref, _ = _sr_run("sgd", "eager", torch.bfloat16, sizes, steps=1)
+    got, _ = _sr_run("sgd", backend, torch.bfloat16, sizes, steps=1)
+    assert torch.equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_updates_below_the_ulp_move_a_bf16_param_only_under_stochastic_rounding(backend):
+    """SGD adds -1e-4 to bf16 params at 1.0 (ulp 2**-7, so nearest rounding drops every update):
+    under stochastic rounding the mean follows the exact sum; under nearest it never moves."""
+    n, steps, lr = 1024, 40, 1e-4
+    out = {}
+    for sr in (False, True):
+        p = torch.ones(n, dtype=torch.bfloat16, requires_grad=True)
+        opt = BY_STEM["sgd"].cls([p], lr=lr, kahan_sum=False, stochastic_rounding=sr, **BACKENDS[backend].flags)
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        out[sr] = p.detach().double()
+    assert torch.all(out[False] == 1.0)
+    exact = 1.0 - steps * lr
+    assert abs(out[True].mean().item() - exact) < 0.1 * steps * lr
+
+
+@pytest.mark.parametrize("stem, kw", [("adamw", {"state_precision": "bf16"}), ("sgd", {"momentum": 0.9})])
+@pytest.mark.parametrize("backend", backend_params("eager", "fused"))
+def test_resume_is_bit_exact(stem, kw, backend):
+    """Three steps, a state dict through torch.save/torch.load(weights_only=True) into a fresh
+    optimizer, three more: bit for bit the six-step run (the seed and the step count are saved)."""
+    straight, _ = _sr_run(stem, backend, torch.bfloat16, (50, 3), steps=6, **kw)
+    params, opt = _sr_run(stem, backend, torch.bfloat16, (50, 3), steps=3, **kw)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved["param_groups"][0]["sr_seed"] == 11
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = BY_STEM[stem].cls(resumed, lr=1e-2, stochastic_rounding=True, **kw, **BACKENDS[backend].flags)
+    opt2.load_state_dict(saved)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the same grads as steps 1-3 of the straight run... then 4-6
+        for p in resumed:
+            torch.randn(p.shape, generator=g)
+    for _ in range(3):
+        for p in resumed:
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        opt2.step()
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+
+
+# ── checkpoints across precisions ───────────────────────────────────────────────────────────────
+def test_checkpoint_of_another_precision_is_cast_to_this_optimizers():
+    """Loading keeps this optimizer's state_precision and casts the saved states to it; fp32
+    states saved from bf16 params are read as saved (torch's loader alone would round them to
+    the param's dtype first)."""
+    params, opt = _train("adamw", "eager", torch.bfloat16, state_precision="fp32")
+    saved = opt.state_dict()
+    exp_avg = saved["state"][0]["exp_avg"].clone()
+    for precision, want in (("bf16", torch.bfloat16), ("fp32", torch.float32), (None, torch.bfloat16)):
+        again = [p.detach().clone().requires_grad_() for p in params]
+        opt2 = BY_STEM["adamw"].cls(again, lr=1e-2, state_precision=precision)
+        opt2.load_state_dict(saved)
+        assert opt2.param_groups[0]["state_precision"] == precision
+        got = opt2.state[again[0]]["exp_avg"]
+        assert got.dtype == want and torch.equal(got, exp_avg.to(want))
+    assert torch.equal(saved["state"][0]["exp_avg"], exp_avg)  # the caller's dict is untouched
+
+
+# ── memory ──────────────────────────────────────────────────────────────────────────────────────
+def persistent_bytes_per_param(opt) -> float:
+    """Bytes of params and states (grads aside) per parameter element, from the live tensors."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    total = sum(p.numel() * p.element_size() for p in params)
+    for p in params:
+        total += sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t) and t.dim())
+    return total / sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(dtype=torch.float32), 12.0),  # torch.optim-style fp32
+    (dict(dtype=torch.bfloat16), 8.0),  # optimi: bf16 states + bf16 Kahan compensation
+    (dict(dtype=torch.bfloat16, state_precision="fp32"), 12.0),  # + Kahan
+    (dict(dtype=torch.bfloat16, state_precision="fp32", stochastic_rounding=True), 10.0),
+    (dict(dtype=torch.bfloat16, stochastic_rounding=True), 6.0),  # bf16 states + SR
+])
+def test_persistent_bytes_per_param_adamw(kw, expected):
+    dtype = kw.pop("dtype")
+    params, opt = _train("adamw", "eager", dtype, steps=1, **kw)
+    assert persistent_bytes_per_param(opt) == expected
+
+
+@pytest.mark.parametrize("stem, kw", [("adamw", {"state_precision": "bf16"}), ("sgd", {})])
+def test_gradient_release_draws_the_bits_of_a_normal_step(stem, kw):
+    """Under gradient release each param is stepped from its hook with the step count the normal
+    step() would use (SGD has no step: the group's sr_step), so both runs are bit for bit equal."""
+    from optcompile import prepare_for_gradient_release
+    from tests.optimizers import batches, mse_backward
+    out = []
+    for release in (False, True):
+        model = make_model(torch.bfloat16)
+        opt = BY_STEM[stem].cls(model.parameters(), lr=2 ** -6, stochastic_rounding=True, gradient_release=release,
+                                **kw, **BACKENDS["eager"].flags)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        for x, y in batches(3):
+            mse_backward(model, x, y)
+            opt.step()
+            opt.zero_grad()
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@pytest.mark.parametrize("stem", ["lamb", "signum"])
+@pytest.mark.parametrize("backend", backend_params("foreach", "triton", "fused"))
+def test_user_specs_get_state_precision_and_stochastic_rounding(stem, backend):
+    """A user spec gets both for free (LAMB: reductions and an fp32 spill between stages): states in
+    the requested dtype, every backend tracking eager (per-tensor sums are ordered differently, so
+    a stochastic rounding may land an ulp apart)."""
+    from pathlib import Path
+
+    import optcompile
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / f"{stem}.py")
+    states = cls._info.states
+    precision = {states[0]: "fp32"}
+    runs = []
+    for name in ("eager", backend):
+        torch.manual_seed(0)
+        params = [torch.randn(n, dtype=torch.bfloat16, requires_grad=True) for n in (64, 5)]
+        opt = cls(params, lr=1e-2, state_precision=precision, stochastic_rounding=True, **BACKENDS[name].flags)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.step()
+        runs.append((params, opt))
+    (ref, ref_opt), (got, opt) = runs
+    for p, q in zip(got, ref):
+        assert opt.state[p][states[0]].dtype == torch.float32
+        assert opt.state[p].get("kahan_comp") is None
+        _assert_close(p.detach(), q.detach(), f"{stem} param")
+        for name in states:
+            if torch.is_tensor(opt.state[p].get(name)):
+                _assert_close(opt.state[p][name], ref_opt.state[q][name], f"{stem} {name}")
