@@ -86,6 +86,15 @@ def call(info, params, grads, state_lists, kahan_comps, hypers: dict, *, step, k
 
     Runs in traced code, so it only sorts values into the op's arguments: every check runs in
     the op, on the real tensors, as in an eager step."""
+    torch.ops.optcompile.step(*arguments(
+        info, params, grads, state_lists, kahan_comps, hypers, step=step, kahan_sum=kahan_sum, foreach=foreach,
+        triton=triton, fused=fused, gradient_release=gradient_release,
+        optimizer_accumulation=optimizer_accumulation, group=group))
+
+
+def arguments(info, params, grads, state_lists, kahan_comps, hypers: dict, *, step, kahan_sum, foreach, triton,
+              fused, gradient_release, optimizer_accumulation, group: dict | None) -> tuple:
+    """The op's arguments, in its schema's order, for ``run_functional``'s."""
     if isinstance(params, Tensor):  # a single tensor (gradient release)
         params, grads = [params], [grads]
         state_lists = [[s] for s in state_lists]
@@ -110,6 +119,6 @@ def call(info, params, grads, state_lists, kahan_comps, hypers: dict, *, step, k
             values.append(v)
         elif k in hypers:
             raise TypeError(f"{info.functional}: {k}={v!r} must be a number, None or a 1-element tensor")
-    torch.ops.optcompile.step(info.module, params, grads, states, absent, step, ",".join(names), values,
-                              ",".join(none_names), ",".join(tensor_names), tensor_values, bool(kahan_sum),
-                              foreach, triton, fused, bool(gradient_release), bool(optimizer_accumulation))
+    return (info.module, params, grads, states, absent, step, ",".join(names), values, ",".join(none_names),
+            ",".join(tensor_names), tensor_values, bool(kahan_sum), foreach, triton, fused, bool(gradient_release),
+            bool(optimizer_accumulation))
