@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .backends import registry
+from .backends import custom_ops, registry
 from .layouts import DICT_VERSION, MISSING, LayoutCache
 from .step_flags import step_flags
 
@@ -167,7 +167,16 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     """One optimizer step over lists of tensors; the body of every generated functional API.
     ``group`` is the param group of a class step (its constants decide which states exist).
     ``stochastic_rounding``: ``(seed, counter, param indices)`` (optcompile/rounding.py); the
-    counter is the step being taken, None to take it from ``step``."""
+    counter is the step being taken, None to take it from ``step``. Under ``torch.compile`` this
+    records one ``optcompile::step`` op, which runs it when the graph runs
+    (optcompile/backends/custom_ops.py)."""
+    if torch.compiler.is_compiling():
+        if stochastic_rounding is not None:
+            raise NotImplementedError(f"{info.name}: stochastic_rounding=True is not supported under torch.compile "
+                                      "yet (the op does not carry the random stream); call opt.step() outside it")
+        return custom_ops.call(info, params, grads, state_lists, kahan_comps, hypers, step=step, kahan_sum=kahan_sum,
+                               foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
+                               optimizer_accumulation=optimizer_accumulation, group=group)
     if gradient_release and foreach:
         raise ValueError(f"Gradient release {gradient_release=} and foreach {foreach=} cannot be used together")
     if isinstance(params, torch.Tensor):
@@ -620,12 +629,13 @@ class CompiledOptimizer(Optimizer):
             self._step_param(param)
             return loss
         released = self._released
-        fused_groups = self._fused_groups
+        compiling = torch.compiler.is_compiling()  # traced: no prebuilt tables, one op per group
+        fused_groups = {} if compiling else self._fused_groups
         for group in self.param_groups:
             self._setup_group(group)
             if group.get("stochastic_rounding") and not self._info.uses_step:
                 group["sr_step"] = group.get("sr_step", 0) + 1  # the random bits' step count (no step here)
-            fast = fused_groups.get(id(group))
+            fast = None if compiling else fused_groups.get(id(group))
             if fast is not None and fast.group is group and fast.table is not None and \
                     not group.get("stochastic_rounding"):
                 if fast.step(self, group):
@@ -657,7 +667,7 @@ class CompiledOptimizer(Optimizer):
             state_lists = [list(map(operator.itemgetter(name), states)) for name in self._info.states]
             kahan_comps = list(map(operator.itemgetter("kahan_comp"), states))
             self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"))
-            if params is group["params"] and not self.defaults.get("gradient_release"):
+            if params is group["params"] and not self.defaults.get("gradient_release") and not compiling:
                 _FusedGroup.after_general_step(self, group, grads, state_lists, kahan_comps)
         return loss
 
