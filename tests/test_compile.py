@@ -243,3 +243,20 @@ def test_op_names_a_wrong_number_of_states():
     args[3] = args[3][:-1]
     with pytest.raises(ValueError, match="adamw: 2 params but 5 states"):
         torch.ops.optcompile.step(*args)
+
+
+def test_stochastic_rounding_under_compile_is_refused():
+    """The op does not carry stochastic rounding's random stream: compiling such a step fails with
+    the reason instead of rounding to nearest behind the user's back."""
+    import optcompile
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    opt = optcompile.SGD([p], lr=0.1, stochastic_rounding=True, fused=True)
+
+    @torch.compile(fullgraph=True)
+    def step():
+        opt.step()
+
+    with pytest.raises(Exception, match="stochastic_rounding=True is not supported under torch.compile"):
+        step()
+    assert torch.equal(p.detach(), torch.ones(8, dtype=torch.bfloat16))  # nothing was stepped
