@@ -171,7 +171,8 @@ def test_state_dict_from_torch_rejects_capturable_and_bad_tuples():
 
 
 # ── signatures and validation: torch.optim's ─────────────────────────────────────────────────────
-EXTRAS = {"decouple_wd", "decouple_lr", "max_lr", "kahan_sum", "triton", "gradient_release", "fused"}
+EXTRAS = {"decouple_wd", "decouple_lr", "max_lr", "kahan_sum", "triton", "gradient_release", "fused",
+          "state_precision", "stochastic_rounding", "sr_seed"}
 
 
 @pytest.mark.parametrize("stem", [i.stem for i in FAMILY])

@@ -286,12 +286,15 @@ def test_kernels_compile_for_a_gpu_target():
                     n = p.name
                     if p.is_constexpr:
                         sig[n] = "constexpr"
-                        consts[n] = {"DTYPE": tl.bfloat16, "GRAD_DTYPE": tl.bfloat16, "BLOCK_SIZE": 1024}.get(n, True)
+                        bf16 = n in ("DTYPE", "GRAD_DTYPE") or n.startswith("DTYPE_")  # every storage bf16
+                        consts[n] = tl.bfloat16 if bf16 else {"BLOCK_SIZE": 1024}.get(n, True)
                     elif n.endswith(("_partials", "_totals")):
                         sig[n] = "*fp32"
                     elif n.endswith("_ptrs") or n.lstrip("_") in ("numels", "program_tensor", "program_start",
-                                                      "tensor_first_program"):
+                                                      "tensor_first_program", "tensor_offsets", "tensor_keys"):
                         sig[n] = "*i64"
+                    elif n.startswith("_spill"):
+                        sig[n] = "*fp32"
                     else:
                         sig[n] = "fp32"
                 try:
