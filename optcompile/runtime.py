@@ -207,13 +207,15 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     if any(dtype.is_complex for dtype in dtypes):
         lists = [[_real(x) for x in lst] for lst in lists]
     if any(cls.__name__ == "DTensor" for cls in types):
-        if _needs_whole_tensor(info) and any(_is_sharded(p) for p in params):
-            _step_on_full_tensors(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton,
-                                  fused=fused, gradient_release=gradient_release,
-                                  optimizer_accumulation=optimizer_accumulation, alloc=alloc, sr=sr)
+        kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
+                  optimizer_accumulation=optimizer_accumulation, alloc=alloc, sr=sr)
+        if not _needs_whole_tensor(info) or not any([_is_sharded(p) for p in lists[0]]):
+            lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
+        elif not _step_shards(info, lists, hypers, **kw):
+            _step_on_full_tensors(info, lists, hypers, **kw)
             lists = None
         else:
-            lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
+            lists = None
     if lists is not None:
         _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
                   gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation, single=single,
@@ -340,31 +342,39 @@ def _max_lr_message(max_lr) -> str:
 
 
 def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation,
-              single=None, alloc=None, sr=None):
+              single=None, alloc=None, sr=None, shards=None):
     """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend;
     every group's buffers are checked before the first is stepped. ``sr``: this step's stochastic
-    rounding (``rounding.StochasticRounding`` over ``tensors``), passed to the backend as ``_sr``."""
-    positions = [] if sr is None else [list(range(len(tensors[0])))]  # which of sr's tensors each group has
+    rounding (``rounding.StochasticRounding`` over ``tensors``), passed to the backend as ``_sr``;
+    ``shards``: the all-reduce of per-tensor reductions over local shards
+    (``sharding.ShardedReductions`` over ``tensors``), passed as ``_shards``."""
+    indexed = sr is not None or shards is not None
+    positions = [list(range(len(tensors[0])))] if indexed else []  # which of the tensors each group has
     groups = _group_by_device_and_dtype(tensors[0], tensors[1:] + positions, single)
     if len(groups) > 1:
         check_buffers(info, tensors)
     plans = []
     for device, dtype, ps, lists in groups:
-        group_sr = None
-        if sr is not None:
+        group_sr = group_shards = None
+        if indexed:
             *lists, taken = lists
-            group_sr = sr if len(groups) == 1 else sr.take(taken)
+            if sr is not None:
+                group_sr = sr if len(groups) == 1 else sr.take(taken)
+            if shards is not None:
+                group_shards = shards if len(groups) == 1 else shards.take(taken)
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
         name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
         impl = info.backend(name)
         kahan = bool(kahan_sum) and dtype in LOW_PRECISION
         if not getattr(impl, "checks_buffers", False):  # the fused kernel checks in its pointer pass
             check_buffers(info, [ps, *lists], allocated_states(info, hypers if alloc is None else alloc, kahan))
-        plans.append((device, dtype, ps, lists, name, impl, kahan, group_sr))
-    for device, dtype, ps, lists, name, impl, kahan, group_sr in plans:
+        plans.append((device, dtype, ps, lists, name, impl, kahan, group_sr, group_shards))
+    for device, dtype, ps, lists, name, impl, kahan, group_sr, group_shards in plans:
         host = info.host(**hypers, **step_flags(optimizer_accumulation=optimizer_accumulation, kahan=kahan))
         if group_sr is not None:
             host["_sr"] = group_sr
+        if group_shards is not None:
+            host["_shards"] = group_shards
         if device.type == "cpu" and registry.get(name).in_module:
             _run_in_cpu_pieces(impl, ps, lists, host, split=not _needs_whole_tensor(info),
                                batch=CPU_FOREACH_BATCH if name == "foreach" else None)
@@ -389,9 +399,10 @@ def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int | N
     Every element sees the same operations, so results are unchanged (bit for bit for the built-in
     specs; where torch's vector body and scalar tail differ by an ulp, as for a fractional ``pow``,
     a slice boundary moves that as a thread count does). Algorithms with per-tensor reductions
-    keep whole tensors.
+    keep whole tensors. Local shards of sharded DTensors (``_shards``) are batched by their global
+    sizes, the same on every rank, so that every rank makes the same reduction collectives.
     """
-    sr = host.get("_sr")
+    sr, shards = host.get("_sr"), host.get("_shards")
     if split and any(p.numel() > CPU_CHUNK for p in params):
         params, lists, origin = _cpu_slices(params, lists)
         if sr is not None:  # a slice draws the bits of its elements' places in the whole param
@@ -402,10 +413,17 @@ def _run_in_cpu_pieces(impl, params, lists, host, *, split: bool, batch: int | N
         return impl(params, *lists, **host)
 
     def part(lo, hi):
-        return host if sr is None else {**host, "_sr": sr.take(range(lo, hi))}
+        if sr is None and shards is None:
+            return host
+        out = dict(host)
+        if sr is not None:
+            out["_sr"] = sr.take(range(lo, hi))
+        if shards is not None:
+            out["_shards"] = shards.take(range(lo, hi))
+        return out
+    sizes = [p.numel() for p in params] if shards is None else shards.numel
     lo, total = 0, 0
-    for i, p in enumerate(params):
-        n = p.numel()
+    for i, n in enumerate(sizes):
         if i > lo and total + n > batch:
             impl(params[lo:i], *[lst[lo:i] for lst in lists], **part(lo, i))
             lo, total = i, 0
@@ -452,10 +470,39 @@ def _needs_whole_tensor(info: OptimizerInfo) -> bool:
     return info.extra.get("whole_tensor", True)
 
 
+def _step_shards(info, lists, hypers, **kw) -> bool:
+    """Sharded DTensors under an algorithm with per-tensor reductions: each rank steps its local
+    shards, and each reduction is the all-reduce of every shard's partial (optcompile/sharding.py),
+    so nothing is gathered. Params are split by the process groups their reductions span (one call
+    of the backend each, in param order: the same calls on every rank); replicated ones and plain
+    tensors step as they are. False, nothing done, where this cannot work: a ``Partial`` placement,
+    or a module whose reductions do not combine from partials (``shard_reductions``)."""
+    from .sharding import ShardedReductions, reduction_groups
+    if not info.extra.get("shard_reductions"):
+        return False
+    params = lists[0]
+    groups = [reduction_groups(p) if _is_dtensor(p) else () for p in params]
+    if None in groups:
+        return False
+    local = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
+    calls: dict = {}
+    for i, g in enumerate(groups):
+        calls.setdefault(g, []).append(i)
+    if len(calls) > 1:
+        check_buffers(info, local)  # every call's buffers before the first steps
+    sr = kw.pop("sr")
+    for g, idx in calls.items():
+        part = local if len(calls) == 1 else [[lst[i] for i in idx] for lst in local]
+        shards = ShardedReductions(tuple(params[i].numel() for i in idx), g) if g else None
+        _dispatch(info, part, hypers, **kw, sr=None if sr is None else sr if len(calls) == 1 else sr.take(idx),
+                  shards=shards)
+    return True
+
+
 def _step_on_full_tensors(info, lists, hypers, **kw) -> None:
-    """Sharded DTensors under an algorithm with per-tensor reductions: every rank gathers the whole
-    tensors, steps them (so a reduction spans all shards and matches the unsharded run bit for
-    bit), and keeps its own shard. Costs an all-gather of param, grad and states per step."""
+    """Sharded DTensors whose reductions cannot be combined from the shards' partials (a
+    ``Partial`` placement; see :func:`_step_shards`): every rank gathers the whole tensors, steps
+    them, and keeps its own shard. Costs an all-gather of param, grad and states per step."""
     from torch.distributed.tensor import distribute_tensor
     full = [[x.full_tensor() if _is_dtensor(x) else x for x in lst] for lst in lists]
     _dispatch(info, full, hypers, **kw)

@@ -75,6 +75,65 @@ def reference_steps(name, foreach):
     return [p.detach().clone() for p in ps]
 
 
+BACKENDS = {"eager": dict(foreach=False, triton=False, fused=False), "foreach": dict(foreach=True, triton=False, fused=False),
+            "fused": dict(fused=True), "triton": dict(triton=True)}
+
+
+def sharded_backends() -> list[str]:
+    """The backends the sharded-reduction check runs: Triton where its kernels run on CPU."""
+    from optcompile import backends_available as avail
+    names = ["eager", "foreach"] + (["fused"] if avail.fused_cpu() else [])
+    return names + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" and avail.triton_importable() else [])
+
+
+def make_on(name, params, backend):
+    return opt_class(name)(params, lr=1e-2, **BACKENDS[backend], **kwargs(name))
+
+
+def reference_steps_on(name, backend):
+    """``reference_steps`` on one backend: the unsharded run a sharded one is compared with."""
+    params, grads = shard_inputs()
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = make_on(name, ps, backend)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in ps]
+
+
+class Collectives:
+    """Counts, while active, the collectives a step makes: all-reduces, and every way of
+    gathering a tensor (c10d all-gathers, functional all-gathers, DTensor's full_tensor and
+    redistribute)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+        from torch.distributed.tensor import DTensor
+        self.targets = [(dist, "all_reduce"), (dist, "all_gather"), (dist, "all_gather_into_tensor"),
+                        (dist, "all_gather_object"), (funcol, "all_gather_tensor"), (DTensor, "full_tensor"),
+                        (DTensor, "redistribute")]
+        self.calls = {name: 0 for _, name in self.targets}
+
+    def __enter__(self):
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name in self.targets]
+        for owner, name, fn in self.saved:
+            def counted(*args, _fn=fn, _name=name, **kw):
+                self.calls[_name] += 1
+                return _fn(*args, **kw)
+            setattr(owner, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn in self.saved:
+            setattr(owner, name, fn)
+
+    @property
+    def gathers(self) -> int:
+        return sum(n for name, n in self.calls.items() if name != "all_reduce")
+
+
 def main() -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -116,6 +175,22 @@ def main() -> None:
             state = opt.state[ps[0]]
             results[("dtensor_state_type", name, foreach)] = sorted(
                 {type(v).__name__ for v in state.values() if torch.is_tensor(v) and v.dim() > 0})
+    # per-tensor reductions over local shards: no gather in step(), partials all-reduced
+    for name in ["stableadamw", red_spec]:
+        for backend in sharded_backends():
+            params, grads = shard_inputs()
+            ps = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in params]
+            opt = make_on(name, ps, backend)
+            counts = []
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = distribute_tensor(g, mesh, [Shard(0)])
+                with Collectives() as seen:
+                    opt.step()
+                counts.append((seen.gathers, seen.calls["all_reduce"]))
+            results[("sharded", name, backend)] = [p.full_tensor().detach().clone() for p in ps]
+            results[("sharded_collectives", name, backend)] = counts
+            results[("sharded_local_numel", name, backend)] = [p.to_local().numel() for p in ps]
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

@@ -1,10 +1,12 @@
 """Generated optimizers under torch.distributed on CPU (gloo, 2 processes): DDP, and FSDP2
 (fully_shard, DTensor params) with the eager and foreach backends.
 
-Elementwise algorithms step each rank's local shard. Algorithms with per-tensor reductions (or
-numel) need the whole tensor: the runtime gathers it, steps it, and keeps the local shard, so the
-sharded result equals the unsharded one bit for bit (checked with a custom reduction spec, and
-StableAdamW when it exists).
+Elementwise algorithms step each rank's local shard, bit for bit as unsharded. Algorithms with
+per-tensor reductions (or numel) step local shards too: each reduction is the all-reduce of the
+shards' partials (optcompile/sharding.py), never a gather, so they match the unsharded run up to
+the order of fp32 additions; checked on every backend that runs here (eager, foreach, the fused C
+kernel, Triton under TRITON_INTERPRET) with StableAdamW and a user spec reducing by mean, sum, max
+and numel, over uneven shards (one rank's shard of a tensor is empty).
 """
 import os
 import socket
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import dist_worker as w
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU tensors
+import dist_worker as w  # noqa: E402
 from optcompile.paths import builtin_specs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -32,7 +35,8 @@ eps = spec.hyper("eps", 1e-6, Interval(0, oo))
 m = spec.state("m")
 m = spec.assign(m, beta * m + (1 - beta) * spec.grad)
 rms = spec.let("rms", sqrt(spec.mean(m**2)))
-spec.update(m / (rms + eps) + spec.max(Abs(spec.grad)) * 0.01 * sign(m), lr=lr)
+center = spec.let("center", spec.sum(m) / spec.numel)
+spec.update(m / (rms + eps) + spec.max(Abs(spec.grad)) * 0.01 * sign(m) + 0.1 * center, lr=lr)
 """
 
 
@@ -92,14 +96,43 @@ def test_fsdp2_training_matches_unsharded(results, name, foreach):
     _close(res[("fsdp2", key, foreach)], w.reference_training(key, foreach), 1e-4, 1e-5, f"fsdp2 {name}")
 
 
+# fp32 sums over shards add in another order than over the whole tensor: a few ulps in a
+# reduction, after three steps of lr 1e-2 well inside this
+SHARDED_RTOL, SHARDED_ATOL = 1e-5, 1e-6
+
+
+def _whole_tensor(key) -> bool:
+    return w.opt_class(key)._info.extra["whole_tensor"]
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("name", NAMES + ["reduction_spec"])
-def test_sharded_dtensor_step_is_bit_exact(results, name, foreach):
-    """Same params and grads, sharded unevenly over 2 ranks vs whole: identical bits. For the
-    reduction spec this is only true if the mean/max span both shards."""
+def test_sharded_dtensor_step_matches_unsharded(results, name, foreach):
+    """Same params and grads, sharded unevenly over 2 ranks vs whole: identical bits for
+    elementwise algorithms; for reductions, equal up to the fp32 order of additions (which is
+    only true if each mean/sum/max spans both shards)."""
     res, spec = results
     key = spec if name == "reduction_spec" else name
     got, want = res[("dtensor", key, foreach)], w.reference_steps(key, foreach)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a, b), f"{name} tensor {i}: max diff {(a - b).abs().max()}"
+    if _whole_tensor(key):
+        _close(got, want, SHARDED_RTOL, SHARDED_ATOL, f"sharded {name}")
+    else:
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"{name} tensor {i}: max diff {(a - b).abs().max()}"
     assert res[("dtensor_state_type", key, foreach)] == ["DTensor"], "optimizer state is not sharded"
+
+
+@pytest.mark.parametrize("backend", w.sharded_backends())
+@pytest.mark.parametrize("name", ["stableadamw", "reduction_spec"])
+def test_sharded_reductions_all_reduce_partials(results, name, backend):
+    """Reductions over sharded params on every backend: the result matches the unsharded run,
+    and no step gathers a tensor: the partials are all-reduced."""
+    res, spec = results
+    key = spec if name == "reduction_spec" else name
+    # rank 0 holds 4 of 7 rows, 3 of 5, the 1 row of (1, 4): rank 1's shard of that one is empty
+    assert res[("sharded_local_numel", key, backend)] == [12, 3, 4]
+    _close(res[("sharded", key, backend)], w.reference_steps_on(key, backend), SHARDED_RTOL, SHARDED_ATOL,
+           f"sharded {name} on {backend}")
+    for step, (gathers, all_reduces) in enumerate(res[("sharded_collectives", key, backend)]):
+        assert gathers == 0, f"step {step} gathered {gathers} times"
+        assert all_reduces > 0, f"step {step} combined no reduction across the shards"

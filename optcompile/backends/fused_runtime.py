@@ -171,7 +171,7 @@ class FusedStep:
                     fn = getattr(lib, self.iface["function"])
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                   ctypes.c_int, ctypes.c_void_p]
+                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
                     self.fns[dtype_code] = fn
         return fn
 
@@ -228,10 +228,17 @@ class FusedStep:
         c_host = array.array("d", [math.nan if host[k] is None else float(host[k]) for k in self.iface["host"]]
                              or [0.0])
         flags = sum(1 << i for i, f in enumerate(self.iface["flags"]) if host[f])
-        sr = host.get("_sr")
+        sr, shards = host.get("_sr"), host.get("_shards")
         keys = None if sr is None else array.array("I", sr.tensor_keys())
+        sizes = reduce = None
+        if shards is not None:  # local shards: the spec's numel is the whole tensor's, partials all-reduced
+            sizes = array.array("q", shards.numel)
+            reduce, failed = _reduce_callback(shards)
         rc = fn(n, numel_addr, ptrs_addr, c_host.buffer_info()[0], flags, torch.get_num_threads(),
-                None if keys is None else keys.buffer_info()[0])
+                None if keys is None else keys.buffer_info()[0], None if sizes is None else sizes.buffer_info()[0],
+                None if reduce is None else ctypes.cast(reduce, ctypes.c_void_p))  # `reduce` keeps it alive
+        if rc == 3:
+            raise failed[0]
         if rc == 2:
             raise RuntimeError(f"{self.info.name}: a state this step needs is None (was kahan_sum or a "
                                "hyperparameter that allocates state changed after the first step?)")
@@ -309,14 +316,42 @@ class FusedStep:
             for lst, dtype in zip((params, *lists), dtypes))]
         fast_set = set(fast)
         slow = [i for i in range(len(params)) if i not in fast_set]
-        sr = host.get("_sr")
+        sr, shards = host.get("_sr"), host.get("_shards")
 
         def part(idx):
-            return host if sr is None else {**host, "_sr": sr.take(idx)}
+            out = dict(host)
+            if sr is not None:
+                out["_sr"] = sr.take(idx)
+            if shards is not None:  # the split must be every rank's: FSDP2's shards share one layout
+                out["_shards"] = shards.take(idx)
+            return out
         if fast:
             self([params[i] for i in fast], *[[lst[i] for i in fast] for lst in lists], **part(fast))
         if slow:
             self.eager([params[i] for i in slow], *[[lst[i] for i in slow] for lst in lists], **part(slow))
+
+
+# the kernel's reduce callback (fused.c.j2's oc_reduce_fn): a stage's partials, combined across shards
+REDUCE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+
+
+def _reduce_callback(shards):
+    """The kernel's callback for ``shards`` (``sharding.ShardedReductions``), and the list that
+    holds the exception it raised, if any (the kernel then returns 3 and the step re-raises it)."""
+    failed: list = []
+
+    def reduce(n_tensors, n_sums, sums, n_maxes, maxes):
+        try:
+            for addr, count, combine in ((sums, n_sums, shards.all_reduce_sums),
+                                         (maxes, n_maxes, shards.all_reduce_maxes)):
+                if count and n_tensors:
+                    combine(torch.frombuffer((ctypes.c_double * (n_tensors * count)).from_address(addr),
+                                             dtype=torch.float64))
+            return 0
+        except BaseException as exc:  # never unwind through C
+            failed.append(exc)
+            return 1
+    return REDUCE_FN(reduce), failed
 
 
 _DATA_PTR = torch.Tensor.data_ptr

@@ -398,7 +398,7 @@ def _tscalar(t: kernel_plan.PerTensor, plan, flags) -> dict:
     src = {n: f"h[{i}]" for i, n in enumerate(plan.scalars)}
     src.update({n: f"ts_t[{i}]" for i, n in enumerate(plan.per_tensor_names)})
     src.update({n: f"OC_FLAG({i})" for i, n in enumerate(flags)})
-    src["numel"] = "(double)numel[t]"
+    src["numel"] = "(double)size[t]"  # the whole tensor's, also for a local shard
     expr = sympy.sympify(t.expr)
     expr = expr.xreplace({x: sympy.Symbol(src[x.name], **x.assumptions0) for x in expr.free_symbols})
     return {"name": t.name, "slot": list(plan.per_tensor_names).index(t.name), "expr": _D.doprint(expr),

@@ -19,4 +19,4 @@ def context(prog: Program) -> dict:
         lines += body
         written += [x for x in w if x not in written]
     return {"name": f"_foreach_{prog.functional}", "body": lines, "writeback": [line for b in written for line in ForeachDialect().writeback(b, buffer_slot(prog, b))],
-            "uses_numel": prog.uses_numel()}
+            "uses_numel": prog.uses_numel(), "numel": ForeachDialect().numel()}

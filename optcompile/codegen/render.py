@@ -13,7 +13,7 @@ from pathlib import Path
 import sympy
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from ..ir import TRUE, Program
+from ..ir import TRUE, Program, Reduction
 from ..fingerprint import templates_hash
 from ..paths import specs_dir, templates_dir
 from ..signature import NOT_APPLICABLE, constructor_params
@@ -210,6 +210,16 @@ def _init_lines(prog: Program) -> list[str]:
     return lines
 
 
+SHARD_COMBINED_OPS = ("sum", "mean", "max")  # reductions every backend combines from per-shard partials
+
+
+def shard_reductions(prog: Program) -> bool:
+    """Whether every reduction of ``prog`` is the all-reduce of per-shard partials, so that a
+    sharded DTensor steps its local shard (optcompile/sharding.py); else the runtime steps the
+    full tensor."""
+    return all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
+
+
 def module_context(prog: Program) -> dict:
     keys = step_keys(prog)
     host_inputs = keys + (["step"] if prog.uses_step else []) + ["update_parameters", "kahan"]
@@ -245,6 +255,7 @@ def module_context(prog: Program) -> dict:
         "foreach": foreach.context(prog),
         "uses_step": prog.uses_step,
         "whole_tensor": prog.whole_tensor(),
+        "shard_reductions": shard_reductions(prog),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
         "layout_extra": "" if prog.state_dict_layout == "optimi" else
         f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}',

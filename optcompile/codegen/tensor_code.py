@@ -62,10 +62,14 @@ class Dialect:
         return f"torch.{fn}({x}, torch.tensor({s}, dtype={x}.dtype))"
 
     def reduce(self, op: str, x: str, item: bool = True) -> str:
-        return _reduction(op, x) + (".item()" if item else "")
+        """A per-tensor reduction; over a local shard (``_shards``, optcompile/sharding.py) the
+        all-reduce of every shard's partial."""
+        value = f"{_reduction(op, x)} if _shards is None else _shards.{op}({x}, _i)"
+        return f"({value}).item()" if item else value
 
     def numel(self) -> str:
-        return "param.numel()"
+        """``numel``: of the whole tensor, also when the loop steps a local shard."""
+        return "param.numel() if _shards is None else _shards.numel[_i]"
 
     def sync(self, name: str, slot: int) -> list[str]:
         """After storing a low-precision buffer that is read again: read back the rounded value.
@@ -124,11 +128,13 @@ class ForeachDialect(Dialect):
     def with_scalar(self, fn: str, x: str, s: str) -> str:  # s: one scalar per tensor
         return f"[torch.{fn}(_x, torch.tensor(_s, dtype=_x.dtype)) for _x, _s in zip({x}, {s})]"
 
-    def reduce(self, op: str, x: str, item: bool = True) -> str:
-        return f"[{_reduction(op, '_x')}{'.item()' if item else ''} for _x in {x}]"
+    def reduce(self, op: str, x: str, item: bool = True) -> str:  # over local shards: one collective
+        local = f"[{_reduction(op, '_x')}{'.item()' if item else ''} for _x in {x}]"
+        return f"{local} if _shards is None else " + (f"[_v.item() for _v in _shards.{op}({x})]" if item
+                                                     else f"_shards.{op}({x})")
 
     def numel(self) -> str:
-        return "[_p.numel() for _p in param]"
+        return "[_p.numel() for _p in param] if _shards is None else list(_shards.numel)"
 
     def sync(self, name: str, slot: int) -> list[str]:
         return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot),

@@ -314,7 +314,11 @@ class KernelBuilder:
         items = [{"name": r.name, "op": r.op, "guard": self._guard(r.guard)} for r in reds]
         guard_names = set().union(*[_names(r.guard) for r in reds])
         flags = [f for f in self.plan.flags if f in guard_names]
-        return {"name": f"_{self.fn}_reduce{st.index}_kernel", "stage": st.index, "reductions": items, "flags": flags}
+        # over local shards, the totals rows the runtime all-reduces after this kernel: sums (and means'
+        # parts, each shard's sum over the whole tensor's numel) with SUM, maxes with MAX
+        rows = {op: tuple(r.slot for r in reds if (r.op == "max") == (op == "max")) for op in ("sum", "max")}
+        return {"name": f"_{self.fn}_reduce{st.index}_kernel", "stage": st.index, "reductions": items, "flags": flags,
+                "sum_rows": repr(rows["sum"]), "max_rows": repr(rows["max"])}
 
     def context(self) -> dict:
         launches = []
@@ -335,6 +339,7 @@ class KernelBuilder:
             "host_used": list(self.plan.host_inputs),
             "reduction_index": {r.name: r.slot for r in self.plan.reductions},
             "n_reductions": len(self.plan.reductions),
+            "uses_numel": any(st.uses_numel for st in self.plan.stages),
             "n_launches": len(launches),
             "optional": list(self.plan.optional),  # None → 0.0
             "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
