@@ -191,6 +191,21 @@ def main() -> None:
             results[("sharded", name, backend)] = [p.full_tensor().detach().clone() for p in ps]
             results[("sharded_collectives", name, backend)] = counts
             results[("sharded_local_numel", name, backend)] = [p.to_local().numel() for p in ps]
+            # a param whose only row is on rank 0: rank 1 steps nothing but joins the collectives
+            params, grads = shard_inputs()
+            lone = torch.nn.Parameter(distribute_tensor(params[2], mesh, [Shard(0)]))
+            opt = make_on(name, [lone], backend)
+            for gs in grads:
+                lone.grad = distribute_tensor(gs[2], mesh, [Shard(0)])
+                opt.step()
+            results[("sharded_lone", name, backend)] = lone.full_tensor().detach().clone()
+
+    from optcompile.sharding import ShardedReductions
+    shards = ShardedReductions((3, 2, 1), (dist.group.WORLD,))
+    nan = float("nan")
+    xs = ([torch.tensor([1.0, 2.0]), torch.tensor([]), torch.tensor([])] if rank == 0 else
+          [torch.tensor([4.0]), torch.tensor([nan, 1.0]), torch.tensor([-5.0])])
+    results["shard_ops"] = {op: torch.stack(getattr(shards, op)(xs)) for op in ("sum", "mean", "max")}
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

@@ -136,3 +136,16 @@ def test_sharded_reductions_all_reduce_partials(results, name, backend):
     for step, (gathers, all_reduces) in enumerate(res[("sharded_collectives", key, backend)]):
         assert gathers == 0, f"step {step} gathered {gathers} times"
         assert all_reduces > 0, f"step {step} combined no reduction across the shards"
+    want = w.reference_steps_on(key, backend)[2]  # the (1, 4) param alone steps as in the list
+    torch.testing.assert_close(res[("sharded_lone", key, backend)], want, rtol=SHARDED_RTOL, atol=SHARDED_ATOL)
+
+
+def test_sharded_reduction_rules(results):
+    """The all-reduce of partials: sums add, a mean divides by the global numel, a max ignores an
+    empty shard (-inf) and propagates NaN from either rank."""
+    res, _ = results
+    ops = res["shard_ops"]  # rank 0: [1, 2], [], []; rank 1: [4], [nan, 1], [-5]
+    nan = float("nan")
+    torch.testing.assert_close(ops["sum"], torch.tensor([7.0, nan, -5.0]), equal_nan=True)
+    torch.testing.assert_close(ops["mean"], torch.tensor([7.0 / 3, nan, -5.0]), equal_nan=True)
+    torch.testing.assert_close(ops["max"], torch.tensor([4.0, nan, -5.0]), equal_nan=True)
