@@ -26,6 +26,9 @@ GRAD = sympy.Symbol("grad", real=True)
 STEP = sympy.Symbol("step", integer=True, positive=True)
 NUMEL = sympy.Symbol("numel", integer=True, positive=True)
 KAHAN_COMP = sympy.Symbol("kahan_comp", real=True)
+NDIM = sympy.Symbol("ndim", integer=True, nonnegative=True)  # the param's number of dims (structural)
+DTYPE_EPS = sympy.Symbol("dtype_eps", real=True, positive=True)  # torch.finfo(param.dtype).eps
+STRUCTURE = (NDIM.name, DTYPE_EPS.name)  # host inputs the runtime takes from the tensors of one call
 TRUE = sympy.true
 
 
@@ -49,6 +52,58 @@ class Clamp(sympy.Function):
 
     def _eval_is_real(self):
         return self.args[0].is_real
+
+
+class AxisReduction(sympy.Function):
+    """``AxisMean(x, k)``, ``AxisSum(x, k)``, ``AxisMax(x, k)``: ``x`` reduced along dim ``k`` of the
+    tensor being stepped, keeping that dim as size 1 (``torch.mean(x, dim=k, keepdim=True)``). An
+    element value of a reduced shape, which broadcasts against full-shape values; the DSL writes it
+    ``spec.mean(x, axis=k)``."""
+
+    nargs = 2
+    op = ""
+
+    @classmethod
+    def of(cls, op: str, x, axis: int):
+        return {"sum": AxisSum, "mean": AxisMean, "max": AxisMax}[op](x, sympy.Integer(axis))
+
+    @property
+    def axis(self) -> int:
+        return int(self.args[1])
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+class AxisSum(AxisReduction):
+    op = "sum"
+
+
+class AxisMean(AxisReduction):
+    op = "mean"
+
+
+class AxisMax(AxisReduction):
+    op = "max"
+
+
+def axes_of(expr, known: dict) -> frozenset | None:
+    """The dims an element value is reduced along (``frozenset()``: the param's shape), from the
+    axes of the buffers and temps it reads (``known``: name → axes); None: the same in every element
+    (host and per-tensor values), which broadcasts to any shape. Operands broadcast: the result has
+    the dims reduced in every operand that has a shape."""
+    expr = sympy.sympify(expr)
+    if isinstance(expr, sympy.Symbol):
+        return known.get(expr.name)
+    if isinstance(expr, AxisReduction):
+        inner = axes_of(expr.args[0], known)
+        return None if inner is None else inner | {expr.axis}
+    if isinstance(expr, sympy.Piecewise):
+        parts = [p for v, c in expr.args for p in (axes_of(v, known), axes_of(c, known))]
+    else:
+        parts = [axes_of(a, known) for a in expr.args]
+    shaped = [p for p in parts if p is not None]
+    return frozenset.intersection(*shaped) if shaped else None
 
 
 class IsNone(sympy.logic.boolalg.BooleanFunction):
@@ -130,11 +185,16 @@ class Arg:
     after: str | None = None  # placed right after this argument (e.g. SGD's torch_init after max_lr)
     errors: tuple[str, ...] = ()  # torch.optim-style ValueError messages (spec ``error=``)
     keyword_only: bool = False  # a pass's argument that comes after the runtime's, keyword-only (maximize)
+    optional_keys: tuple[str, ...] = ()  # values of a tuple that may be None (Adafactor's eps1)
 
     @property
     def optional(self) -> bool:
         """Whether the value may be None (``max_lr``, a spec's ``hyper(..., default=None)``)."""
         return self.kind.startswith("optional_")
+
+    def key_optional(self, key: str) -> bool:
+        """Whether this one value may be None: an optional argument, or a tuple value defaulting to None."""
+        return self.optional or key in self.optional_keys
 
 
 @dataclass(frozen=True)
@@ -147,6 +207,7 @@ class StateBuffer:
     when: Any = TRUE
     dtype: str = "param"  # "param": the param's dtype, as optimi stores states
     origin: Origin = NO_ORIGIN
+    axes: tuple[int, ...] = ()  # a reduced shape: these dims of the param's shape are 1
 
 
 @dataclass(frozen=True)
@@ -235,6 +296,7 @@ class Program:
     group_constants: tuple[tuple[str, Any], ...] = ()  # param_group entries the spec fixes
     state_dict_layout: str = "optimi"  # "torch": torch.optim's state_dict layout (and a step count)
     signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
+    decay_lr: Any = None  # the lr weight decay uses where it is not update_lr (spec.update's decay_lr=)
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -245,7 +307,7 @@ class Program:
 
     def host_names(self) -> set[str]:
         keys = {k for a in self.args for k in a.keys}
-        return keys | {h.name for h in self.host} | {"step"}
+        return keys | {h.name for h in self.host} | {"step", *STRUCTURE}
 
     def fresh_name(self, base: str) -> str:
         """``base``, or ``base_``, ``base__`` …: a name a pass adds (``decay``) that no argument,
@@ -264,9 +326,24 @@ class Program:
         return any(NUMEL.name in {x.name for x in sympy.sympify(s.expr).free_symbols} for s in self.body)
 
     def whole_tensor(self) -> bool:
-        """Whether a step reads whole-tensor values (reductions, per-tensor scalars, ``numel``); if
-        not, any slice of a tensor steps exactly like the whole (CPU chunking, DTensor shards)."""
-        return self.uses_numel() or any(isinstance(s, (Reduction, TensorScalar)) for s in self.body)
+        """Whether a step reads whole-tensor values (reductions, per-tensor scalars, ``numel``, axis
+        reductions, reduced-shape states, ``ndim``); if not, any slice of a tensor steps exactly like
+        the whole (CPU chunking, DTensor shards)."""
+        return self.uses_numel() or self.has_axes() or NDIM.name in self.structure() or \
+            any(isinstance(s, (Reduction, TensorScalar)) for s in self.body)
+
+    def has_axes(self) -> bool:
+        """Whether values of a reduced shape occur: axis reductions or states stored reduced."""
+        return any(s.axes for s in self.states) or any(
+            sympy.sympify(s.expr).atoms(AxisReduction) for s in self.body)
+
+    def structure(self) -> tuple[str, ...]:
+        """The structural host inputs (``ndim``, ``dtype_eps``) the host scalars or the body read."""
+        used = set()
+        for x in [h.expr for h in self.host] + [h.guard for h in self.host] + [s.expr for s in self.body] + \
+                [s.guard for s in self.body] + [s.when for s in self.states]:
+            used |= {v.name for v in sympy.sympify(x).free_symbols}
+        return tuple(n for n in STRUCTURE if n in used)
 
     def stored(self) -> tuple[str, ...]:
         """Buffers written back to memory, in a fixed order: param first, then states."""

@@ -366,7 +366,7 @@ def build(prog: Program) -> KernelPlan:
             totals=totals, flags=tuple(f for f in flags if f in read), scalars=tuple(n for n in scalars if n in read),
             uses_numel="numel" in read,
             origins=tuple(sorted({_shown(s.origin) for s in stage if s.origin}, key=Origin.sort_key))))
-    optional = tuple(k for a in prog.args if a.optional for k in a.keys)
+    optional = tuple(k for a in prog.args for k in a.keys if a.key_optional(k))
     return KernelPlan(prog.name, prog.functional, prog.spec_path, tuple(buffers), tuple(used), tuple(flags),
                       tuple(scalars), optional, tuple(stages), tuple(reductions), per_tensor_names)
 

@@ -13,8 +13,8 @@ import sympy
 from sympy.logic.boolalg import Boolean
 
 from . import ir
-from .ir import (GRAD, NUMEL, PARAM, STEP, TRUE, Assign, HostScalar, IsNone, Namer, Origin, Program, Reduction,
-                 StateBuffer, TensorScalar, satisfiable)
+from .ir import (DTYPE_EPS, GRAD, NDIM, NUMEL, PARAM, STEP, TRUE, Assign, AxisReduction, HostScalar, IsNone, Namer,
+                 Origin, Program, Reduction, StateBuffer, TensorScalar, axes_of, satisfiable)
 from .spec import GENERATED_CODE_NAMES, RESERVED_NAMES, OptimizerSpec, SpecError
 
 def lower(spec: OptimizerSpec) -> Program:
@@ -23,7 +23,7 @@ def lower(spec: OptimizerSpec) -> Program:
     state_syms = {st.symbol: st for st in spec.states}
     buffers = {PARAM} | set(state_syms)
     arg_syms = {s for a in spec.args for s in a.symbols}
-    host_syms = set(arg_syms) | {STEP}
+    host_syms = set(arg_syms) | {STEP, NDIM, DTYPE_EPS}
     tscalar_syms: set[sympy.Symbol] = {NUMEL}
     if not spec._updated:
         raise SpecError("the spec never calls spec.update(direction, lr=...)", file, spec.origin.line)
@@ -42,7 +42,7 @@ def lower(spec: OptimizerSpec) -> Program:
     _check_state_lists(spec)
     names = Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
                    | {"param", "grad"} | set(spec.lets) | {st.target.name for st in stmts})
-    update_lr = None
+    update_lr = decay_lr = None
 
     def where(stmt) -> Origin:
         return Origin(file, stmt.origin.line)
@@ -97,8 +97,9 @@ def lower(spec: OptimizerSpec) -> Program:
                 if st.when is not True and st.when != TRUE:
                     guard = sympy.And(guard, guard_of(st.when, stmt))
             if stmt.kind == "update":
-                update_lr = stmt.lr
-                if stmt.lr.free_symbols - host_syms - tscalar_syms:
+                update_lr, decay_lr = stmt.lr, stmt.decay_lr
+                if (stmt.lr.free_symbols | (decay_lr.free_symbols if decay_lr is not None else set())) - \
+                        host_syms - tscalar_syms:
                     raise SpecError("the learning rate of spec.update must not depend on param, grad or states",
                                     file, stmt.origin.line, stmt.lr)
             _check_elementwise_choices(expr, tscalar_syms, file, stmt.origin.line)
@@ -117,12 +118,13 @@ def lower(spec: OptimizerSpec) -> Program:
         if bad:
             raise SpecError(f"state {st.name!r}: init may use only param, grad and hyperparameters, not "
                             f"{', '.join(sorted(s.name for s in bad))}", file, st.origin.line, st.init)
+    _check_shapes(spec, body, host_syms | tscalar_syms)
     _check_host_conditions(spec, host, tscalar_syms)
     _check_conditional_reads(spec, host, body)
     _check_optional_reads(spec, host, body)
     host_defs = {h.sym: h.expr for h in host}
     buffers = [StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
-                           Origin(file, st.origin.line)) for st in spec.states]
+                           Origin(file, st.origin.line), st.axes) for st in spec.states]
     states = tuple(b for b, st in zip(buffers, spec.states) if not st.scalar)
     records = tuple(b for b, st in zip(buffers, spec.states) if st.scalar)
     for st in spec.states:
@@ -132,9 +134,9 @@ def lower(spec: OptimizerSpec) -> Program:
     # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
     decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after,
-                        a.errors) for a in spec.args)
+                        a.errors, optional_keys=a.optional_keys) for a in spec.args)
     prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
-                   states=states, host=tuple(host), body=tuple(body), update_lr=update_lr,
+                   states=states, host=tuple(host), body=tuple(body), update_lr=update_lr, decay_lr=decay_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
                    decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
                    state_order=tuple(st.name for st in spec.states),
@@ -299,8 +301,42 @@ def _resolve_versions(spec: OptimizerSpec, buffers: set) -> list:
             elif sym in version_of:
                 sub[sym] = version_of[sym][0]
         out.append(Stmt(st.target, st.expr.xreplace(sub), st.origin, st.kind, st.when,
-                        st.lr.xreplace(sub) if st.lr is not None else None))
+                        st.lr.xreplace(sub) if st.lr is not None else None,
+                        st.decay_lr.xreplace(sub) if st.decay_lr is not None else None))
     return out
+
+
+def _check_shapes(spec: OptimizerSpec, body, scalar_syms) -> None:
+    """Values of a reduced shape (``spec.mean(x, axis=k)``, states with ``axis=``) broadcast against
+    full-shape ones; a state is updated in place, so what it is assigned must fit its shape, and an
+    axis reduction reduces an element value (of a value the same in every element it would be that
+    value, or a multiple of a dim's size)."""
+    known = {"param": frozenset(), "grad": frozenset()}
+    known |= {st.name: frozenset(st.axes) for st in spec.states}
+    for s in body:
+        expr = sympy.sympify(s.expr)
+        for red in expr.atoms(AxisReduction):
+            if not red.args[0].free_symbols - scalar_syms:
+                raise SpecError(f"spec.{red.op}(..., axis={red.axis}) of a value that is the same in every element; "
+                                "reduce an element value (param, grad, a state or math on them)", spec.file,
+                                s.origin.line, red.args[0])
+        if isinstance(s, Reduction):
+            continue
+        axes = axes_of(expr, known)
+        target = s.name if isinstance(s, TensorScalar) else s.target
+        if isinstance(s, Assign) and target in known and target not in ("param", "grad") and axes is not None:
+            want = known[target]
+            if not want <= axes:
+                shape = lambda a: f"reduced along {sorted(a)}" if a else "the param's shape"  # noqa: E731
+                raise SpecError(f"state {target!r} has {shape(want)}, but the value assigned has {shape(axes)} "
+                                "(a state is updated in place: reduce the value with spec.mean/sum/max(..., axis=) "
+                                "to the state's shape)", spec.file, s.origin.line, expr)
+            continue
+        if isinstance(s, Assign) and target in ("param", "grad"):
+            continue
+        if isinstance(s, Assign):  # a temp set in several branches: the larger shape
+            axes = axes if axes is not None else frozenset()
+            known[target] = known[target] & axes if target in known else axes
 
 
 def _check_host_conditions(spec: OptimizerSpec, host, tscalar_syms) -> None:
@@ -360,7 +396,8 @@ def _check_optional_reads(spec: OptimizerSpec, host, body) -> None:
     """An optional hyperparameter (default None) may be read only where ``spec.is_none(x)`` is false:
     in a ``Piecewise`` branch or under a ``when=`` that excludes None. Else the host code would do
     arithmetic on None (a TypeError mid-step) and the kernels would read a placeholder."""
-    optional = [(a, s) for a in spec.args if a.kind.startswith("optional_") for s in a.symbols]
+    optional = [(a, s) for a in spec.args for s in a.symbols
+                if a.kind.startswith("optional_") or s.name in a.optional_keys]
     if not optional:
         return
     bools = {h.sym: h.expr for h in host if h.kind == "bool"}
@@ -379,10 +416,10 @@ def _check_optional_reads(spec: OptimizerSpec, host, body) -> None:
         for expr, guard, line in sites:
             for ctx in _reads_under(expr, guard, sym):
                 if satisfiable(sympy.And(expand(ctx), IsNone(sym))):
-                    raise SpecError(f"hyperparameter {a.name!r} may be None (its default), but is read here "
-                                    f"where it can be; read it under spec.is_none({a.name}) being false, e.g. "
-                                    f"Piecewise((..., spec.is_none({a.name})), (<uses {a.name}>, True)) or "
-                                    f"when=~spec.is_none({a.name})", spec.file, line, expr)
+                    raise SpecError(f"hyperparameter {sym.name!r} may be None (its default), but is read here "
+                                    f"where it can be; read it under spec.is_none({sym.name}) being false, e.g. "
+                                    f"Piecewise((..., spec.is_none({sym.name})), (<uses {sym.name}>, True)) or "
+                                    f"when=~spec.is_none({sym.name})", spec.file, line, expr)
 
 
 def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
@@ -394,7 +431,7 @@ def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
         used |= sympy.sympify(s.expr).free_symbols | sympy.sympify(s.guard).free_symbols
     for st in prog.states + prog.records:
         used |= sympy.sympify(st.init).free_symbols | sympy.sympify(st.when).free_symbols
-    used |= sympy.sympify(prog.update_lr).free_symbols
+    used |= sympy.sympify(prog.update_lr).free_symbols | sympy.sympify(prog.decay_lr or 0).free_symbols
     used_names = {s.name for s in used}
     for a in spec.args:
         if a.name == "weight_decay" and spec.weight_decay is not None:

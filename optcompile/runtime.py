@@ -126,16 +126,53 @@ class OptimizerInfo:
         return self.backends[name]
 
 
-def _group_by_device_and_dtype(params, lists, single: bool | None = None):
-    """Indices of params per (device, dtype); one group (no copy) in the common case."""
+def _group_by_device_and_dtype(params, lists, single: bool | None = None, by_ndim: bool = False):
+    """Indices of params per (device, dtype), and per ``ndim`` where the algorithm reads it (a
+    structural host value, one per call); one group (no copy) in the common case."""
     first = params[0]
-    if single if single is not None else all(p.device == first.device and p.dtype == first.dtype for p in params):
+    if by_ndim:
+        single = single and all(p.dim() == first.dim() for p in params)
+    if single if single is not None else all(p.device == first.device and p.dtype == first.dtype and
+                                             (not by_ndim or p.dim() == first.dim()) for p in params):
         return [(first.device, first.dtype, params, lists)]
     groups: dict = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
+        groups.setdefault((p.device, p.dtype, p.dim() if by_ndim else 0), []).append(i)
     return [(dev, dt, [params[i] for i in idx], [[lst[i] for i in idx] for lst in lists])
-            for (dev, dt), idx in groups.items()]
+            for (dev, dt, _), idx in groups.items()]
+
+
+def structure_values(info: "OptimizerInfo", param: torch.Tensor) -> dict:
+    """The structural host inputs a spec reads (``spec.ndim``, ``spec.dtype_eps``), from the first
+    param of a call: every param of one call shares them (``_group_by_device_and_dtype``)."""
+    names = info.extra.get("structure", ())
+    if not names:
+        return {}
+    values = {"ndim": param.dim(), "dtype_eps": torch.finfo(param.dtype).eps}
+    return {n: values[n] for n in names}
+
+
+def reduced_shape(shape, axes, name: str = "state") -> tuple[int, ...]:
+    """``shape`` with the dims ``axes`` set to 1 (the keepdim shape of a reduction along them)."""
+    out = list(shape)
+    for a in axes:
+        if not -len(out) <= a < len(out):
+            raise ValueError(f"{name} is reduced along dim {a}, but its param has shape {tuple(shape)} "
+                             f"({len(out)} dims); guard the state with when= on spec.ndim")
+        out[a] = 1
+    return tuple(out)
+
+
+def _reduced_or_none(shape, axes):
+    try:
+        return torch.Size(reduced_shape(shape, axes))
+    except ValueError:
+        return None
+
+
+def reduced_full(param: torch.Tensor, axes, value: float, name: str) -> torch.Tensor:
+    """A state of a reduced shape (``spec.state(name, axis=...)``), filled with ``value``."""
+    return param.new_full(reduced_shape(param.shape, axes, f"state {name!r}"), value)
 
 
 def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_release=False) -> str:
@@ -241,11 +278,13 @@ def check_buffers(info: OptimizerInfo, lists, needed: tuple[int, ...] = ()) -> N
         return  # the layout of a step that passed (optcompile/layouts.py): no None, no other tensor
     params = lists[0]
     n, shapes, devices = len(params), [p.shape for p in params], [p.device for p in params]
+    reduced = info.extra.get("axes", {})  # states of a reduced shape (spec.state(..., axis=))
     for i, (what, lst) in enumerate(zip(("grad", *info.states, "kahan_comp"), lists[1:]), 1):
         if lst[0] is None and lst[-1] is None and lst.count(None) == n and i not in needed:
             continue  # a state this algorithm does not allocate under these hyperparameters
+        want = shapes if what not in reduced else [_reduced_or_none(s, reduced[what]) for s in shapes]
         try:
-            if [t.shape for t in lst] == shapes and [t.device for t in lst] == devices:
+            if [t.shape for t in lst] == want and [t.device for t in lst] == devices:
                 continue
         except AttributeError:  # None (or not a tensor) among tensors: look at each
             pass
@@ -260,11 +299,13 @@ def check_buffers(info: OptimizerInfo, lists, needed: tuple[int, ...] = ()) -> N
             if not isinstance(t, torch.Tensor):
                 raise RuntimeError(f"{info.name}: {what} of a param of shape {tuple(p.shape)} is a "
                                    f"{type(t).__name__} ({t!r:.40}), not a tensor")
-            if t.shape != p.shape:
+            expected = p.shape if what not in reduced else torch.Size(reduced_shape(p.shape, reduced[what], what))
+            if t.shape != expected:
                 raise RuntimeError(
                     f"{info.name}: {what} has shape {tuple(t.shape)} but its param has shape {tuple(p.shape)}; "
-                    "every grad and state must have its param's shape (was the param resized or reshaped after a "
-                    "step, or a state replaced by another tensor?)")
+                    + (f"it must have shape {tuple(expected)} (the param's with dims {reduced[what]} set to 1)"
+                       if what in reduced else "every grad and state must have its param's shape")
+                    + " (was the param resized or reshaped after a step, or a state replaced by another tensor?)")
             if t.device != p.device:
                 raise RuntimeError(f"{info.name}: {what} of a param of shape {tuple(p.shape)} is on {t.device} but "
                                    f"its param is on {p.device}; every grad and state must be on its param's device")
@@ -275,19 +316,20 @@ _ALLOCATED: dict = {}  # (init_state, kahan, hyperparameters) -> allocated_state
 _SCALAR_TYPES = (bool, int, float, str, type(None), tuple)  # the group values that key it
 
 
-def allocated_states(info: OptimizerInfo, group: dict, kahan: bool) -> tuple[int, ...]:
+def allocated_states(info: OptimizerInfo, group: dict, kahan: bool, ndim: int = 1) -> tuple[int, ...]:
     """Indices (in ``[params, grads, *states, kahan_comps]``) of the states ``init_state`` allocates
     under these hyperparameters: the step reads no state it does not allocate, so these must exist.
     Found by running it on a meta tensor (as ``load_state_dict`` does), once per hyperparameter
     values; () where it cannot run there (a group constant the functional API does not pass)."""
-    key = (info.init_state, bool(kahan), tuple(
+    ndim = ndim if "ndim" in info.extra.get("structure", ()) else 1  # states may exist per param rank
+    key = (info.init_state, bool(kahan), ndim, tuple(
         [(k, v) for k, v in group.items() if v.__class__ in _SCALAR_TYPES and k != "step"]))
     try:
         found = _ALLOCATED.get(key)
     except TypeError:  # an unhashable hyperparameter value: computed every step
         key, found = None, None
     if found is None:
-        meta = torch.empty(1, device="meta")
+        meta = torch.empty((1,) * ndim, device="meta")
         meta.grad = torch.empty_like(meta)
         out: dict = {}
         try:
@@ -350,7 +392,8 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
     (``sharding.ShardedReductions`` over ``tensors``), passed as ``_shards``."""
     indexed = sr is not None or shards is not None
     positions = [list(range(len(tensors[0])))] if indexed else []  # which of the tensors each group has
-    groups = _group_by_device_and_dtype(tensors[0], tensors[1:] + positions, single)
+    groups = _group_by_device_and_dtype(tensors[0], tensors[1:] + positions, single,
+                                        by_ndim="ndim" in info.extra.get("structure", ()))
     if len(groups) > 1:
         check_buffers(info, tensors)
     plans = []
@@ -364,13 +407,17 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
                 group_shards = shards if len(groups) == 1 else shards.take(taken)
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
         name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
+        if name in ("triton", "fused") and not info.extra.get("kernels", True):
+            name = _without_kernels(info, name, gradient_release)
         impl = info.backend(name)
         kahan = bool(kahan_sum) and dtype in LOW_PRECISION
         if not getattr(impl, "checks_buffers", False):  # the fused kernel checks in its pointer pass
-            check_buffers(info, [ps, *lists], allocated_states(info, hypers if alloc is None else alloc, kahan))
+            check_buffers(info, [ps, *lists], allocated_states(info, hypers if alloc is None else alloc, kahan,
+                                                               ps[0].dim()))
         plans.append((device, dtype, ps, lists, name, impl, kahan, group_sr, group_shards))
     for device, dtype, ps, lists, name, impl, kahan, group_sr, group_shards in plans:
-        host = info.host(**hypers, **step_flags(optimizer_accumulation=optimizer_accumulation, kahan=kahan))
+        host = info.host(**hypers, **step_flags(optimizer_accumulation=optimizer_accumulation, kahan=kahan),
+                         **structure_values(info, ps[0]))
         if group_sr is not None:
             host["_sr"] = group_sr
         if group_shards is not None:
@@ -382,6 +429,17 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
             impl(ps, *lists, **host)
 
 
+def _without_kernels(info: OptimizerInfo, name: str, gradient_release: bool) -> str:
+    """A spec the kernel printers do not take (values of a reduced shape: codegen/render.NO_KERNEL)
+    steps with its torch code where the Triton or fused backend was chosen, with one warning."""
+    if (info.name, name) not in _NO_KERNEL_WARNED:
+        _NO_KERNEL_WARNED.add((info.name, name))
+        warnings.warn(f"{info.name}: no {name} kernels for this spec (axis reductions and reduced-shape states "
+                      "have no Triton or C kernel yet); using the foreach backend", UserWarning, stacklevel=5)
+    return "eager" if gradient_release else "foreach"
+
+
+_NO_KERNEL_WARNED: set = set()
 CPU_CHUNK = 1 << 18  # elements of one tensor per slice (1 MiB of an fp32 temporary)
 CPU_FOREACH_BATCH = 1 << 20  # elements per foreach call
 
@@ -788,6 +846,8 @@ class _FusedGroup:
             return
         if group.get("stochastic_rounding"):
             return  # the tables do not carry the random streams: stochastic rounding takes the general path
+        if opt._info.extra.get("structure") or not opt._info.extra.get("kernels", True):
+            return  # host values per ndim / dtype: the general path groups the params by them
         params = group["params"]
         info = opt._info
         if choose_backend(params, foreach=group.get("foreach"), triton=group.get("triton"),

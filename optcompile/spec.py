@@ -67,7 +67,7 @@ from typing import Any
 
 import sympy
 
-from .ir import Clamp, IsNone
+from .ir import DTYPE_EPS, NDIM, AxisReduction, Clamp, IsNone
 from .step_flags import STEP_FLAGS
 from sympy import (Abs, And, Eq, Ge, Gt, Interval, Le, Lt, Max, Min, Mod, Ne, Not, Or,  # noqa: F401
                    Piecewise, Rational, oo, sign, sqrt, exp, log)
@@ -120,7 +120,7 @@ RESERVED_NAMES = frozenset({
     "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
     "triton", "fused", "gradient_release", "optimizer_accumulation", "setup", "decouple_wd",
     "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults", *STEP_FLAGS,
-    "state_precision", "stochastic_rounding", "sr_seed", "sr_step",
+    "state_precision", "stochastic_rounding", "sr_seed", "sr_step", "ndim", "dtype_eps",
 })
 
 # Names the generated code itself uses at module level (modules, helpers, the builtins and C math
@@ -150,7 +150,7 @@ SUPPORTED_FUNCTIONS = {
     "Mod": "remainder, host scalars only (e.g. step % k)",
 }
 _ALLOWED_NODES = (sympy.Symbol, sympy.Number, sympy.NumberSymbol, sympy.Add, sympy.Mul, sympy.Pow,
-                  Abs, sign, exp, log, Max, Min, Clamp, IsNone, Piecewise, Mod, sympy.logic.boolalg.BooleanAtom,
+                  Abs, sign, exp, log, Max, Min, Clamp, IsNone, AxisReduction, Piecewise, Mod, sympy.logic.boolalg.BooleanAtom,
                   sympy.core.relational.Relational, And, Or, Not, sympy.functions.elementary.piecewise.ExprCondPair)
 
 _LABELS = {"lr": "learning rate", "eps": "epsilon", "weight_decay": "weight decay", "momentum": "momentum"}
@@ -182,6 +182,7 @@ class Arg:
     after: str | None = None
     type: str = "float"
     errors: tuple[str, ...] = ()  # torch.optim-style messages (``error=``): one per value, or one for all
+    optional_keys: tuple[str, ...] = ()  # values of a tuple whose default is None (may be None)
 
     @property
     def group_keys(self) -> tuple[str, ...]:
@@ -196,6 +197,7 @@ class State:
     when: Any  # host condition under which the buffer exists, or True
     origin: Origin
     scalar: bool = False  # a 0-dim record (optimi's eps_sq), never read by the math
+    axes: tuple[int, ...] = ()  # dims of the param's shape set to 1 (the shape of spec.mean(x, axis=...))
 
 
 @dataclass
@@ -208,6 +210,7 @@ class Stmt:
     kind: str  # "state" | "let" | "update" | "param"
     when: Any = True
     lr: sympy.Expr | None = None
+    decay_lr: sympy.Expr | None = None  # spec.update's decay_lr=: the lr weight decay uses, if not lr
 
 
 @dataclass
@@ -216,6 +219,7 @@ class ReductionDecl:
     op: str
     expr: sympy.Expr
     origin: Origin
+    axis: int | None = None  # None: over all elements (per tensor); else along one dim, keepdim
 
 
 @dataclass
@@ -264,8 +268,10 @@ class OptimizerSpec:
         self.grad = sympy.Symbol("grad", real=True)
         self.step = sympy.Symbol("step", integer=True, positive=True)
         self.numel = sympy.Symbol("numel", integer=True, positive=True)  # elements of the tensor being stepped
+        self.ndim = NDIM  # the param's number of dims: a structural host value (one per call, see runtime)
+        self.dtype_eps = DTYPE_EPS  # torch.finfo(param.dtype).eps: a host value per (device, dtype) group
         self._names: dict[str, Origin] = {"param": self.origin, "grad": self.origin, "step": self.origin,
-                                          "numel": self.origin}
+                                          "numel": self.origin, "ndim": self.origin, "dtype_eps": self.origin}
         self._is_none: dict[sympy.Symbol, sympy.Symbol] = {}  # optional hyper → its `is_none` host bool
         self._made: set[str] = set()  # symbol names the DSL made: reductions, SSA versions, renamed lets
         self._versions = itertools.count(1)
@@ -303,8 +309,9 @@ class OptimizerSpec:
             if len(errors) not in (0, 1, len(names)):
                 raise SpecError(f"hyper {name!r}: {len(errors)} error messages for {len(names)} values", self.file,
                                 origin.line)
+            optional = tuple(n for n, v in zip(names, default) if v is None) if default is not REQUIRED else ()
             self._add_arg(Arg(name, tuple(default) if default is not REQUIRED else default, syms, "tuple",
-                              domain, doc, origin, labels, after, type.__name__, errors))
+                              domain, doc, origin, labels, after, type.__name__, errors, optional))
             return syms
         sym = self._new_symbol(name, origin)
         if type is int and default is not REQUIRED and default is not None and (
@@ -343,9 +350,11 @@ class OptimizerSpec:
         self._add_arg(Arg(name, bool(default), (sym,), "flag", None, doc, origin, (name,), after, "bool"))
         return sym
 
-    def state(self, name: str, init: Any = 0, *, when: Any = True, scalar: bool = False):
+    def state(self, name: str, init: Any = 0, *, when: Any = True, scalar: bool = False, axis: Any = None):
         """A per-parameter buffer saved in ``optimizer.state[p][name]`` (param shape and dtype).
 
+        ``axis=-1`` (or a tuple of dims) stores it in a reduced shape: the param's with those dims
+        set to 1, the shape of ``spec.mean(x, axis=-1)`` (Adafactor's row and column factors).
         ``scalar=True`` records a 0-dim tensor (param dtype) computed once from hyperparameters at
         allocation, kept only so that state_dicts match another library's layout (optimi's
         StableAdamW ``eps_sq``); it is never passed to the step, so the math cannot read it.
@@ -355,7 +364,11 @@ class OptimizerSpec:
         init = self._expr(init, origin, "init")
         if scalar and init.free_symbols & {self.param, self.grad}:
             raise SpecError(f"scalar state {name!r}: init may use hyperparameters only", self.file, origin.line, init)
-        self.states.append(State(name, sym, init, when, origin, scalar))
+        axes = self._axes(axis, origin, f"state {name!r}") if axis is not None else ()
+        if axes and (scalar or init.free_symbols & {self.param, self.grad}):
+            raise SpecError(f"state {name!r}: a reduced-shape state (axis=) is not a scalar record and its init may "
+                            "use hyperparameters only", self.file, origin.line, init)
+        self.states.append(State(name, sym, init, when, origin, scalar, axes))
         return sym
 
     def let(self, name: str, expr: Any):
@@ -380,11 +393,12 @@ class OptimizerSpec:
         self.alias[new] = (base.symbol, len(self.stmts) - 1)
         return new
 
-    def update(self, direction: Any, *, lr: Any = None):
+    def update(self, direction: Any, *, lr: Any = None, decay_lr: Any = None):
         """The parameter step ``param ← param − lr·direction``; returns the updated param.
 
         ``lr`` is kept apart so that weight decay can use the effective learning rate and Kahan
-        summation can see the whole Δp.
+        summation can see the whole Δp. ``decay_lr``: the learning rate the injected weight decay
+        uses instead (torch's Adafactor steps by a relative ``alpha`` but decays by the group's lr).
         """
         origin = _origin(self.file)
         if self._updated:
@@ -395,8 +409,12 @@ class OptimizerSpec:
                             self.file, origin.line, direction)
         direction = self._expr(direction, origin, "update")
         lr = self._expr(lr, origin, "lr")
+        decay_lr = self._expr(decay_lr, origin, "decay_lr") if decay_lr is not None else None
+        if decay_lr is not None and self.weight_decay is None:
+            raise SpecError("spec.update(decay_lr=...) is the lr of the injected weight decay, but this spec has "
+                            "weight_decay=None", self.file, origin.line, decay_lr)
         self._updated = True
-        self.stmts.append(Stmt(self.param, self.param - lr * direction, origin, "update", lr=lr))
+        self.stmts.append(Stmt(self.param, self.param - lr * direction, origin, "update", lr=lr, decay_lr=decay_lr))
         new = sympy.Symbol(self._fresh(f"param__v{next(self._versions)}"), real=True)
         self.alias[new] = (self.param, len(self.stmts) - 1)
         return new
@@ -412,28 +430,30 @@ class OptimizerSpec:
         self.alias[new] = (self.param, len(self.stmts) - 1)
         return new
 
-    def mean(self, expr: Any):
-        """Mean over all elements of this parameter (a per-tensor reduction)."""
-        return self._reduce("mean", expr)
+    def mean(self, expr: Any, *, axis: int | None = None):
+        """Mean over all elements of this parameter (a per-tensor reduction), or with ``axis=k`` along
+        dim ``k`` only, keeping it as size 1 (``torch.mean(x, dim=k, keepdim=True)``)."""
+        return self._reduce("mean", expr, axis)
 
-    def sum(self, expr: Any):
-        """Sum over all elements of this parameter (a per-tensor reduction)."""
-        return self._reduce("sum", expr)
+    def sum(self, expr: Any, *, axis: int | None = None):
+        """Sum over all elements of this parameter (a per-tensor reduction), or along dim ``axis``."""
+        return self._reduce("sum", expr, axis)
 
-    def max(self, expr: Any):
-        """Maximum over all elements of this parameter (a per-tensor reduction)."""
-        return self._reduce("max", expr)
+    def max(self, expr: Any, *, axis: int | None = None):
+        """Maximum over all elements of this parameter (a per-tensor reduction), or along dim ``axis``."""
+        return self._reduce("max", expr, axis)
 
     def is_none(self, hyper: sympy.Symbol):
         """The host condition "the optional hyperparameter ``hyper`` is None in this param group",
         for ``Piecewise`` and ``when=``: ``Piecewise((1, spec.is_none(t0)), (Min(step / t0, 1), True))``."""
         origin = _origin(self.file)
-        arg = next((a for a in self.args if a.kind.startswith("optional_") and hyper in a.symbols), None)
+        arg = next((a for a in self.args if hyper in a.symbols and (a.kind.startswith("optional_") or
+                                                                    getattr(hyper, "name", None) in a.optional_keys)), None)
         if arg is None:
             raise SpecError(f"spec.is_none({hyper}): `{hyper}` is not an optional hyperparameter (declare it "
                             "with spec.hyper(name, default=None, ...))", self.file, origin.line)
         if hyper not in self._is_none:
-            sym = sympy.Symbol(self._fresh(f"{arg.name}_is_none"))
+            sym = sympy.Symbol(self._fresh(f"{hyper.name}_is_none"))
             self.stmts.append(Stmt(sym, IsNone(hyper), origin, "let"))
             self._is_none[hyper] = sym
         return self._is_none[hyper]
@@ -443,13 +463,26 @@ class OptimizerSpec:
         return Eq(Mod(self.step, k), 0)
 
     # ── helpers ────────────────────────────────────────────────────────────────────────────────
-    def _reduce(self, op: str, expr: Any):
+    def _reduce(self, op: str, expr: Any, axis: int | None = None):
         origin = _origin(self.file)
         expr = self._expr(expr, origin, f"{op}(...)")
+        if axis is not None:  # along one dim: a value of a reduced shape, not a per-tensor one
+            (axis,) = self._axes(axis, origin, f"spec.{op}(..., axis=)", single=True)
+            return AxisReduction.of(op, expr, axis)
         sym = sympy.Symbol(self._fresh(f"{op}{len(self.reductions)}"), real=True)
         self.reductions.append(ReductionDecl(sym, op, expr, origin))
         self.stmts.append(Stmt(sym, expr, origin, "reduce"))
         return sym
+
+    def _axes(self, axis: Any, origin: Origin, what: str, single: bool = False) -> tuple[int, ...]:
+        """Dims as given (``-1``, or a tuple for a state): ints, distinct; negative ones count from the last."""
+        axes = (axis,) if isinstance(axis, int) else tuple(axis) if isinstance(axis, (tuple, list)) and not single \
+            else None
+        if not axes or any(isinstance(a, bool) or not isinstance(a, int) for a in axes) or len(set(axes)) != len(axes):
+            want = "an int" if single else "an int or a tuple of distinct ints"
+            raise SpecError(f"{what}: axis={axis!r}; expected {want} (a dim of the param, e.g. -1 for the last)",
+                            self.file, origin.line)
+        return axes
 
     def _add_arg(self, arg: Arg) -> None:
         if any(a.name == arg.name for a in self.args):

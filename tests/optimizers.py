@@ -120,6 +120,11 @@ class OptimizerInfo:
       ``prev`` is overwritten by the next gradient (torch.optim.Rprop does the same).
     * ``kahan``: hyperparameters for the bf16 Kahan measurement (tests/test_low_precision.py) where
       the default lr 1e-3 does not put the updates below half a bf16 ulp (see the entries).
+    * ``torch_exact``: eager and foreach equal torch.optim bit for bit in fp32 (torch_family). Not
+      Adafactor: torch computes its row/column means and RMS values with ``torch.norm``, we with
+      sums of squares (a few fp32 ulps).
+    * ``kernels``: the Triton and fused backends have kernels for it. Not Adafactor (axis
+      reductions): they warn and run its foreach step (codegen/render.NO_KERNEL).
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
       zero two backends' fp32 values differ by a few ulps of the *terms*: the backend comparisons
       (tests/test_fused.py, tests/test_triton.py) allow an absolute error of ``SUMMED_ULPS`` fp32
@@ -143,6 +148,8 @@ class OptimizerInfo:
     forgets_nonfinite: bool = False
     kahan: Mapping = field(default_factory=dict)
     summed_states: tuple[str, ...] = ()
+    torch_exact: bool = True
+    kernels: bool = True
 
     def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
         """The absolute tolerance for comparing ``value`` (a param: ``state=None``) between two
@@ -226,6 +233,16 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(rho=0.8, weight_decay=0.01),
         torch_family=_product(opts__=[{}, dict(lr=0.5, rho=0.8, eps=1e-5)], weight_decay=[0, 0.1],
                               maximize=[False, True])),
+    OptimizerInfo(
+        "adafactor", "Adafactor",
+        training=_training(("decoupled", dict(weight_decay=1e-2))),
+        kernel=({}, {"weight_decay": 0.1, "maximize": True, "eps": (1e-4, 1e-2)}),
+        differential=(),
+        state_dict=dict(beta2_decay=-0.6, d=1.5),
+        torch_family=_product(opts__=[{}, dict(beta2_decay=-0.5, eps=(1e-4, 1e-2))], d=[1.0, 1.5],
+                              wd__=[{}, dict(weight_decay=0.1)], maximize=[False, True]),
+        torch_exact=False,
+        kernels=False),
     OptimizerInfo(
         "adagrad", "Adagrad",
         training=_training(("l2", dict(weight_decay=1e-2, lr_decay=1e-3))),

@@ -426,6 +426,8 @@ def _hoist(expr, scalar_names: set, hoisted: dict):
 
 
 def render(prog: Program, spec_source: bytes, key: str) -> str:
-    from .render import env, header
+    from .render import env, header, no_kernel
+    if prog.has_axes():
+        return no_kernel(prog, spec_source, key, "//")
     body = env().get_template("fused.c.j2").render(**context(prog))
     return header(prog, spec_source, body, key, comment="//") + body

@@ -103,12 +103,13 @@ class Forms:
         return outer, a, others
 
     def in_place_lerp(self, x: sympy.Symbol, parts):
-        """``x ← a·x + c·t`` with host ``a + c == 1`` and a tensor ``t`` (a name, or a value that reads
-        ``x`` and is therefore built first): ``x.lerp_(t, c)``'s (t, c)."""
+        """``x ← a·x + c·t`` with host ``a + c == 1`` and a tensor ``t`` (a name, an axis reduction,
+        or a value that reads ``x`` and is therefore built first): ``x.lerp_(t, c)``'s (t, c)."""
+        from ..ir import AxisReduction
         outer, a, others = parts
         if len(others) == 1 and outer == 1:
             c, t = others[0]
-            if (isinstance(t, sympy.Symbol) or x in t.free_symbols) and self.is_weight_pair(a, c):
+            if (isinstance(t, (sympy.Symbol, AxisReduction)) or x in t.free_symbols) and self.is_weight_pair(a, c):
                 return t, c
         return None
 

@@ -95,7 +95,7 @@ def _wrap(name: str, doc: str, default: str | None) -> str:
 
 def _annotation(a) -> str:
     if a.kind == "tuple":
-        return "tuple[" + ", ".join([_ANNOT[a.type]] * len(a.keys)) + "]"
+        return "tuple[" + ", ".join(_ANNOT[a.type] + (" | None" if k in a.optional_keys else "") for k in a.keys) + "]"
     if a.optional:
         return f"{_ANNOT[a.type]} | None"
     return _ANNOT[a.type]
@@ -122,7 +122,7 @@ def _validation(a) -> list[str]:
     dom = a.domain
     values = [(f"{a.name}[{i}]", k, a.labels[i]) for i, k in enumerate(a.keys)] if a.kind == "tuple" \
         else [(a.name, a.name, a.labels[0])]
-    for i, (expr, _, label) in enumerate(values):
+    for i, (expr, key, label) in enumerate(values):
         dom = a.domain[i] if isinstance(a.domain, tuple) else a.domain
         conds = []
         if dom.inf != -sympy.oo:
@@ -133,7 +133,7 @@ def _validation(a) -> list[str]:
             continue
         cond = " and ".join(conds) if len(conds) > 1 else conds[0]
         shown = f"{{{expr}=}}" if a.kind == "tuple" else f"{expr}={{{expr}}}"
-        test = f"{expr} is not None and not ({cond})" if a.optional else f"not ({cond})"
+        test = f"{expr} is not None and not ({cond})" if a.key_optional(key) else f"not ({cond})"
         message = a.errors[i if len(a.errors) > 1 else 0] if a.errors else f"Invalid {label}: {shown}"
         out.append((f"if {test}:", f'raise ValueError(f{message!r})'))
     return out
@@ -171,6 +171,9 @@ def _init_lines(prog: Program) -> list[str]:
     keys = sorted({x.name for st in prog.states + prog.records for x in sympy.sympify(st.init).free_symbols |
                    sympy.sympify(st.when).free_symbols} & {k for a in prog.args for k in a.keys})
     lines = [f"{k} = group[{k!r}]" for k in keys]
+    structure = {x.name for st in prog.states for x in sympy.sympify(st.when).free_symbols}
+    lines += [line for n, line in (("ndim", "ndim = param.dim()"),
+                                   ("dtype_eps", "dtype_eps = torch.finfo(param.dtype).eps")) if n in structure]
     if any(sympy.Symbol("grad", real=True) in sympy.sympify(st.init).free_symbols for st in prog.states):
         lines.append("grad = param.grad")
     for st in prog.states:
@@ -184,7 +187,9 @@ def _init_lines(prog: Program) -> list[str]:
         branches = init.args if isinstance(init, sympy.Piecewise) else ((init, TRUE),)
         for i, (value, cond) in enumerate(branches):
             code.lines, code.indent = [], ""
-            if value.is_Number and value == 0:
+            if st.axes:  # a reduced shape: the param's with these dims 1 (hyperparameter inits only)
+                rhs = f"_reduced_full(param, {st.axes!r}, {pyexpr(value)}, {st.name!r})"
+            elif value.is_Number and value == 0:
                 rhs = "torch.zeros_like(param, memory_format=torch.preserve_format)"
             elif value.is_Number:
                 rhs = f"torch.full_like(param, {float(value)!r}, memory_format=torch.preserve_format)"
@@ -216,13 +221,13 @@ SHARD_COMBINED_OPS = ("sum", "mean", "max")  # reductions every backend combines
 def shard_reductions(prog: Program) -> bool:
     """Whether every reduction of ``prog`` is the all-reduce of per-shard partials, so that a
     sharded DTensor steps its local shard (optcompile/sharding.py); else the runtime steps the
-    full tensor."""
-    return all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
+    full tensor. Axis reductions have no such rule yet: a sharded dim may be the one reduced."""
+    return not prog.has_axes() and all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
 
 
 def module_context(prog: Program) -> dict:
     keys = step_keys(prog)
-    host_inputs = keys + (["step"] if prog.uses_step else []) + ["update_parameters", "kahan"]
+    host_inputs = keys + (["step"] if prog.uses_step else []) + list(prog.structure()) + ["update_parameters", "kahan"]
     used = used_host_names(prog)
     states = [s.name for s in prog.states if s.name != "kahan_comp"]
     spec_args = [a for a in prog.args]
@@ -256,6 +261,10 @@ def module_context(prog: Program) -> dict:
         "uses_step": prog.uses_step,
         "whole_tensor": prog.whole_tensor(),
         "shard_reductions": shard_reductions(prog),
+        "structure_extra": (f', "structure": {prog.structure()!r}' if prog.structure() else "") + (
+            ', "kernels": False' if prog.has_axes() else "") + (
+            f', "axes": {dict((st.name, st.axes) for st in prog.states if st.axes)!r}'
+            if any(st.axes for st in prog.states) else ""),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
         "layout_extra": "" if prog.state_dict_layout == "optimi" else
         f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}',
@@ -306,7 +315,7 @@ def _functional_params(prog: Program) -> list[str]:
         for k in a.keys:
             if k not in keys:
                 continue
-            if a.optional:
+            if a.key_optional(k):
                 out.append(f"{k}: {_ANNOT[a.type]} | None = None")
             elif a.kind == "flag":
                 out.append(f"{k}: bool = {a.default!r}" if a.name == "decouple_lr" or a.after else f"{k}: bool")
@@ -321,6 +330,17 @@ def _functional_extras(prog: Program) -> list[str]:
     """Keyword-only arguments of passes after optimi's (``maximize``), with their defaults."""
     keys = set(step_keys(prog))
     return [f"{k}: {_ANNOT[a.type]} = {a.default!r}" for a in prog.args if a.keyword_only for k in a.keys if k in keys]
+
+
+NO_KERNEL = ("axis reductions and reduced-shape states have no Triton or C kernel yet: the triton and fused "
+             "backends run the foreach step (torch ops) instead")
+
+
+def no_kernel(prog: Program, spec_source: bytes, key: str, comment: str) -> str:
+    """The kernel file of a program the kernel printers do not take (values of a reduced shape):
+    stamped like any other, never loaded (the module says ``kernels: False``; runtime._dispatch)."""
+    body = f"{comment} {prog.name}: {NO_KERNEL}.\n"
+    return header(prog, spec_source, body, key, comment=comment) + body
 
 
 def render_module(prog: Program, spec_source: bytes, key: str) -> str:

@@ -13,7 +13,7 @@ import itertools
 
 import sympy
 
-from ..ir import TRUE, Clamp, Program, Reduction, TensorScalar, satisfiable
+from ..ir import TRUE, AxisReduction, Clamp, Program, Reduction, TensorScalar, satisfiable
 from .forms import Forms
 from .host import HostPrinter, host_of, pyexpr
 
@@ -70,6 +70,10 @@ class Dialect:
     def numel(self) -> str:
         """``numel``: of the whole tensor, also when the loop steps a local shard."""
         return "param.numel() if _shards is None else _shards.numel[_i]"
+
+    def along(self, op: str, x: str, axis: int) -> str:
+        """``x`` reduced along dim ``axis``, keeping it (``spec.mean(x, axis=...)``)."""
+        return _along(op, x, axis)
 
     def sync(self, name: str, slot: int) -> list[str]:
         """After storing a low-precision buffer that is read again: read back the rounded value.
@@ -136,6 +140,9 @@ class ForeachDialect(Dialect):
     def numel(self) -> str:
         return "[_p.numel() for _p in param] if _shards is None else list(_shards.numel)"
 
+    def along(self, op: str, x: str, axis: int) -> str:
+        return f"[{_along(op, '_x', axis)} for _x in {x}]"
+
     def sync(self, name: str, slot: int) -> list[str]:
         return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot),
                 f"    torch._foreach_copy_({name}, _{name}_s)"]
@@ -157,6 +164,15 @@ def _reduction(op: str, x: str) -> str:
     if op == "max":
         return f"({x}.max() if {x}.numel() else {x}.new_full((), -math.inf))"
     return f"{x}.{op}()"
+
+
+def _along(op: str, x: str, axis: int) -> str:
+    """``torch.sum/mean/amax(x, dim=axis, keepdim=True)``; an empty dim's max is -inf, as a full ``max``."""
+    fn = "amax" if op == "max" else op
+    call = f"torch.{fn}({x}, dim={axis}, keepdim=True)"
+    if op == "max":
+        return f"({call} if {x}.size({axis}) else {x}.sum(dim={axis}, keepdim=True).fill_(-math.inf))"
+    return call
 
 
 def _per_tensor(text: str, names) -> str:
@@ -533,6 +549,8 @@ class TensorCode:
             self.fresh_where(tmp, e)
         elif isinstance(e, Clamp):
             self.fresh_clamp(tmp, e)
+        elif isinstance(e, AxisReduction):
+            self.define(tmp, self.d.along(e.op, self.atom(e.args[0]), e.axis))
         elif isinstance(e, (sympy.Abs, sympy.sign, sympy.exp, sympy.log)):
             fn = {sympy.Abs: "abs", sympy.sign: "sign", sympy.exp: "exp", sympy.log: "log"}[e.func]
             return self.unary(fn, e.args[0])

@@ -165,19 +165,21 @@ def _out_of_the_way(prog: Program) -> Program:
     host = tuple(dataclasses.replace(h, name=name(h.name), expr=ren(h.expr), guard=ren(h.guard)) for h in prog.host)
     body = tuple(dataclasses.replace(s, expr=ren(s.expr), guard=ren(s.guard), **(
         {"symbol": ren(s.symbol)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
-    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr))
+    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr),
+                        decay_lr=None if prog.decay_lr is None else ren(prog.decay_lr))
 
 
 def _guard_temps(prog: Program, body: list) -> list:
-    """A temporary computed for readers that all run under a common guard gets that guard too
-    (Ranger's ``slow_t`` only on lookahead steps): no per-element work whose result is unused."""
+    """A temporary or per-tensor value computed for readers that all run under a common guard gets
+    that guard too (Ranger's ``slow_t`` only on lookahead steps; Adafactor's factored statistics only
+    for params with ndim > 1, where their dims exist): no work whose result is unused."""
     stored = set(prog.stored()) | {"grad"}
     body = list(body)
     for i in reversed(range(len(body))):
         s = body[i]
-        if not isinstance(s, Assign) or s.target in stored:
+        if isinstance(s, Assign) and s.target in stored:
             continue
-        sym, readers = s.symbol, []
+        sym, readers = s.sym, []
         for r in body[i + 1:]:
             if sym in sympy.sympify(r.expr).free_symbols:  # readers of any later version: safe superset
                 readers.append(r)

@@ -7,7 +7,8 @@
 * fully decoupled (``decouple_lr=True``): ``lr/max_lr·wd``, so decay does not follow the schedule.
 * proximal (Adan): ``p ← (p − lr·d)/(1 + lr·wd)``, or decoupled when the spec's flag is set.
 
-The learning rate is the *effective* one given to ``spec.update`` (StableAdamW's clipped lr).
+The learning rate is the *effective* one given to ``spec.update`` (StableAdamW's clipped lr), or
+its ``decay_lr=`` where the spec gives one (Adafactor decays by the group's lr, not its step size).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def add_weight_decay(prog: Program) -> Program:
     args = [Arg("decouple_lr", "flag", False, ("decouple_lr",), doc=DECOUPLE_LR_DOC, injected_by="weight_decay", type="bool"),
             Arg("max_lr", "optional_float", None, ("max_lr",), doc=MAX_LR_DOC, injected_by="weight_decay")]
     host, body, states = list(prog.host), list(prog.body), list(prog.states)
-    lr = prog.update_lr
+    lr = prog.update_lr if prog.decay_lr is None else prog.decay_lr
     rate = Piecewise((lr / max_lr * wd, decouple_lr), (lr * wd, True))
     decoupled_on = Ne(wd, 0)
 
