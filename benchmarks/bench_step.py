@@ -475,8 +475,9 @@ def main(argv=None) -> int:
     ds_note = deepspeed_cpu_adam()[1] if want_ds else None
     with_ds = want_ds and deepspeed_cpu_adam()[0] is not None
 
-    notes = [machine_line(args.device),
-             f"scale {args.scale}; median of {args.rounds} interleaved rounds × {args.steps} steps; ms/step"]
+    run = [machine_line(args.device),
+           f"scale {args.scale}; median of {args.rounds} interleaved rounds × {args.steps} steps; ms/step"]
+    notes = list(run)
     if family:
         notes += ["the same keywords for both (the classes' defaults, which agree, plus the row's options); "
                   "bf16: ours bf16 states with Kahan summation, torch.optim plain bf16 (it has no Kahan option); "
@@ -508,11 +509,13 @@ def main(argv=None) -> int:
         costs = compile_costs()
         lines += emit(["## compile costs", "", "| what | seconds |", "|---|---|"] +
                       [f"| {k} | {v:.2f} |" for k, v in costs.items()] + [""])
+    end = emit([f"- load average at the end {os.getloadavg()[0]:.1f}"])
+    lines += end
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
     if args.readme:
-        block = [f"- {n}" for n in notes]
+        block = [f"- {n}" for n in run] + end
         for where, table in tables:
             block += ["", f"**{where}**", ""] + [ln for ln in table if ln.startswith("|")]
         rewrite_block(args.readme, README_TAG, block)
