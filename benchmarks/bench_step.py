@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_step.py --scale 0.1 --optimizers adamw,sgd --threads 1
     .venv/bin/python benchmarks/bench_step.py --device cuda     # adds the Triton backend
     python3 benchmarks/bench_step.py --device cuda --sets gpt2-1b --only "ours triton,fused,optimi triton"
+    .venv/bin/python benchmarks/bench_step.py --torch-family --scale 0.25 --readme README.md  # RMSprop, Adagrad, ...
 
 Each configuration builds its own params and states (grads are shared, read-only), then times
 ``opt.step()`` in interleaved rounds (every implementation once per round, so machine noise
@@ -13,6 +14,11 @@ p m v = 28 B/param; bf16 halves it and Kahan adds a read and a write of ``kahan_
 "% BW" divides by the memory bandwidth measured in the same run (the faster of a large
 ``copy_`` and ``add_``). Compile costs run in subprocesses with fresh cache folders.
 
+``--torch-family``: every built-in spec whose class *is* torch.optim's (same name, arguments and
+state_dict; found from the specs, so a new one is picked up) against that class, with the same
+keywords: ours eager/foreach/fused against torch's for-loop/foreach (and fused where torch has
+one), and "× torch best", ours fused over torch's fastest path.
+
 Optional peer: DeepSpeed's ``DeepSpeedCPUAdam`` (ZeRO-Offload's CPU Adam) for AdamW on CPU,
 when ``deepspeed`` is installed and its C++ op builds (``pip install -e .[bench]``); it keeps
 fp32 states for bf16 params. Without it the column is left out with a one-line note.
@@ -20,6 +26,7 @@ fp32 states for bf16 params. Without it the column is left out with a one-line n
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import platform
@@ -95,22 +102,11 @@ def numel(shapes) -> int:
 def implementations(name: str, device: str, only=None):
     """(label, factory(params, kahan) -> optimizer) for every backend of every library (those
     whose label contains one of ``only``'s substrings, when given)."""
-    module = loader.builtin_module(name)
-    cls = getattr(module, module._INFO.name)
+    cls = loader.builtin_class(name)
     extra = OURS_EXTRA.get(name, {})
-    out = [("ours eager", lambda ps, k: cls(ps, lr=1e-3, kahan_sum=k, foreach=False, triton=False, fused=False, **extra)),
-           ("ours foreach", lambda ps, k: cls(ps, lr=1e-3, kahan_sum=k, foreach=True, triton=False, fused=False, **extra))]
-    if device == "cpu":
-        out.append(("ours fused", lambda ps, k: cls(ps, lr=1e-3, kahan_sum=k, fused=True, **extra)))
-    else:
-        out.append(("ours triton", lambda ps, k: cls(ps, lr=1e-3, kahan_sum=k, triton=True, **extra)))
-    tname, tkw = TORCH_MATCH.get(name, TORCH_CLOSEST)
-    tcls = getattr(torch.optim, tname)
-    label = tname if name in TORCH_MATCH and tname.lower() == name else f"{tname}*"
-    out += [(f"torch {label} loop", lambda ps, k: tcls(ps, lr=1e-3, foreach=False, **tkw)),
-            (f"torch {label} foreach", lambda ps, k: tcls(ps, lr=1e-3, foreach=True, **tkw))]
-    if "fused" in tcls.__init__.__code__.co_varnames:
-        out.append((f"torch {label} fused", lambda ps, k: tcls(ps, lr=1e-3, fused=True, **tkw)))
+    out = ours_backends(cls, device, dict(lr=1e-3, **extra))
+    tname, tkw, label = torch_counterpart(name)
+    out += torch_paths(getattr(torch.optim, tname), label, dict(lr=1e-3, **tkw))
     try:
         import optimi
         ocls = getattr(optimi, OPTIMI_NAMES[name])
@@ -125,6 +121,65 @@ def implementations(name: str, device: str, only=None):
         # ours' (= optimi's) defaults, so both do the same work (decoupled decay included)
         out.append((DEEPSPEED, lambda ps, k: dcls(ps, lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2,
                                                   adamw_mode=True)))
+    return [(label, make) for label, make in out if wanted(label, only)]
+
+
+def torch_counterpart(name: str) -> tuple[str, dict, str]:
+    """(torch.optim class name, its extra keywords, column label) for spec ``name``: the class
+    itself for the torch family, else TORCH_MATCH's, else TORCH_CLOSEST (labelled ``*``)."""
+    if name in torch_family():
+        return torch_family()[name], {}, torch_family()[name]
+    tname, tkw = TORCH_MATCH.get(name, TORCH_CLOSEST)
+    return tname, tkw, tname if name in TORCH_MATCH and tname.lower() == name else f"{tname}*"
+
+
+def ours_backends(cls, device: str, kw: dict):
+    """(label, factory) for our eager, foreach and fused (CPU) or Triton (GPU) step of ``cls(**kw)``."""
+    last = ("ours fused", dict(fused=True)) if device == "cpu" else ("ours triton", dict(triton=True))
+    paths = [("ours eager", dict(foreach=False, triton=False, fused=False)),
+             ("ours foreach", dict(foreach=True, triton=False, fused=False)), last]
+    return [(label, lambda ps, k, flags=flags: cls(ps, kahan_sum=k, **flags, **kw)) for label, flags in paths]
+
+
+def torch_paths(tcls, label: str, kw: dict):
+    """(label, factory) for torch.optim's for-loop, foreach and (where ``tcls`` has one) fused step."""
+    out = [(f"torch {label} loop", lambda ps, k: tcls(ps, foreach=False, **kw)),
+           (f"torch {label} foreach", lambda ps, k: tcls(ps, foreach=True, **kw))]
+    if "fused" in tcls.__init__.__code__.co_varnames:
+        out.append((f"torch {label} fused", lambda ps, k: tcls(ps, fused=True, **kw)))
+    return out
+
+
+# ── the torch.optim family ──────────────────────────────────────────────────────────────────────
+# Rows beyond each class's defaults, declared once: options that change what a step computes.
+TORCH_FAMILY_OPTIONS = {"rmsprop": ({"centered": True, "momentum": 0.9},)}
+
+
+@functools.cache
+def torch_family() -> dict[str, str]:
+    """{spec stem: class name} for every built-in spec whose class *is* torch.optim's (torch's
+    state_dict layout, ``state_dict="torch"``, and a torch.optim class of the same name)."""
+    out = {}
+    for path in builtin_specs():
+        info = loader.builtin_module(path.stem)._INFO
+        if info.extra.get("state_dict") == "torch" and hasattr(torch.optim, info.name):
+            out[path.stem] = info.name
+    stale = sorted(set(TORCH_FAMILY_OPTIONS) - set(out))
+    if stale:
+        raise LookupError(f"TORCH_FAMILY_OPTIONS names {stale}, which are not torch.optim-family specs")
+    return out
+
+
+def torch_family_cases(stems) -> list[tuple[str, dict]]:
+    """(stem, options) per row: each class at its defaults, then its TORCH_FAMILY_OPTIONS."""
+    return [(stem, dict(kw)) for stem in stems for kw in ({},) + TORCH_FAMILY_OPTIONS.get(stem, ())]
+
+
+def torch_family_implementations(stem: str, options: dict, device: str, only=None):
+    """Ours and torch.optim's class of the same name, both with ``options`` and their (identical)
+    defaults otherwise."""
+    cls = loader.builtin_class(stem)
+    out = ours_backends(cls, device, options) + torch_paths(getattr(torch.optim, cls.__name__), cls.__name__, options)
     return [(label, make) for label, make in out if wanted(label, only)]
 
 
@@ -247,15 +302,22 @@ def free_device_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+# The first step allocates state and builds kernels; ours fused records its buffers' layout on the
+# second and steps prebuilt pointer tables from the third (measured on 2,000 tensors: 30-160 ms,
+# 4.5, then 2.7 ms from the fourth on), so timing starts after the third.
+WARMUP_STEPS = 3
+
+
 def _build(make, shapes, grads, dtype, kahan, device, label):
-    """A stepped-once optimizer over its own fresh params (state allocated, kernels built), or
-    None with a note when the implementation does not support this case."""
+    """An optimizer over its own fresh params, stepped WARMUP_STEPS times, or None with a note
+    when the implementation does not support this case."""
     ps = [torch.zeros(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
     for p, g in zip(ps, grads):
         p.grad = g
     try:
         opt = make(ps, kahan if dtype != torch.float32 else None)
-        opt.step()  # state allocation, JIT build
+        for _ in range(WARMUP_STEPS):
+            opt.step()
         sync(device)
         return opt
     except Exception as exc:  # an implementation that does not support this case
@@ -265,7 +327,14 @@ def _build(make, shapes, grads, dtype, kahan, device, label):
 
 
 def run_config(name, shapes, dtype, kahan, device, rounds, steps, only=None, sequential=None):
-    """{label: median seconds per step} for one optimizer, parameter set and dtype.
+    """{label: median seconds per step} for one optimizer's implementations (:func:`implementations`)."""
+    return time_implementations(implementations(name, device, only), shapes, dtype, kahan, device, rounds, steps,
+                                sequential)
+
+
+def time_implementations(makers, shapes, dtype, kahan, device, rounds, steps, sequential=None):
+    """{label: median seconds per step} for ``makers`` ((label, factory) pairs) on one parameter
+    set and dtype.
 
     Interleaved (every implementation once per round) when all of them fit in memory together;
     on a GPU, where one 1B-param implementation holds ~16 GB, the first one's measured footprint
@@ -277,7 +346,6 @@ def run_config(name, shapes, dtype, kahan, device, rounds, steps, only=None, seq
     else:
         gen = torch.Generator().manual_seed(0)
         grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
-    makers = implementations(name, device, only)
     times: dict[str, list[float]] = {}
     opts = {}
     for i, (label, make) in enumerate(makers):
@@ -354,14 +422,23 @@ def column_of(label: str) -> str:
     return "torch " + label.rsplit(" ", 1)[1]
 
 
+DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, True)}  # (dtype, ours' Kahan summation)
+README_TAG = "torch-family"  # --readme rewrites README.md between <!-- bench:torch-family:begin/end -->
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--threads", default="1,2", help="CPU thread counts (torch.set_num_threads)")
+    ap.add_argument("--torch-family", action="store_true",
+                    help="every spec whose class is torch.optim's (RMSprop, Adagrad, ...) against that class: "
+                         "ours eager/foreach/fused against torch's for-loop/foreach/fused")
+    ap.add_argument("--threads", help="CPU thread counts (torch.set_num_threads); default 1,2 (--torch-family: 1)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="shrink the parameter sets (1.0: gpt2 34M, small 2,000 tensors, gpt2-1b 1.31B)")
-    ap.add_argument("--sets", default="gpt2,small,small-flat", help=f"comma-separated, of: {', '.join(SETS)}")
-    ap.add_argument("--optimizers", default=",".join(p.stem for p in builtin_specs()))
+    ap.add_argument("--sets", help=f"comma-separated, of: {', '.join(SETS)}; default gpt2,small,small-flat "
+                                   "(--torch-family: gpt2,small)")
+    ap.add_argument("--optimizers", help="spec stems; default every built-in spec (--torch-family: every "
+                                         "torch.optim-family spec)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--only", default="", help="comma-separated substrings of implementation labels")
     ap.add_argument("--rounds", type=int, default=3)
@@ -369,97 +446,172 @@ def main(argv=None) -> int:
     ap.add_argument("--sequential", choices=("auto", "yes", "no"), default="auto",
                     help="build, time and free one implementation at a time (auto: on a GPU when they "
                          "do not all fit in memory together)")
-    ap.add_argument("--no-compile-costs", action="store_true")
+    ap.add_argument("--no-compile-costs", action="store_true", help="skip them (--torch-family never runs them)")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
+    ap.add_argument("--readme", type=Path, help=f"with --torch-family: rewrite this file's table between <!-- "
+                                                f"bench:{README_TAG}:begin --> and <!-- bench:{README_TAG}:end -->")
     args = ap.parse_args(argv)
-    dtypes = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, True)}
-    for flag, given, known in (("--sets", args.sets, SETS), ("--dtypes", args.dtypes, dtypes),
-                               ("--optimizers", args.optimizers, [p.stem for p in builtin_specs()])):
-        bad = [x for x in given.split(",") if x not in known]
+    family = args.torch_family
+    known = list(torch_family()) if family else [p.stem for p in builtin_specs()]
+    args.optimizers = args.optimizers or ",".join(known)
+    args.sets = args.sets or ("gpt2,small" if family else "gpt2,small,small-flat")
+    args.threads = args.threads or ("1" if family else "1,2")
+    for flag, given, options in (("--sets", args.sets, SETS), ("--dtypes", args.dtypes, DTYPES),
+                                 ("--optimizers", args.optimizers, known)):
+        bad = [x for x in given.split(",") if x not in options]
         if bad:
-            ap.error(f"{flag}: unknown {', '.join(map(repr, bad))}; expected any of {', '.join(known)}")
+            ap.error(f"{flag}: unknown {', '.join(map(repr, bad))}; expected any of {', '.join(options)}"
+                     + (" (the torch.optim family)" if flag == "--optimizers" and family else ""))
     if args.scale <= 0:
         ap.error(f"--scale must be > 0, got {args.scale}")
+    if args.readme and not family:
+        ap.error("--readme rewrites the --torch-family table; add --torch-family")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device cuda: torch.cuda.is_available() is False (torch {torch.__version__}, "
                  f"CUDA build {torch.version.cuda or 'none'})")
     only = [o for o in args.only.split(",") if o]
     optimizers = args.optimizers.split(",")
-    want_ds = args.device == "cpu" and "adamw" in optimizers and wanted(DEEPSPEED, only)
+    want_ds = not family and args.device == "cpu" and "adamw" in optimizers and wanted(DEEPSPEED, only)
     ds_note = deepspeed_cpu_adam()[1] if want_ds else None
     with_ds = want_ds and deepspeed_cpu_adam()[0] is not None
 
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{_cpu()}, {os.cpu_count()} cores"
-    lines = ["# optcompile step benchmark", "",
-             f"- machine: {platform.node()} {platform.machine()}, {dev}; "
-             f"torch {torch.__version__}; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"load average at start {os.getloadavg()[0]:.1f} (other processes share the cores)",
-             f"- scale {args.scale}; median of {args.rounds} interleaved rounds × {args.steps} steps; "
-             "ms/step; `*` = torch has no such optimizer: closest by traffic (SGD-momentum for Lion, AdamW else)"]
+    run = [machine_line(args.device),
+           f"scale {args.scale}; median of {args.rounds} interleaved rounds × {args.steps} steps; ms/step"]
+    notes = list(run)
+    if family:
+        notes += ["the same keywords for both (the classes' defaults, which agree, plus the row's options); "
+                  "bf16: ours bf16 states with Kahan summation, torch.optim plain bf16 (it has no Kahan option); "
+                  "× torch best = ours fused ÷ torch's fastest path (named)"]
+    else:
+        notes[-1] += "; `*` = torch has no such optimizer: closest by traffic (SGD-momentum for Lion, AdamW else)"
     if ds_note:
-        lines.append(f"- {ds_note}" + ("; AdamW rows only (adamw_mode=True, ours' hyperparameters); with bf16 "
-                                        "params it keeps fp32 exp_avg/exp_avg_sq and rounds the param once per "
-                                        "step (22 B/param), while ours runs bf16 states + Kahan (18 B/param)"
-                                        if with_ds else ""))
-    lines.append("")
-    print("\n".join(lines), flush=True)
+        notes.append(ds_note + ("; AdamW rows only (adamw_mode=True, ours' hyperparameters); with bf16 "
+                                "params it keeps fp32 exp_avg/exp_avg_sq and rounds the param once per "
+                                "step (22 B/param), while ours runs bf16 states + Kahan (18 B/param)"
+                                if with_ds else ""))
+    title = "# optcompile torch.optim-family step benchmark" if family else "# optcompile step benchmark"
+    lines = emit([title, ""] + [f"- {n}" for n in notes] + [""])
     sets = {name: SETS[name](args.scale) for name in args.sets.split(",")}
     threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [torch.get_num_threads()]
     sequential = {"auto": None, "yes": True, "no": False}[args.sequential]
-    cols = columns(args.device, with_ds)
+    timing = dict(device=args.device, rounds=args.rounds, steps=args.steps, sequential=sequential)
+    tables = []
     for nt in threads:
         torch.set_num_threads(nt)
-        bw = bandwidth(args.device)
         where = f"{nt} thread{'s' if nt > 1 else ''}" if args.device == "cpu" else torch.cuda.get_device_name()
-        head = [f"## {where} — memory bandwidth {bw:.1f} GB/s (copy_/add_ of {bandwidth_mib(args.device)} MiB)", ""]
-        extra = ["× DeepSpeedCPUAdam"] if with_ds else []
-        head += ["| set | optimizer | dtype | " + " | ".join(cols) + " | ours GB/s | % BW | × torch fused | "
-                 "× optimi best |" + "".join(f" {e} |" for e in extra),
-                 "|" + "---|" * (len(cols) + 7 + len(extra))]
-        print("\n".join(head), flush=True)
-        lines += head
-        results: dict = {}
-        for set_name, shapes in sets.items():
-            n = numel(shapes)
-            for name in optimizers:
-                for dname in args.dtypes.split(","):
-                    dtype, kahan = dtypes[dname]
-                    res = run_config(name, shapes, dtype, kahan, args.device, args.rounds, args.steps, only,
-                                     sequential)
-                    by_col = {column_of(label): t for label, t in res.items()}
-                    ours = by_col.get(cols[2])
-                    tf = by_col.get("torch fused")
-                    opt_best = min([by_col[c] for c in ("optimi loop", "optimi foreach", "optimi triton")
-                                    if c in by_col], default=None)
-                    gbs = ideal_bytes(name, n, dtype, kahan) / ours / 1e9 if ours else None
-                    tname = TORCH_MATCH.get(name, TORCH_CLOSEST)[0]
-                    tlabel = tname if name in TORCH_MATCH and tname.lower() == name else f"{tname}*"
-                    row = [f"{set_name} ({n / 1e6:.1f}M, {len(shapes)} t)", f"{name} (torch: {tlabel})",
-                           dname + ("+Kahan" if kahan else "")]
-                    row += [fmt_ms(by_col.get(c)) for c in cols]
-                    row += [f"{gbs:.1f}" if gbs else "–", f"{100 * gbs / bw:.0f}%" if gbs else "–",
-                            ratio(ours, tf), ratio(ours, opt_best)]
-                    if with_ds:
-                        row.append(ratio(ours, by_col.get(DEEPSPEED)))
-                    results[(set_name, name, dname)] = by_col
-                    line = "| " + " | ".join(row) + " |"
-                    print(line, flush=True)
-                    lines.append(line)
-        overhead = per_tensor_overhead(results, nt)
-        lines += overhead
-        print("\n".join(overhead))
-        lines.append("")
-        print()
-    if not args.no_compile_costs:
+        if family:
+            table = torch_family_table(sets, optimizers, args.dtypes.split(","), only, timing, where)
+        else:
+            table = step_table(sets, optimizers, args.dtypes.split(","), only, timing, where, with_ds)
+        tables.append((where, table))
+        lines += table + emit([""])
+    if not (args.no_compile_costs or family):
         costs = compile_costs()
-        block = ["## compile costs", "", "| what | seconds |", "|---|---|"] + \
-            [f"| {k} | {v:.2f} |" for k, v in costs.items()] + [""]
-        print("\n".join(block))
-        lines += block
+        lines += emit(["## compile costs", "", "| what | seconds |", "|---|---|"] +
+                      [f"| {k} | {v:.2f} |" for k, v in costs.items()] + [""])
+    end = emit([f"- load average at the end {os.getloadavg()[0]:.1f}"])
+    lines += end
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
+    if args.readme:
+        block = [f"- {n}" for n in run] + end
+        for where, table in tables:
+            block += ["", f"**{where}**", ""] + [ln for ln in table if ln.startswith("|")]
+        rewrite_block(args.readme, README_TAG, block)
     return 0
+
+
+def emit(lines: list[str]) -> list[str]:
+    """Print ``lines`` as they come (a long run shows progress) and return them for the report."""
+    if lines:
+        print("\n".join(lines), flush=True)
+    return lines
+
+
+def machine_line(device: str) -> str:
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"{_cpu()}, {os.cpu_count()} cores"
+    return (f"machine: {platform.node()} {platform.machine()}, {dev}; torch {torch.__version__}; "
+            f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start "
+            f"{os.getloadavg()[0]:.1f} (other processes share the cores)")
+
+
+def timed_rows(sets: dict, cases, dtypes, makers_of, timing: dict):
+    """(set name, shapes, case, dtype name, {column: median s/step}) for every set × case × dtype,
+    ``makers_of(case)`` giving the implementations to time."""
+    for set_name, shapes in sets.items():
+        for case in cases:
+            for dname in dtypes:
+                dtype, kahan = DTYPES[dname]
+                res = time_implementations(makers_of(case), shapes, dtype, kahan, **timing)
+                yield set_name, shapes, case, dname, {column_of(label): t for label, t in res.items()}
+
+
+def set_label(set_name: str, shapes) -> str:
+    return f"{set_name} ({numel(shapes) / 1e6:.1f}M, {len(shapes)} t)"
+
+
+def table_head(cols: list[str]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def step_table(sets, optimizers, dtypes, only, timing, where, with_ds) -> list[str]:
+    """Every optimizer against torch.optim (or its closest), optimi and DeepSpeed, with GB/s."""
+    device = timing["device"]
+    bw = bandwidth(device)
+    cols = columns(device, with_ds)
+    extra = ["× DeepSpeedCPUAdam"] if with_ds else []
+    lines = emit([f"## {where} — memory bandwidth {bw:.1f} GB/s (copy_/add_ of {bandwidth_mib(device)} MiB)", ""]
+                 + table_head(["set", "optimizer", "dtype", *cols, "ours GB/s", "% BW", "× torch fused",
+                               "× optimi best", *extra]))
+    results: dict = {}
+    for set_name, shapes, name, dname, by_col in timed_rows(
+            sets, optimizers, dtypes, lambda name: implementations(name, device, only), timing):
+        dtype, kahan = DTYPES[dname]
+        ours = by_col.get(cols[2])
+        opt_best = min([by_col[c] for c in ("optimi loop", "optimi foreach", "optimi triton") if c in by_col],
+                       default=None)
+        gbs = ideal_bytes(name, numel(shapes), dtype, kahan) / ours / 1e9 if ours else None
+        row = [set_label(set_name, shapes), f"{name} (torch: {torch_counterpart(name)[2]})",
+               dname + ("+Kahan" if kahan else "")]
+        row += [fmt_ms(by_col.get(c)) for c in cols]
+        row += [f"{gbs:.1f}" if gbs else "–", f"{100 * gbs / bw:.0f}%" if gbs else "–",
+                ratio(ours, by_col.get("torch fused")), ratio(ours, opt_best)]
+        if with_ds:
+            row.append(ratio(ours, by_col.get(DEEPSPEED)))
+        results[(set_name, name, dname)] = by_col
+        lines += emit(["| " + " | ".join(row) + " |"])
+    return lines + emit(per_tensor_overhead(results, torch.get_num_threads()))
+
+
+def torch_family_table(sets, stems, dtypes, only, timing, where) -> list[str]:
+    """Each torch.optim-family spec (and its TORCH_FAMILY_OPTIONS rows) against torch.optim's class
+    of the same name: every path of both, and ours fused over torch's fastest."""
+    device = timing["device"]
+    ours = "ours fused" if device == "cpu" else "ours triton"
+    theirs = ["torch loop", "torch foreach", "torch fused"]
+    cols = ["ours eager", "ours foreach", ours, *theirs]
+    lines = emit([f"## {where}", ""] + table_head(["set", "optimizer", "dtype", *cols, "× torch best"]))
+    for set_name, shapes, (stem, options), dname, by_col in timed_rows(
+            sets, torch_family_cases(stems), dtypes,
+            lambda case: torch_family_implementations(*case, device, only), timing):
+        best = min(((by_col[c], c) for c in theirs if c in by_col), default=None)
+        best_cell = f"{ratio(by_col.get(ours), best[0])} ({best[1].split()[1]})" if best else "–"
+        row = [set_label(set_name, shapes), " ".join([stem] + [f"{k}={v}" for k, v in options.items()]),
+               "bf16 (ours +Kahan)" if DTYPES[dname][1] else dname]
+        lines += emit(["| " + " | ".join(row + [fmt_ms(by_col.get(c)) for c in cols] + [best_cell]) + " |"])
+    return lines
+
+
+def rewrite_block(path: Path, tag: str, block: list[str]) -> None:
+    """Replace what lies between ``<!-- bench:<tag>:begin -->`` and ``<!-- bench:<tag>:end -->`` in
+    ``path`` with ``block``."""
+    begin, end = f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
+    text = path.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{path}: expected one {begin} followed by one {end} around the table to rewrite")
+    head, rest = text.split(begin)
+    path.write_text(head + begin + "\n" + "\n".join(block) + "\n" + end + rest.split(end, 1)[1])
 
 
 def per_tensor_overhead(results: dict, threads: int) -> list[str]:
