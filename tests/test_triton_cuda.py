@@ -139,6 +139,25 @@ def test_missing_deepspeed_drops_its_column_with_a_note(tmp_path, monkeypatch):
     assert b.column_of("torch AdamW* fused") == "torch fused" and b.column_of(b.DEEPSPEED) == b.DEEPSPEED
 
 
+def test_torch_family_mode_finds_every_torch_family_spec():
+    """The mode is driven by the specs, so a new torch.optim-family built-in is benchmarked the
+    day it lands: exactly the registry's torch-family classes."""
+    from optimizers import BY_STEM, STEMS
+    assert _bench().torch_family() == {s: BY_STEM[s].name for s in STEMS if BY_STEM[s].torch_family}
+
+
+def test_torch_family_mode_rewrites_its_readme_block(tmp_path):
+    b = _bench()
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- bench:torch-family:begin -->\nold\n<!-- bench:torch-family:end -->\nafter\n")
+    stem = next(iter(b.torch_family()))
+    b.main(["--torch-family", "--scale", "0.0002", "--sets", "gpt2", "--optimizers", stem, "--rounds", "1",
+            "--dtypes", "fp32", "--readme", str(readme), "--out", str(tmp_path / "bench.md")])
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "\nold\n" not in text
+    assert "× torch best" in text and f"| {stem} | fp32 |" in text
+
+
 @pytest.mark.slow
 def test_deepspeed_peer_computes_adamw():
     """The DeepSpeedCPUAdam column is a fair peer only while it computes AdamW: within a few fp32
