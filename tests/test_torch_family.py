@@ -1,9 +1,10 @@
-"""The classes that are torch.optim's (Adadelta, Adagrad, Adamax, RMSprop, Rprop) against torch.optim
-2.13 itself, and ``maximize`` on every built-in.
+"""The classes that are torch.optim's (Adadelta, Adagrad, Adamax, ASGD, NAdam, RMSprop, Rprop) against
+torch.optim 2.13 itself, and ``maximize`` on every built-in.
 
 Differential: every option combination of the registry (``OptimizerInfo.torch_family``) × backend,
 fp32, 20 steps, two param groups, a StepLR schedule. Tolerances: eager and foreach are
-**bit-exact** with torch's for-loop and foreach paths (params and every state); the fused C and
+**bit-exact** with torch's for-loop and foreach paths (params and every state) where the registry's
+``torch_exact`` says so (all but ASGD and NAdam, whose two torch paths differ); the fused C and
 Triton kernels evaluate the same math in fp32 with other roundings (``rsqrt``, fused multiply-adds,
 division order): ``rtol=1e-5, atol=1e-6`` after 20 steps (seen: ≤ 3e-7 absolute).
 """
@@ -78,7 +79,7 @@ def test_matches_torch_optim(stem, kw, backend):
     ours, theirs = make_params(), make_params()
     o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
     t = train(make(info.torch_cls, theirs, kw, foreach=backend == "foreach"), theirs)
-    exact = backend in ("eager", "foreach")
+    exact = backend in info.torch_exact
     for a, b in zip(sum(ours, []), sum(theirs, [])):
         if exact:
             assert torch.equal(a, b), f"max |Δ| = {(a - b).abs().max():.3g}"
@@ -140,15 +141,24 @@ def _loaded_run(stem, kw):
 
 @pytest.mark.parametrize("stem", [i.stem for i in FAMILY])
 def test_state_dict_loads_both_ways(stem):
-    """Bit-exact continuation across torch.optim → optcompile → torch.optim, states and steps too."""
-    opts, t_ref, flat, flat_ref = _loaded_run(stem, dict(BY_STEM[stem].state_dict))
+    """Continuation across torch.optim → optcompile → torch.optim, states and steps too: bit-exact
+    where eager is torch's for-loop bit for bit (``torch_exact``), else within the tolerances."""
+    info = BY_STEM[stem]
+    opts, t_ref, flat, flat_ref = _loaded_run(stem, dict(info.state_dict))
+
+    def same(a, b, what):
+        if "eager" in info.torch_exact:
+            assert torch.equal(a, b), f"{what}: max |Δ| = {(a - b).abs().max():.3g}"
+        else:
+            torch.testing.assert_close(a, b, **TOLERANCE, msg=what)
     for a, b in zip(flat, flat_ref):
-        assert torch.equal(a, b), f"max |Δ| = {(a - b).abs().max():.3g}"
+        same(a, b, "param")
     final = opts[-1]
     for so, st in zip(states(final), states(t_ref)):
         assert set(so) == set(st)
         for k in st:
-            assert torch.equal(so[k], st[k]) and so[k].dtype == st[k].dtype, k
+            assert so[k].dtype == st[k].dtype and so[k].shape == st[k].shape, k
+            same(so[k], st[k], k)
     ours_sd = opts[1].state_dict()  # torch.optim's layout, as torch.optim saves it
     torch_keys = set(t_ref.state_dict()["param_groups"][0])
     assert torch_keys <= set(ours_sd["param_groups"][0]), torch_keys - set(ours_sd["param_groups"][0])
@@ -202,6 +212,9 @@ BAD = [  # one bad argument: torch.optim's exact message
     ("adadelta", dict(rho=1.5)), ("adadelta", dict(eps=-1.0)), ("adadelta", dict(weight_decay=-1.0)),
     ("adadelta", dict(lr=-1.0)),
     ("rprop", dict(etas=(1.5, 1.2))), ("rprop", dict(etas=(0.5, 0.9))), ("rprop", dict(lr=-1.0)),
+    ("nadam", dict(lr=-1.0)), ("nadam", dict(eps=-1.0)), ("nadam", dict(betas=(1.0, 0.9))),
+    ("nadam", dict(betas=(0.9, -0.1))), ("nadam", dict(weight_decay=-1.0)), ("nadam", dict(momentum_decay=-1.0)),
+    ("asgd", dict(lr=-1.0)), ("asgd", dict(weight_decay=-1.0)),
 ]
 
 
