@@ -117,6 +117,24 @@ class IsNone(sympy.logic.boolalg.BooleanFunction):
         return None
 
 
+class Fp32(sympy.Function):
+    """``Fp32(x)``: ``x`` rounded to the nearest fp32 (ties to even; ±inf past its range). Lowering
+    wraps a scalar state's new value in it, and each host operand of that value, so the assignment
+    computes as torch's op on the 0-dim fp32 tensor the state is (NAdam's ``mu_product *= mu``).
+    Host values only; printed by the host printer alone."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if isinstance(x, Fp32):
+            return x
+        return None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where an IR value comes from: a line of the spec file, or the pass that added it."""
@@ -211,6 +229,20 @@ class StateBuffer:
 
 
 @dataclass(frozen=True)
+class ScalarState:
+    """A per-parameter 0-dim fp32 state that the step reads and writes (torch.optim's layout:
+    NAdam's ``mu_product``, ASGD's ``eta``). The step reads its stored value as the host value
+    ``name`` and stores the host value ``value`` (``name`` itself where the spec never assigns it);
+    params of one group may hold different values, so the runtime steps each set of equal values
+    with its own host scalars (``runtime.run_functional``)."""
+
+    name: str
+    init: Any
+    value: str
+    origin: Origin = NO_ORIGIN
+
+
+@dataclass(frozen=True)
 class HostScalar:
     name: str
     expr: Any
@@ -297,6 +329,7 @@ class Program:
     state_dict_layout: str = "optimi"  # "torch": torch.optim's state_dict layout (and a step count)
     signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
     decay_lr: Any = None  # the lr weight decay uses where it is not update_lr (spec.update's decay_lr=)
+    scalar_states: tuple[ScalarState, ...] = ()  # 0-dim fp32 states the step reads (host inputs) and writes
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -307,7 +340,7 @@ class Program:
 
     def host_names(self) -> set[str]:
         keys = {k for a in self.args for k in a.keys}
-        return keys | {h.name for h in self.host} | {"step", *STRUCTURE}
+        return keys | {h.name for h in self.host} | {"step", *STRUCTURE} | {s.name for s in self.scalar_states}
 
     def fresh_name(self, base: str) -> str:
         """``base``, or ``base_``, ``base__`` …: a name a pass adds (``decay``) that no argument,
@@ -383,6 +416,8 @@ class Program:
             out.append(f"  state {s.name} = {s.init}{when}")
         for s in self.records:
             out.append(f"  record {s.name} = {s.init}  (0-dim, not read by the step)")
+        for s in self.scalar_states:
+            out.append(f"  scalar state {s.name} = {s.init}  (0-dim fp32, per param; stores {s.value})")
         for h in self.host:
             guard = "" if h.guard == TRUE else f"  [only if {h.guard}]"
             out.append(f"  host {h.name}: {h.kind} = {h.expr}{guard}")

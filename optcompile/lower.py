@@ -23,7 +23,8 @@ def lower(spec: OptimizerSpec) -> Program:
     state_syms = {st.symbol: st for st in spec.states}
     buffers = {PARAM} | set(state_syms)
     arg_syms = {s for a in spec.args for s in a.symbols}
-    host_syms = set(arg_syms) | {STEP, NDIM, DTYPE_EPS}
+    scalar_syms = {st.symbol for st in spec.states if st.scalar}  # per-param host values, stored as fp32
+    host_syms = set(arg_syms) | {STEP, NDIM, DTYPE_EPS} | scalar_syms
     tscalar_syms: set[sympy.Symbol] = {NUMEL}
     if not spec._updated:
         raise SpecError("the spec never calls spec.update(direction, lr=...)", file, spec.origin.line)
@@ -43,6 +44,7 @@ def lower(spec: OptimizerSpec) -> Program:
     names = Namer({h.name for h in host} | {s.name for s in host_syms} | {st.name for st in spec.states}
                    | {"param", "grad"} | set(spec.lets) | {st.target.name for st in stmts})
     update_lr = decay_lr = None
+    current: dict = {}  # scalar state → the symbol of its latest value
 
     def where(stmt) -> Origin:
         return Origin(file, stmt.origin.line)
@@ -76,6 +78,11 @@ def lower(spec: OptimizerSpec) -> Program:
                     raise SpecError("a boolean let must depend only on hyperparameters and step", file,
                                     stmt.origin.line, expr)
                 body.extend(_split_piecewise(stmt.target, expr, TRUE, stmt, host_syms, guard_of, names))
+        elif stmt.kind == "scalar":
+            host.append(_scalar_update(spec, stmt, host_syms, scalar_syms, current, guard_of))
+            host_syms.add(stmt.target)
+            scalar_syms.add(stmt.target)
+            current[stmt.state] = stmt.target
         elif stmt.kind == "reduce":
             op = _reduction_op(spec, stmt)
             if not (syms - host_syms - tscalar_syms):
@@ -126,11 +133,17 @@ def lower(spec: OptimizerSpec) -> Program:
     buffers = [StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
                            Origin(file, st.origin.line), st.axes) for st in spec.states]
     states = tuple(b for b, st in zip(buffers, spec.states) if not st.scalar)
-    records = tuple(b for b, st in zip(buffers, spec.states) if st.scalar)
-    for st in spec.states:
-        if st.scalar and any(st.symbol in sympy.sympify(s.expr).free_symbols for s in body):
-            raise SpecError(f"scalar state {st.name!r} is a record for the state_dict and cannot be read by "
-                            "the step; use the hyperparameters it is computed from", file, st.origin.line)
+    read = set().union(*[sympy.sympify(h.expr).free_symbols for h in host],
+                       *[sympy.sympify(s.expr).free_symbols for s in body], sympy.sympify(update_lr).free_symbols)
+    live = {st.symbol for st in spec.states if st.scalar and (st.symbol in read or st.symbol in current)}
+    records = tuple(b for b, st in zip(buffers, spec.states) if st.scalar and st.symbol not in live)
+    scalar_states = []
+    for b, st in zip(buffers, spec.states):
+        if st.symbol in live:
+            if b.when != TRUE:
+                raise SpecError(f"scalar state {st.name!r} is read or assigned by the step, so it always exists: "
+                                "when= is for tensor states and records", file, st.origin.line, st.when)
+            scalar_states.append(ir.ScalarState(st.name, b.init, current.get(st.symbol, st.symbol).name, b.origin))
     # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
     decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after,
@@ -141,7 +154,7 @@ def lower(spec: OptimizerSpec) -> Program:
                    decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
                    state_order=tuple(st.name for st in spec.states),
                    group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order,
-                   state_dict_layout=spec.state_dict)
+                   state_dict_layout=spec.state_dict, scalar_states=tuple(scalar_states))
     _check_unused(spec, prog)
     return prog
 
@@ -173,6 +186,41 @@ def _check_elementwise_choices(expr, tscalar_syms: set, file: str, line: int) ->
                                     "numel); compute a "
                                     "per-tensor factor instead, e.g. f = spec.let('f', Piecewise((1, r > 1), "
                                     "(0, True))) and use f*a + (1 - f)*b", file, line, cond)
+
+
+def _scalar_update(spec: OptimizerSpec, stmt, host_syms: set, exact: set, current: dict, guard_of) -> HostScalar:
+    """A scalar state's new value as a host scalar, computed as torch's op on its 0-dim fp32 tensor
+    computes it: each host operand rounded to fp32 (scalar states already are), the result rounded
+    to fp32. Under ``when=`` the value is kept where the condition is false."""
+    name = next(st.name for st in spec.states if st.symbol == stmt.state)
+    bad = stmt.expr.free_symbols - host_syms
+    if bad:
+        raise SpecError(f"scalar state {name!r} holds one value per param: its new value may read "
+                        "hyperparameters, the step, host lets and scalar states, not per-element or per-tensor "
+                        f"values ({', '.join(sorted(s.name for s in bad))})", spec.file, stmt.origin.line, stmt.expr)
+    value = ir.Fp32(_fp32_operands(stmt.expr, exact))
+    if stmt.when != TRUE:
+        guard = guard_of(stmt.when, stmt)
+        value = sympy.Piecewise((value, guard), (current.get(stmt.state, stmt.state), True))
+    return HostScalar(stmt.target.name, value, "float", Origin(spec.file, stmt.origin.line))
+
+
+def _fp32_operands(expr, exact: set):
+    """``expr`` with every host symbol and non-integer constant rounded to fp32 (``ir.Fp32``), as
+    torch rounds a Python scalar to a float32 tensor's dtype; exponents and conditions are kept."""
+    if expr in exact or isinstance(expr, Boolean) and not isinstance(expr, sympy.Symbol):
+        return expr
+    if isinstance(expr, sympy.Symbol):
+        return ir.Fp32(expr)
+    if expr.is_Number:
+        return expr if expr.is_Integer or expr.is_infinite else ir.Fp32(expr)
+    if isinstance(expr, sympy.Pow):
+        return sympy.Pow(_fp32_operands(expr.base, exact), expr.exp)
+    if isinstance(expr, sympy.Piecewise):
+        return sympy.Piecewise(*[(_fp32_operands(v, exact), c) for v, c in expr.args])
+    if not expr.args:
+        return expr
+    return expr.func(*[_fp32_operands(a, exact) for a in expr.args])
 
 
 def _reduction_op(spec: OptimizerSpec, stmt) -> str:
@@ -302,7 +350,7 @@ def _resolve_versions(spec: OptimizerSpec, buffers: set) -> list:
                 sub[sym] = version_of[sym][0]
         out.append(Stmt(st.target, st.expr.xreplace(sub), st.origin, st.kind, st.when,
                         st.lr.xreplace(sub) if st.lr is not None else None,
-                        st.decay_lr.xreplace(sub) if st.decay_lr is not None else None))
+                        st.decay_lr.xreplace(sub) if st.decay_lr is not None else None, st.state))
     return out
 
 
@@ -431,6 +479,8 @@ def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
         used |= sympy.sympify(s.expr).free_symbols | sympy.sympify(s.guard).free_symbols
     for st in prog.states + prog.records:
         used |= sympy.sympify(st.init).free_symbols | sympy.sympify(st.when).free_symbols
+    for st in prog.scalar_states:
+        used |= sympy.sympify(st.init).free_symbols
     used |= sympy.sympify(prog.update_lr).free_symbols | sympy.sympify(prog.decay_lr or 0).free_symbols
     used_names = {s.name for s in used}
     for a in spec.args:

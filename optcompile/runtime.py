@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from ctypes import c_float as _c_float
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +33,12 @@ def fp32(x):
             return x
         return [t.float() for t in x]
     return x.float() if x.dtype in LOW_PRECISION else x
+
+
+def round_fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32, as a float32 tensor stores it (ties to even, ±inf past
+    its range, NaN kept): the value a scalar state holds (``ir.Fp32``)."""
+    return _c_float(x).value
 
 
 def fmax(*values):
@@ -118,6 +125,8 @@ class OptimizerInfo:
     module: str
     key: str  # the cache key every file of its compile is stamped with: a backend file must match it
     extra: dict[str, Any] = field(default_factory=dict)
+    scalar_states: tuple[str, ...] = ()  # 0-dim fp32 states the step reads as host values and writes
+    scalar_update: Callable[..., tuple] | None = None  # host inputs → the scalar states' new values
 
     def backend(self, name: str) -> Callable:
         if name not in self.backends:
@@ -200,9 +209,12 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
 def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
                    optimizer_accumulation=False, group: dict | None = None,
-                   stochastic_rounding: tuple[int, int | None, list[int]] | None = None) -> None:
+                   stochastic_rounding: tuple[int, int | None, list[int]] | None = None,
+                   scalar_states=None) -> None:
     """One optimizer step over lists of tensors; the body of every generated functional API.
     ``group`` is the param group of a class step (its constants decide which states exist).
+    ``scalar_states``: one list of 0-dim tensors per scalar state of the algorithm (NAdam's
+    ``mu_products``), read as host values and written with the step's new values.
     ``stochastic_rounding``: ``(seed, counter, param indices)`` (optcompile/rounding.py); the
     counter is the step being taken, None to take it from ``step``. Under ``torch.compile`` this
     records one ``optcompile::step`` op, which runs it when the graph runs
@@ -213,13 +225,15 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
                                       "yet (the op does not carry the random stream); call opt.step() outside it")
         return custom_ops.call(info, params, grads, state_lists, kahan_comps, hypers, step=step, kahan_sum=kahan_sum,
                                foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
-                               optimizer_accumulation=optimizer_accumulation, group=group)
+                               optimizer_accumulation=optimizer_accumulation, group=group,
+                               scalar_states=scalar_states)
     if gradient_release and foreach:
         raise ValueError(f"Gradient release {gradient_release=} and foreach {foreach=} cannot be used together")
     if isinstance(params, torch.Tensor):
         params, grads = [params], [grads]
         state_lists = [[s] for s in state_lists]
         kahan_comps = [kahan_comps]
+        scalar_states = None if scalar_states is None else [[s] for s in scalar_states]
     if not params:
         return
     if kahan_comps is None:
@@ -228,6 +242,13 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     for what, lst in zip(("grad", *info.states, "kahan_comp"), lists[1:]):
         if len(lst) != len(params):
             raise ValueError(f"{info.functional}: {len(params)} params but {len(lst)} {what}s; pass one per param")
+    if info.scalar_states:
+        if scalar_states is None or len(scalar_states) != len(info.scalar_states):
+            raise ValueError(f"{info.functional}: needs its scalar states ({', '.join(info.scalar_states)}), one list "
+                             "of 0-dim tensors each")
+        for what, lst in zip(info.scalar_states, scalar_states):
+            if len(lst) != len(params):
+                raise ValueError(f"{info.functional}: {len(params)} params but {len(lst)} {what}s; pass one per param")
     hypers = host_values(info, hypers)
     if info.uses_step:  # the tensor advances once the step has run: a step that raises leaves it as it was
         hypers["step"] = int(step.item()) + 1
@@ -243,22 +264,76 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
     if any(dtype.is_complex for dtype in dtypes):
         lists = [[_real(x) for x in lst] for lst in lists]
-    if any(cls.__name__ == "DTensor" for cls in types):
-        kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
-                  optimizer_accumulation=optimizer_accumulation, alloc=alloc, sr=sr)
-        if not _needs_whole_tensor(info) or not any([_is_sharded(p) for p in lists[0]]):
-            lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
-        elif not _step_shards(info, lists, hypers, **kw):
-            _step_on_full_tensors(info, lists, hypers, **kw)
-            lists = None
-        else:
-            lists = None
-    if lists is not None:
-        _dispatch(info, lists, hypers, kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused,
-                  gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation, single=single,
-                  alloc=alloc, sr=sr)
+    kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
+              optimizer_accumulation=optimizer_accumulation, alloc=alloc)
+    if not info.scalar_states:
+        _step_lists(info, lists, hypers, types, single, sr, **kw)
+    else:  # params holding equal scalar-state values step together, with those values' host scalars
+        sets = scalar_state_sets(info, scalar_states)
+        if len(sets) > 1:
+            check_buffers(info, lists)  # every param's buffers before the first set is stepped
+        flags = step_flags(optimizer_accumulation=optimizer_accumulation, kahan=bool(kahan_sum))
+        new = []
+        for idx, values in sets:
+            sub = {**hypers, **dict(zip(info.scalar_states, values))}
+            new.append(info.scalar_update(**sub, **flags))
+            if idx is None:
+                _step_lists(info, lists, sub, types, single, sr, **kw)
+            else:
+                _step_lists(info, [[lst[i] for i in idx] for lst in lists], sub, types, single,
+                            None if sr is None else sr.take(idx), **kw)
+        store_scalar_states(scalar_states, sets, new)
     if info.uses_step:
         step.add_(1)
+
+
+def _step_lists(info, lists, hypers, types, single, sr, **kw) -> None:
+    """``run_functional`` on ``[params, grads, *states, kahan_comps]`` with these host values."""
+    if any(cls.__name__ == "DTensor" for cls in types):
+        if _needs_whole_tensor(info) and any([_is_sharded(p) for p in lists[0]]):
+            if not _step_shards(info, lists, hypers, sr=sr, **kw):
+                _step_on_full_tensors(info, lists, hypers, sr=sr, **kw)
+            return
+        lists = [[x.to_local() if _is_dtensor(x) else x for x in lst] for lst in lists]
+    _dispatch(info, lists, hypers, single=single, sr=sr, **kw)
+
+
+def scalar_state_sets(info: OptimizerInfo, scalar_states) -> list[tuple[list[int] | None, tuple[float, ...]]]:
+    """The params' scalar-state values as ``[(indices, values)]``: params with bit-identical values
+    in every scalar state share one set, in order of first appearance. The common case (every
+    param holds the same values: a group stepped together from the start) is one set, ``None``
+    for all of them. Read with one ``torch.stack`` per state (the tensors live on the CPU)."""
+    columns = []
+    for name, lst in zip(info.scalar_states, scalar_states):
+        try:
+            col = torch.stack(lst) if len(lst) > 1 else lst[0].reshape(1)
+            ok = col.shape == (len(lst),) and col.dtype == torch.float32 and col.is_cpu
+        except (TypeError, RuntimeError, AttributeError):
+            ok = False
+        if not ok:  # not all 0-dim fp32 CPU tensors: one at a time, with the error naming the state
+            for t in lst:
+                if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+                    raise RuntimeError(f"{info.name}: scalar state {name} is {t!r:.60}, not a 0-dim floating-point "
+                                       "tensor")
+            col = torch.tensor([t.item() for t in lst], dtype=torch.float32)
+        columns.append(col)
+    keys = list(zip(*[c.view(torch.int32).tolist() for c in columns]))
+    values = list(zip(*[c.tolist() for c in columns]))
+    if keys.count(keys[0]) == len(keys):
+        return [(None, values[0])]
+    sets: dict = {}
+    for i, key in enumerate(keys):
+        sets.setdefault(key, []).append(i)
+    return [(idx, values[idx[0]]) for idx in sets.values()]
+
+
+def store_scalar_states(scalar_states, sets, new) -> None:
+    """Write each set's new values (exact fp32 numbers, ``round_fp32``) into its params' 0-dim tensors."""
+    for s, lst in enumerate(scalar_states):
+        for (idx, _), values in zip(sets, new):
+            targets = lst if idx is None else [lst[i] for i in idx]
+            value = torch.tensor(values[s], dtype=torch.float32)
+            torch._foreach_copy_(targets, [value] * len(targets))
 
 
 def check_buffers(info: OptimizerInfo, lists, needed: tuple[int, ...] = ()) -> None:
@@ -708,7 +783,7 @@ class CompiledOptimizer(Optimizer):
                 group["step"] = torch.tensor(0, dtype=torch.int32)
 
     def _call(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
-              optimizer_accumulation=False) -> None:
+              optimizer_accumulation=False, scalar_states=None) -> None:
         hypers = {k: group[k] for k in self._info.keys}
         sr = None
         if group.get("stochastic_rounding"):
@@ -720,7 +795,8 @@ class CompiledOptimizer(Optimizer):
         run_functional(self._info, params, grads, state_lists, kahan_comps, hypers, step=step,
                        kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
                        triton=group.get("triton"), fused=group.get("fused"), gradient_release=gradient_release,
-                       optimizer_accumulation=optimizer_accumulation, group=group, stochastic_rounding=sr)
+                       optimizer_accumulation=optimizer_accumulation, group=group, stochastic_rounding=sr,
+                       scalar_states=scalar_states)
 
     # ── step ───────────────────────────────────────────────────────────────────────────────────
     @torch.no_grad()
@@ -771,7 +847,9 @@ class CompiledOptimizer(Optimizer):
                         self._init_param_state(group, state, p)
             state_lists = [list(map(operator.itemgetter(name), states)) for name in self._info.states]
             kahan_comps = list(map(operator.itemgetter("kahan_comp"), states))
-            self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"))
+            scalar_states = [list(map(operator.itemgetter(name), states)) for name in self._info.scalar_states]
+            self._call(group, params, grads, state_lists, kahan_comps, step=group.get("step"),
+                       scalar_states=scalar_states)
             if params is group["params"] and not self.defaults.get("gradient_release") and not compiling:
                 _FusedGroup.after_general_step(self, group, grads, state_lists, kahan_comps)
         return loss
@@ -787,7 +865,8 @@ class CompiledOptimizer(Optimizer):
         self._init_param_state(group, state, param)
         self._call(group, param, param.grad, [state[n] for n in self._info.states], state["kahan_comp"],
                    step=state.get("step"), gradient_release=True,
-                   optimizer_accumulation=self._optimizer_accumulation)
+                   optimizer_accumulation=self._optimizer_accumulation,
+                   scalar_states=[state[n] for n in self._info.scalar_states])
         self._released[id(group)] = group  # the next step() advances this group's step (as optimi's)
 
     @torch._disable_dynamo
@@ -910,7 +989,16 @@ class _FusedGroup:
         if info.uses_step:
             hypers["step"] = int(step.item()) + 1
         kahan = bool(group.get("kahan_sum")) and self.dtype in LOW_PRECISION
-        self.table.launch(buffers, info.host(**hypers, **step_flags(optimizer_accumulation=False, kahan=kahan)))
+        flags = step_flags(optimizer_accumulation=False, kahan=kahan)
+        if info.scalar_states:  # the table steps one set of scalar-state values; several: the general path
+            scalar_states = [list(map(operator.itemgetter(name), self.dicts)) for name in info.scalar_states]
+            sets = scalar_state_sets(info, scalar_states)
+            if len(sets) > 1:
+                return False
+            hypers.update(zip(info.scalar_states, sets[0][1]))
+        self.table.launch(buffers, info.host(**hypers, **flags))
+        if info.scalar_states:
+            store_scalar_states(scalar_states, sets, [info.scalar_update(**hypers, **flags)])
         if info.uses_step:
             step.add_(1)
         self.ran += 1
@@ -1063,3 +1151,7 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
             t, now = s.get(name), state.get(name)
             if isinstance(t, torch.Tensor) and isinstance(now, torch.Tensor) and t.is_floating_point():
                 state[name] = t.to(device=p.device, dtype=state_dtype(precision, name, p.dtype))
+        for name in optimizer._info.scalar_states:  # torch cast them to the param: back to fp32 on the CPU
+            t = s.get(name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == 1:
+                state[name] = t.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()

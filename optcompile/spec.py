@@ -30,8 +30,12 @@ DSL reference (``specs/*.py`` use all of it):
   not name follow, keyword-only. Without it: the spec's arguments in order, then the runtime's.
 * ``state(name, init=0, when=True)``: a per-param buffer (param shape and dtype); ``init`` may use
   ``param``, ``grad`` and hypers (Ranger's ``init=param``, Adan's ``init=-grad``); ``when`` is a
-  host condition for its existence. ``state(..., scalar=True)``: a 0-dim record computed at
-  allocation for state_dict layout only (StableAdamW's ``eps_sq``), never read by the step.
+  host condition for its existence. ``state(name, init, scalar=True)``: one value per param, a
+  0-dim tensor. Read or assigned by the step it is an fp32 scalar state (torch.optim's NAdam
+  ``mu_product``, ASGD ``eta``): a host value per param, ``assign`` gives it a new one from
+  hyperparameters, the step and scalar states, computed as torch's op on the fp32 tensor (host
+  operands rounded to fp32, the result rounded to fp32; a ``let`` computes in double first).
+  Never read, it is a record in the param's dtype for state_dict layout (StableAdamW's ``eps_sq``).
 * ``let(name, expr)``: a named value; where it lives follows from what it reads: hypers and
   ``step`` → host scalar (once per step), reductions → per-tensor scalar, else per element.
 * ``assign(state, expr, when=)``: ``state ← expr`` (SSA: returns the new value; reading an older
@@ -211,6 +215,7 @@ class Stmt:
     when: Any = True
     lr: sympy.Expr | None = None
     decay_lr: sympy.Expr | None = None  # spec.update's decay_lr=: the lr weight decay uses, if not lr
+    state: sympy.Symbol | None = None  # kind "scalar": the scalar state whose new value ``target`` is
 
 
 @dataclass
@@ -277,6 +282,7 @@ class OptimizerSpec:
         self._versions = itertools.count(1)
         self._updated = False
         self.alias: dict[sympy.Symbol, tuple[sympy.Symbol, int]] = {}  # value after stmt i of a buffer
+        self.scalar_versions: dict[sympy.Symbol, sympy.Symbol] = {}  # a scalar state's new value → the state
 
     # ── declarations ───────────────────────────────────────────────────────────────────────────
     def hyper(self, name: str, default: Any = REQUIRED, domain: sympy.Set | None = None, *, names=None,
@@ -355,9 +361,11 @@ class OptimizerSpec:
 
         ``axis=-1`` (or a tuple of dims) stores it in a reduced shape: the param's with those dims
         set to 1, the shape of ``spec.mean(x, axis=-1)`` (Adafactor's row and column factors).
-        ``scalar=True`` records a 0-dim tensor (param dtype) computed once from hyperparameters at
-        allocation, kept only so that state_dicts match another library's layout (optimi's
-        StableAdamW ``eps_sq``); it is never passed to the step, so the math cannot read it.
+        ``scalar=True``: one value per param, a 0-dim tensor initialised from hyperparameters. If
+        the step reads or assigns it, it is an fp32 *scalar state* (torch.optim's NAdam
+        ``mu_product``): read as a host value of its param, written by ``assign``. If not, it is a
+        record in the param's dtype, kept only so that state_dicts match another library's layout
+        (optimi's StableAdamW ``eps_sq``).
         """
         origin = _origin(self.file)
         sym = self._new_symbol(name, origin)
@@ -381,13 +389,19 @@ class OptimizerSpec:
         return sym
 
     def assign(self, state: sympy.Symbol, expr: Any, *, when: Any = True):
-        """``state ← expr`` (per element). Returns the new value; ``when=`` makes it conditional."""
+        """``state ← expr`` (per element; per param for a scalar state). Returns the new value;
+        ``when=`` makes it conditional."""
         origin = _origin(self.file)
         if state in (self.param, self.grad) or getattr(state, "name", None) in ("param", "grad", "step", "numel"):
             raise SpecError(f"cannot assign to `{state}`: only states can be assigned (use spec.update for "
                             "the parameter)", self.file, origin.line, state)
         base = self._state_of(state, origin)
         expr = self._expr(expr, origin, base.name)
+        if base.scalar:  # a host value per param: each new value is its own symbol (no buffer to snapshot)
+            new = sympy.Symbol(self._fresh(f"{base.name}_new"), real=True)
+            self.stmts.append(Stmt(new, expr, origin, "scalar", when=_cond(when), state=base.symbol))
+            self.scalar_versions[new] = base.symbol
+            return new
         new = sympy.Symbol(self._fresh(f"{base.name}__v{next(self._versions)}"), real=True)
         self.stmts.append(Stmt(base.symbol, expr, origin, "state", when=_cond(when)))
         self.alias[new] = (base.symbol, len(self.stmts) - 1)
@@ -520,7 +534,7 @@ class OptimizerSpec:
         return name
 
     def _state_of(self, sym: Any, origin: Origin) -> State:
-        sym = self.alias.get(sym, (sym,))[0]
+        sym = self.scalar_versions.get(sym) or self.alias.get(sym, (sym,))[0]
         for st in self.states:
             if st.symbol == sym:
                 return st

@@ -71,7 +71,8 @@ def _run(name, kw, dtype, kahan, backend, steps, shapes=SHAPES, accumulate_at=()
         grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
         run_functional(info, params, grads, [[st[s] for st in states] for s in info.states],
                        [st["kahan_comp"] for st in states], hypers, step=step if info.uses_step else None,
-                       kahan_sum=kahan, optimizer_accumulation=k in accumulate_at, **flags)
+                       kahan_sum=kahan, optimizer_accumulation=k in accumulate_at, **flags,
+                       scalar_states=[[st[s] for st in states] for s in info.scalar_states])
     return params, states
 
 
@@ -155,7 +156,8 @@ def test_simd_and_scalar_loops_agree_bitwise(name, kahan):
             if poison:
                 g[3] = float("nan")
             run_functional(info, params, [g], [[states[0][s]] for s in info.states], [states[0]["kahan_comp"]],
-                           hypers, step=step if info.uses_step else None, kahan_sum=kahan, fused=True)
+                           hypers, step=step if info.uses_step else None, kahan_sum=kahan, fused=True,
+                           scalar_states=[[states[0][s]] for s in info.scalar_states])
         runs.append([params[0]] + [v for v in states[0].values() if isinstance(v, torch.Tensor) and v.dim() == 1])
     assert any(torch.isnan(buf[3].float()) for buf in runs[1])  # (Lion's sign(NaN) is 0, as torch's)
     for clean, poisoned in zip(*runs):

@@ -110,7 +110,8 @@ def _decay_modes():
         params = inspect.signature(ours(stem)).parameters
         if "weight_decay" not in params:
             continue
-        switch = {"decouple_wd": True} if "decouple_wd" in params else {}  # L2 specs: their decoupled mode
+        # L2 specs: their decoupled mode (NAdam names it torch's way)
+        switch = next(({k: True} for k in ("decouple_wd", "decoupled_weight_decay") if k in params), {})
         out.append((stem, "decoupled", {"weight_decay": 1e-2, **switch}))
         if "decouple_lr" in params:  # lr/max_lr * wd = 1e-5 per step, as in the decoupled case
             out.append((stem, "fully decoupled", {"weight_decay": 1e-5, "decouple_lr": True, "max_lr": 1e-3}))

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 OP = "optcompile::step"
-SCHEMA = ("(str module, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, int[] absent, Tensor(c!)? step, "
+SCHEMA = ("(str module, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, int[] absent, Tensor(d!)[] scalars, "
+          "Tensor(c!)? step, "
           "str names, Scalar[] values, str none_names, str tensor_names, Tensor[] tensor_values, bool kahan_sum, "
           "bool? foreach, bool? triton, bool? fused, bool gradient_release, bool optimizer_accumulation) -> ()")
 
@@ -38,7 +39,7 @@ torch.library.define(OP, SCHEMA)
 
 @torch.library.impl(OP, "CompositeExplicitAutograd")
 def step(module: str, params: list[Tensor], grads: list[Tensor], states: list[Tensor], absent: list[int],
-         step: Optional[Tensor], names: str, values: Sequence[int | float | bool], none_names: str,
+         scalars: list[Tensor], step: Optional[Tensor], names: str, values: Sequence[int | float | bool], none_names: str,
          tensor_names: str, tensor_values: list[Tensor], kahan_sum: bool, foreach: Optional[bool],
          triton: Optional[bool], fused: Optional[bool], gradient_release: bool, optimizer_accumulation: bool) -> None:
     """One eager step of the optimizer of generated module ``module`` over ``params``.
@@ -47,7 +48,8 @@ def step(module: str, params: list[Tensor], grads: list[Tensor], states: list[Te
     another, without the absent (None) ones, whose positions ``absent`` lists (a mutable
     ``Tensor?[]`` with None in it fails in torch's auto_functionalize); the group's values arrive
     by name: numbers (``names``, comma-separated, and ``values``), None (``none_names``) and
-    tensors (``tensor_names``, ``tensor_values``). ``step`` is incremented once the step has run."""
+    tensors (``tensor_names``, ``tensor_values``). ``scalars``: the scalar states' 0-dim tensors
+    (``OptimizerInfo.scalar_states``), flattened likewise. ``step`` is incremented once the step has run."""
     from ..runtime import run_functional
     info = sys.modules[module]._INFO
     group: dict = dict(zip(_split(names), values))
@@ -59,15 +61,18 @@ def step(module: str, params: list[Tensor], grads: list[Tensor], states: list[Te
     if len(flat) != n * (len(info.states) + 1):
         raise ValueError(f"{info.functional}: {n} params but {len(flat)} states for {len(info.states) + 1} "
                          f"lists ({', '.join((*info.states, 'kahan_comp'))}); pass one per param")
-    lists = [flat[i * n:(i + 1) * n] for i in range(len(info.states) + 1)]
+    k = len(info.states) + 1
+    lists = [flat[i * n:(i + 1) * n] for i in range(k)]
+    scalar_lists = [list(scalars[i * n:(i + 1) * n]) for i in range(len(info.scalar_states))]
     hypers = {k: group[k] for k in info.keys}
     run_functional(info, list(params), list(grads), lists[:-1], lists[-1], hypers, step=step, kahan_sum=kahan_sum,
                    foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
-                   optimizer_accumulation=optimizer_accumulation, group=group)
+                   optimizer_accumulation=optimizer_accumulation, group=group,
+                   scalar_states=scalar_lists if info.scalar_states else None)
 
 
 @torch.library.register_fake(OP)
-def _(module, params, grads, states, absent, step, names, values, none_names, tensor_names, tensor_values, kahan_sum,
+def _(module, params, grads, states, absent, scalars, step, names, values, none_names, tensor_names, tensor_values, kahan_sum,
       foreach, triton, fused, gradient_release, optimizer_accumulation) -> None:
     """Every output is an in-place write to an input: nothing to allocate."""
     return None
@@ -81,7 +86,7 @@ _NUMBERS = (bool, int, float)
 
 
 def call(info, params, grads, state_lists, kahan_comps, hypers: dict, *, step, kahan_sum, foreach, triton, fused,
-         gradient_release, optimizer_accumulation, group: dict | None) -> None:
+         gradient_release, optimizer_accumulation, group: dict | None, scalar_states=None) -> None:
     """``run_functional``'s arguments as one call of the op: what a compiled step records.
 
     Runs in traced code, so it only sorts values into the op's arguments: every check runs in
@@ -89,16 +94,17 @@ def call(info, params, grads, state_lists, kahan_comps, hypers: dict, *, step, k
     torch.ops.optcompile.step(*arguments(
         info, params, grads, state_lists, kahan_comps, hypers, step=step, kahan_sum=kahan_sum, foreach=foreach,
         triton=triton, fused=fused, gradient_release=gradient_release,
-        optimizer_accumulation=optimizer_accumulation, group=group))
+        optimizer_accumulation=optimizer_accumulation, group=group, scalar_states=scalar_states))
 
 
 def arguments(info, params, grads, state_lists, kahan_comps, hypers: dict, *, step, kahan_sum, foreach, triton,
-              fused, gradient_release, optimizer_accumulation, group: dict | None) -> tuple:
+              fused, gradient_release, optimizer_accumulation, group: dict | None, scalar_states=None) -> tuple:
     """The op's arguments, in its schema's order, for ``run_functional``'s."""
     if isinstance(params, Tensor):  # a single tensor (gradient release)
         params, grads = [params], [grads]
         state_lists = [[s] for s in state_lists]
         kahan_comps = [kahan_comps]
+        scalar_states = None if scalar_states is None else [[s] for s in scalar_states]
     params, grads = list(params), list(grads)
     if kahan_comps is None:
         kahan_comps = [None] * len(params)
@@ -119,6 +125,7 @@ def arguments(info, params, grads, state_lists, kahan_comps, hypers: dict, *, st
             values.append(v)
         elif k in hypers:
             raise TypeError(f"{info.functional}: {k}={v!r} must be a number, None or a 1-element tensor")
-    return (info.module, params, grads, states, absent, step, ",".join(names), values, ",".join(none_names),
+    scalars = [t for lst in scalar_states or () for t in lst]
+    return (info.module, params, grads, states, absent, scalars, step, ",".join(names), values, ",".join(none_names),
             ",".join(tensor_names), tensor_values, bool(kahan_sum), foreach, triton, fused, bool(gradient_release),
             bool(optimizer_accumulation))

@@ -47,6 +47,10 @@ class HostPrinter(PrinterBase, PythonCodePrinter):
         bounds = ["None" if b in (-sympy.oo, sympy.oo) else self._print(b) for b in (lo, hi)]
         return f"_clamp({self._print(x)}, {', '.join(bounds)})"
 
+    def _print_Fp32(self, expr):
+        """``runtime.round_fp32``: a scalar state's value as its fp32 tensor stores it."""
+        return f"_round_fp32({self._print(expr.args[0])})"
+
     def _print_IsNone(self, expr):
         return f"({self._print(expr.args[0])} is None)"
 

@@ -168,12 +168,16 @@ def _init_lines(prog: Program) -> list[str]:
     """``_init_state``: optimi's lazy allocation, with ``kahan_comp`` always present."""
     code = TensorCode(prog, Dialect())
     code.host = {k for a in prog.args for k in a.keys} | {"kahan"}
-    keys = sorted({x.name for st in prog.states + prog.records for x in sympy.sympify(st.init).free_symbols |
-                   sympy.sympify(st.when).free_symbols} & {k for a in prog.args for k in a.keys})
+    read = {x.name for st in prog.states + prog.records for x in sympy.sympify(st.init).free_symbols |
+            sympy.sympify(st.when).free_symbols} | {x.name for st in prog.scalar_states
+                                                     for x in sympy.sympify(st.init).free_symbols}
+    keys = sorted(read & {k for a in prog.args for k in a.keys})
     lines = [f"{k} = group[{k!r}]" for k in keys]
     structure = {x.name for st in prog.states for x in sympy.sympify(st.when).free_symbols}
     lines += [line for n, line in (("ndim", "ndim = param.dim()"),
                                    ("dtype_eps", "dtype_eps = torch.finfo(param.dtype).eps")) if n in structure]
+    for st in prog.scalar_states:  # torch.optim's layout: a 0-dim fp32 tensor on the CPU (read on the host)
+        lines.append(f"state[{st.name!r}] = torch.tensor(float({pyexpr(st.init)}), dtype=torch.float32)")
     if any(sympy.Symbol("grad", real=True) in sympy.sympify(st.init).free_symbols for st in prog.states):
         lines.append("grad = param.grad")
     for st in prog.states:
@@ -227,7 +231,8 @@ def shard_reductions(prog: Program) -> bool:
 
 def module_context(prog: Program) -> dict:
     keys = step_keys(prog)
-    host_inputs = keys + (["step"] if prog.uses_step else []) + list(prog.structure()) + ["update_parameters", "kahan"]
+    host_inputs = keys + [s.name for s in prog.scalar_states] + (["step"] if prog.uses_step else []) + \
+        list(prog.structure()) + ["update_parameters", "kahan"]
     used = used_host_names(prog)
     states = [s.name for s in prog.states if s.name != "kahan_comp"]
     spec_args = [a for a in prog.args]
@@ -252,6 +257,9 @@ def module_context(prog: Program) -> dict:
         "host_inputs": host_inputs,
         "host_lines": host_lines(prog),
         "host_used": used,
+        "scalar_states": [s.name for s in prog.scalar_states],
+        "scalar_values": [s.value for s in prog.scalar_states],
+        "scalar_state_names": repr(tuple(s.name for s in prog.scalar_states)),
         "states": states,
         "state_lists": [f"{s}s" for s in states] + ["kahan_comps"],
         "buffers": ["param", "grad"] + states + ["kahan_comp"],
@@ -293,8 +301,9 @@ def step_keys(prog: Program) -> list[str]:
 
 def _functional_positional(prog: Program) -> list[str]:
     """``params, grads, <state>s…, kahan_comps=None`` with optimi's annotations; 0-dim records
-    (``eps_sqs``) are accepted in their place and ignored, since the step never reads them."""
-    order = prog.state_order or [s.name for s in prog.states + prog.records]
+    (``eps_sqs``) are accepted in their place and ignored, since the step never reads them; scalar
+    states (``mu_products``) are read and written, as torch.optim's functional forms do."""
+    order = prog.state_order or [s.name for s in prog.states + prog.records + prog.scalar_states]
     conditional = {s.name for s in prog.states if s.when != TRUE}
     out = ["params: list[Tensor]", "grads: list[Tensor]"]
     out += [f"{n}s: list[Tensor | None]" if n in conditional else f"{n}s: list[Tensor]" for n in order

@@ -130,13 +130,14 @@ def _out_of_the_way(prog: Program) -> Program:
     that equal a name the generated code uses get a trailing ``_``, in every backend: a let ``torch``
     is ``torch_``, a let ``ms`` next to a state ``m`` (whose list is ``ms``) is ``ms_``. API names
     (hyperparameters, flags, states) keep theirs: the DSL keeps them off these names."""
-    api = {k for a in prog.args for k in a.keys} | set(prog.stored()) | {"grad", "step", "numel", *STEP_FLAGS}
+    api = {k for a in prog.args for k in a.keys} | set(prog.stored()) | {"grad", "step", "numel", *STEP_FLAGS} | \
+        {s.name for s in prog.scalar_states}
     internal: list[str] = []
     for n in [h.name for h in prog.host] + [s.target if isinstance(s, Assign) else s.name for s in prog.body]:
         if n not in api and n not in internal:
             internal.append(n)
     tscalars = [s.name for s in prog.body if isinstance(s, (Reduction, TensorScalar))]
-    buffers = [b.name for b in prog.states + prog.records]
+    buffers = [b.name for b in prog.states + prog.records] + [s.name for s in prog.scalar_states]
     fixed = CODE_NAMES | {f"{b}s" for b in buffers} | {b[len("spill_"):] for b in buffers if b.startswith("spill_")}
     taken = set(api) | set(internal)
     mapping: dict[str, str] = {}
@@ -165,7 +166,8 @@ def _out_of_the_way(prog: Program) -> Program:
     host = tuple(dataclasses.replace(h, name=name(h.name), expr=ren(h.expr), guard=ren(h.guard)) for h in prog.host)
     body = tuple(dataclasses.replace(s, expr=ren(s.expr), guard=ren(s.guard), **(
         {"symbol": ren(s.symbol)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
-    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr),
+    scalar_states = tuple(dataclasses.replace(s, value=name(s.value)) for s in prog.scalar_states)
+    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr), scalar_states=scalar_states,
                         decay_lr=None if prog.decay_lr is None else ren(prog.decay_lr))
 
 

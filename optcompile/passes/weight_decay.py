@@ -1,7 +1,8 @@
 """Weight decay, injected into any spec that leaves it to the compiler (optimi's three modes).
 
 * L2 (``decouple_wd=False``): ``g ← g + wd·p`` before anything reads the gradient. Unlike optimi
-  we do not write it back into ``p.grad``.
+  we do not write it back into ``p.grad``. A spec's ``decoupled_flag`` takes the switch's place
+  (NAdam's ``decoupled_weight_decay``, torch.optim's name).
 * decoupled (AdamW): ``p ← p·(1 − lr·wd) − lr·d``, written as one update. The decay is part of
   Δp, so the Kahan pass compensates it too: in bf16 a small ``lr·wd`` no longer rounds away.
 * fully decoupled (``decouple_lr=True``): ``lr/max_lr·wd``, so decay does not follow the schedule.
@@ -39,9 +40,11 @@ def add_weight_decay(prog: Program) -> Program:
     decoupled_on = Ne(wd, 0)
 
     if prog.weight_decay == "l2":
-        decouple_wd = Symbol("decouple_wd")
-        args.insert(0, Arg("decouple_wd", "flag", prog.decouple_wd_default, ("decouple_wd",),
-                           doc=DECOUPLE_WD_DOC, injected_by="weight_decay", type="bool"))
+        decouple_wd = prog.decoupled_flag  # the spec's own switch (torch's decoupled_weight_decay), or ours
+        if decouple_wd is None:
+            decouple_wd = Symbol("decouple_wd")
+            args.insert(0, Arg("decouple_wd", "flag", prog.decouple_wd_default, ("decouple_wd",),
+                               doc=DECOUPLE_WD_DOC, injected_by="weight_decay", type="bool"))
         l2 = HostScalar(prog.fresh_name("decay_l2"), And(Ne(wd, 0), Not(decouple_wd), Not(decouple_lr)), "bool",
                         ORIGIN)
         host.append(l2)
