@@ -19,7 +19,7 @@ g, t = spec.grad, spec.step
 eta = spec.state("eta", init=lr, scalar=True)
 mu = spec.state("mu", init=1, scalar=True)
 ax = spec.state("ax")
-p = spec.update(g + lambd * spec.param, lr=eta)  # p(1 - lambd*eta) - eta*g
+p = spec.update(g + lambd * spec.param, lr=eta)  # printed p·(1 - eta·lambd) - eta·g, torch's for-loop
 ax = spec.assign(ax, Piecewise((p, Eq(mu, 1)), (ax + mu * (p - ax), True)))
 eta = spec.assign(eta, spec.let("eta_t", lr / (1 + lambd * lr * t)**alpha))  # computed in double, stored fp32
 mu = spec.assign(mu, spec.let("mu_t", 1 / Max(1, t - t0)))

@@ -113,7 +113,8 @@ class OptimizerInfo:
       ``decouple_lr``, ``max_lr``). Rprop has none, as in torch.
     * ``freeze``: group values under which a step cannot move the params. ``lr=0`` where the
       step scales with lr; Rprop's lr only seeds the per-element step sizes (as in torch), so
-      its step sizes are clamped to 0 instead.
+      its step sizes are clamped to 0 instead. Empty where no group value stops the next step:
+      ASGD steps by the ``eta`` its previous step stored (lr reaches it from the step after).
     * ``forgets_nonfinite``: a non-finite gradient element that stops coming leaves no trace in
       params or states after the next step: Rprop reads only ``sign(g·g_prev)`` and ``sign(g)``,
       and ``sign(nan) = 0`` (torch.sign), so a NaN/inf never moves a param or a step size and its
@@ -184,8 +185,9 @@ class OptimizerInfo:
 
     @property
     def lr_scales_step(self) -> bool:
-        """Whether group["lr"] scales every step (so a scheduler drives it): all but Rprop."""
-        return "lr" in self.freeze
+        """Whether group["lr"] drives the steps (so a scheduler does): all but Rprop, whose lr only
+        seeds its step sizes. ASGD's reaches its steps through ``eta``, from the step after."""
+        return "lr" in self.freeze or not self.freeze
 
     @property
     def oracle(self) -> tuple[type, Mapping]:
@@ -296,6 +298,7 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(t0=5, lambd=1e-3),
         torch_family=_product(opts__=[{}, dict(lambd=1e-2, alpha=0.5, t0=5)], weight_decay=[0, 0.1],
                               maximize=[False, True]),
+        freeze={},
         torch_exact=()),
     OptimizerInfo(
         "lion", "Lion", lr=1e-3,

@@ -265,6 +265,18 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
     opt_c.load_state_dict(sd)
     prepare_for_gradient_release(c, opt_c)
     freeze = BY_STEM[stem].freeze  # group values under which a step must not move params
+    if not freeze:  # ASGD steps by the eta its last step stored: the same schedule without release
+        d = make_model()
+        d.load_state_dict(model_sd)
+        opt_d = cls(d.parameters(), lr=1e-2, **kw, **EAGER)
+        opt_d.load_state_dict(sd)
+        for opt in (opt_c, opt_d):
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 0.25)
+        train(c, opt_c, data[3:], True)
+        train(d, opt_d, data[3:], False)
+        for (k, p), q in zip(c.named_parameters(), d.parameters()):
+            assert torch.equal(p, q), f"{k}: the release steps did not follow the schedule"
+        return
     if BY_STEM[stem].lr_scales_step:
         torch.optim.lr_scheduler.LambdaLR(opt_c, lambda _: freeze["lr"])  # lr → 0
     else:  # Rprop: lr only seeds the step sizes (as in torch); clamp them to 0 in the live group

@@ -10,7 +10,9 @@ grouped, and print that form (README, "Semantics worth knowing"):
 * an interpolation ``a·x + b·y`` (tensors ``x``, ``y``; host weights with ``a + b = 1``) is
   :class:`Lerp`, torch.lerp's formula;
 * an in-place linear update ``x ← c·(a·x + Σ cᵢ·fᵢ)`` multiplies ``x`` by ``a`` first, then adds
-  the terms, then multiplies by ``c`` (weight decay ``p·(1 − lr·wd)`` is a product).
+  the terms, then multiplies by ``c`` (weight decay ``p·(1 − lr·wd)`` is a product); ``a`` sums
+  every scalar multiple of ``x``, also inside a scaled sum (``p − η·(g + λ·p)`` is
+  ``p·(1 − η·λ) − η·g``).
 """
 from __future__ import annotations
 
@@ -93,14 +95,23 @@ class Forms:
             c, t = self.split_scalar(term)
             if t == x:
                 a += c
-            elif isinstance(t, sympy.Add) and x not in t.free_symbols:
-                # c·(t₁ + t₂): one accumulate per term, e.g. Adan's two addcdivs into the param
-                others += [(c * ci, ti) for ci, ti in map(self.split_scalar, sympy.Add.make_args(t))]
+            elif isinstance(t, sympy.Add) and self._distributes(x, t):
+                # c·(t₁ + t₂): one accumulate per term, e.g. Adan's two addcdivs into the param, and
+                # c·(t₁ + k·x) adds c·k to x's factor (ASGD's p − η(g + λp) is p·(1 − ηλ) − η·g)
+                for ci, ti in map(self.split_scalar, sympy.Add.make_args(t)):
+                    if ti == x:
+                        a += c * ci
+                    else:
+                        others.append((c * ci, ti))
             else:
                 others.append((c, t))
         if a == 0:
             return None
         return outer, a, others
+
+    def _distributes(self, x: sympy.Symbol, t: sympy.Add) -> bool:
+        """Whether ``x`` occurs in the sum ``t`` only as scalar multiples ``k·x``."""
+        return all(x not in term.free_symbols or self.split_scalar(term)[1] == x for term in sympy.Add.make_args(t))
 
     def in_place_lerp(self, x: sympy.Symbol, parts):
         """``x ← a·x + c·t`` with host ``a + c == 1`` and a tensor ``t`` (a name, an axis reduction,
