@@ -115,6 +115,9 @@ class OptimizerInfo:
       step scales with lr; Rprop's lr only seeds the per-element step sizes (as in torch), so
       its step sizes are clamped to 0 instead. Empty where no group value stops the next step:
       ASGD steps by the ``eta`` its previous step stored (lr reaches it from the step after).
+    * ``grad_states``: some state reads the gradient, so optimizer accumulation's micro-steps
+      update it. Not ASGD: its only tensor state, ``ax``, averages the params, so micro-steps leave
+      it as it was (only the last micro-step's gradient reaches the param, as with a stateless SGD).
     * ``forgets_nonfinite``: a non-finite gradient element that stops coming leaves no trace in
       params or states after the next step: Rprop reads only ``sign(g·g_prev)`` and ``sign(g)``,
       and ``sign(nan) = 0`` (torch.sign), so a NaN/inf never moves a param or a step size and its
@@ -151,6 +154,7 @@ class OptimizerInfo:
     weight_decay: bool = True
     freeze: Mapping = field(default_factory=lambda: {"lr": 0.0})
     forgets_nonfinite: bool = False
+    grad_states: bool = True
     kahan: Mapping = field(default_factory=dict)
     summed_states: tuple[str, ...] = ()
     torch_exact: tuple[str, ...] = ("eager", "foreach")
@@ -298,7 +302,7 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(t0=5, lambd=1e-3),
         torch_family=_product(opts__=[{}, dict(lambd=1e-2, alpha=0.5, t0=5)], weight_decay=[0, 0.1],
                               maximize=[False, True]),
-        freeze={},
+        freeze={}, grad_states=False,
         torch_exact=()),
     OptimizerInfo(
         "lion", "Lion", lr=1e-3,
