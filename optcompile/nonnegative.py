@@ -127,8 +127,8 @@ class _Checker:
                 _points(self.domains[n], self.defaults.get(n)) for n in names]
         if any(not a for a in axes):
             return False
-        f = sympy.lambdify([sympy.Symbol(n) for n in names], e.xreplace({s: sympy.Symbol(s.name) for s in e.free_symbols}),
-                           modules="mpmath")
+        plain = e.xreplace({s: sympy.Symbol(s.name) for s in e.free_symbols})  # assumptions dropped
+        f = sympy.lambdify([sympy.Symbol(n) for n in names], plain, modules="mpmath")
         import mpmath
         combos = list(itertools.islice(itertools.product(*axes), MAX_POINTS))
         seen = 0

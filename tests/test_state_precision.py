@@ -531,7 +531,8 @@ def test_eightbit_resume_is_bit_exact(backend):
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    assert saved["state"][0]["exp_avg"].dtype == torch.int8 and saved["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
+    assert saved["state"][0]["exp_avg"].dtype == torch.int8
+    assert saved["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
     resumed = [p.detach().clone().requires_grad_() for p in params]
     opt2 = cls(resumed, **kw, **BACKENDS[backend].flags)
     opt2.load_state_dict(saved)
@@ -618,7 +619,8 @@ def test_eightbit_per_state_and_gradient_release():
     for release in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Linear(64, 80)
-        opt = cls(model.parameters(), lr=1e-2, gradient_release=release, state_precision="8bit", **BACKENDS["eager"].flags)
+        opt = cls(model.parameters(), lr=1e-2, gradient_release=release, state_precision="8bit",
+                  **BACKENDS["eager"].flags)
         if release:
             prepare_for_gradient_release(model, opt)
         g = torch.Generator().manual_seed(2)
