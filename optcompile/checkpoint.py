@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from . import quantize
+
 from .runtime import uses_kahan
 
 OPTIMI_TRITON_SCRATCH = ("mean_square",)  # optimi's StableAdamW Triton kernel's per-param scratch
@@ -167,7 +169,9 @@ def _check_param_state(optimizer, name, gi, position, index, param, st, layout, 
     known = layout is not None
     if not known:  # allocation rules the meta device cannot run: every present state must fit its param
         layout = {k: shape for k in (*info.states, "kahan_comp") if k in st}
-    extra = [k for k in st if k not in layout and k not in ("step", "group") and k not in OPTIMI_TRITON_SCRATCH]
+    scales = {quantize.scale_key(k) for k in layout if quantize.is_codes(st.get(k))}  # 8-bit states' block scales
+    extra = [k for k in st if k not in layout and k not in ("step", "group") and k not in OPTIMI_TRITON_SCRATCH
+             and k not in scales]
     if extra and known:
         raise ValueError(f"{name}: {where} has {', '.join(map(repr, extra))}, which {cls} does not keep "
                          f"(its states: {', '.join(layout)}); {_origin(saved_group)}")
@@ -193,6 +197,11 @@ def _check_param_state(optimizer, name, gi, position, index, param, st, layout, 
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name}: {where}: {key} is a {type(value).__name__}, not a tensor")
+        if quantize.is_codes(value) and quantize.scale_key(key) in st:  # an 8-bit state: codes and block scales
+            problem = quantize.check(key, value, st[quantize.scale_key(key)], want if want is not None else shape)
+            if problem:
+                raise ValueError(f"{name}: {where}: {problem}")
+            continue
         if value.is_meta or not value.is_floating_point() and not (want is None and value.numel() == 1):
             what = "on the meta device (it has no data)" if value.is_meta else f"of dtype {value.dtype}"
             raise ValueError(f"{name}: {where}: {key} is {what}; a state must be a floating-point tensor "

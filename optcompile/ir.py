@@ -226,6 +226,7 @@ class StateBuffer:
     dtype: str = "param"  # "param": the param's dtype, as optimi stores states
     origin: Origin = NO_ORIGIN
     axes: tuple[int, ...] = ()  # a reduced shape: these dims of the param's shape are 1
+    nonnegative: bool | None = None  # the spec's declaration (spec.state(..., nonnegative=)); None: inferred
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def lower(spec: OptimizerSpec) -> Program:
     _check_optional_reads(spec, host, body)
     host_defs = {h.sym: h.expr for h in host}
     buffers = [StateBuffer(st.name, _expand(st.init, host_defs), _expand(_when_expr(st.when), host_defs), "param",
-                           Origin(file, st.origin.line), st.axes) for st in spec.states]
+                           Origin(file, st.origin.line), st.axes, st.nonnegative) for st in spec.states]
     states = tuple(b for b, st in zip(buffers, spec.states) if not st.scalar)
     read = set().union(*[sympy.sympify(h.expr).free_symbols for h in host],
                        *[sympy.sympify(s.expr).free_symbols for s in body], sympy.sympify(update_lr).free_symbols)

@@ -32,44 +32,53 @@ from dataclasses import dataclass
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NOT_YET = ("8bit",)  # issue 13's blockwise 8-bit format: not available yet
+EIGHTBIT = "8bit"  # blockwise 8-bit states (optcompile/quantize.py); below its size threshold, fp32
 GOLDEN = 0x9E3779B9
 M32 = 0xFFFFFFFF
 
 
 def state_precision_error(optimizer: str, value, states: tuple[str, ...]) -> str | None:
     """Why ``state_precision=value`` is invalid for an optimizer with these states (None: valid)."""
-    valid = f"None, {', '.join(repr(k) for k in PRECISIONS)} or a dict from state name to one of those"
+    choices = (*PRECISIONS, EIGHTBIT)
+    valid = f"None, {', '.join(repr(k) for k in choices)} or a dict from state name to one of those"
     if value is None:
         return None
     if isinstance(value, str):
-        if value in NOT_YET:
-            return (f"{optimizer}: state_precision={value!r} (blockwise 8-bit states) is not available yet; "
-                    f"use {valid}")
-        if value in PRECISIONS:
-            return None
-        return f"{optimizer}: invalid state_precision={value!r}; expected {valid}"
+        if value not in choices:
+            return f"{optimizer}: invalid state_precision={value!r}; expected {valid}"
+        return _scale_clash(optimizer, [s for s in states] if value == EIGHTBIT else [], states)
     if isinstance(value, dict):
         for k, v in value.items():
             if k not in states:
                 return (f"{optimizer}: state_precision has an unknown state {k!r}; its states are "
                         f"{list(states) or 'none'} (kahan_comp follows the param's dtype)")
-            if v is not None and v not in PRECISIONS:
-                extra = " (blockwise 8-bit states are not available yet)" if v in NOT_YET else ""
-                return (f"{optimizer}: invalid state_precision[{k!r}]={v!r}{extra}; expected None or one of "
-                        f"{list(PRECISIONS)}")
-        return None
+            if v is not None and v not in choices:
+                return (f"{optimizer}: invalid state_precision[{k!r}]={v!r}; expected None or one of "
+                        f"{list(choices)}")
+        return _scale_clash(optimizer, [k for k, v in value.items() if v == EIGHTBIT], states)
     return f"{optimizer}: invalid state_precision={value!r} ({type(value).__name__}); expected {valid}"
+
+
+def _scale_clash(optimizer: str, eightbit, states) -> str | None:
+    """An 8-bit state keeps its block scales under ``name + "_scale"``, which must not be a state."""
+    from .quantize import scale_key
+    for name in eightbit:
+        if scale_key(name) in states:
+            return (f"{optimizer}: state_precision='8bit' for {name!r} keeps its block scales in "
+                    f"state[{scale_key(name)!r}], which is another state of this optimizer; store {name!r} "
+                    "in another precision")
+    return None
 
 
 def state_dtype(value, name: str, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype state ``name`` is stored in under ``state_precision=value`` (a valid one).
-    fp64 params keep fp64 states (only float32/bf16/fp16 params take another precision)."""
+    fp64 params keep fp64 states (only float32/bf16/fp16 params take another precision); an
+    ``"8bit"`` state that is not quantized (optcompile/quantize.py: a small tensor) is fp32."""
     if isinstance(value, dict):
         value = value.get(name)
     if value is None or param_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return param_dtype
-    return PRECISIONS[value]
+    return torch.float32 if value == EIGHTBIT else PRECISIONS[value]
 
 
 def fmix32(x: int) -> int:

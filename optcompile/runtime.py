@@ -784,6 +784,18 @@ class CompiledOptimizer(Optimizer):
 
     def _call(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
               optimizer_accumulation=False, scalar_states=None) -> None:
+        if _eightbit(group):
+            _step_eightbit(self, group, params, grads, state_lists, kahan_comps, step=step,
+                           gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+                           scalar_states=scalar_states)
+            return
+        self._call_decoded(group, params, grads, state_lists, kahan_comps, step=step,
+                           gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+                           scalar_states=scalar_states)
+
+    def _call_decoded(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
+                      optimizer_accumulation=False, scalar_states=None) -> None:
+        """One step of ``params`` whose states are all tensors the backends step (no 8-bit codes)."""
         hypers = {k: group[k] for k in self._info.keys}
         sr = None
         if group.get("stochastic_rounding"):
@@ -818,7 +830,7 @@ class CompiledOptimizer(Optimizer):
                 group["sr_step"] = group.get("sr_step", 0) + 1  # the random bits' step count (no step here)
             fast = None if compiling else fused_groups.get(id(group))
             if fast is not None and fast.group is group and fast.table is not None and \
-                    not group.get("stochastic_rounding"):
+                    not group.get("stochastic_rounding") and not _eightbit(group):
                 if fast.step(self, group):
                     if released:
                         released.pop(id(group), None)
@@ -868,6 +880,23 @@ class CompiledOptimizer(Optimizer):
                    optimizer_accumulation=self._optimizer_accumulation,
                    scalar_states=[state[n] for n in self._info.scalar_states])
         self._released[id(group)] = group  # the next step() advances this group's step (as optimi's)
+
+    def dequantized_state(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        """State ``name`` of ``param`` as fp32 values (a new tensor): decoded from its codes and block
+        scales where it is stored in 8 bits (``state_precision="8bit"``, optcompile/quantize.py),
+        else the stored tensor in fp32."""
+        if name not in self._info.states:
+            raise ValueError(f"{type(self).__name__} has no state {name!r}; its states are {list(self._info.states)}")
+        state = self.state.get(param) if isinstance(param, torch.Tensor) else None
+        value = None if state is None else state.get(name)
+        if value is None:
+            raise ValueError(f"{type(self).__name__}: no {name!r} for this param (shape "
+                             f"{tuple(getattr(param, 'shape', ()))}): states are allocated at its first step, and "
+                             "only under the hyperparameters that use them")
+        from .quantize import dequantize, is_codes, scale_key
+        if is_codes(value) and scale_key(name) in state:
+            return dequantize(value, state[scale_key(name)])
+        return value.to(torch.float32, copy=True)
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True, param: torch.Tensor | None = None) -> None:
@@ -925,6 +954,8 @@ class _FusedGroup:
             return
         if group.get("stochastic_rounding"):
             return  # the tables do not carry the random streams: stochastic rounding takes the general path
+        if _eightbit(group):
+            return  # 8-bit states are decoded and encoded around the kernel: the general path
         if opt._info.extra.get("structure") or not opt._info.extra.get("kernels", True):
             return  # host values per ndim / dtype: the general path groups the params by them
         params = group["params"]
@@ -1099,15 +1130,70 @@ def _check_precision_and_rounding(optimizer: str, group: dict, states: tuple[str
         raise ValueError(f"{optimizer}: sr_seed must be an int, not {seed!r}")
 
 
+def _eightbit(group: dict) -> bool:
+    """Whether the group stores a state in 8 bits (``state_precision="8bit"``, or a dict naming one)."""
+    precision = group.get("state_precision")
+    return precision == "8bit" or isinstance(precision, dict) and "8bit" in precision.values()
+
+
+EIGHTBIT_BATCH = 1 << 24  # params' elements per batch of decoded 8-bit states (64 MiB of fp32 per state)
+
+
+def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lists, kahan_comps, *, step,
+                   **kw) -> None:
+    """A step of a group with 8-bit states (optcompile/quantize.py): per batch of params of about
+    ``EIGHTBIT_BATCH`` elements, decode each 8-bit state to fp32, step the batch on its backend
+    as fp32 states, and encode the new values (each block's scale from its new absmax). The group's
+    step count advances once: every batch starts from the count the step began with."""
+    from .quantize import dequantize, is_codes, quantize_, scale_key
+    scalar_states = kw.pop("scalar_states", None)
+    if isinstance(params, torch.Tensor):
+        params, grads, kahan_comps = [params], [grads], [kahan_comps]
+        state_lists = [[s] for s in state_lists]
+        scalar_states = None if scalar_states is None else [[s] for s in scalar_states]
+    start = step.clone() if isinstance(step, torch.Tensor) else None
+    lo = 0
+    while lo < len(params):
+        hi, size = lo, 0
+        while hi < len(params) and (hi == lo or size + params[hi].numel() <= EIGHTBIT_BATCH):
+            size += params[hi].numel()
+            hi += 1
+        ps, decoded, lists = params[lo:hi], [], []
+        for name, lst in zip(opt._info.states, state_lists):
+            part = list(lst[lo:hi])
+            for i, t in enumerate(part):
+                if is_codes(t):
+                    scales = opt.state[ps[i]][scale_key(name)]
+                    part[i] = dequantize(t, scales)
+                    decoded.append((part[i], t, scales))
+            lists.append(part)
+        if start is not None:
+            step.copy_(start)
+        opt._call_decoded(group, ps, grads[lo:hi], lists, kahan_comps[lo:hi], step=step, **kw,
+                          scalar_states=None if scalar_states is None else [s[lo:hi] for s in scalar_states])
+        for values, codes, scales in decoded:
+            quantize_(values, codes, scales)
+        lo = hi
+
+
 def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, param: torch.Tensor) -> None:
-    """Freshly allocated states in the group's ``state_precision`` (``kahan_comp`` keeps the param's)."""
+    """Freshly allocated states in the group's ``state_precision`` (``kahan_comp`` keeps the param's);
+    8-bit ones as codes and block scales (optcompile/quantize.py)."""
     precision = group.get("state_precision")
     if precision is None:
         return
+    from . import quantize
     from .rounding import state_dtype
     for name in info.states:
         t = state.get(name)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if quantize.requested(precision, name) and quantize.applies(param, t.shape):
+                if _is_dtensor(param):
+                    raise NotImplementedError(f"{info.name}: state_precision='8bit' is not supported for DTensor "
+                                              "(FSDP2) params yet; use 'bf16' or 'fp32' states")
+                state[name], state[quantize.scale_key(name)] = quantize.quantize(
+                    t, name in info.extra.get("nonnegative", ()))
+                continue
             want = state_dtype(precision, name, param.dtype)
             if t.dtype != want:
                 state[name] = t.to(want)
@@ -1133,14 +1219,18 @@ def _keep_storage_choices(optimizer: CompiledOptimizer, state_dict: dict) -> dic
 
 
 def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
-    """load_state_dict(): each state in its group's precision, cast from the tensor as saved."""
+    """load_state_dict(): each state in its group's precision, cast from the tensor as saved; 8-bit
+    codes kept as saved where this optimizer stores that state in the same code, else decoded, and
+    a state this optimizer stores in 8 bits encoded from its saved values (optcompile/quantize.py)."""
     saved = getattr(optimizer, "_loading_states", None)
     optimizer._loading_states = None
     optimizer._sr_index = None
     if not saved:
         return
+    from . import quantize
     from .rounding import state_dtype
     ids, states = saved
+    nonnegative = optimizer._info.extra.get("nonnegative", ())
     pairs = [(g, p) for g in optimizer.param_groups for p in g["params"]]
     for i, (group, p) in zip(ids, pairs):
         s, state = states.get(i), optimizer.state.get(p)
@@ -1148,8 +1238,22 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
             continue
         precision = group.get("state_precision")
         for name in optimizer._info.states:
-            t, now = s.get(name), state.get(name)
-            if isinstance(t, torch.Tensor) and isinstance(now, torch.Tensor) and t.is_floating_point():
+            t, now, key = s.get(name), state.get(name), quantize.scale_key(name)
+            if not isinstance(t, torch.Tensor) or not isinstance(now, torch.Tensor):
+                continue
+            code = quantize.code_dtype(name in nonnegative)
+            want8 = quantize.requested(precision, name) and quantize.applies(p, t.shape)
+            if quantize.is_codes(t) and key in s:
+                if want8 and t.dtype == code:
+                    state[name], state[key] = t.to(p.device, copy=True), s[key].to(p.device, copy=True)
+                    continue
+                t = quantize.dequantize(t, s[key])
+            elif not t.is_floating_point():
+                continue
+            state.pop(key, None)
+            if want8:
+                state[name], state[key] = quantize.quantize(t.to(p.device), name in nonnegative)
+            else:
                 state[name] = t.to(device=p.device, dtype=state_dtype(precision, name, p.dtype))
         for name in optimizer._info.scalar_states:  # torch cast them to the param: back to fp32 on the CPU
             t = s.get(name)

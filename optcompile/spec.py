@@ -202,6 +202,7 @@ class State:
     origin: Origin
     scalar: bool = False  # a 0-dim record (optimi's eps_sq), never read by the math
     axes: tuple[int, ...] = ()  # dims of the param's shape set to 1 (the shape of spec.mean(x, axis=...))
+    nonnegative: bool | None = None  # declared sign (None: inferred, optcompile/nonnegative.py)
 
 
 @dataclass
@@ -356,7 +357,8 @@ class OptimizerSpec:
         self._add_arg(Arg(name, bool(default), (sym,), "flag", None, doc, origin, (name,), after, "bool"))
         return sym
 
-    def state(self, name: str, init: Any = 0, *, when: Any = True, scalar: bool = False, axis: Any = None):
+    def state(self, name: str, init: Any = 0, *, when: Any = True, scalar: bool = False, axis: Any = None,
+              nonnegative: bool | None = None):
         """A per-parameter buffer saved in ``optimizer.state[p][name]`` (param shape and dtype).
 
         ``axis=-1`` (or a tuple of dims) stores it in a reduced shape: the param's with those dims
@@ -366,6 +368,9 @@ class OptimizerSpec:
         ``mu_product``): read as a host value of its param, written by ``assign``. If not, it is a
         record in the param's dtype, kept only so that state_dicts match another library's layout
         (optimi's StableAdamW ``eps_sq``).
+        ``nonnegative=True`` declares that the state is never negative (``False``: that it may be),
+        where the compiler cannot infer it (optcompile/nonnegative.py): under
+        ``state_precision="8bit"`` a non-negative state takes an unsigned code (optcompile/quantize.py).
         """
         origin = _origin(self.file)
         sym = self._new_symbol(name, origin)
@@ -376,7 +381,10 @@ class OptimizerSpec:
         if axes and (scalar or init.free_symbols & {self.param, self.grad}):
             raise SpecError(f"state {name!r}: a reduced-shape state (axis=) is not a scalar record and its init may "
                             "use hyperparameters only", self.file, origin.line, init)
-        self.states.append(State(name, sym, init, when, origin, scalar, axes))
+        if nonnegative is not None and not isinstance(nonnegative, bool):
+            raise SpecError(f"state {name!r}: nonnegative must be True, False or None, not {nonnegative!r}",
+                            self.file, origin.line)
+        self.states.append(State(name, sym, init, when, origin, scalar, axes, nonnegative))
         return sym
 
     def let(self, name: str, expr: Any):

@@ -124,6 +124,10 @@ class OptimizerInfo:
       ``prev`` is overwritten by the next gradient (torch.optim.Rprop does the same).
     * ``kahan``: hyperparameters for the bf16 Kahan measurement (tests/test_low_precision.py) where
       the default lr 1e-3 does not put the updates below half a bf16 ulp (see the entries).
+    * ``nonnegative``: the states the compiler shows are never negative (optcompile/nonnegative.py),
+      stored with unsigned codes under ``state_precision="8bit"`` (RMSprop's ``square_avg`` is not:
+      its ``alpha`` may exceed 1, as torch allows, and Rprop's step sizes are clamped to bounds of
+      any sign).
     * ``kernels``: the Triton and fused backends have kernels for it. Not Adafactor (axis
       reductions): they warn and run its foreach step (codegen/render.NO_KERNEL).
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
@@ -159,6 +163,7 @@ class OptimizerInfo:
     summed_states: tuple[str, ...] = ()
     torch_exact: tuple[str, ...] = ("eager", "foreach")
     kernels: bool = True
+    nonnegative: tuple[str, ...] = ()
 
     def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
         """The absolute tolerance for comparing ``value`` (a param: ``state=None``) between two
@@ -233,7 +238,7 @@ _KERNEL_DEFAULT = ({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr":
 # max_lr, and the algorithm's own switches.
 _ENTRIES = {e.stem: e for e in [
     OptimizerInfo(
-        "adadelta", "Adadelta", lr=1.0,
+        "adadelta", "Adadelta", nonnegative=('square_avg', 'acc_delta'), lr=1.0,
         training=_training(("l2", dict(weight_decay=1e-2))),
         # lr scales a unit-free step (torch's default 1.0): at lr 1e-3 the fp32 run barely moves
         # (0.01); at 1.0 the steps are ~1e-3, below half a bf16 ulp: measured 26x
@@ -244,7 +249,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_family=_product(opts__=[{}, dict(lr=0.5, rho=0.8, eps=1e-5)], weight_decay=[0, 0.1],
                               maximize=[False, True])),
     OptimizerInfo(
-        "adafactor", "Adafactor",
+        "adafactor", "Adafactor", nonnegative=('variance',),
         training=_training(("decoupled", dict(weight_decay=1e-2))),
         kernel=({}, {"weight_decay": 0.1, "maximize": True, "eps": (1e-4, 1e-2)}),
         differential=(),
@@ -254,7 +259,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_exact=(),
         kernels=False),
     OptimizerInfo(
-        "adagrad", "Adagrad",
+        "adagrad", "Adagrad", nonnegative=('sum',),
         training=_training(("l2", dict(weight_decay=1e-2, lr_decay=1e-3))),
         kernel=({"lr_decay": 0.01, "initial_accumulator_value": 0.1},) + _TORCH_KERNEL,
         differential=(),
@@ -262,7 +267,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_family=_product(lr_decay=[0, 0.01], initial_accumulator_value=[0, 0.1],
                               wd__=[{}, dict(weight_decay=0.1, eps=1e-6)], maximize=[False, True])),
     OptimizerInfo(
-        "adam", "Adam",
+        "adam", "Adam", nonnegative=('exp_avg_sq',),
         training=_training(("l2", dict(weight_decay=1e-2))),
         kernel=({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_wd": True}),
         differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple_wd=True),
@@ -271,7 +276,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.Adam,
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
     OptimizerInfo(
-        "adamax", "Adamax",
+        "adamax", "Adamax", nonnegative=('exp_inf',),
         training=_training(("l2", dict(weight_decay=1e-2))),
         kernel=_TORCH_KERNEL,
         differential=(),
@@ -279,7 +284,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_family=_product(betas__=[{}, dict(betas=(0.8, 0.99), eps=1e-6)], weight_decay=[0, 0.1],
                               maximize=[False, True])),
     OptimizerInfo(
-        "adamw", "AdamW",
+        "adamw", "AdamW", nonnegative=('exp_avg_sq',),
         training=_training(("defaults", dict())),
         kernel=_KERNEL_DEFAULT,
         differential=(dict(), dict(weight_decay=0.1, betas=(0.8, 0.95)), dict(weight_decay=1e-3, decouple_lr=True),
@@ -287,7 +292,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.AdamW,
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
     OptimizerInfo(
-        "adan", "Adan",
+        "adan", "Adan", nonnegative=('exp_avg_sq',),
         training=_training(("defaults", dict())),
         kernel=_KERNEL_DEFAULT,
         differential=(dict(), dict(weight_decay=0), dict(betas=(0.9, 0.8, 0.999), eps=1e-8),
@@ -323,7 +328,7 @@ _ENTRIES = {e.stem: e for e in [
                               maximize=[False, True]),
         torch_exact=()),
     OptimizerInfo(
-        "radam", "RAdam",
+        "radam", "RAdam", nonnegative=('exp_avg_sq',),
         training=_training(("l2", dict(weight_decay=1e-2))),
         kernel=_KERNEL_DEFAULT,
         differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple_wd=True), dict(betas=(0.9, 0.9)),
@@ -333,7 +338,7 @@ _ENTRIES = {e.stem: e for e in [
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99),
                                     decoupled_weight_decay=True)),)),
     OptimizerInfo(
-        "ranger", "Ranger",
+        "ranger", "Ranger", nonnegative=('exp_avg_sq',),
         training=_training(("decoupled", dict(weight_decay=1e-2))),  # Ranger's decouple_wd defaults to True
         kernel=_KERNEL_DEFAULT,
         differential=(dict(), dict(k=4, alpha=0.3, weight_decay=0.1), dict(k=5, weight_decay=0.1, decouple_wd=False),
@@ -386,7 +391,7 @@ _ENTRIES = {e.stem: e for e in [
                      TorchCase(dict(lr=1e-2, momentum=0.9, dampening=True, torch_init=True, weight_decay=0.1),
                                torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.9, weight_decay=0.1)))),
     OptimizerInfo(
-        "stableadamw", "StableAdamW",
+        "stableadamw", "StableAdamW", nonnegative=('exp_avg_sq',),
         training=_training(("defaults", dict())),
         kernel=_KERNEL_DEFAULT,
         differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=0), dict(weight_decay=1e-3, decouple_lr=True),

@@ -117,7 +117,8 @@ def test_state_precision_per_param_group():
 # ── errors ──────────────────────────────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("bad, message", [
     (dict(state_precision="int8"), r"state_precision='int8'.*'fp32', 'bf16', 'fp16'"),
-    (dict(state_precision="8bit"), r"state_precision='8bit' .*not available yet"),
+    (dict(state_precision="int4"), r"state_precision='int4'.*'fp16', '8bit'"),
+    (dict(state_precision={"exp_avg": "8bits"}), r"state_precision\['exp_avg'\]='8bits'.*'8bit'"),
     (dict(state_precision={"exp_avgg": "fp32"}), r"unknown state 'exp_avgg'.*\['exp_avg', 'exp_avg_sq'\]"),
     (dict(state_precision={"exp_avg": "fp8"}), r"state_precision\['exp_avg'\]='fp8'"),
     (dict(state_precision={"kahan_comp": "fp32"}), r"unknown state 'kahan_comp'.*follows the param"),
@@ -368,3 +369,297 @@ def test_user_specs_get_state_precision_and_stochastic_rounding(stem, backend):
         for name in states:
             if torch.is_tensor(opt.state[p].get(name)):
                 _assert_close(opt.state[p][name], ref_opt.state[q][name], f"{stem} {name}")
+
+
+# ── state_precision="8bit" (optcompile/quantize.py) ─────────────────────────────────────────────
+from optcompile import quantize  # noqa: E402
+
+SIZES_8BIT = ((70, 64), (5000,), (10,))  # 17.5 blocks (a partial last one), 19.5 blocks, one below MIN_NUMEL
+
+
+def _bound(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The documented error bound per element: sqrt(|x|·s)/top + s/(4·top²), plus 4 fp32 ulps of s."""
+    top = 255 if codes.dtype == torch.uint8 else 127
+    s = scales.repeat_interleave(quantize.BLOCK)[:x.numel()].view(x.shape)
+    return (x.abs() * s).sqrt() / top + s / (4 * top ** 2) + 4 * torch.finfo(torch.float32).eps * s
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+@pytest.mark.parametrize("n", [4096, 4097, 70 * 64, 1 << 16])
+def test_dequantize_quantize_is_within_the_documented_bound(n, nonnegative):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) ** 3 * torch.logspace(-12, 2, n)[torch.randperm(n, generator=g)]
+    x[:256] = 0.0  # a block of zeros: scale 0, decoded exactly
+    if nonnegative:
+        x = x.abs()
+    codes, scales = quantize.quantize(x, nonnegative)
+    assert codes.dtype == (torch.uint8 if nonnegative else torch.int8) and codes.shape == x.shape
+    assert scales.dtype == torch.float32 and scales.shape == (quantize.blocks(n),)
+    assert torch.equal(scales, torch.nn.functional.pad(x.abs(), (0, (-n) % 256)).view(-1, 256).amax(1))
+    y = quantize.dequantize(codes, scales)
+    assert torch.equal(y[:256], x[:256])
+    assert ((y - x).abs() <= _bound(x, codes, scales)).all()
+    assert torch.equal(quantize.dequantize(*quantize.quantize(y, nonnegative)), y)  # decoded values are fixed points
+
+
+def test_quantize_extremes():
+    """Each block's absmax decodes exactly; an unsigned code stores a negative value as 0; a
+    non-finite value makes its block decode as NaN and leaves the other blocks alone."""
+    x = torch.linspace(-3, 5, 1024)
+    for nonnegative in (False, True):
+        y = quantize.dequantize(*quantize.quantize(x, nonnegative))
+        assert y[-1] == 5.0 and (y[x < 0] == 0).all() == nonnegative
+    x[300] = float("inf")
+    y = quantize.dequantize(*quantize.quantize(x, False))
+    assert y[256:512].isnan().all() and torch.isfinite(y[:256]).all() and torch.isfinite(y[512:]).all()
+
+
+def test_nonnegative_states_are_the_registrys():
+    """The compiler's inference (optcompile/nonnegative.py) gives every built-in exactly the
+    unsigned states the registry lists."""
+    for stem in STEMS:
+        assert BY_STEM[stem].cls._info.extra.get("nonnegative", ()) == BY_STEM[stem].nonnegative, stem
+
+
+def _train_8bit(cls, backend: str, dtype=torch.float32, steps=STEPS, kwargs=None, seed=3, **kw):
+    torch.manual_seed(0)
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SIZES_8BIT]
+    opt = cls(params, **(kwargs or {}), **kw, **BACKENDS[backend].flags)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def _check_8bit_layout(opt, params, nonnegative):
+    for p in params:
+        state = opt.state[p]
+        for name in opt._info.states:
+            t = state.get(name)
+            if t is None:
+                continue
+            if p.numel() < quantize.MIN_NUMEL or t.shape != p.shape:
+                assert t.dtype == torch.float32 and quantize.scale_key(name) not in state, name
+                continue
+            assert t.dtype == (torch.uint8 if name in nonnegative else torch.int8), name
+            assert state[quantize.scale_key(name)].shape == (quantize.blocks(p.numel()),)
+
+
+@functools.cache
+def _eager_8bit(stem: str):
+    params, opt = _train_8bit(BY_STEM[stem].cls, "eager", kwargs=_kwargs(stem), state_precision="8bit")
+    return [p.detach().clone() for p in params], [
+        {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim()} for p in params]
+
+
+def _assert_codes_agree(state, ref, what):
+    """Codes equal, or one step apart where two backends' fp32 values straddle a rounding boundary."""
+    for name, t in state.items():
+        if not torch.is_tensor(t) or not t.dim():
+            continue
+        if quantize.is_codes(t):
+            diff = (t.int() - ref[name].int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, f"{what} {name}"
+        else:
+            torch.testing.assert_close(t, ref[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", backend_params("eager", "foreach", "fused"))
+@pytest.mark.parametrize("stem", STEMS)
+def test_eightbit_states_on_every_backend(stem, backend):
+    """Every built-in: 8-bit states in the documented layout (codes unsigned where the state is
+    non-negative, fp32 below the size threshold), and every backend agrees with eager: the same
+    codes (one step apart at most, on under 1 % of elements) and params within fp32 tolerances."""
+    info = BY_STEM[stem]
+    params, opt = _train_8bit(info.cls, backend, kwargs=_kwargs(stem), state_precision="8bit")
+    _check_8bit_layout(opt, params, info.nonnegative)
+    ref_params, ref_states = _eager_8bit(stem)
+    for p, ref_p, ref_s in zip(params, ref_params, ref_states):
+        _assert_codes_agree(opt.state[p], ref_s, f"{stem} {backend}")
+        torch.testing.assert_close(p.detach(), ref_p, rtol=1e-3, atol=1e-4)
+    if backend == "foreach":  # the same torch ops per element: bit for bit
+        for p, ref_s in zip(params, ref_states):
+            assert all(torch.equal(t, ref_s[k]) for k, t in opt.state[p].items() if torch.is_tensor(t) and t.dim())
+
+
+@pytest.mark.parametrize("stem", ["adamw", "lion"])
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_eightbit_states_on_triton(stem, backend):
+    info = BY_STEM[stem]
+    params, opt = _train_8bit(info.cls, backend, steps=2, kwargs=_kwargs(stem), state_precision="8bit")
+    _check_8bit_layout(opt, params, info.nonnegative)
+    ref_params, _ = _train_8bit(info.cls, "eager", steps=2, kwargs=_kwargs(stem), state_precision="8bit")
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-4)
+
+
+def test_eightbit_training_tracks_fp32():
+    """AdamW on a least-squares problem, 200 steps: 8-bit moments end within 2 % of the fp32 run's
+    loss, and its weights (of scale 1) within 1e-3 on average and 5e-2 at most (two steps of lr
+    3e-2, the jitter about the optimum)."""
+    torch.manual_seed(0)
+    x, w_true = torch.randn(512, 64), torch.randn(64, 96)
+    y = x @ w_true + 0.1 * torch.randn(512, 96)
+    out = {}
+    for precision in (None, "8bit"):
+        w = torch.zeros(64, 96, requires_grad=True)
+        opt = BY_STEM["adamw"].cls([w], lr=3e-2, weight_decay=0.0, state_precision=precision)
+        for i in range(200):
+            idx = torch.arange(i * 64, i * 64 + 64) % 512
+            loss = ((x[idx] @ w - y[idx]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[precision] = (((x @ w - y) ** 2).mean().item(), w.detach())
+    (loss32, w32), (loss8, w8) = out[None], out["8bit"]
+    assert abs(loss8 - loss32) <= 0.02 * loss32
+    assert (w8 - w32).abs().mean() < 1e-3 and (w8 - w32).abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("backend", backend_params("eager", "foreach", "fused"))
+def test_eightbit_resume_is_bit_exact(backend):
+    """bf16 params, stochastic rounding, 8-bit moments: three steps, a state dict through
+    torch.save/torch.load(weights_only=True) into a fresh optimizer, three more: bit for bit the
+    six-step run (codes and scales are saved as they are)."""
+    kw = dict(lr=1e-2, stochastic_rounding=True, sr_seed=5, state_precision="8bit")
+    cls = BY_STEM["adamw"].cls
+    straight, s_opt = _train_8bit(cls, backend, torch.bfloat16, steps=6, **kw)
+    params, opt = _train_8bit(cls, backend, torch.bfloat16, steps=3, **kw)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved["state"][0]["exp_avg"].dtype == torch.int8
+    assert saved["state"][0]["exp_avg_sq_scale"].dtype == torch.float32
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = cls(resumed, **kw, **BACKENDS[backend].flags)
+    opt2.load_state_dict(saved)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p in resumed:
+            torch.randn(p.shape, generator=g)
+    for _ in range(3):
+        for p in resumed:
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        opt2.step()
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+        for k, t in opt2.state[p].items():
+            if torch.is_tensor(t) and t.dim():
+                assert torch.equal(t, s_opt.state[q][k]), k
+
+
+def test_eightbit_checkpoint_conversions():
+    """A full-precision checkpoint (optimi's AdamW) loads into an 8-bit optimizer encoded, and an
+    8-bit checkpoint into a full-precision one decoded; dequantized_state reads either."""
+    optimi = pytest.importorskip("optimi")
+    torch.manual_seed(0)
+    params = [torch.randn(s, requires_grad=True) for s in SIZES_8BIT]
+    ref = optimi.AdamW(params, lr=1e-2, foreach=False)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        ref.step()
+    full = ref.state_dict()
+    opt8 = BY_STEM["adamw"].cls([p.detach().clone().requires_grad_() for p in params], lr=1e-2, state_precision="8bit")
+    opt8.load_state_dict(full)
+    p8 = opt8.param_groups[0]["params"]
+    _check_8bit_layout(opt8, p8, ("exp_avg_sq",))
+    for i, p in enumerate(p8):
+        for name in ("exp_avg", "exp_avg_sq"):
+            want = full["state"][i][name]
+            got = opt8.dequantized_state(p, name)
+            if p.numel() >= quantize.MIN_NUMEL:
+                codes, scales = quantize.quantize(want, name == "exp_avg_sq")
+                assert torch.equal(opt8.state[p][name], codes) and torch.equal(got, quantize.dequantize(codes, scales))
+            else:
+                assert torch.equal(got, want)
+    back = BY_STEM["adamw"].cls([p.detach().clone().requires_grad_() for p in params], lr=1e-2)
+    back.load_state_dict(opt8.state_dict())
+    for i, (p, q) in enumerate(zip(back.param_groups[0]["params"], p8)):
+        assert set(back.state[p]) == {"exp_avg", "exp_avg_sq", "kahan_comp"}
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert back.state[p][name].dtype == torch.float32
+            assert torch.equal(back.state[p][name], opt8.dequantized_state(q, name))
+    with pytest.raises(ValueError, match="no state 'momentum'"):
+        opt8.dequantized_state(p8[0], "momentum")
+
+
+def test_eightbit_checkpoint_with_wrong_scales_is_rejected():
+    params, opt = _train_8bit(BY_STEM["adamw"].cls, "eager", steps=1, lr=1e-2, state_precision="8bit")
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg_scale"] = saved["state"][0]["exp_avg_scale"][:-1]
+    with pytest.raises(ValueError, match=r"exp_avg_scale is torch.float32 of shape \(17,\), expected float32 of "
+                                         r"shape \(18,\)"):
+        opt.load_state_dict(saved)
+
+
+def test_eightbit_persistent_bytes_per_param():
+    """AdamW, bf16 params, stochastic rounding, 8-bit moments: 2 + 1 + 1 + 2·4/256 = 4.03 B/param
+    on tensors past the size threshold."""
+    torch.manual_seed(0)
+    params = [torch.randn(256, 256, dtype=torch.bfloat16, requires_grad=True)]
+    opt = BY_STEM["adamw"].cls(params, lr=1e-2, stochastic_rounding=True, state_precision="8bit")
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    assert persistent_bytes_per_param(opt) == 2 + 1 + 1 + 2 * 4 / 256
+
+
+def test_eightbit_per_state_and_gradient_release():
+    """A dict stores only the named state in 8 bits; gradient release steps 8-bit states exactly as
+    the normal step does."""
+    cls = BY_STEM["adamw"].cls
+    params, opt = _train_8bit(cls, "eager", lr=1e-2, state_precision={"exp_avg": "8bit", "exp_avg_sq": "bf16"})
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.int8
+    assert opt.state[params[0]]["exp_avg_sq"].dtype == torch.bfloat16 and "exp_avg_sq_scale" not in opt.state[params[0]]
+    from optcompile import prepare_for_gradient_release
+    out = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 80)
+        opt = cls(model.parameters(), lr=1e-2, gradient_release=release, state_precision="8bit",
+                  **BACKENDS["eager"].flags)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(8, 64, generator=g)
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def _lerp_rms_spec(declare):
+    """A user spec whose second moment is written in lerp form, ``v + ρ(g² − v)``, which the
+    inference cannot show non-negative: ``declare`` is its ``nonnegative=``."""
+    from optcompile.spec import Interval, OptimizerSpec, oo, sqrt
+    spec = OptimizerSpec("LerpRMS", weight_decay=None)
+    lr = spec.hyper("lr", domain=Interval(0, oo))
+    rho = spec.hyper("rho", default=0.1, domain=Interval(0, 1))
+    g = spec.grad
+    v = spec.state("v", nonnegative=declare)
+    m = spec.state("m")
+    v = spec.assign(v, v + rho * (g**2 - v))
+    m = spec.assign(m, 0.9 * m + g)
+    spec.update(m / (sqrt(v) + 1e-8), lr=lr)
+    return spec
+
+
+@pytest.mark.parametrize("backend", backend_params("eager", "foreach", "fused"))
+def test_user_spec_declares_a_nonnegative_state(backend):
+    import optcompile
+    assert optcompile.compile_spec(_lerp_rms_spec(None))._info.extra.get("nonnegative", ()) == ()
+    cls = optcompile.compile_spec(_lerp_rms_spec(True))
+    assert cls._info.extra["nonnegative"] == ("v",)
+    params, opt = _train_8bit(cls, backend, lr=1e-2, state_precision="8bit")
+    _check_8bit_layout(opt, params, ("v",))
+    ref, _ = _train_8bit(cls, "eager", lr=1e-2, state_precision="8bit")
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-4)
+    full, _ = _train_8bit(cls, "eager", lr=1e-2)
+    for p, q in zip(params, full):  # 4 steps of ~0.03 each: 8-bit moments stay within 1e-2 of the fp32 run
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-2)

@@ -272,7 +272,7 @@ def module_context(prog: Program) -> dict:
         "structure_extra": (f', "structure": {prog.structure()!r}' if prog.structure() else "") + (
             ', "kernels": False' if prog.has_axes() else "") + (
             f', "axes": {dict((st.name, st.axes) for st in prog.states if st.axes)!r}'
-            if any(st.axes for st in prog.states) else ""),
+            if any(st.axes for st in prog.states) else "") + _nonnegative_extra(prog),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
         "layout_extra": "" if prog.state_dict_layout == "optimi" else
         f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}',
@@ -333,6 +333,13 @@ def _functional_params(prog: Program) -> list[str]:
     if prog.uses_step and "step: Tensor" not in out:
         out.append("step: Tensor")
     return out
+
+
+def _nonnegative_extra(prog: Program) -> str:
+    """The states that are never negative (optcompile/nonnegative.py): unsigned 8-bit codes."""
+    from ..nonnegative import nonnegative_states
+    names = nonnegative_states(prog)
+    return f', "nonnegative": {names!r}' if names else ""
 
 
 def _functional_extras(prog: Program) -> list[str]:
