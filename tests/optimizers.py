@@ -317,7 +317,7 @@ _ENTRIES = {e.stem: e for e in [
                       dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.01)),
         state_dict=dict(lr=1e-3, weight_decay=0.1)),
     OptimizerInfo(
-        "nadam", "NAdam",
+        "nadam", "NAdam", nonnegative=("exp_avg_sq",),
         training=_training(("l2", dict(weight_decay=1e-2))),
         kernel=({"weight_decay": 0.01}, {"weight_decay": 0.01, "decoupled_weight_decay": True, "maximize": True},
                 {"momentum_decay": 0.1}),
