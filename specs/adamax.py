@@ -2,10 +2,10 @@ r"""Adamax: Adam with the infinity norm (Kingma & Ba, 2015, arXiv:1412.6980, §7
 
 $g \leftarrow g + \lambda p$ (L2), $m_t = m_{t-1} + (1-\beta_1)(g - m_{t-1})$ (torch's lerp),
 $u_t = \max(\beta_2 u_{t-1}, |g| + \epsilon)$, $p_t = p_{t-1} - \frac{\gamma}{1-\beta_1^t}\, m_t/u_t$.
-The max is torch.maximum's, which propagates NaN (the DSL's ``Max`` ignores a NaN operand): a NaN
-gradient element poisons ``exp_inf`` as in torch.optim.Adamax.
+The max is torch.maximum's, which propagates NaN (the DSL's ``Max`` ignores a NaN operand, ``clamp``
+propagates it): a NaN gradient element poisons ``exp_inf`` as in torch.optim.Adamax.
 """
-from optcompile.spec import Abs, Interval, Max, OptimizerSpec, Piecewise, oo
+from optcompile.spec import Abs, Interval, OptimizerSpec, clamp, oo
 
 spec = OptimizerSpec("Adamax", weight_decay="l2", state_dict="torch",
                      group_constants={"capturable": False, "differentiable": False})
@@ -22,9 +22,6 @@ g, t = spec.grad, spec.step
 
 m, u = spec.state("exp_avg"), spec.state("exp_inf")
 m = spec.assign(m, m + (1 - beta1) * (g - m))
-decayed, fresh = beta2 * u, Abs(g) + eps
-# torch.maximum: both operands are >= 0 unless NaN (a comparison with NaN is false), and then the
-# sum carries the NaN
-u = spec.assign(u, Piecewise((Max(decayed, fresh), (decayed >= 0) & (fresh >= 0)), (decayed + fresh, True)))
+u = spec.assign(u, clamp(beta2 * u, lo=Abs(g) + eps))  # torch.maximum, NaN-propagating as clamp is
 clr = spec.let("clr", lr / (1 - beta1**t))
 spec.update(m / u, lr=clr)

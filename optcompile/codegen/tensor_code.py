@@ -155,7 +155,7 @@ class ForeachDialect(Dialect):
         return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot)]
 
 
-_NO_FOREACH = {"square", "where", "rsqrt_scalar", "fmax", "fmin", "clamp", "clamp_min", "clamp_max"}
+_NO_FOREACH = {"square", "where", "rsqrt_scalar", "fmax", "fmin", "clamp"}
 
 
 def _reduction(op: str, x: str) -> str:
