@@ -4,7 +4,9 @@ A state is non-negative when its init and every value assigned to it are, assumi
 being proved are (induction over steps: ``v ← β·v + (1-β)·g²`` keeps ``v ≥ 0`` if it was). An
 element value is shown non-negative by its structure: numbers ≥ 0, even powers, ``Abs``, ``sqrt``
 and powers of a non-negative base, ``exp``, sums and products of non-negative terms, ``Max``
-with a non-negative operand, ``Min`` and ``Piecewise`` of non-negative operands, ``numel``, the
+with a non-negative operand, ``Min`` and ``Piecewise`` of non-negative operands, ``clamp`` with a
+non-negative value or lower bound (and upper bound, if any), axis reductions of non-negative
+values, ``numel``, the
 step, hyperparameters whose domain is within ``[0, ∞)``, temps, host and per-tensor values
 (reductions included) that are. A value of hyperparameters and the step only that the structure
 cannot show (``1 - β̂₂(t)`` with the debiased ``β̂₂(t) = (β₂ᵗ - β₂)/(β₂ᵗ - 1)``) is evaluated, in 30-digit
@@ -20,7 +22,7 @@ import math
 
 import sympy
 
-from .ir import STEP, Assign, Program, Reduction, TensorScalar
+from .ir import STEP, Assign, AxisReduction, Clamp, Program, Reduction, TensorScalar
 
 STEPS = (1, 2, 3, 10, 100, 10 ** 4, 10 ** 6)
 MAX_POINTS = 4096  # combinations evaluated per value; past it a deterministic subset
@@ -115,6 +117,11 @@ class _Checker:
             return all(self.expr(a) for a in e.args)
         if isinstance(e, sympy.Piecewise):
             return all(self.expr(v) for v, _ in e.args)
+        if isinstance(e, Clamp):  # min(max(x, lo), hi)
+            x, lo, hi = e.args
+            return (self.expr(x) or self.expr(lo)) and (hi == sympy.oo or self.expr(hi))
+        if isinstance(e, AxisReduction):  # a sum, mean or max of non-negative values
+            return self.expr(e.args[0])
         return False
 
     # ── host-only values: evaluated over the hyperparameters' domains ──────────────────────────

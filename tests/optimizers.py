@@ -249,7 +249,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_family=_product(opts__=[{}, dict(lr=0.5, rho=0.8, eps=1e-5)], weight_decay=[0, 0.1],
                               maximize=[False, True])),
     OptimizerInfo(
-        "adafactor", "Adafactor", nonnegative=('variance',),
+        "adafactor", "Adafactor", nonnegative=('row_var', 'col_var', 'variance'),
         training=_training(("decoupled", dict(weight_decay=1e-2))),
         kernel=({}, {"weight_decay": 0.1, "maximize": True, "eps": (1e-4, 1e-2)}),
         differential=(),
