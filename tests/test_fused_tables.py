@@ -470,6 +470,11 @@ def test_pointer_reader_reads_data_pointers_and_refuses_what_is_not_a_tensor():
     out = array.array("q", [7] * (len(ts) + 1))
     assert reader.read(array.array("q", [id(t) for t in ts] + [0]), out)
     assert list(out) == [t.data_ptr() for t in ts] + [0], "0 stands for an absent tensor: NULL"
+    table = array.array("q", [7] * (len(ts) + 2))
+    assert reader.read_tuple(tuple(ts), table, 2)  # the tuple's own item pointers, no ids built
+    assert list(table) == [7, 7] + [t.data_ptr() for t in ts]
+    with pytest.raises(IndexError):
+        reader.read_tuple(tuple(ts), table, 3)
     for other in (None, 3.0, [torch.zeros(2)]):  # torch throws: caught in C++, returned as False
         assert not reader.read(array.array("q", [id(ts[0]), id(other)]), array.array("q", [0, 0]))
     reader.prefetch(array.array("q", [0, 64, id(ts[0])]), 256)  # a hint: any address is harmless

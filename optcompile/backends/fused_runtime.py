@@ -362,6 +362,14 @@ class PointerReader:
         tensor with data (``out`` is then partly written)."""
         return self._read(self.accessor, objs.buffer_info()[0], len(objs), out.buffer_info()[0]) == 0
 
+    def read_tuple(self, objs: tuple, out: array.array, at: int) -> bool:
+        """``read`` over a tuple's items, into ``out[at:at + len(objs)]``: the C loop reads the
+        tuple's own array of object pointers (CPython's layout, checked by ``works``), so no
+        array of ids is built."""
+        if not 0 <= at <= len(out) - len(objs):
+            raise IndexError(f"{len(objs)} pointers do not fit at {at} in a table of {len(out)}")
+        return self._read(self.accessor, id(objs) + _TUPLE_ITEMS, len(objs), out.buffer_info()[0] + 8 * at) == 0
+
     def prefetch(self, addrs: array.array, nbytes: int) -> None:
         self._prefetch(addrs.buffer_info()[0], len(addrs), nbytes)
 
@@ -372,8 +380,15 @@ class PointerReader:
               torch.zeros(0)]
         out = array.array("q", bytes(8 * (len(ts) + 1)))
         ok = self.read(array.array("q", list(map(id, ts)) + [0]), out)
-        return ok and list(out) == [t.data_ptr() for t in ts] + [0] and \
+        items = tuple(ts)
+        layout = tuple.__itemsize__ == 8 and ctypes.c_int64.from_address(id(items) + _TUPLE_ITEMS).value == id(ts[0])
+        from_tuple = array.array("q", bytes(8 * (len(ts) + 2)))
+        return ok and list(out) == [t.data_ptr() for t in ts] + [0] and layout and \
+            self.read_tuple(items, from_tuple, 1) and list(from_tuple) == [0] + list(out) and \
             not self.read(array.array("q", [id(None)]), array.array("q", [0]))
+
+
+_TUPLE_ITEMS = tuple.__basicsize__  # where a tuple's array of item pointers starts in CPython
 
 
 @functools.cache
@@ -443,7 +458,7 @@ class FusedTable:
         self.ptrs = array.array("q", bytes(8 * n * (len(buffers) + self.spills)))  # absent buffers: NULL
         self.reader = pointer_reader()
         if self.reader is not None:
-            self.objs = array.array("q", bytes(8 * n * len(buffers)))  # each pointer's tensor (its id); 0: NULL
+            self.objs = array.array("q", bytes(8 * n * len(buffers)))  # each pointer's tensor (its id); 0: none
             for i in self.kept_rows:
                 self.objs[i * n:(i + 1) * n] = array.array("q", map(id, buffers[i]))
             self.kept_objs = array.array("q", map(id, self.kept))
@@ -464,13 +479,12 @@ class FusedTable:
         if reader is not None:
             reader.prefetch(self.kept_impls, self.IMPL_BYTES)
             reader.prefetch(self.kept_objs, self.OBJECT_BYTES)
-        grads = list(map(_GRAD, self.params))
+        grads = tuple(map(_GRAD, self.params))
         if not (self.grad_guard.check(*grads) and self.kept_guard.check(*self.kept)):
             return False
         ptrs = self.ptrs
-        if reader is not None:
-            self.objs[n:2 * n] = array.array("q", map(id, grads))
-            if not reader.read(self.objs, ptrs):  # a tensor without data: the general path names it
+        if reader is not None:  # a tensor without data (False): the general path names it
+            if not (reader.read(self.objs, ptrs) and reader.read_tuple(grads, ptrs, n)):
                 return False
         else:
             last = self.last
