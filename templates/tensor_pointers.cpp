@@ -21,11 +21,3 @@ extern "C" int oc_data_ptrs(oc_data_ptr_fn get, const int64_t *objs, int64_t n, 
     }
     return 0;
 }
-
-// A cache hint: the first `bytes` bytes at each of addrs[0..n) are requested ahead of their use.
-// A prefetch never faults, so an address that is stale (or was never valid) costs only the miss.
-extern "C" void oc_prefetch(const int64_t *addrs, int64_t n, int64_t bytes) {
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t b = 0; b < bytes; b += 64)
-            __builtin_prefetch((const char *)(intptr_t)addrs[i] + b, 0, 3);
-}

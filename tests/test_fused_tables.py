@@ -128,8 +128,7 @@ def test_param_storage_swapped(state_check, how):
 
 
 def test_param_swapped_with_swap_tensors(state_check):
-    """``torch.utils.swap_tensors``: the same Python object, another TensorImpl (the table's
-    prefetch addresses go stale, which only costs their misses)."""
+    """``torch.utils.swap_tensors``: the same Python object, another TensorImpl and memory."""
     opt, params = _trained()
     with torch.no_grad():
         for i in (1, N - 3):
@@ -477,4 +476,3 @@ def test_pointer_reader_reads_data_pointers_and_refuses_what_is_not_a_tensor():
         reader.read_tuple(tuple(ts), table, 3)
     for other in (None, 3.0, [torch.zeros(2)]):  # torch throws: caught in C++, returned as False
         assert not reader.read(array.array("q", [id(ts[0]), id(other)]), array.array("q", [0, 0]))
-    reader.prefetch(array.array("q", [0, 64, id(ts[0])]), 256)  # a hint: any address is harmless

@@ -339,7 +339,7 @@ def cxx_compiler() -> "str | None":
 
 
 class PointerReader:
-    """The data pointers of many tensors in one C call, and a prefetch of their metadata.
+    """The data pointers of many tensors in one C call.
 
     ``read`` calls torch's accessor ``void *data_ptr(PyObject *)`` (exposed as a function address
     for Inductor's generated C++) over an array of object addresses (``id``), in
@@ -353,9 +353,6 @@ class PointerReader:
         self._read = lib.oc_data_ptrs
         self._read.restype = ctypes.c_int
         self._read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        self._prefetch = lib.oc_prefetch
-        self._prefetch.restype = None
-        self._prefetch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 
     def read(self, objs: array.array, out: array.array) -> bool:
         """``out[i]``: the data pointer of object ``objs[i]`` (0 stays 0); False if one is not a
@@ -370,12 +367,10 @@ class PointerReader:
             raise IndexError(f"{len(objs)} pointers do not fit at {at} in a table of {len(out)}")
         return self._read(self.accessor, id(objs) + _TUPLE_ITEMS, len(objs), out.buffer_info()[0] + 8 * at) == 0
 
-    def prefetch(self, addrs: array.array, nbytes: int) -> None:
-        self._prefetch(addrs.buffer_info()[0], len(addrs), nbytes)
-
     def works(self) -> bool:
         """The pointers read match ``data_ptr()`` (a Parameter, an offset view, bf16, an empty
-        tensor), and a non-tensor is refused, not crashed on."""
+        tensor), from an array of ids and from a tuple. (What torch throws is not provoked here:
+        tables read only tensors that just passed their guards; the tests check the catch.)"""
         ts = [torch.nn.Parameter(torch.zeros(3)), torch.arange(10.0)[3:], torch.zeros(2, dtype=torch.bfloat16),
               torch.zeros(0)]
         out = array.array("q", bytes(8 * (len(ts) + 1)))
@@ -384,8 +379,7 @@ class PointerReader:
         layout = tuple.__itemsize__ == 8 and ctypes.c_int64.from_address(id(items) + _TUPLE_ITEMS).value == id(ts[0])
         from_tuple = array.array("q", bytes(8 * (len(ts) + 2)))
         return ok and list(out) == [t.data_ptr() for t in ts] + [0] and layout and \
-            self.read_tuple(items, from_tuple, 1) and list(from_tuple) == [0] + list(out) and \
-            not self.read(array.array("q", [id(None)]), array.array("q", [0]))
+            self.read_tuple(items, from_tuple, 1) and list(from_tuple) == [0] + list(out)
 
 
 _TUPLE_ITEMS = tuple.__basicsize__  # where a tuple's array of item pointers starts in CPython
@@ -429,16 +423,12 @@ class FusedTable:
     kernel. False means nothing ran: the caller takes the general path, which checks and names
     what does not fit.
 
-    Over thousands of small tensors the step's cost beside the kernel is the tensors' metadata,
-    which the previous step's kernel (or a forward and backward) has pushed out of the caches:
-    with the ``PointerReader`` the pointers are read in one C call, and the params' and states'
-    objects and ``TensorImpl``s are prefetched first (at the addresses seen at build: a hint,
-    never read as data). Without it the pointers are read in Python and only the rows that moved
-    are rewritten.
+    Over thousands of small tensors the step's cost beside the kernel is reading the tensors'
+    metadata, which the previous step's kernel (or a forward and backward) has pushed out of the
+    caches: with the ``PointerReader`` the pointers are read in one C call (the params' and
+    states' ids are the table's, the grads' their tuple's own); without it they are read in
+    Python and only the rows that moved are rewritten.
     """
-
-    IMPL_BYTES = 256  # prefetched of each TensorImpl (c10's is 192 bytes, at any 64-byte phase)
-    OBJECT_BYTES = 64  # of each Python tensor object (THPVariable: its type and TensorImpl pointer)
 
     def __init__(self, step: FusedStep, fn, buffers):
         params = buffers[0]
@@ -461,8 +451,6 @@ class FusedTable:
             self.objs = array.array("q", bytes(8 * n * len(buffers)))  # each pointer's tensor (its id); 0: none
             for i in self.kept_rows:
                 self.objs[i * n:(i + 1) * n] = array.array("q", map(id, buffers[i]))
-            self.kept_objs = array.array("q", map(id, self.kept))
-            self.kept_impls = array.array("q", [t._cdata for t in self.kept])
         else:
             self.last: dict[int, list] = {i: [] for i in (1, *self.kept_rows)}  # the pointers in the table
         self.scratch_at = len(buffers) * n
@@ -474,11 +462,8 @@ class FusedTable:
 
     def step(self, host: dict) -> bool:
         """One kernel call over the table's tensors and their params' grads now, if every one of
-        them has its recorded layout; False, nothing read or written, otherwise."""
+        them has its recorded layout; False, nothing stepped, otherwise."""
         reader, n = self.reader, self.n
-        if reader is not None:
-            reader.prefetch(self.kept_impls, self.IMPL_BYTES)
-            reader.prefetch(self.kept_objs, self.OBJECT_BYTES)
         grads = tuple(map(_GRAD, self.params))
         if not (self.grad_guard.check(*grads) and self.kept_guard.check(*self.kept)):
             return False
