@@ -363,10 +363,11 @@ def test_deepcopy_and_pickle_of_an_optimizer_with_tables(state_check):
 
 
 # ── the table is used, and not rebuilt over and over ─────────────────────────────────────────
-def test_training_loop_steps_from_the_table(monkeypatch):
+def test_training_loop_steps_from_the_table(monkeypatch, pointers):
     """After two general steps (the second records the layout) the table steps: no general
     path, no per-tensor pointer pass; results as a fresh optimizer's."""
     opt, params = _trained()
+    assert (_table(opt).reader is not None) == (pointers == "c-pointers")
     fresh, copies = _fresh(opt, params)
     general = []
     call = fused_runtime.FusedStep.__call__
