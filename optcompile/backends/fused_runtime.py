@@ -8,7 +8,9 @@ in ``<cache dir>/fused/``, keyed by the source's hash, the compiler's identity (
 built it. Builds follow the cache's pattern: lock, check again, build in a temp folder, atomic
 rename. Anything that stops the fused path (no compiler, a failed build, fp64 or non-CPU
 tensors, a tensor that is not contiguous) falls back to the generated eager loop, which is the
-reference implementation, with one warning per cause.
+reference implementation, with one warning per cause. The prebuilt tables' pointer reader
+(``templates/tensor_pointers.cpp``, ``PointerReader``) is built and cached the same way by the C++
+compiler; without one the tables read their pointers in Python.
 """
 from __future__ import annotations
 
@@ -344,8 +346,9 @@ class PointerReader:
     ``read`` calls torch's accessor ``void *data_ptr(PyObject *)`` (exposed as a function address
     for Inductor's generated C++) over an array of object addresses (``id``), in
     ``templates/tensor_pointers.cpp``, which catches what it throws. Reading a pointer in Python
-    (``t.data_ptr()``: a method call and a new int) costs 3–4× as much, most of a prebuilt table's
-    step over thousands of small tensors. The objects must be kept alive by the caller.
+    (``t.data_ptr()``: a method call and a new int) costs about 4× as much when the tensors'
+    metadata is out of cache, as after a step's kernel: over thousands of small tensors, a
+    quarter of a prebuilt table's step (RESULTS.md, session 5). The caller keeps the objects alive.
     """
 
     def __init__(self, lib, accessor: int):
@@ -370,7 +373,8 @@ class PointerReader:
     def works(self) -> bool:
         """The pointers read match ``data_ptr()`` (a Parameter, an offset view, bf16, an empty
         tensor), from an array of ids and from a tuple. (What torch throws is not provoked here:
-        tables read only tensors that just passed their guards; the tests check the catch.)"""
+        tables read the params and states they hold and grads that passed their guard, which
+        have data; tests/test_fused_tables.py checks the catch.)"""
         ts = [torch.nn.Parameter(torch.zeros(3)), torch.arange(10.0)[3:], torch.zeros(2, dtype=torch.bfloat16),
               torch.zeros(0)]
         out = array.array("q", bytes(8 * (len(ts) + 1)))
