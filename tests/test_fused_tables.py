@@ -23,6 +23,7 @@ from optimizers import BACKENDS
 
 pytestmark = [pytest.mark.fused, pytest.mark.skipif(BACKENDS["fused"].unavailable() is not None,
                                                      reason=str(BACKENDS["fused"].unavailable()))]
+_POINTER_READER = fused_runtime.pointer_reader
 N = 40  # ≥ layouts.MIN_TENSORS: the layout is recorded, so the table is built
 SHAPES = [(8,), (3, 5)] * (N // 2)
 
@@ -477,3 +478,16 @@ def test_pointer_reader_reads_data_pointers_and_refuses_what_is_not_a_tensor():
         reader.read_tuple(tuple(ts), table, 3)
     for other in (None, 3.0, [torch.zeros(2)]):  # torch throws: caught in C++, returned as False
         assert not reader.read(array.array("q", [id(ts[0]), id(other)]), array.array("q", [0, 0]))
+
+
+
+def test_without_a_cxx_compiler_or_torchs_accessor_there_is_no_reader(monkeypatch):
+    """Then tables read their pointers in Python (every test here runs so too: python-pointers)."""
+    import torch._C._dynamo.guards as guards
+    build = _POINTER_READER.__wrapped__  # uncached: decides afresh
+    with monkeypatch.context() as m:
+        m.setattr(fused_runtime, "cxx_compiler", lambda: None)
+        assert build() is None
+    with monkeypatch.context() as m:
+        m.delattr(guards, "_torchinductor_pyobject_tensor_data_ptr")
+        assert build() is None
