@@ -921,8 +921,8 @@ class _FusedGroup:
     and picks the same backend; ``optimizer.state`` is the same dict, no param's state dict was
     replaced, added or removed, and none of them was mutated (CPython's dict version tags, one
     read per param; without them every state tensor is looked up and compared by identity);
-    then ``FusedTable.check`` compares every param's, grad's and state's layout in one C++ pass,
-    and ``launch`` reads their data pointers afresh. Any difference and the step returns False
+    then ``FusedTable.step`` reads the grads, compares every param's, grad's and state's layout
+    in C++, reads their data pointers afresh and runs the kernel. Any difference and the step returns False
     having done nothing: the general path runs, checks, raises where something does not fit, and
     may build the table again. Hyperparameters and the step count are read from the group every step.
 
@@ -1011,9 +1011,6 @@ class _FusedGroup:
             return False
         if not self._states_unchanged(opt):
             return False
-        buffers = [params, list(map(_GRAD, params)), *self.lists]
-        if not self.table.check(buffers):
-            return False
         info = opt._info
         hypers = host_values(info, {k: group[k] for k in info.keys})
         step = group.get("step")
@@ -1027,16 +1024,14 @@ class _FusedGroup:
             if len(sets) > 1:
                 return False
             hypers.update(zip(info.scalar_states, sets[0][1]))
-        self.table.launch(buffers, info.host(**hypers, **flags))
+        if not self.table.step(info.host(**hypers, **flags)):
+            return False  # a grad or tensor changed: nothing ran
         if info.scalar_states:
             store_scalar_states(scalar_states, sets, [info.scalar_update(**hypers, **flags)])
         if info.uses_step:
             step.add_(1)
         self.ran += 1
         return True
-
-
-_GRAD = operator.attrgetter("grad")
 
 
 def _drop_fused_groups(optimizer: CompiledOptimizer, state_dict: dict) -> None:
