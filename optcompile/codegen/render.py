@@ -261,6 +261,7 @@ def module_context(prog: Program) -> dict:
         "host_lines": host_lines(prog),
         "host_used": used,
         "scalar_states": [s.name for s in prog.scalar_states],
+        "rounds_fp32": any(s.precision == "fp32" for s in prog.scalar_states),  # imports round_fp32
         "scalar_values": [s.value for s in prog.scalar_states],
         "scalar_state_names": repr(tuple(s.name for s in prog.scalar_states)),
         "states": states,
