@@ -241,6 +241,7 @@ class ScalarState:
     init: Any
     value: str
     origin: Origin = NO_ORIGIN
+    precision: str = "fp32"  # "fp64": a 0-dim fp64 tensor, its value computed in double (no Fp32 rounding)
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,7 @@ class Program:
     signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
     decay_lr: Any = None  # the lr weight decay uses where it is not update_lr (spec.update's decay_lr=)
     scalar_states: tuple[ScalarState, ...] = ()  # 0-dim fp32 states the step reads (host inputs) and writes
+    views: tuple[tuple[str, Any], ...] = ()  # spec.eval_view: ("eval", param value), ("train", param value)
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -418,7 +420,7 @@ class Program:
         for s in self.records:
             out.append(f"  record {s.name} = {s.init}  (0-dim, not read by the step)")
         for s in self.scalar_states:
-            out.append(f"  scalar state {s.name} = {s.init}  (0-dim fp32, per param; stores {s.value})")
+            out.append(f"  scalar state {s.name} = {s.init}  (0-dim {s.precision}, per param; stores {s.value})")
         for h in self.host:
             guard = "" if h.guard == TRUE else f"  [only if {h.guard}]"
             out.append(f"  host {h.name}: {h.kind} = {h.expr}{guard}")
@@ -432,5 +434,7 @@ class Program:
                     out.append(f"    {guard}{st.name} = {st.op}({st.expr})  # per tensor")
                 else:
                     out.append(f"    {guard}{st.name} = {st.expr}  # per tensor scalar")
+        for name, expr in self.views:
+            out.append(f"  view {name}: param = {expr}")
         out.append(f"  update lr = {self.update_lr}")
         return "\n".join(out) + "\n"
