@@ -319,7 +319,7 @@ _ENTRIES = {e.stem: e for e in [
         torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.AdamW,
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
     OptimizerInfo(
-        "adamwschedulefree", "AdamWScheduleFree",
+        "adamwschedulefree", "AdamWScheduleFree", nonnegative=("exp_avg_sq",),
         training=_training(("wd-warmup", dict(weight_decay=1e-2, warmup_steps=5))),
         kernel=({"weight_decay": 0.01, "warmup_steps": 3}, {"r": 1.0, "weight_lr_power": 0.0, "maximize": True}),
         differential=(),
