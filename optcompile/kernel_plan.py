@@ -463,44 +463,49 @@ def unsupported(prog: Program) -> str | None:
     return None
 
 
-def broadcast_index(shape, axes) -> tuple[int, int, int, int, int]:
-    """How a kernel finds, for element ``i`` of a contiguous tensor of ``shape``, the element of a
-    contiguous buffer of that shape with the dims ``axes`` set to 1 (a reduced-shape state or axis
-    value): ``j = ((i % L) // A) * B + (i % C) // D``. Dims merge into runs that are all kept or all
-    reduced; a leading reduced run is dropped by ``% L``, and the two kept runs that may remain
-    (``(..., R, C)`` reduced along -2 has kept ``...`` and ``C``) give the two terms. Over a 2-D
-    ``(R, C)``: along -1, ``j = i // C``; along -2, ``j = i % C``. Raises ValueError for a pattern
-    with three kept runs (the kernels then step those tensors with the torch code)."""
+BROADCAST_ROW = 6  # numbers per tensor and reduced shape in the kernels' broadcast tables
+
+
+def broadcast_index(shape, axes, strides=None) -> tuple[int, ...]:
+    """How a kernel finds, for the element at memory position ``i`` of a dense tensor of ``shape``
+    (and ``strides``; contiguous if None), the element of a contiguous buffer of that shape with the
+    dims ``axes`` set to 1 (a reduced-shape state or axis value):
+    ``j = ((i % L) // A) * B + ((i % C) // D) * E``. Dims, in memory order, merge into runs that are
+    all reduced or all kept (and contiguous in the buffer too); each kept run is one term
+    ``((i % (stride·size)) // stride) * buffer stride``, so two kept runs fit (``(..., R, C)``
+    reduced along -2 keeps ``...`` and ``C``). Over a contiguous 2-D ``(R, C)``: along -1,
+    ``j = i // C``; along -2, ``j = i % C``. Raises ValueError for three kept runs (the kernels then
+    step those tensors with the torch code)."""
+    shape = tuple(shape)
     n = len(shape)
+    if 0 in shape:
+        return (1, 1, 0, 1, 1, 0)  # no elements: never read
+    if strides is None:
+        strides = [1] * n
+        for d in range(n - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
     reduced = {a % n for a in axes} if n else set()
-    runs: list[list] = []  # [kept, size]
-    for d, size in enumerate(shape):
-        if size == 1:
-            continue  # a dim of size 1 is either kind
+    out_strides = [1] * n  # the buffer's (contiguous, in the param's dim order)
+    for d in range(n - 2, -1, -1):
+        out_strides[d] = out_strides[d + 1] * (1 if d + 1 in reduced else shape[d + 1])
+    dims = sorted((d for d in range(n) if shape[d] != 1), key=lambda d: -strides[d])  # memory order
+    runs: list[list] = []  # [kept, memory stride, size, buffer stride] of the innermost dim so far
+    for d in dims:
         kept = d not in reduced
-        if runs and runs[-1][0] == kept:
-            runs[-1][1] *= size
+        if runs and runs[-1][0] == kept and (not kept or runs[-1][3] == out_strides[d] * shape[d]):
+            runs[-1][1], runs[-1][2] = strides[d], runs[-1][2] * shape[d]
+            runs[-1][3] = out_strides[d] if kept else 0
         else:
-            runs.append([kept, size])
-    total = 1
-    for _, size in runs:
-        total *= size
-    if runs and not runs[0][0]:
-        total //= runs[0][1]
-        runs = runs[1:]
-    kept = [size for kind, size in runs if kind]  # runs now alternate kept, reduced, kept, …
-    if len(kept) > 2:
-        raise ValueError(f"a buffer of shape {tuple(shape)} reduced along {tuple(axes)}: more than two runs of "
-                         "kept dims")
-    after = [1] * len(runs)  # elements after each run
-    for k in range(len(runs) - 2, -1, -1):
-        after[k] = after[k + 1] * runs[k + 1][1]
-    L = max(total, 1)
-    if not kept:
-        return (L, L, 0, 1, 1)
-    if len(kept) == 1:
-        return (L, after[0], 1, 1, 1)
-    return (L, after[0], kept[1], kept[1] * after[2], after[2])
+            runs.append([kept, strides[d], shape[d], out_strides[d] if kept else 0])
+    terms = []
+    for kept, stride, size, out in runs:
+        if kept:
+            terms.append((stride * size, stride, out))
+    if len(terms) > 2:
+        raise ValueError(f"a buffer of shape {shape} reduced along {tuple(axes)}: more than two runs of kept dims")
+    terms += [(1, 1, 0)] * (2 - len(terms))
+    (L, A, B), (C, D, E) = terms
+    return (L, A, B, C, D, E)
 
 
 class _AxisSplit:

@@ -123,8 +123,6 @@ class OptimizerInfo:
     * ``torch_exact``: eager and foreach equal torch.optim bit for bit in fp32 (torch_family). Not
       Adafactor: torch computes its row/column means and RMS values with ``torch.norm``, we with
       sums of squares (a few fp32 ulps).
-    * ``kernels``: the Triton and fused backends have kernels for it. Not Adafactor (axis
-      reductions): they warn and run its foreach step (codegen/render.NO_KERNEL).
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
       zero two backends' fp32 values differ by a few ulps of the *terms*: the backend comparisons
       (tests/test_fused.py, tests/test_triton.py) allow an absolute error of ``SUMMED_ULPS`` fp32
@@ -149,7 +147,6 @@ class OptimizerInfo:
     kahan: Mapping = field(default_factory=dict)
     summed_states: tuple[str, ...] = ()
     torch_exact: bool = True
-    kernels: bool = True
 
     def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
         """The absolute tolerance for comparing ``value`` (a param: ``state=None``) between two
@@ -241,8 +238,7 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(beta2_decay=-0.6, d=1.5),
         torch_family=_product(opts__=[{}, dict(beta2_decay=-0.5, eps=(1e-4, 1e-2))], d=[1.0, 1.5],
                               wd__=[{}, dict(weight_decay=0.1)], maximize=[False, True]),
-        torch_exact=False,
-        kernels=False),
+        torch_exact=False),
     OptimizerInfo(
         "adagrad", "Adagrad",
         training=_training(("l2", dict(weight_decay=1e-2, lr_decay=1e-3))),

@@ -240,7 +240,7 @@ class FusedStep:
         for p in params:
             for axes in self.iface["broadcasts"]:
                 ok = all(-p.dim() <= a < p.dim() for a in axes)
-                rows += broadcast_index(p.shape, axes) if ok else (1, 1, 0, 1, 1)
+                rows += broadcast_index(p.shape, axes) if ok else (1, 1, 0, 1, 1, 0)  # (contiguous: _pointers)
         bc = array.array("q", rows or [0])
         views = [[scratch[s * n + t].view(params[t].shape) for t in range(n)] for s in range(self.iface["spills"])]
         run = self.info.extra["kernel_segments"]

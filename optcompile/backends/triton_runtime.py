@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,27 +74,30 @@ class LaunchPlan:
     spills: torch.Tensor | None  # fp32 [n_spills, total]: values a later stage reads, for this step only
     state_dtypes: tuple = ()  # tl dtype of each state (state_precision)
     tensor_keys: torch.Tensor | None = None  # int64 [n_tensors]: stochastic rounding's keys, or None
-    broadcast: torch.Tensor | None = None  # int64 [n_tensors, n_shapes, 5]: kernel_plan.broadcast_index
+    broadcast: torch.Tensor | None = None  # int64 [n_tensors, n_shapes, 6]: kernel_plan.broadcast_index
+    held: list = field(default_factory=list)  # the segments' axis buffers, alive while kernels read them
 
     def __getattr__(self, name):  # grid, numels, program_tensor, … come from the layout
         return getattr(self.__dict__["layout"], name)
 
     def spill_views(self, i: int, params) -> list[torch.Tensor]:
-        """Spill row ``i`` as one fp32 view per tensor, shaped like its param (a segment reduces them)."""
+        """Spill row ``i`` as one fp32 view per tensor, laid out like its param (the kernels write a
+        dense param's elements in memory order): the values a segment reduces."""
         row = self.spills[i]
-        return [row[o:o + p.numel()].view(p.shape) for o, p in zip(self.layout.host_offsets, params)]
+        return [torch.as_strided(row, p.shape, p.stride(), o) for o, p in zip(self.layout.host_offsets, params)]
 
     def pointer_rows(self, lists) -> torch.Tensor:
         """The pointer table of a segment's axis buffers: int64 [len(lists), n_tensors], 0 where a
-        value was not computed (its readers' guard is off)."""
+        value was not computed (its readers' guard is off). Each is made a contiguous fp32 tensor
+        (a reduction of a permuted layout keeps it), held by the plan until the step ends."""
         rows = []
         for values in lists:
             if values is None:
                 rows.append([0] * self.layout.n_tensors)
                 continue
+            values = [t.contiguous().float() for t in values]
+            self.held.append(values)
             rows.append([t.data_ptr() for t in values])
-            if not all(t.is_contiguous() and t.dtype == torch.float32 for t in values):
-                raise RuntimeError("a segment's axis buffer must be a contiguous fp32 tensor")
         return torch.tensor(rows, dtype=torch.int64).to(self.layout.numels.device)
 
 
@@ -130,12 +133,10 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int, n_reducti
 def _check(buffers, dtypes, reduced=None) -> None:
     """Every present tensor must be dense, shaped and strided like its param, on its device, and of
     its buffer's dtype (the param's; a state's own under state_precision). ``reduced``: buffer
-    index → dims of a reduced-shape state; then every tensor must be contiguous (the kernels index
-    the reduced buffers from an element's position in the param's shape)."""
+    index → dims of a reduced-shape state, which must be contiguous in its reduced shape (the
+    kernels index it from an element's memory position: kernel_plan.broadcast_index)."""
     params = buffers[0]
     reduced = reduced or {}
-    if reduced and not all(p.is_contiguous() for p in params):
-        raise UnsupportedTensors("a param is not contiguous (a reduced-shape state is indexed by its shape)")
     for b, tensors in enumerate(buffers[1:], 1):
         dtype = dtypes[b]
         for p, t in zip(params, tensors):
@@ -214,7 +215,7 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
         _CHECKED.put(buffers, True)
     broadcast = None
     if broadcasts:
-        shapes = tuple(tuple(p.shape) for p in params)
+        shapes = tuple((tuple(p.shape), p.stride()) for p in params)  # dense (_check): memory order by strides
         broadcast = _lru(_BROADCASTS, (p0.device, shapes, broadcasts), lambda: _broadcast(p0.device, shapes, broadcasts))
     spills = torch.empty(n_spills, layout.total, dtype=torch.float32, device=p0.device) if n_spills else None
     keys = None if sr is None else torch.tensor(sr.tensor_keys(), dtype=torch.int64).to(p0.device)
@@ -228,15 +229,15 @@ def _broadcast(device, shapes, broadcasts) -> torch.Tensor:
     shape the param's rank cannot have (a factored state of a 1-D param) gets a harmless row, read
     by no load (its guard is off)."""
     rows = []
-    for shape in shapes:
+    for shape, strides in shapes:
         for axes in broadcasts:
             if all(-len(shape) <= a < len(shape) for a in axes):
                 try:
-                    rows += broadcast_index(shape, axes)
+                    rows += broadcast_index(shape, axes, strides)
                 except ValueError as exc:
                     raise UnsupportedTensors(str(exc)) from None
             else:
-                rows += (1, 1, 0, 1, 1)
+                rows += (1, 1, 0, 1, 1, 0)
     return torch.tensor(rows, dtype=torch.int64).to(device)
 
 

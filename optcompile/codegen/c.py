@@ -285,6 +285,7 @@ def context(prog: Program) -> dict:
         "n_tscalars": max(1, len(ts_names)),
         "segments": [{"index": g.index, "after": g.after} for g in plan.segments],
         "broadcasts": [list(a) for a in plan.broadcasts],
+        "broadcast_row": kernel_plan.BROADCAST_ROW,
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
                                  "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills),
                                  "states": [b.name for b in plan.buffers if b.storage == "state"]} | ({
@@ -340,7 +341,8 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
     for a in st.loads:
         b = plan.buffer(a.buffer)
         # a reduced-shape buffer: its element for this one (kernel_plan.broadcast_index), from the tensor's start
-        at = f"oc_bidx(oc_bc + {5 * plan.broadcast_of(b.name)}, oc_start + oc_i)" if b.broadcast else "oc_i"
+        at = f"oc_bidx(oc_bc + {kernel_plan.BROADCAST_ROW * plan.broadcast_of(b.name)}, oc_start + oc_i)" \
+            if b.broadcast else "oc_i"
         value = f"oc_ptr_{b.name}[{at}]" if b.storage == "fp32" else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[{at}])"
         loads.append(f"float {b.value} = {_when(a.guard, value, '0.0f')};")
     for a in st.stores:

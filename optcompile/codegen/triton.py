@@ -248,10 +248,11 @@ class KernelBuilder:
         for q in kinds:
             shown = ", ".join(b.name for b in plan.buffers if b.axes == plan.broadcasts[q])
             guard = kernel_plan.any_of([a.guard for a in st.loads if plan.buffer(a.buffer).axes == plan.broadcasts[q]])
-            indexes.append((guard, [f"_b = _broadcast + (_tensor * {len(plan.broadcasts)} + {q}) * 5  # {shown}: "
+            row = kernel_plan.BROADCAST_ROW
+            indexes.append((guard, [f"_b = _broadcast + (_tensor * {len(plan.broadcasts)} + {q}) * {row}  # {shown}: "
                                     f"reduced along {list(plan.broadcasts[q])}",
                                     f"_index{q} = ((_offsets % tl.load(_b)) // tl.load(_b + 1)) * tl.load(_b + 2) + "
-                                    "(_offsets % tl.load(_b + 3)) // tl.load(_b + 4)"]))
+                                    "((_offsets % tl.load(_b + 3)) // tl.load(_b + 4)) * tl.load(_b + 5)"]))
         for a in st.loads:
             b = plan.buffer(a.buffer)
             at = f"_index{plan.broadcast_of(b.name)}" if b.broadcast else "_offsets"
