@@ -515,7 +515,7 @@ class _AxisSplit:
     *segment* statement (an assignment of a reduced shape: a reduced-shape state, a reduced temp).
     An axis reduction inside a kernel statement becomes a segment temp (``axis0 = AxisMean(…)``)
     that the kernel reads by a broadcast index; the full-shape operand of an axis reduction is a
-    kernel temp (``axis0_in``), which reaches the segment through a spill. Statements are then
+    kernel temp (``axis_in0``), which reaches the segment through a spill. Statements are then
     placed at positions 0, 1, 2 … (even: kernel stage, odd: segment) by their dependencies
     (reads after writes, writes after reads and writes), body order kept within a position; a
     kernel statement reads a reduction one stage later, as ``Program.stages`` does."""
@@ -529,7 +529,7 @@ class _AxisSplit:
         self.stored = set(prog.stored())
         self.taken = prog.host_names() | self.stored | {"grad", "numel"} | \
             {getattr(s, "name", None) or s.target for s in prog.body}
-        self.count = 0
+        self.count = self.inputs = 0  # axis values, full-shape operands: their names' numbers
         self.out: list[tuple[str, Any]] = []  # ("kernel" | "segment", statement)
         for s in prog.body:
             self.statement(s)
@@ -566,6 +566,8 @@ class _AxisSplit:
                 self.axes[s.target] = tuple(sorted(shape or ()))
             self.out.append(("segment", dataclasses.replace(s, expr=expr)))
             return
+        if s.target not in self.stored:
+            self.known[s.target] = frozenset()  # a kernel temp: one value per element
         self.out.append(("kernel", dataclasses.replace(s, expr=self.kernel_expr(s.expr, s.guard, s.origin))))
 
     @staticmethod
@@ -603,7 +605,8 @@ class _AxisSplit:
                 continue
             x = self.kernel_expr(x, guard, origin)
             if not (isinstance(x, sympy.Symbol) and x.name not in self.stored | {"grad"}):
-                name = self.fresh(f"axis{self.count}_in")
+                name = self.fresh(f"axis_in{self.inputs}")
+                self.inputs += 1
                 sym = sympy.Symbol(name, real=True)
                 self.known[name] = frozenset()
                 self.out.append(("kernel", Assign(sym, x, guard, origin)))

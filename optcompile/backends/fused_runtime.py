@@ -254,9 +254,11 @@ class FusedStep:
                 values = run(k, params, *lists, views, **kw)
                 kept.append(values)
                 names = self.iface["axis_buffers"]
-                for name, tensors in zip(names, values):
+                for name, tensors in zip(self.iface["segment_outputs"][k], values):
                     if tensors is None:
                         continue
+                    tensors = [t.contiguous() for t in tensors]  # (fp32: the segment's torch ops on fp32 views)
+                    kept.append(tensors)
                     row = (first_axis + names.index(name)) * n
                     ptrs[row:row + n] = array.array("q", [t.data_ptr() for t in tensors])
                 return 0

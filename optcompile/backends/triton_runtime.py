@@ -84,7 +84,8 @@ class LaunchPlan:
         """Spill row ``i`` as one fp32 view per tensor, laid out like its param (the kernels write a
         dense param's elements in memory order): the values a segment reduces."""
         row = self.spills[i]
-        return [torch.as_strided(row, p.shape, p.stride(), o) for o, p in zip(self.layout.host_offsets, params)]
+        at = row.storage_offset()
+        return [torch.as_strided(row, p.shape, p.stride(), at + o) for o, p in zip(self.layout.host_offsets, params)]
 
     def pointer_rows(self, lists) -> torch.Tensor:
         """The pointer table of a segment's axis buffers: int64 [len(lists), n_tensors], 0 where a

@@ -292,7 +292,9 @@ def context(prog: Program) -> dict:
                                      "segments": len(plan.segments), "broadcasts": [list(a) for a in plan.broadcasts],
                                      "reduced": {b.name: list(b.axes) for b in plan.buffers
                                                  if b.role == "state" and b.axes},
-                                     "axis_buffers": [b.name for b in plan.axis_buffers]} if plan.segments else {}),
+                                     "axis_buffers": [b.name for b in plan.axis_buffers],
+                                     "segment_outputs": [list(g.outputs) for g in plan.segments]}
+                                    if plan.segments else {}),
                                 sort_keys=True),
     }
 

@@ -216,7 +216,6 @@ class KernelBuilder:
         self.fn = prog.functional
         self.printer = TritonPrinter(constexpr=self.plan.flags)
         self.table = [b.name for b in self.plan.buffers if b.role not in ("spill", "axis")]  # rows of the pointer table
-        self.axis_table = [b.name for b in self.plan.axis_buffers]  # rows of the segments' pointer table
         if len(self.plan.stages) > 1:
             self.kernel_names = [f"_{self.fn}_stage{k}_kernel" for k in range(len(self.plan.stages))]
         else:
@@ -274,8 +273,8 @@ class KernelBuilder:
             "stage": st.index,
             "pointers": [{"name": b.name, "dtype": self.dtype(b), "spill": b.role == "spill", "value": b.value,
                           "broadcast": b.broadcast, "axis": b.role == "axis",
-                          "row": (self.axis_table if b.role == "axis" else self.table).index(b.name)
-                          if b.role != "spill" else 0} for b in pointers],
+                          "row": self.table.index(b.name) if b.role not in ("spill", "axis") else 0,
+                          "filled": self.filled(b.name, st.index) if b.role == "axis" else ""} for b in pointers],
             "spills": any(b.role == "spill" for b in pointers),
             "broadcasts": bool(kinds),
             "per_tensor": per_tensor + self._grouped(indexes),
@@ -335,6 +334,12 @@ class KernelBuilder:
         return {"name": f"_{self.fn}_reduce{st.index}_kernel", "stage": st.index, "reductions": items, "flags": flags,
                 "sum_rows": repr(rows["sum"]), "max_rows": repr(rows["max"])}
 
+    def filled(self, name: str, stage: int) -> str:
+        """Where stage ``stage`` finds an axis buffer's pointers: the table of the last segment before
+        it that fills the buffer, and its row there."""
+        seg = [g for g in self.plan.segments if g.after < stage and name in g.outputs][-1]
+        return f"_segment{seg.index}_ptrs[{seg.outputs.index(name)}]"
+
     def segment(self, seg: kernel_plan.Segment) -> dict:
         """A segment between launches: torch ops (codegen/segments.py) on the spills' views, then the
         pointer table of the axis buffers it filled."""
@@ -358,7 +363,6 @@ class KernelBuilder:
             "spec_path": self.prog.spec_path,
             "launches": launches,
             "table": self.table,
-            "axis_table": self.axis_table,
             "broadcasts": repr(self.plan.broadcasts),
             "reduced": repr({i: b.axes for i, b in enumerate(self.plan.buffers) if b.role == "state" and b.axes}),
             "spills": [b.name for b in self.plan.spills],
