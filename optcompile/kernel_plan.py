@@ -559,8 +559,9 @@ class _AxisSplit:
             expr = self.segment_expr(s.expr, s.guard, s.origin)
             bad = sorted(_names(expr) & self.per_tensor)
             if bad:
-                raise NotImplementedError(f"{self.prog.name}: a value of a reduced shape ({_shown(s.origin)}) reads the "
-                                          f"per-tensor {', '.join(bad)}, which the kernels' torch segments do not take")
+                raise NotImplementedError(f"{self.prog.name}: a value of a reduced shape ({_shown(s.origin)}) reads "
+                                          f"the per-tensor {', '.join(bad)}, which the kernels' torch segments do "
+                                          "not take")
             if s.target not in self.stored:
                 self.known[s.target] = shape or frozenset()
                 self.axes[s.target] = tuple(sorted(shape or ()))

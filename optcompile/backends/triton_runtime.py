@@ -217,7 +217,8 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
     broadcast = None
     if broadcasts:
         shapes = tuple((tuple(p.shape), p.stride()) for p in params)  # dense (_check): memory order by strides
-        broadcast = _lru(_BROADCASTS, (p0.device, shapes, broadcasts), lambda: _broadcast(p0.device, shapes, broadcasts))
+        broadcast = _lru(_BROADCASTS, (p0.device, shapes, broadcasts),
+                         lambda: _broadcast(p0.device, shapes, broadcasts))
     spills = torch.empty(n_spills, layout.total, dtype=torch.float32, device=p0.device) if n_spills else None
     keys = None if sr is None else torch.tensor(sr.tensor_keys(), dtype=torch.int64).to(p0.device)
     return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
