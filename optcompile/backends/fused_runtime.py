@@ -219,7 +219,12 @@ class FusedStep:
         extra = ()
         if self.segments:  # the axis buffers' rows (filled by the segments), the broadcast table, the callback
             ptrs.extend([0] * (len(params) * len(self.iface["axis_buffers"])))
-            extra = self._segment_args(params, lists, scratch, ptrs, host)
+            try:
+                extra = self._segment_args(params, lists, scratch, ptrs, host)
+            except ValueError as exc:  # a reduced shape the broadcast index does not take (three kept runs)
+                warn_once(f"broadcast:{self.source}", f"the fused C kernel cannot index this reduced shape ({exc}); "
+                          "using the eager backend")
+                return self.eager(params, *lists, **host)
         self._launch(fn, len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], host, extra)
 
     def _shapes(self, shapes):
