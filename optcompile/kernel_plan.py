@@ -17,7 +17,12 @@ computes it, in terms that no printer re-derives:
   that a later stage reads goes through an fp32 scratch buffer (a *spill*), stored by the stage
   that sets it; a per-tensor value is recomputed from the reductions' totals, which stay in memory;
 * **flags vs scalars**: host booleans that the kernels read only as conditions are compile-time
-  flags (Triton ``tl.constexpr``, C variant bits); every other host value is an fp32 scalar.
+  flags (Triton ``tl.constexpr``, C variant bits); every other host value is an fp32 scalar;
+* **values of a reduced shape** (axis reductions, states stored with ``axis=``): the statements
+  that compute them run as torch ops in a *segment* between two stages (:class:`Segment`); a stage
+  reads a reduced-shape state, or an axis value from an fp32 buffer the segment fills, by a
+  broadcast index (:func:`broadcast_index`); the full-shape operand of an axis reduction reaches
+  the segment through a spill.
 
 A kernel printer (codegen/triton.py, codegen/c.py) walks the plan and spells it; it decides only
 what is particular to its target (Triton's launch grid, C's variants and SIMD loop).
@@ -33,7 +38,7 @@ import sympy
 
 from .codegen.forms import Forms
 from .codegen.host import used_host_names
-from .ir import TRUE, Assign, Origin, Program, Reduction, TensorScalar
+from .ir import TRUE, Assign, AxisReduction, Origin, Program, Reduction, TensorScalar, axes_of
 from .step_flags import STEP_FLAGS
 
 
@@ -42,10 +47,15 @@ class Buffer:
     """Memory a kernel reads or writes per element."""
 
     name: str
-    role: str  # "param" | "grad" | "state" | "spill"
+    role: str  # "param" | "grad" | "state" | "spill" | "axis" (a reduced-shape value a segment computes)
     storage: str  # "param": the group's dtype (param, kahan_comp); "grad": the grads' dtype; "state": the
     # state's own dtype (``state_precision``, a per-buffer parameter of a C build / Triton launch); "fp32": scratch
     value: str  # the element value it holds (a spill holds a temp, or ``grad`` after L2 decay)
+    axes: tuple[int, ...] = ()  # a reduced shape (these dims are 1): stages read it by a broadcast index
+
+    @property
+    def broadcast(self) -> bool:
+        return bool(self.axes)
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,23 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Torch ops between kernel stage ``after`` and the next (-1: before the first): the statements
+    of a reduced shape (axis reductions, updates of reduced-shape states), printed as the foreach
+    backend prints them (codegen/segments.py). They read reduced-shape states and the spills of the
+    full-shape values they reduce, write the reduced-shape states back (rounded to their storage),
+    and fill the ``outputs`` axis buffers that later stages read."""
+
+    index: int
+    after: int
+    body: tuple[Assign, ...]
+    spills: tuple[str, ...]  # spill buffers it reads (each holds a full-shape value, ``Buffer.value``)
+    states: tuple[str, ...]  # reduced-shape states it reads or writes
+    written: tuple[str, ...]  # those it writes
+    outputs: tuple[str, ...]  # axis buffers it fills
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     name: str  # the optimizer (``AdamW``)
     fn: str  # the functional name (``adamw``)
@@ -133,10 +160,23 @@ class KernelPlan:
     stages: tuple[Stage, ...]
     reductions: tuple[Reduce, ...]  # all of them, by slot
     per_tensor_names: tuple[str, ...]  # every per-tensor value (reductions included), in body order
+    segments: tuple[Segment, ...] = ()  # torch ops between stages (values of a reduced shape)
+    broadcasts: tuple[tuple[int, ...], ...] = ()  # the reduced shapes stages read, each an index table row
 
     @property
     def spills(self) -> tuple[Buffer, ...]:
         return tuple(b for b in self.buffers if b.role == "spill")
+
+    @property
+    def axis_buffers(self) -> tuple[Buffer, ...]:
+        return tuple(b for b in self.buffers if b.role == "axis")
+
+    def segments_after(self, stage: int) -> tuple[Segment, ...]:
+        return tuple(g for g in self.segments if g.after == stage)
+
+    def broadcast_of(self, name: str) -> int:
+        """The index table row a broadcast buffer is read by (its reduced shape's position)."""
+        return self.broadcasts.index(self.buffer(name).axes)
 
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
@@ -153,10 +193,21 @@ class KernelPlan:
         def text(e) -> str:
             return sympy.sstr(e, order="none")  # the plan's term order
 
+        def segment(g: Segment) -> list[str]:
+            lines = [f"  segment {g.index} (torch ops):"]
+            for s in g.body:
+                lines.append(f"    {s.target} = {text(s.expr)}{when(s.guard)}")
+            return lines + [f"    fill {n} (fp32, broadcast)" for n in g.outputs]
+
+        def shape(b: Buffer) -> str:
+            return f", reduced along {list(b.axes)}" if b.axes else ""
+
         out = [f"kernel plan {self.name}",
-               "  buffers: " + ", ".join(f"{b.name} ({b.storage})" for b in self.buffers),
+               "  buffers: " + ", ".join(f"{b.name} ({b.storage}{shape(b)})" for b in self.buffers),
                f"  flags: {', '.join(self.flags) or '-'}",
                f"  scalars: {', '.join(self.scalars) or '-'}"]
+        for g in self.segments_after(-1):
+            out += segment(g)
         for st in self.stages:
             out.append(f"  stage {st.index}:" + (f"  totals {', '.join(st.totals)}" if st.totals else ""))
             for t in st.per_tensor:
@@ -172,6 +223,8 @@ class KernelPlan:
                     out.append(f"    {s.target} = {text(s.expr)}{when(s.guard)}{rounds}")
             for a in st.stores:
                 out.append(f"    store {a.buffer}{when(a.guard)}")
+            for g in self.segments_after(st.index):
+                out += segment(g)
         return "\n".join(out) + "\n"
 
 
@@ -253,9 +306,11 @@ def _shown(o: Origin) -> Origin:
     return o
 
 
-def _spills(prog: Program, stages: list[list], stored: set[str]) -> tuple[dict[str, str], dict[int, set[str]]]:
-    """Element values read in a later stage than one that sets them: name → its scratch buffer,
-    and per stage the names it reads from scratch. ``grad`` spills only once a stage reassigns it."""
+def _spills(prog: Program, stages: list[list], stored: set[str],
+            segment_reads: dict[int, set[str]] | None = None) -> tuple[dict[str, str], dict[int, set[str]]]:
+    """Element values read in a later stage than one that sets them (or by a segment after it,
+    ``segment_reads``: segment index → names): name → its scratch buffer, and per stage the names it
+    reads from scratch. ``grad`` spills only once a stage reassigns it."""
     temps = {s.target for s in prog.body if isinstance(s, Assign) and s.target not in stored}
     set_before: set[str] = set()  # element values some earlier stage assigned
     reads_spilled: dict[int, set[str]] = {}
@@ -273,7 +328,7 @@ def _spills(prog: Program, stages: list[list], stored: set[str]) -> tuple[dict[s
         set_before |= local
     taken = set(prog.stored()) | {"grad"}
     names = {}
-    for n in sorted(set().union(*reads_spilled.values()) if reads_spilled else set()):
+    for n in sorted(set().union(*reads_spilled.values(), *(segment_reads or {}).values())):
         name = f"spill_{n}"
         while name in taken:
             name += "_"
@@ -283,22 +338,33 @@ def _spills(prog: Program, stages: list[list], stored: set[str]) -> tuple[dict[s
 
 
 def build(prog: Program) -> KernelPlan:
+    """The plan of ``prog``; NotImplementedError (naming what) for a program the kernels cannot take."""
+    original = prog
+    split = _AxisSplit(prog) if prog.has_axes() else None
+    stages_ir = prog.stages() if split is None else split.stages
+    segments_ir = [] if split is None else split.segments
+    if split is not None:
+        prog = split.program  # the kernels' statements: axis reductions replaced by the values segments fill
     stored = list(prog.stored())
     states = [s.name for s in prog.states]
-    stages_ir = prog.stages()
-    forms = Forms(prog).body(prog)
+    forms = Forms(prog).body(prog, stages_ir)
     temps = {s.target for s in prog.body if isinstance(s, Assign)}
-    element = set(stored) | {"grad"} | temps
-    spill_of, reads_spilled = _spills(prog, stages_ir, set(stored))
+    axis_values = [] if split is None else split.outputs
+    element = set(stored) | {"grad"} | temps | set(axis_values)
+    segment_reads = {i: set().union(*[_names(s.expr) for s in body]) & (temps - set(stored))
+                     for i, (_, body) in enumerate(segments_ir)}
+    spill_of, reads_spilled = _spills(prog, stages_ir, set(stored), segment_reads)
     buffers = [Buffer("param", "param", "param", "param"), Buffer("grad", "grad", "grad", "grad")]
     # a state's storage is its own (state_precision: the build's / launch's parameter per buffer);
     # kahan_comp compensates the param and is stored like it
-    buffers += [Buffer(n, "state", "param" if n == "kahan_comp" else "state", n) for n in states]
+    buffers += [Buffer(s.name, "state", "param" if s.name == "kahan_comp" else "state", s.name, tuple(s.axes))
+                for s in prog.states]
     buffers += [Buffer(spill_of[n], "spill", "fp32", n) for n in spill_of]
+    buffers += [Buffer(n, "axis", "fp32", n, split.axes[n]) for n in axis_values]
     first_grad_write = next((k for k, st in enumerate(stages_ir)
                              if any(isinstance(s, Assign) and s.target == "grad" for s in st)), None)
-    used = used_host_names(prog)
-    flags, scalars = _flags_and_scalars(prog, used)
+    used = used_host_names(original)  # segments' host values included
+    flags, scalars = _flags_and_scalars(original, used)
     tensor_stmts = [s for s in prog.body if isinstance(s, TensorScalar)]
     reductions: list[Reduce] = []
     stage_of_value: dict[str, int] = {}
@@ -331,6 +397,8 @@ def build(prog: Program) -> KernelPlan:
         for n, spill in spill_of.items():
             later = [s.guard for j in range(k + 1, len(stages_ir)) if n in reads_spilled.get(j, ())
                      for s in elems[j] if n in _names(s.expr)]
+            later += [s.guard for i, (after, body) in enumerate(segments_ir) if after >= k and n in segment_reads[i]
+                      for s in body if n in _names(s.expr)]
             writers = [s.guard for s in elem if isinstance(s, Assign) and s.target == n]
             if later and n == "grad" and k == first_grad_write:
                 spill_stores.append(Access(spill, any_of(later)))
@@ -367,8 +435,229 @@ def build(prog: Program) -> KernelPlan:
             uses_numel="numel" in read,
             origins=tuple(sorted({_shown(s.origin) for s in stage if s.origin}, key=Origin.sort_key))))
     optional = tuple(k for a in prog.args for k in a.keys if a.key_optional(k))
+    reduced_states = {b.name for b in buffers if b.role == "state" and b.axes}
+    segments = []
+    for i, (after, body) in enumerate(segments_ir):
+        read = set().union(*[_names(s.expr) for s in body])
+        written = [s.target for s in body if s.target in reduced_states]
+        later_reads = set().union(*[_names(s.expr) for st in stages_ir[after + 1:] for s in st]) if after + 1 < \
+            len(stages_ir) else set()
+        segments.append(Segment(
+            i, after, tuple(body), tuple(spill_of[n] for n in sorted(segment_reads[i])),
+            tuple(b.name for b in buffers if b.name in reduced_states and b.name in read | set(written)),
+            tuple(dict.fromkeys(written)),
+            tuple(n for n in dict.fromkeys(s.target for s in body) if n in axis_values and n in later_reads)))
+    broadcasts = tuple(dict.fromkeys(b.axes for b in buffers if b.axes and any(
+        b.name in {a.buffer for a in st.loads} for st in stages)))
     return KernelPlan(prog.name, prog.functional, prog.spec_path, tuple(buffers), tuple(used), tuple(flags),
-                      tuple(scalars), optional, tuple(stages), tuple(reductions), per_tensor_names)
+                      tuple(scalars), optional, tuple(stages), tuple(reductions), per_tensor_names,
+                      tuple(segments), broadcasts)
+
+
+def unsupported(prog: Program) -> str | None:
+    """Why the kernel backends cannot take ``prog`` (then they run its foreach step), or None."""
+    try:
+        build(prog)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+BROADCAST_ROW = 6  # numbers per tensor and reduced shape in the kernels' broadcast tables
+
+
+def broadcast_index(shape, axes, strides=None) -> tuple[int, ...]:
+    """How a kernel finds, for the element at memory position ``i`` of a dense tensor of ``shape``
+    (and ``strides``; contiguous if None), the element of a contiguous buffer of that shape with the
+    dims ``axes`` set to 1 (a reduced-shape state or axis value):
+    ``j = ((i % L) // A) * B + ((i % C) // D) * E``. Dims, in memory order, merge into runs that are
+    all reduced or all kept (and contiguous in the buffer too); each kept run is one term
+    ``((i % (stride·size)) // stride) * buffer stride``, so two kept runs fit (``(..., R, C)``
+    reduced along -2 keeps ``...`` and ``C``). Over a contiguous 2-D ``(R, C)``: along -1,
+    ``j = i // C``; along -2, ``j = i % C``. Raises ValueError for three kept runs (the kernels then
+    step those tensors with the torch code)."""
+    shape = tuple(shape)
+    n = len(shape)
+    if 0 in shape:
+        return (1, 1, 0, 1, 1, 0)  # no elements: never read
+    if strides is None:
+        strides = [1] * n
+        for d in range(n - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+    reduced = {a % n for a in axes} if n else set()
+    out_strides = [1] * n  # the buffer's (contiguous, in the param's dim order)
+    for d in range(n - 2, -1, -1):
+        out_strides[d] = out_strides[d + 1] * (1 if d + 1 in reduced else shape[d + 1])
+    dims = sorted((d for d in range(n) if shape[d] != 1), key=lambda d: -strides[d])  # memory order
+    runs: list[list] = []  # [kept, memory stride, size, buffer stride] of the innermost dim so far
+    for d in dims:
+        kept = d not in reduced
+        if runs and runs[-1][0] == kept and (not kept or runs[-1][3] == out_strides[d] * shape[d]):
+            runs[-1][1], runs[-1][2] = strides[d], runs[-1][2] * shape[d]
+            runs[-1][3] = out_strides[d] if kept else 0
+        else:
+            runs.append([kept, strides[d], shape[d], out_strides[d] if kept else 0])
+    terms = []
+    for kept, stride, size, out in runs:
+        if kept:
+            terms.append((stride * size, stride, out))
+    if len(terms) > 2:
+        raise ValueError(f"a buffer of shape {shape} reduced along {tuple(axes)}: more than two runs of kept dims")
+    terms += [(1, 1, 0)] * (2 - len(terms))
+    (L, A, B), (C, D, E) = terms
+    return (L, A, B, C, D, E)
+
+
+class _AxisSplit:
+    """A program with values of a reduced shape, as kernel stages and the segments between them.
+
+    Each statement is a *kernel* statement (full-shape element math, per-tensor values) or a
+    *segment* statement (an assignment of a reduced shape: a reduced-shape state, a reduced temp).
+    An axis reduction inside a kernel statement becomes a segment temp (``axis0 = AxisMean(…)``)
+    that the kernel reads by a broadcast index; the full-shape operand of an axis reduction is a
+    kernel temp (``axis_in0``), which reaches the segment through a spill. Statements are then
+    placed at positions 0, 1, 2 … (even: kernel stage, odd: segment) by their dependencies
+    (reads after writes, writes after reads and writes), body order kept within a position; a
+    kernel statement reads a reduction one stage later, as ``Program.stages`` does."""
+
+    def __init__(self, prog: Program):
+        self.prog = prog
+        self.axes: dict[str, tuple[int, ...]] = {}  # reduced temps → their reduced dims
+        self.known = {"param": frozenset(), "grad": frozenset()} | {st.name: frozenset(st.axes) for st in prog.states}
+        self.reduced_states = {st.name for st in prog.states if st.axes}
+        self.per_tensor = {s.name for s in prog.body if isinstance(s, (Reduction, TensorScalar))} | {"numel"}
+        self.stored = set(prog.stored())
+        self.taken = prog.host_names() | self.stored | {"grad", "numel"} | \
+            {getattr(s, "name", None) or s.target for s in prog.body}
+        self.count = self.inputs = 0  # axis values, full-shape operands: their names' numbers
+        self.out: list[tuple[str, Any]] = []  # ("kernel" | "segment", statement)
+        for s in prog.body:
+            self.statement(s)
+        self.place()
+
+    def fresh(self, base: str) -> str:
+        while base in self.taken:
+            base += "_"
+        self.taken.add(base)
+        return base
+
+    def shape(self, e) -> frozenset | None:
+        return axes_of(e, self.known)
+
+    def statement(self, s) -> None:
+        if isinstance(s, TensorScalar):
+            self.out.append(("kernel", s))
+            return
+        shape = self.shape(s.expr)
+        if isinstance(s, Reduction):
+            if shape:
+                raise NotImplementedError(f"{self.prog.name}: spec.{s.op}() of a value of a reduced shape "
+                                          f"({_shown(s.origin)}) has no kernel form")
+            self.out.append(("kernel", dataclasses.replace(s, expr=self.kernel_expr(s.expr, s.guard, s.origin))))
+            return
+        if s.target in self.reduced_states or shape:
+            expr = self.segment_expr(s.expr, s.guard, s.origin)
+            bad = sorted(_names(expr) & self.per_tensor)
+            if bad:
+                raise NotImplementedError(f"{self.prog.name}: a value of a reduced shape ({_shown(s.origin)}) reads "
+                                          f"the per-tensor {', '.join(bad)}, which the kernels' torch segments do "
+                                          "not take")
+            if s.target not in self.stored:
+                self.known[s.target] = shape or frozenset()
+                self.axes[s.target] = tuple(sorted(shape or ()))
+            self.out.append(("segment", dataclasses.replace(s, expr=expr)))
+            return
+        if s.target not in self.stored:
+            self.known[s.target] = frozenset()  # a kernel temp: one value per element
+        self.out.append(("kernel", dataclasses.replace(s, expr=self.kernel_expr(s.expr, s.guard, s.origin))))
+
+    @staticmethod
+    def outermost(e) -> list:
+        found, stack = [], [sympy.sympify(e)]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, AxisReduction):
+                found.append(node)
+            else:
+                stack.extend(node.args)
+        return list(dict.fromkeys(found))
+
+    def kernel_expr(self, e, guard, origin):
+        """``e`` with each axis reduction replaced by the segment temp that holds it."""
+        sub = {}
+        for red in self.outermost(e):
+            name = self.fresh(f"axis{self.count}")
+            self.count += 1
+            value = self.segment_expr(red, guard, origin)
+            sym = sympy.Symbol(name, real=True)
+            self.known[name] = self.shape(red)
+            self.axes[name] = tuple(sorted(self.known[name]))
+            self.out.append(("segment", Assign(sym, value, guard, origin)))
+            sub[red] = sym
+        return sympy.sympify(e).xreplace(sub) if sub else e
+
+    def segment_expr(self, e, guard, origin):
+        """``e`` for a segment: the full-shape operand of each axis reduction as a kernel temp."""
+        sub = {}
+        for red in self.outermost(e):
+            x = red.args[0]
+            if self.shape(x):  # reduced already: the segment computes it
+                sub[red] = red.func(self.segment_expr(x, guard, origin), red.args[1])
+                continue
+            x = self.kernel_expr(x, guard, origin)
+            if not (isinstance(x, sympy.Symbol) and x.name not in self.stored | {"grad"}):
+                name = self.fresh(f"axis_in{self.inputs}")
+                self.inputs += 1
+                sym = sympy.Symbol(name, real=True)
+                self.known[name] = frozenset()
+                self.out.append(("kernel", Assign(sym, x, guard, origin)))
+                x = sym
+            sub[red] = red.func(x, red.args[1])
+        return sympy.sympify(e).xreplace(sub) if sub else e
+
+    def place(self) -> None:
+        written: dict[str, int] = {}  # name → position of its last write
+        kind_of: dict[str, str] = {}  # name → what its last write is: "reduce", "kernel", "segment"
+        read: dict[str, int] = {}  # name → the last position that reads it
+        positions = []
+        for kind, s in self.out:
+            name = getattr(s, "name", None) or s.target
+            need = 0
+            for n in _names(s.expr):
+                if n not in written:
+                    continue
+                p = written[n]
+                if kind == "segment" and kind_of[n] == "reduce":
+                    raise NotImplementedError(f"{self.prog.name}: a value of a reduced shape reads the per-tensor {n}")
+                need = max(need, p + (2 if kind_of[n] == "reduce" else 1 if kind_of[n] != kind else 0))
+            for p in (written.get(name), read.get(name)):
+                if p is not None:
+                    need = max(need, p + (0 if p % 2 == (kind == "segment") else 1))
+            pos = need + (need % 2 != (kind == "segment"))
+            positions.append(pos)
+            written[name] = pos
+            kind_of[name] = "reduce" if isinstance(s, Reduction) else kind
+            for n in _names(s.expr):
+                read[n] = max(read.get(n, 0), pos)
+        last = max(positions, default=0)
+        stages: list[list] = []
+        segments: list[tuple[int, list]] = []
+        for pos in range(last + 1):
+            stmts = [s for (kind, s), p in zip(self.out, positions) if p == pos]
+            if not stmts:
+                continue
+            if pos % 2 == 0:
+                stages.append(stmts)
+            elif segments and segments[-1][0] == len(stages) - 1:
+                segments[-1][1].extend(stmts)  # no stage between: one segment
+            else:
+                segments.append((len(stages) - 1, stmts))
+        self.stages = stages or [[]]
+        self.segments = segments
+        kernel = [s for st in stages for s in st]
+        self.program = self.prog.replace(body=tuple(kernel))
+        kernel_reads = set().union(*[_names(s.expr) for s in kernel]) if kernel else set()
+        self.outputs = [n for n in self.axes if n in kernel_reads]
 
 
 def _per_tensor(k: int, stage: list, tensor_stmts: list[TensorScalar], stage_of_value: dict) -> tuple[PerTensor, ...]:

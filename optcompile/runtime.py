@@ -546,12 +546,12 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
 
 
 def _without_kernels(info: OptimizerInfo, name: str, gradient_release: bool) -> str:
-    """A spec the kernel printers do not take (values of a reduced shape: codegen/render.NO_KERNEL)
-    steps with its torch code where the Triton or fused backend was chosen, with one warning."""
+    """A spec the kernel plan does not take (``extra["no_kernel"]``: kernel_plan.unsupported) steps
+    with its torch code where the Triton or fused backend was chosen, with one warning."""
     if (info.name, name) not in _NO_KERNEL_WARNED:
         _NO_KERNEL_WARNED.add((info.name, name))
-        warnings.warn(f"{info.name}: no {name} kernels for this spec (axis reductions and reduced-shape states "
-                      "have no Triton or C kernel yet); using the foreach backend", UserWarning, stacklevel=5)
+        warnings.warn(f"{info.name}: no {name} kernels for this spec ({info.extra.get('no_kernel')}); using the "
+                      "foreach backend", UserWarning, stacklevel=5)
     return "eager" if gradient_release else "foreach"
 
 

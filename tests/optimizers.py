@@ -133,8 +133,6 @@ class OptimizerInfo:
     * ``schedule_free``: the oracle is the ``schedulefree`` package's class of the same name
       (:func:`schedulefree_cls`: put in train mode on construction, as optcompile's start), which
       neither optimi nor torch.optim has; its params hold a view (``train()``/``eval()``).
-    * ``kernels``: the Triton and fused backends have kernels for it. Not Adafactor (axis
-      reductions): they warn and run its foreach step (codegen/render.NO_KERNEL).
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
       zero two backends' fp32 values differ by a few ulps of the *terms*: the backend comparisons
       (tests/test_fused.py, tests/test_triton.py) allow an absolute error of ``SUMMED_ULPS`` fp32
@@ -167,7 +165,6 @@ class OptimizerInfo:
     kahan: Mapping = field(default_factory=dict)
     summed_states: tuple[str, ...] = ()
     torch_exact: tuple[str, ...] = ("eager", "foreach")
-    kernels: bool = True
     nonnegative: tuple[str, ...] = ()
     schedule_free: bool = False  # the schedulefree package's class of the same name is the oracle
 
@@ -283,8 +280,7 @@ _ENTRIES = {e.stem: e for e in [
         state_dict=dict(beta2_decay=-0.6, d=1.5),
         torch_family=_product(opts__=[{}, dict(beta2_decay=-0.5, eps=(1e-4, 1e-2))], d=[1.0, 1.5],
                               wd__=[{}, dict(weight_decay=0.1)], maximize=[False, True]),
-        torch_exact=(),
-        kernels=False),
+        torch_exact=()),
     OptimizerInfo(
         "adagrad", "Adagrad", nonnegative=('sum',),
         training=_training(("l2", dict(weight_decay=1e-2, lr_decay=1e-3))),

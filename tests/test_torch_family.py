@@ -8,7 +8,6 @@ fp32, 20 steps, two param groups, a StepLR schedule. Tolerances: eager and forea
 Triton kernels evaluate the same math in fp32 with other roundings (``rsqrt``, fused multiply-adds,
 division order): ``rtol=1e-5, atol=1e-6`` after 20 steps (seen: ≤ 3e-7 absolute).
 """
-import contextlib
 import inspect
 
 import pytest
@@ -17,7 +16,8 @@ import torch
 import optcompile
 from optimizers import BACKENDS, BY_STEM, OPTIMIZERS, STEMS, backend_params
 
-pytestmark = pytest.mark.filterwarnings("error:.*kernels skipped")  # a backend test must run its backend
+pytestmark = [pytest.mark.filterwarnings("error:.*kernels skipped"),  # a backend test must run its backend
+              pytest.mark.filterwarnings("error:.*no .* kernels for this spec")]  # (Adafactor's included)
 FAMILY = [i for i in OPTIMIZERS if i.torch_family]
 CASES = [pytest.param(i.stem, dict(kw), id=f"{i.stem}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'defaults'}")
          for i in FAMILY for kw in i.torch_family]
@@ -57,15 +57,6 @@ def train(opt, params, steps=STEPS, seed=1):
     return opt
 
 
-def no_kernel_warning(info, backend):
-    """A spec without Triton/C kernels (``kernels=False``: Adafactor) says so once and runs its foreach step."""
-    if info.kernels or backend in ("eager", "foreach"):
-        return contextlib.nullcontext()
-    import optcompile.runtime as rt
-    rt._NO_KERNEL_WARNED.discard((info.name, backend))
-    return pytest.warns(UserWarning, match=f"{info.name}: no {backend} kernels for this spec")
-
-
 def states(opt):
     return [opt.state[p] for g in opt.param_groups for p in g["params"]]
 
@@ -88,8 +79,7 @@ def compare_states(ours, theirs, exact, info):
 def test_matches_torch_optim(stem, kw, backend):
     info = BY_STEM[stem]
     ours, theirs = make_params(), make_params()
-    with no_kernel_warning(info, backend):
-        o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
+    o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
     t = train(make(info.torch_cls, theirs, kw, foreach=backend == "foreach"), theirs)
     exact = backend in info.torch_exact
     for a, b in zip(sum(ours, []), sum(theirs, [])):
@@ -112,8 +102,7 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
     errors, runs = {}, {}
     for kahan in (True, False):
         ps = make_params(torch.bfloat16)
-        with no_kernel_warning(info, backend) if kahan else contextlib.nullcontext():
-            opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
+        opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
         if kahan:
             assert all(s["kahan_comp"] is not None for s in states(opt))
         errors[kahan] = max((p.float() - r).abs().max().item() for p, r in zip(sum(ps, []), sum(ref, [])))

@@ -155,6 +155,10 @@ class FusedStep:
         self.iface = read_interface(source)
         self.fns: dict[Storage, object] = {}
         self.n_states = len(self.iface.get("states", []))
+        # a spec with values of a reduced shape: the kernel calls its segments back (codegen/segments.py)
+        self.segments = self.iface.get("segments", 0)
+        reduced = self.iface.get("reduced", {})
+        self.reduced = {k: tuple(reduced[b]) for k, b in enumerate(self.iface["buffers"][1:], 0) if b in reduced}
 
     def storage(self, params, lists, sr: bool) -> "Storage | None":
         """The library these lists need (each state's dtype from its first tensor), or None when a
@@ -181,7 +185,8 @@ class FusedStep:
                     fn = getattr(lib, self.iface["function"])
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + (
+                        [ctypes.c_void_p, ctypes.c_void_p] if self.segments else [])
                     self.fns[dtype_code] = fn
         return fn
 
@@ -208,7 +213,7 @@ class FusedStep:
         numel = _FITS.get(buffers)  # the numels of a layout that fit the kernel before, or None
         if numel is MISSING:
             shapes = [p.shape for p in params]
-            ptrs = self._pointers(params, lists, shapes, self._dtypes(params, lists))
+            ptrs = self._pointers(params, lists, shapes, self._dtypes(params, lists), self._shapes(shapes))
             if ptrs is None:
                 check_buffers(self.info, buffers)  # a grad or state of another shape raises here
             numel = None if ptrs is None else [s.numel() for s in shapes]
@@ -221,7 +226,62 @@ class FusedStep:
         scratch = [torch.empty(k, dtype=torch.float32) for _ in range(spills) for k in numel]
         ptrs = array.array("q", ptrs + [t.data_ptr() for t in scratch])
         c_numel = array.array("q", numel)
-        self._launch(fn, len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], host)
+        extra = ()
+        if self.segments:  # the axis buffers' rows (filled by the segments), the broadcast table, the callback
+            ptrs.extend([0] * (len(params) * len(self.iface["axis_buffers"])))
+            try:
+                extra = self._segment_args(params, lists, scratch, ptrs, host)
+            except ValueError as exc:  # a reduced shape the broadcast index does not take (three kept runs)
+                warn_once(f"broadcast:{self.source}", f"the fused C kernel cannot index this reduced shape ({exc}); "
+                          "using the eager backend")
+                return self.eager(params, *lists, **host)
+        self._launch(fn, len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], host, extra)
+
+    def _shapes(self, shapes):
+        """The shape each list must have per tensor: the params', or a reduced-shape state's."""
+        if not self.reduced:
+            return None
+        from ..runtime import reduced_shape
+        return {k: [torch.Size(reduced_shape(s, axes)) if all(-len(s) <= a < len(s) for a in axes) else None
+                    for s in shapes] for k, axes in self.reduced.items()}
+
+    def _segment_args(self, params, lists, scratch, ptrs, host):
+        """The kernel's last two arguments for a spec with segments: the broadcast index table and the
+        segment callback, which runs the module's ``_segments_<fn>`` on views of the spills and writes
+        the data pointers of the axis buffers it returns into ``ptrs`` (kept alive until the call ends)."""
+        from ..kernel_plan import broadcast_index
+        n = len(params)
+        rows = []
+        for p in params:
+            for axes in self.iface["broadcasts"]:
+                ok = all(-p.dim() <= a < p.dim() for a in axes)
+                rows += broadcast_index(p.shape, axes) if ok else (1, 1, 0, 1, 1, 0)  # (contiguous: _pointers)
+        bc = array.array("q", rows or [0])
+        views = [[scratch[s * n + t].view(params[t].shape) for t in range(n)] for s in range(self.iface["spills"])]
+        run = self.info.extra["kernel_segments"]
+        kw = {k: v for k, v in host.items() if k != "_shards"}
+        first_axis = len(self.iface["buffers"]) - len(self.iface["axis_buffers"])
+        kept: list = []
+        failed: list = []
+
+        def segment(k):
+            try:
+                values = run(k, params, *lists, views, **kw)
+                kept.append(values)
+                names = self.iface["axis_buffers"]
+                for name, tensors in zip(self.iface["segment_outputs"][k], values):
+                    if tensors is None:
+                        continue
+                    tensors = [t.contiguous() for t in tensors]  # (fp32: the segment's torch ops on fp32 views)
+                    kept.append(tensors)
+                    row = (first_axis + names.index(name)) * n
+                    ptrs[row:row + n] = array.array("q", [t.data_ptr() for t in tensors])
+                return 0
+            except BaseException as exc:  # never unwind through C
+                failed.append(exc)
+                return 1
+        callback = SEGMENT_FN(segment)
+        return bc, callback, kept, failed
 
     def _dtypes(self, params, lists) -> list:
         """The dtype each list must have: the param's, or for a state its first tensor's."""
@@ -232,8 +292,9 @@ class FusedStep:
             out.append(dtype if t is None else t.dtype)
         return out
 
-    def _launch(self, fn, n: int, numel_addr: int, ptrs_addr: int, host: dict) -> None:
-        """One call of the kernel over tables that passed their checks; its return codes as errors."""
+    def _launch(self, fn, n: int, numel_addr: int, ptrs_addr: int, host: dict, extra=()) -> None:
+        """One call of the kernel over tables that passed their checks; its return codes as errors.
+        ``extra``: a spec with segments: (broadcast table, segment callback, kept values, failures)."""
         # None (max_lr without decouple_lr) is only read under a flag that is off: NaN marks it
         c_host = array.array("d", [math.nan if host[k] is None else float(host[k]) for k in self.iface["host"]]
                              or [0.0])
@@ -244,11 +305,12 @@ class FusedStep:
         if shards is not None:  # local shards: the spec's numel is the whole tensor's, partials all-reduced
             sizes = array.array("q", shards.numel)
             reduce, failed = _reduce_callback(shards)
+        tail = () if not extra else (extra[0].buffer_info()[0], ctypes.cast(extra[1], ctypes.c_void_p))
         rc = fn(n, numel_addr, ptrs_addr, c_host.buffer_info()[0], flags, torch.get_num_threads(),
                 None if keys is None else keys.buffer_info()[0], None if sizes is None else sizes.buffer_info()[0],
-                None if reduce is None else ctypes.cast(reduce, ctypes.c_void_p))  # `reduce` keeps it alive
+                None if reduce is None else ctypes.cast(reduce, ctypes.c_void_p), *tail)  # `reduce` keeps it alive
         if rc == 3:
-            raise failed[0]
+            raise (extra[3] if extra and extra[3] else failed)[0]
         if rc == 2:
             raise RuntimeError(f"{self.info.name}: a state this step needs is None (was kahan_sum or a "
                                "hyperparameter that allocates state changed after the first step?)")
@@ -261,8 +323,8 @@ class FusedStep:
         checks and fits the kernel as it is (``_FITS``: recorded the second time it is seen)."""
         params = buffers[0]
         code = self.storage(params, buffers[1:], False)
-        if code is None or params[0].device.type != "cpu":
-            return None
+        if code is None or params[0].device.type != "cpu" or self.segments:
+            return None  # (segments take the general call: their callback holds the lists)
         fits = _FITS.get(buffers)
         if fits is MISSING or fits is None:
             return None
@@ -273,7 +335,7 @@ class FusedStep:
             return None
 
     @staticmethod
-    def _pointers(params, lists, shapes, dtypes):
+    def _pointers(params, lists, shapes, dtypes, reduced=None):
         """Data pointers, buffer-major, with 0 for absent states; None if a tensor does not fit
         (another shape, dtype or device, not contiguous). The kernel takes one numel per param and
         indexes every buffer by it, so a buffer of another shape must never get through. Params
@@ -284,17 +346,18 @@ class FusedStep:
         if not all([t.is_contiguous() for t in params]):
             return None
         ptrs = [t.data_ptr() for t in params]
-        for lst, dtype in zip(lists, dtypes[1:]):
+        for k, (lst, dtype) in enumerate(zip(lists, dtypes[1:])):
             if lst[0] is None and lst[-1] is None and lst.count(None) == n:
                 ptrs += [0] * n  # an absent state: NULL, never touched (its guard is off)
                 continue
+            want = shapes if reduced is None or k not in reduced else reduced[k]  # a reduced-shape state's
             try:
-                if ([t.shape for t in lst] != shapes or not all([t.is_contiguous() for t in lst])
+                if ([t.shape for t in lst] != want or not all([t.is_contiguous() for t in lst])
                         or {t.dtype for t in lst} != {dtype} or not all([t.is_cpu for t in lst])):
                     return None
                 ptrs += [t.data_ptr() for t in lst]
             except AttributeError:  # None among tensors: NULL, the kernel checks what it needs
-                for t, s in zip(lst, shapes):
+                for t, s in zip(lst, want):
                     if t is not None and (not isinstance(t, torch.Tensor) or t.shape != s or t.dtype is not dtype
                                           or not t.is_contiguous() or t.device.type != "cpu"):
                         return None  # check_buffers names what does not fit
@@ -343,6 +406,8 @@ class FusedStep:
 
 # the kernel's reduce callback (fused.c.j2's oc_reduce_fn): a stage's partials, combined across shards
 REDUCE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+# the kernel's segment callback (fused.c.j2's oc_segment_fn): torch ops between two stages
+SEGMENT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
 
 
 def _reduce_callback(shards):

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import loader
+from ..kernel_plan import broadcast_index
 from ..layouts import MISSING, LayoutCache
+from ..runtime import reduced_shape
 
 _CACHE_SIZE = 64  # tables kept per kind (gradient release builds one per parameter)
 _LAYOUTS: OrderedDict = OrderedDict()
 _POINTERS: OrderedDict = OrderedDict()
+_BROADCASTS: OrderedDict = OrderedDict()
 _CHECKED = LayoutCache()  # layouts that passed _check
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -48,6 +51,7 @@ class Layout:
     total: int  # elements over all tensors
     partials: torch.Tensor  # fp32 [n_reductions, n_programs]
     totals: torch.Tensor  # fp32 [n_reductions, n_tensors]
+    host_offsets: tuple[int, ...] = ()  # tensor_offsets on the host (the segments' views of the spills)
 
     @property
     def grid(self) -> tuple[int]:
@@ -70,9 +74,32 @@ class LaunchPlan:
     spills: torch.Tensor | None  # fp32 [n_spills, total]: values a later stage reads, for this step only
     state_dtypes: tuple = ()  # tl dtype of each state (state_precision)
     tensor_keys: torch.Tensor | None = None  # int64 [n_tensors]: stochastic rounding's keys, or None
+    broadcast: torch.Tensor | None = None  # int64 [n_tensors, n_shapes, 6]: kernel_plan.broadcast_index
+    held: list = field(default_factory=list)  # the segments' axis buffers, alive while kernels read them
 
     def __getattr__(self, name):  # grid, numels, program_tensor, … come from the layout
         return getattr(self.__dict__["layout"], name)
+
+    def spill_views(self, i: int, params) -> list[torch.Tensor]:
+        """Spill row ``i`` as one fp32 view per tensor, laid out like its param (the kernels write a
+        dense param's elements in memory order): the values a segment reduces."""
+        row = self.spills[i]
+        at = row.storage_offset()
+        return [torch.as_strided(row, p.shape, p.stride(), at + o) for o, p in zip(self.layout.host_offsets, params)]
+
+    def pointer_rows(self, lists) -> torch.Tensor:
+        """The pointer table of a segment's axis buffers: int64 [len(lists), n_tensors], 0 where a
+        value was not computed (its readers' guard is off). Each is made a contiguous fp32 tensor
+        (a reduction of a permuted layout keeps it), held by the plan until the step ends."""
+        rows = []
+        for values in lists:
+            if values is None:
+                rows.append([0] * self.layout.n_tensors)
+                continue
+            values = [t.contiguous().float() for t in values]
+            self.held.append(values)
+            rows.append([t.data_ptr() for t in values])
+        return torch.tensor(rows, dtype=torch.int64).to(self.layout.numels.device)
 
 
 def _lru(cache: OrderedDict, key, build):
@@ -101,19 +128,26 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int, n_reducti
     partials = torch.zeros(n_reductions, max(n_programs, 1), dtype=torch.float32, device=device)
     totals = torch.zeros(n_reductions, len(numels), dtype=torch.float32, device=device)
     return Layout(len(numels), n_programs, numels_d, program_tensor_d, program_start_d, first_d, offsets_d,
-                  sum(numels), partials, totals)
+                  sum(numels), partials, totals, tuple(offsets.tolist()))
 
 
-def _check(buffers, dtypes) -> None:
+def _check(buffers, dtypes, reduced=None) -> None:
     """Every present tensor must be dense, shaped and strided like its param, on its device, and of
-    its buffer's dtype (the param's; a state's own under state_precision)."""
+    its buffer's dtype (the param's; a state's own under state_precision). ``reduced``: buffer
+    index → dims of a reduced-shape state, which must be contiguous in its reduced shape (the
+    kernels index it from an element's memory position: kernel_plan.broadcast_index)."""
     params = buffers[0]
+    reduced = reduced or {}
     for b, tensors in enumerate(buffers[1:], 1):
         dtype = dtypes[b]
         for p, t in zip(params, tensors):
             if t is None:
                 continue
-            if t.device != p.device or t.shape != p.shape or t.stride() != p.stride():
+            if b in reduced:
+                if t.device != p.device or t.shape != reduced_shape(p.shape, reduced[b]) or not t.is_contiguous():
+                    raise UnsupportedTensors("a reduced-shape state does not match its param's device and reduced "
+                                             "shape, or is not contiguous")
+            elif t.device != p.device or t.shape != p.shape or t.stride() != p.stride():
                 raise UnsupportedTensors("a gradient or state does not match its param's device, shape or strides")
             if b > 1 and t.dtype != dtype:
                 raise UnsupportedTensors(f"a state or kahan_comp is {t.dtype} but its list's dtype is {dtype}")
@@ -146,10 +180,12 @@ def _list_dtypes(buffers) -> list:
     return out
 
 
-def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0, sr=None) -> LaunchPlan:
+def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0, sr=None,
+                broadcasts=(), reduced=None) -> LaunchPlan:
     """The tables for one launch over ``buffers`` = (params, grads, *states, kahan_comps), and
     ``n_spills`` fp32 scratch rows (allocated per step: they would pin memory the size of the model
-    if the layout cache kept them)."""
+    if the layout cache kept them). ``broadcasts``: the reduced shapes (dims set to 1) the kernels
+    read by a broadcast index, ``reduced``: buffer index → dims of each reduced-shape state."""
     params = buffers[0]
     p0 = params[0]
     if p0.dtype not in _TL_DTYPES:
@@ -176,19 +212,42 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
     if _CHECKED.get(buffers) is MISSING:
         # the pointer key holds addresses, not what lies there: a state replaced by another dtype or
         # strides at a freed tensor's address hits it; the layout record (or the check) does not
-        _check(buffers, dtypes)
+        _check(buffers, dtypes, reduced)
         _CHECKED.put(buffers, True)
+    broadcast = None
+    if broadcasts:
+        shapes = tuple((tuple(p.shape), p.stride()) for p in params)  # dense (_check): memory order by strides
+        broadcast = _lru(_BROADCASTS, (p0.device, shapes, broadcasts),
+                         lambda: _broadcast(p0.device, shapes, broadcasts))
     spills = torch.empty(n_spills, layout.total, dtype=torch.float32, device=p0.device) if n_spills else None
     keys = None if sr is None else torch.tensor(sr.tensor_keys(), dtype=torch.int64).to(p0.device)
     return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
                       getattr(tl, _TL_DTYPES[grads[0].dtype]), spills,
-                      tuple(getattr(tl, _TL_DTYPES[d]) for d in dtypes[2:-1]), keys)
+                      tuple(getattr(tl, _TL_DTYPES[d]) for d in dtypes[2:-1]), keys, broadcast)
+
+
+def _broadcast(device, shapes, broadcasts) -> torch.Tensor:
+    """The broadcast index table (kernel_plan.broadcast_index) of each tensor and reduced shape; a
+    shape the param's rank cannot have (a factored state of a 1-D param) gets a harmless row, read
+    by no load (its guard is off)."""
+    rows = []
+    for shape, strides in shapes:
+        for axes in broadcasts:
+            if all(-len(shape) <= a < len(shape) for a in axes):
+                try:
+                    rows += broadcast_index(shape, axes, strides)
+                except ValueError as exc:
+                    raise UnsupportedTensors(str(exc)) from None
+            else:
+                rows += (1, 1, 0, 1, 1, 0)
+    return torch.tensor(rows, dtype=torch.int64).to(device)
 
 
 def clear_tables() -> None:
     """Forget cached device tables (tests; freeing memory after a model is dropped)."""
     _LAYOUTS.clear()
     _POINTERS.clear()
+    _BROADCASTS.clear()
 
 
 # ── the backend loader ─────────────────────────────────────────────────────────────────────────

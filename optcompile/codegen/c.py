@@ -268,8 +268,8 @@ def context(prog: Program) -> dict:
     scalar_src = {n: f"oc_h[{i}]" for i, n in enumerate(host_floats)}
     scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(ts_names)})
     scalar_src["numel"] = "(double)oc_numel"
-    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad"}
-               for b in plan.buffers]
+    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad",
+                "broadcast": b.broadcast} for b in plan.buffers]
     # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own
     storage = [{"name": b.name, "code": "OC_DTYPE" if b.storage != "state" else f"OC_DTYPE_{b.name}",
                 "state": b.storage == "state"} for b in plan.buffers if b.role != "spill"]
@@ -283,9 +283,18 @@ def context(prog: Program) -> dict:
         "storage": storage,
         "stages": stages,
         "n_tscalars": max(1, len(ts_names)),
+        "segments": [{"index": g.index, "after": g.after} for g in plan.segments],
+        "broadcasts": [list(a) for a in plan.broadcasts],
+        "broadcast_row": kernel_plan.BROADCAST_ROW,
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
                                  "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills),
-                                 "states": [b.name for b in plan.buffers if b.storage == "state"]},
+                                 "states": [b.name for b in plan.buffers if b.storage == "state"]} | ({
+                                     "segments": len(plan.segments), "broadcasts": [list(a) for a in plan.broadcasts],
+                                     "reduced": {b.name: list(b.axes) for b in plan.buffers
+                                                 if b.role == "state" and b.axes},
+                                     "axis_buffers": [b.name for b in plan.axis_buffers],
+                                     "segment_outputs": [list(g.outputs) for g in plan.segments]}
+                                    if plan.segments else {}),
                                 sort_keys=True),
     }
 
@@ -333,15 +342,19 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
     loads, stores = [], []
     for a in st.loads:
         b = plan.buffer(a.buffer)
-        value = f"oc_ptr_{b.name}[oc_i]" if b.storage == "fp32" else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[oc_i])"
+        # a reduced-shape buffer: its element for this one (kernel_plan.broadcast_index), from the tensor's start
+        at = f"oc_bidx(oc_bc + {kernel_plan.BROADCAST_ROW * plan.broadcast_of(b.name)}, oc_start + oc_i)" \
+            if b.broadcast else "oc_i"
+        value = f"oc_ptr_{b.name}[{at}]" if b.storage == "fp32" else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[{at}])"
         loads.append(f"float {b.value} = {_when(a.guard, value, '0.0f')};")
     for a in st.stores:
         b = plan.buffer(a.buffer)
         value = b.value if b.storage == "fp32" else f"OC_EXACT_{b.name}({b.value})"
         stores.append(_if(a.guard, f"oc_ptr_{b.name}[oc_i] = {value};"))
     declared = [f"float {' = 0.0f, '.join(temps)} = 0.0f;"] if temps else []
-    spills = any(plan.buffer(n).role == "spill" for n in st.buffers())
-    vector = None if vbody is None or spills else {  # fp32 spill rows are not in the even/odd lane order
+    spills = any(plan.buffer(n).role == "spill" or plan.buffer(n).broadcast for n in st.buffers())
+    # fp32 spill rows (and broadcast loads) are not in the even/odd lane order
+    vector = None if vbody is None or spills else {
         "loads": [{"name": a.buffer, "value": plan.buffer(a.buffer).value, "guard": _guard(a.guard)}
                   for a in st.loads],
         "temps": temps, "body": vbody, "accs": [r["acc"] for r in reductions],
@@ -427,7 +440,8 @@ def _hoist(expr, scalar_names: set, hoisted: dict):
 
 def render(prog: Program, spec_source: bytes, key: str) -> str:
     from .render import env, header, no_kernel
-    if prog.has_axes():
-        return no_kernel(prog, spec_source, key, "//")
+    reason = kernel_plan.unsupported(prog)
+    if reason is not None:
+        return no_kernel(prog, spec_source, key, "//", reason)
     body = env().get_template("fused.c.j2").render(**context(prog))
     return header(prog, spec_source, body, key, comment="//") + body

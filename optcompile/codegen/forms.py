@@ -154,13 +154,14 @@ class Forms:
         body = sympy.Add(x * a, *[c * self.lerps(t) for c, t in others])
         return body if outer == 1 else outer * body
 
-    def body(self, prog) -> dict[int, sympy.Expr]:
+    def body(self, prog, stages=None) -> dict[int, sympy.Expr]:
         """Every statement's value as the torch backends group it, keyed by ``id(stmt)``. A temp is
-        updated in place once it holds a value of its own (emit_body's ``owned``, per stage)."""
+        updated in place once it holds a value of its own (emit_body's ``owned``, per stage;
+        ``stages``: the kernel plan's, where they are not ``prog.stages()``)."""
         from ..ir import Assign
         stored = set(prog.stored())
         out: dict[int, sympy.Expr] = {}
-        for stage in prog.stages():
+        for stage in prog.stages() if stages is None else stages:
             owned: set[str] = set()
             for s in stage:
                 if not isinstance(s, Assign):

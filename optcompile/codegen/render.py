@@ -232,6 +232,11 @@ def shard_reductions(prog: Program) -> bool:
 
 
 def module_context(prog: Program) -> dict:
+    from .. import kernel_plan
+    from .segments import function as segment_function
+    no_kernel_reason = kernel_plan.unsupported(prog)
+    plan = kernel_plan.build(prog) if no_kernel_reason is None else None
+    segments = segment_function(prog, plan) if plan is not None and plan.segments else []
     keys = step_keys(prog)
     host_inputs = keys + [s.name for s in prog.scalar_states] + (["step"] if prog.uses_step else []) + \
         list(prog.structure()) + ["update_parameters", "kahan"] + \
@@ -270,11 +275,13 @@ def module_context(prog: Program) -> dict:
         "init_lines": _init_lines(prog),
         "eager": eager.context(prog),
         "foreach": foreach.context(prog),
+        "segments": segments,
         "uses_step": prog.uses_step,
         "whole_tensor": prog.whole_tensor(),
         "shard_reductions": shard_reductions(prog),
         "structure_extra": (f', "structure": {prog.structure()!r}' if prog.structure() else "") + (
-            ', "kernels": False' if prog.has_axes() else "") + (
+            f', "kernels": False, "no_kernel": {no_kernel_reason!r}' if no_kernel_reason else "") + (
+            f', "kernel_segments": _segments_{prog.functional}' if segments else "") + (
             f', "axes": {dict((st.name, st.axes) for st in prog.states if st.axes)!r}'
             if any(st.axes for st in prog.states) else "") + _nonnegative_extra(prog),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
@@ -355,14 +362,13 @@ def _functional_extras(prog: Program) -> list[str]:
     return [f"{k}: {_ANNOT[a.type]} = {a.default!r}" for a in prog.args if a.keyword_only for k in a.keys if k in keys]
 
 
-NO_KERNEL = ("axis reductions and reduced-shape states have no Triton or C kernel yet: the triton and fused "
-             "backends run the foreach step (torch ops) instead")
+NO_KERNEL = "the triton and fused backends run the foreach step (torch ops) instead"
 
 
-def no_kernel(prog: Program, spec_source: bytes, key: str, comment: str) -> str:
-    """The kernel file of a program the kernel printers do not take (values of a reduced shape):
+def no_kernel(prog: Program, spec_source: bytes, key: str, comment: str, reason: str) -> str:
+    """The kernel file of a program the kernel plan does not take (``kernel_plan.unsupported``):
     stamped like any other, never loaded (the module says ``kernels: False``; runtime._dispatch)."""
-    body = f"{comment} {prog.name}: {NO_KERNEL}.\n"
+    body = f"{comment} {prog.name}: no kernels ({reason}); {NO_KERNEL}.\n"
     return header(prog, spec_source, body, key, comment=comment) + body
 
 

@@ -215,7 +215,7 @@ class KernelBuilder:
         self.plan = kernel_plan.build(prog)
         self.fn = prog.functional
         self.printer = TritonPrinter(constexpr=self.plan.flags)
-        self.table = [b.name for b in self.plan.buffers if b.role != "spill"]  # rows of the pointer table
+        self.table = [b.name for b in self.plan.buffers if b.role not in ("spill", "axis")]  # rows of the pointer table
         if len(self.plan.stages) > 1:
             self.kernel_names = [f"_{self.fn}_stage{k}_kernel" for k in range(len(self.plan.stages))]
         else:
@@ -242,10 +242,21 @@ class KernelBuilder:
         pointers = [b for b in plan.buffers if b.name in touched]
         per_tensor = self._grouped((t.guard, [f"{t.name} = {p.doprint(t.expr)}"]) for t in st.per_tensor)
         loads = []
+        kinds = list(dict.fromkeys(plan.broadcast_of(a.buffer) for a in st.loads if plan.buffer(a.buffer).broadcast))
+        indexes = []  # a reduced-shape buffer's element for each of this block's elements
+        for q in kinds:
+            shown = ", ".join(b.name for b in plan.buffers if b.axes == plan.broadcasts[q])
+            guard = kernel_plan.any_of([a.guard for a in st.loads if plan.buffer(a.buffer).axes == plan.broadcasts[q]])
+            row = kernel_plan.BROADCAST_ROW
+            indexes.append((guard, [f"_b = _broadcast + (_tensor * {len(plan.broadcasts)} + {q}) * {row}  # {shown}: "
+                                    f"reduced along {list(plan.broadcasts[q])}",
+                                    f"_index{q} = ((_offsets % tl.load(_b)) // tl.load(_b + 1)) * tl.load(_b + 2) + "
+                                    "((_offsets % tl.load(_b + 3)) // tl.load(_b + 4)) * tl.load(_b + 5)"]))
         for a in st.loads:
             b = plan.buffer(a.buffer)
-            value = f"tl.load(_{b.name}_ptr + _offsets, mask=_mask)"
-            loads.append((a.guard, [f"{b.value} = {value}" + ("" if b.role == "spill" else ".to(tl.float32)")]))
+            at = f"_index{plan.broadcast_of(b.name)}" if b.broadcast else "_offsets"
+            value = f"tl.load(_{b.name}_ptr + {at}, mask=_mask)"
+            loads.append((a.guard, [f"{b.value} = {value}" + ("" if b.storage == "fp32" else ".to(tl.float32)")]))
         body = self._grouped((s.guard, self.statement(s)) for s in st.body)
         stores = []
         for a in st.stores:
@@ -260,10 +271,13 @@ class KernelBuilder:
         return {
             "name": self.kernel_names[st.index],
             "stage": st.index,
-            "pointers": [{"name": b.name, "dtype": self.dtype(b),
-                          "spill": b.role == "spill", "value": b.value} for b in pointers],
+            "pointers": [{"name": b.name, "dtype": self.dtype(b), "spill": b.role == "spill", "value": b.value,
+                          "broadcast": b.broadcast, "axis": b.role == "axis",
+                          "row": self.table.index(b.name) if b.role not in ("spill", "axis") else 0,
+                          "filled": self.filled(b.name, st.index) if b.role == "axis" else ""} for b in pointers],
             "spills": any(b.role == "spill" for b in pointers),
-            "per_tensor": per_tensor,
+            "broadcasts": bool(kinds),
+            "per_tensor": per_tensor + self._grouped(indexes),
             "loads": self._grouped(loads),
             "body": body,
             "stores": self._grouped(stores),
@@ -320,13 +334,28 @@ class KernelBuilder:
         return {"name": f"_{self.fn}_reduce{st.index}_kernel", "stage": st.index, "reductions": items, "flags": flags,
                 "sum_rows": repr(rows["sum"]), "max_rows": repr(rows["max"])}
 
+    def filled(self, name: str, stage: int) -> str:
+        """Where stage ``stage`` finds an axis buffer's pointers: the table of the last segment before
+        it that fills the buffer, and its row there."""
+        seg = [g for g in self.plan.segments if g.after < stage and name in g.outputs][-1]
+        return f"_segment{seg.index}_ptrs[{seg.outputs.index(name)}]"
+
+    def segment(self, seg: kernel_plan.Segment) -> dict:
+        """A segment between launches: torch ops (codegen/segments.py) on the spills' views, then the
+        pointer table of the axis buffers it filled."""
+        from .segments import lines
+        return {"kind": "segment", "index": seg.index,
+                "lines": lines(self.prog, self.plan, seg, "_plan.spill_views({i}, params)"),
+                "outputs": list(seg.outputs)}
+
     def context(self) -> dict:
-        launches = []
+        launches = [self.segment(g) for g in self.plan.segments_after(-1)]
         for st in self.plan.stages:
             launches.append({"kind": "stage", **self.stage(st)})
             red = self.reduce(st)
             if red:
                 launches.append({"kind": "reduce", **red})
+            launches += [self.segment(g) for g in self.plan.segments_after(st.index)]
         state_lists = [f"{s.name}s" for s in self.prog.states if s.name != "kahan_comp"]
         return {
             "name": self.prog.name,
@@ -334,13 +363,16 @@ class KernelBuilder:
             "spec_path": self.prog.spec_path,
             "launches": launches,
             "table": self.table,
+            "broadcasts": repr(self.plan.broadcasts),
+            "reduced": repr({i: b.axes for i, b in enumerate(self.plan.buffers) if b.role == "state" and b.axes}),
             "spills": [b.name for b in self.plan.spills],
             "buffer_lists": ["params", "grads"] + state_lists + ["kahan_comps"],
             "host_used": list(self.plan.host_inputs),
             "reduction_index": {r.name: r.slot for r in self.plan.reductions},
             "n_reductions": len(self.plan.reductions),
             "uses_numel": any(st.uses_numel for st in self.plan.stages),
-            "n_launches": len(launches),
+            "n_launches": sum(1 for k in launches if k["kind"] != "segment"),
+            "n_segments": len(self.plan.segments),
             "optional": list(self.plan.optional),  # None → 0.0
             "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
         }
@@ -357,8 +389,9 @@ def context(prog: Program) -> dict:
 def render(prog: Program, spec_source: bytes, key: str) -> str:
     """The ``_triton.py`` module."""
     from .render import env, header, no_kernel, spec_display_path
-    if prog.has_axes():
-        return no_kernel(prog, spec_source, key, "#")
+    reason = kernel_plan.unsupported(prog)
+    if reason is not None:
+        return no_kernel(prog, spec_source, key, "#", reason)
     ctx = context(prog)
     ctx["spec_display"] = spec_display_path(prog.spec_path)
     body = env().get_template("triton.py.j2").render(**ctx)
