@@ -268,11 +268,14 @@ def context(prog: Program) -> dict:
     scalar_src = {n: f"oc_h[{i}]" for i, n in enumerate(host_floats)}
     scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(ts_names)})
     scalar_src["numel"] = "(double)oc_numel"
-    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad"}
-               for b in plan.buffers]
-    # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own
+    # a scale buffer holds one fp32 per block of OC_QBLOCK elements: a chunk's start is a whole block
+    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad",
+                "offset": "start / OC_QBLOCK" if b.role == "scale" else "start"} for b in plan.buffers]
+    # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own (8-bit
+    # codes too, where the state names a scale buffer)
     storage = [{"name": b.name, "code": "OC_DTYPE" if b.storage != "state" else f"OC_DTYPE_{b.name}",
-                "state": b.storage == "state"} for b in plan.buffers if b.role != "spill"]
+                "state": b.storage == "state", "scale": b.scale} for b in plan.buffers
+               if b.role not in ("spill", "scale")]
     stages = [_stage(plan, st, flags, scalar_src) for st in plan.stages]
     return {
         "fn": fn,
@@ -285,7 +288,8 @@ def context(prog: Program) -> dict:
         "n_tscalars": max(1, len(ts_names)),
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
                                  "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills),
-                                 "states": [b.name for b in plan.buffers if b.storage == "state"]},
+                                 "states": [b.name for b in plan.buffers if b.storage == "state"],
+                                 "codes": [b.value for b in plan.scales]},
                                 sort_keys=True),
     }
 
@@ -333,10 +337,14 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
     loads, stores = [], []
     for a in st.loads:
         b = plan.buffer(a.buffer)
-        value = f"oc_ptr_{b.name}[oc_i]" if b.storage == "fp32" else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[oc_i])"
+        value = f"oc_ptr_{b.name}[oc_i]" if b.storage == "fp32" else f"OC_GET_{b.name}(oc_i)" if b.scale \
+            else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[oc_i])"
         loads.append(f"float {b.value} = {_when(a.guard, value, '0.0f')};")
     for a in st.stores:
         b = plan.buffer(a.buffer)
+        if b.scale:  # its element, or its place in the block that is encoded once complete (8-bit codes)
+            stores.append(_if(a.guard, f"OC_PUT_{b.name}(oc_i, {b.value});"))
+            continue
         value = b.value if b.storage == "fp32" else f"OC_EXACT_{b.name}({b.value})"
         stores.append(_if(a.guard, f"oc_ptr_{b.name}[oc_i] = {value};"))
     declared = [f"float {' = 0.0f, '.join(temps)} = 0.0f;"] if temps else []
@@ -354,10 +362,26 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()],
             "element": loads + declared + body + stores, "element_lanes": loads + declared + body_lanes + stores,
             "reductions": reductions, "vector": vector,
+            "codes": _codes(plan, st),
             "rounded": [{"name": n, "slot": plan.slot(n)} for n in dict.fromkeys(rounded)],
             "tscalars": [_tscalar(t, plan, flags) for t in st.own_per_tensor],
             "partials": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": list(plan.per_tensor_names).index(r.name),
                           "guard": _guard_bits(r.guard, flags)} for k, r in enumerate(st.reductions)]}
+
+
+def _codes(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage) -> list[dict]:
+    """The states this stage may read or write as 8-bit codes (``Buffer.scale``): per block, the
+    decode of those it loads and the encode of those it stores, under the accesses' guards."""
+    out = []
+    for b in plan.buffers:
+        if not b.scale:
+            continue
+        load = next((a for a in st.loads if a.buffer == b.name), None)
+        store = next((a for a in st.stores if a.buffer == b.name), None)
+        if load or store:
+            out.append({"name": b.name, "scale": b.scale, "load": load is not None, "store": store is not None,
+                        "load_guard": load and _guard(load.guard), "store_guard": store and _guard(store.guard)})
+    return out
 
 
 def _variants(plan, st, flags) -> tuple[list[dict], list[int]]:
