@@ -240,10 +240,15 @@ class KernelBuilder:
         plan, p = self.plan, self.printer
         touched = set(st.buffers())
         pointers = [b for b in plan.buffers if b.name in touched]
+        pointers += [plan.buffer(b.scale) for b in pointers if b.scale]  # 8-bit codes' block scales
         per_tensor = self._grouped((t.guard, [f"{t.name} = {p.doprint(t.expr)}"]) for t in st.per_tensor)
         loads = []
         for a in st.loads:
             b = plan.buffer(a.buffer)
+            if b.scale:  # its dtype, or 8-bit codes decoded with their blocks' scales
+                loads.append((a.guard, [f"{b.value} = _load_state(_{b.name}_ptr, _{b.scale}_ptr, _offsets, _mask, "
+                                        f"{self.dtype(b)})"]))
+                continue
             value = f"tl.load(_{b.name}_ptr + _offsets, mask=_mask)"
             loads.append((a.guard, [f"{b.value} = {value}" + ("" if b.role == "spill" else ".to(tl.float32)")]))
         body = self._grouped((s.guard, self.statement(s)) for s in st.body)
@@ -252,6 +257,9 @@ class KernelBuilder:
             b = plan.buffer(a.buffer)
             if b.role == "spill":
                 line = f"tl.store(_{b.name}_ptr + _offsets, {b.value}, mask=_mask)  # fp32 scratch, read by a later stage"
+            elif b.scale:
+                line = (f"_store_state(_{b.name}_ptr, _{b.scale}_ptr, {b.name}, _start, _offsets, _mask, _n_elements, "
+                        f"{self.dtype(b)}, BLOCK_SIZE)  # exact, or 8-bit codes encoded per block")
             else:
                 line = (f"tl.store(_{b.name}_ptr + _offsets, {b.name}.to({self.dtype(b)}), mask=_mask)"
                         f"  # exact: {b.name} is already rounded")
@@ -260,8 +268,8 @@ class KernelBuilder:
         return {
             "name": self.kernel_names[st.index],
             "stage": st.index,
-            "pointers": [{"name": b.name, "dtype": self.dtype(b),
-                          "spill": b.role == "spill", "value": b.value} for b in pointers],
+            "pointers": [{"name": b.name, "dtype": self.dtype(b), "spill": b.role == "spill", "value": b.value,
+                          "scale": b.role == "scale"} for b in pointers],
             "spills": any(b.role == "spill" for b in pointers),
             "per_tensor": per_tensor,
             "loads": self._grouped(loads),
@@ -343,6 +351,9 @@ class KernelBuilder:
             "n_launches": len(launches),
             "optional": list(self.plan.optional),  # None → 0.0
             "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
+            # states whose 8-bit codes the kernels load and store (runtime.kernel_codes), by state list
+            "codes": repr(tuple(b.value for b in self.plan.scales)),
+            "code_index": repr(tuple(state_lists.index(f"{b.value}s") for b in self.plan.scales)),
         }
 
 
