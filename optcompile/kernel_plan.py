@@ -34,6 +34,7 @@ from typing import Any
 import sympy
 
 from .codegen.forms import Forms
+from .blockformat import scale_key
 from .codegen.host import used_host_names
 from .ir import TRUE, Assign, Origin, Program, Reduction, TensorScalar
 from .step_flags import STEP_FLAGS
@@ -397,7 +398,6 @@ def codes_in_kernel(name: str, stages) -> bool:
 def _with_scales(buffers: list[Buffer], stages) -> list[Buffer]:
     """``buffers`` with each state that may be stored as codes naming its scale buffer, and those
     scale buffers appended (after the spills: the earlier buffers keep their places)."""
-    from .quantize import scale_key
     out, scales = [], []
     for b in buffers:
         if b.role == "state" and b.storage == "state" and codes_in_kernel(b.name, stages):

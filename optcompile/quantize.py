@@ -30,26 +30,23 @@ the param as under every ``state_precision``.
 ``uint8``) and ``optimizer.state[p][name + "_scale"]`` the scales (fp32, ``ceil(n / BLOCK)``
 elements), which is what ``state_dict()`` saves and ``torch.load(weights_only=True)`` reads back.
 
-**Step.** Each step decodes a param's 8-bit states to fp32, steps them as fp32 states (every
-backend, every pass: the math sees the exact fp32 values within the step) and encodes the new
-values, each block's scale from its new absmax. Under FSDP2 blocks would be per local shard.
+**Step.** The fused C and Triton kernels load and store the codes themselves, block by block
+(decode with the block's scale, fp32 math, encode with the new absmax: the formulas above,
+templates/fused.c.j2 and templates/triton.py.j2); elsewhere (eager, foreach, tensors a kernel
+cannot take) a param's 8-bit states are decoded to fp32, stepped as fp32 states and encoded with
+:func:`quantize_`. Either way the math sees the exact fp32 values within the step, each block's
+scale comes from its new absmax, and the codes are the same. Under FSDP2 blocks would be per
+local shard.
 """
 from __future__ import annotations
 
 import torch
 
-BLOCK = 256
+from .blockformat import BLOCK, SCALE_SUFFIX, SIGNED_TOP, UNSIGNED_TOP, scale_key  # noqa: F401
+
 MIN_NUMEL = 4096
-SCALE_SUFFIX = "_scale"
 EIGHTBIT = "8bit"
-SIGNED_TOP = 127
-UNSIGNED_TOP = 255
 QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def scale_key(name: str) -> str:
-    """The ``optimizer.state[p]`` key of state ``name``'s block scales."""
-    return name + SCALE_SUFFIX
 
 
 def code_dtype(nonnegative: bool) -> torch.dtype:

@@ -19,6 +19,12 @@ the scalar loop, which therefore also serves as the exact reference (a test chec
 agree bit for bit). Reductions keep the scalar loop's 16-lane partition; fp32 spill buffers and
 functions without a vector form (``powf`` …) keep the variant scalar.
 
+A state of 8-bit codes (``-DOC_DTYPE_<state>=3`` int8, ``4`` uint8: ``state_precision="8bit"``,
+optcompile/quantize.py) is loaded and stored by the element loop itself: it then runs block by
+block, decoding each block with its scale into an fp32 array, stepping it as an fp32 state and
+encoding the block's new values with their absmax (``OC_GET_``/``OC_PUT_`` and the block's
+decode and encode, one place in the template).
+
 Numerics follow the other backends: storage is ``OC_T`` (float, bf16 bits or ``_Float16``,
 chosen by ``-DOC_DTYPE`` at build time), math is fp32, a store rounds to nearest-even, and a
 later read of a stored buffer sees the rounded value (``OC_ROUND``, after which the store is
@@ -36,7 +42,7 @@ import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
-from .. import kernel_plan
+from .. import blockformat, kernel_plan
 from ..ir import TRUE, Clamp, Program
 from .forms import Lerp
 from .printing import PrinterBase
@@ -286,6 +292,7 @@ def context(prog: Program) -> dict:
         "storage": storage,
         "stages": stages,
         "n_tscalars": max(1, len(ts_names)),
+        "qblock": blockformat.BLOCK,
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
                                  "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills),
                                  "states": [b.name for b in plan.buffers if b.storage == "state"],

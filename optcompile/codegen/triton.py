@@ -14,6 +14,11 @@ this module decides per stage kernel:
 * the reductions: per-program partials in the stage kernel, one deterministic per-tensor
   finalize kernel (``_<fn>_reduce<k>``), totals loaded by the next stage.
 
+A state with a scale buffer (``kernel_plan.Buffer.scale``) loads and stores through
+``_load_state``/``_store_state``: its dtype, or, when its ``DTYPE_<state>`` constexpr is int8 or
+uint8, 8-bit codes decoded and encoded per block of ``blockformat.BLOCK`` elements (a program's
+1,024 elements are whole blocks).
+
 Host floats are fp32 kernel arguments; host bools (flags, ``kahan``, ``update_parameters``,
 branch conditions) are ``tl.constexpr``, so untaken branches compile away. A program the kernels
 cannot express (a value that cannot be recomputed across a stage, an unprintable function) still
@@ -25,7 +30,7 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from .. import kernel_plan
+from .. import blockformat, kernel_plan
 from ..ir import TRUE, Clamp, Program
 from ..rounding import GOLDEN, M32
 from .forms import Lerp
@@ -353,6 +358,7 @@ class KernelBuilder:
             "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
             # states whose 8-bit codes the kernels load and store (runtime.kernel_codes), by state list
             "codes": repr(tuple(b.value for b in self.plan.scales)),
+            "qblock": blockformat.BLOCK,
             "code_index": repr(tuple(state_lists.index(f"{b.value}s") for b in self.plan.scales)),
         }
 
