@@ -275,8 +275,9 @@ def context(prog: Program) -> dict:
     scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(ts_names)})
     scalar_src["numel"] = "(double)oc_numel"
     # a scale buffer holds one fp32 per block of OC_QBLOCK elements: a chunk's start is a whole block
-    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad",
-                "offset": "start / OC_QBLOCK" if b.role == "scale" else "start"} for b in plan.buffers]
+    buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}",
+                "const": b.role == "grad", "offset": "start / OC_QBLOCK" if b.role == "scale" else "start"}
+               for b in plan.buffers]
     # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own (8-bit
     # codes too, where the state names a scale buffer)
     storage = [{"name": b.name, "code": "OC_DTYPE" if b.storage != "state" else f"OC_DTYPE_{b.name}",
