@@ -105,7 +105,10 @@ def cmd_show(args) -> int:
         from .kernel_plan import build
         print(build(build_program(spec)).dump(), end="")
         return 0
-    text = generate_sources(spec)[MODULE_SUFFIX] if args.backend == "module" else backend_source(spec, args.backend)
+    if args.state_precision is not None and args.backend not in ("fused", "triton"):
+        raise CLIError("--state-precision specializes the kernels: use it with --backend fused or --backend triton")
+    text = generate_sources(spec)[MODULE_SUFFIX] if args.backend == "module" else \
+        backend_source(spec, args.backend, args.state_precision)
     print(text, end="")
     return 0
 
@@ -190,6 +193,9 @@ def _main(argv: list[str] | None) -> int:
     s.add_argument("--ir", action="store_true", help="print the IR after all passes")
     s.add_argument("--after", help="print the IR after this pass (e.g. add_weight_decay)")
     s.add_argument("--plan", action="store_true", help="print the kernel plan the Triton and C kernels are printed from")
+    s.add_argument("--state-precision", choices=["fp32", "bf16", "fp16", "8bit"],
+                   help="with --backend fused or triton: the kernel specialized for every state stored so (the "
+                        "C build's defines, the Triton launch's dtypes; 8bit: int8/uint8 codes)")
     s.set_defaults(func=cmd_show)
     sub.add_parser("list", help="list the built-in specs").set_defaults(func=cmd_list)
     k = sub.add_parser("cache", help="inspect or clear the cache")

@@ -62,14 +62,57 @@ def generate_sources(spec: OptimizerSpec, key: str | None = None) -> dict[str, s
     return {suffix: backend.generate(prog, spec.source, key) for suffix, backend in registry.files().items()}
 
 
-def backend_source(spec: OptimizerSpec, name: str) -> str:
+def backend_source(spec: OptimizerSpec, name: str, state_precision: str | None = None) -> str:
     """What ``optcompile show --backend NAME`` prints: a backend's own file, or, for a step that is
     a function of the Python module (eager, foreach), the host-scalar function and that step
-    function, as the module generator rendered them."""
+    function, as the module generator rendered them. ``state_precision`` (fused and Triton): the
+    file specialized for states stored so (:func:`storage_prelude`)."""
     backend = registry.get(name)
     prog = build_program(spec)
     if backend.in_module:
+        if state_precision is not None:
+            raise ValueError(f"--state-precision specializes the fused and triton kernels; the {backend.name} step "
+                             "is the same code under every state precision")
         from .codegen.render import module_functions
         functions = module_functions(prog)
         return "\n\n".join(functions[f].rstrip() + "\n" for f in ("host", backend.name))
-    return backend.generate(prog, spec.source, cache_key(spec.functional, spec.source))
+    text = backend.generate(prog, spec.source, cache_key(spec.functional, spec.source))
+    return text if state_precision is None else storage_prelude(prog, backend.name, state_precision) + text
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "8bit")
+
+
+def storage_prelude(prog: Program, backend: str, precision: str) -> str:
+    """The storage a kernel is specialized for when every state is stored in ``precision``, in
+    the kernel's own terms: the fused C file's build defines (``-DOC_DTYPE_<state>``: 3 int8 and 4
+    uint8 codes, by the state's sign, optcompile/nonnegative.py) or the Triton launch's
+    ``DTYPE_<state>`` constexprs. A state the kernels cannot take as codes
+    (``kernel_plan.codes_in_kernel``) is stepped in fp32, decoded around the launch."""
+    from . import kernel_plan
+    from .nonnegative import nonnegative_states
+    if precision not in PRECISIONS:
+        raise ValueError(f"state precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if prog.has_axes():
+        return ""  # no kernels: the file says so
+    plan = kernel_plan.build(prog)
+    unsigned = set(nonnegative_states(prog))
+    lines = []
+    for b in plan.buffers:
+        if b.storage != "state":
+            continue
+        if precision == "8bit" and b.scale:
+            code, what = (4, "uint8") if b.name in unsigned else (3, "int8")
+            note = f"{what} 8-bit codes, block scales in {b.scale}"
+        elif precision == "8bit":
+            code, what, note = 0, "float32", "fp32: decoded around the launch (a later stage reads it)"
+        else:
+            code, what = {"fp32": (0, "float32"), "bf16": (1, "bfloat16"), "fp16": (2, "float16")}[precision]
+            note = what
+        lines.append(f"#define OC_DTYPE_{b.name} {code}  // {note}" if backend == "fused"
+                     else f"#   DTYPE_{b.name} = tl.{what}  ({note})")
+    if backend == "fused":
+        return (f"// state_precision={precision!r}: the build defines of the states (the param's storage is "
+                "-DOC_DTYPE)\n" + "\n".join(lines) + "\n\n")
+    return (f"# state_precision={precision!r}: the launch's state dtypes (constexprs; the file is the same "
+            "under every precision)\n" + "\n".join(lines) + "\n\n")

@@ -4,7 +4,9 @@ A finished :class:`~optcompile.ir.Program` says *what* a step computes; the plan
 computes it, in terms that no printer re-derives:
 
 * the **buffers** and each one's storage (the group's dtype, the grad's dtype, each state's own
-  dtype — ``state_precision`` — or fp32 scratch);
+  dtype — ``state_precision`` — or fp32 scratch); a state that a kernel may keep in **8-bit
+  codes** (``state_precision="8bit"``, optcompile/quantize.py) names its fp32 scale buffer
+  (``Buffer.scale``): whether it holds codes is the build's / launch's parameter, like its dtype;
 * per **stage** (the body split at reductions): the per-tensor values it computes first, the loads
   and stores with their host guards, the element statements in kernel form (interpolations and
   in-place groupings from forms.py, sums in one term order), and the reductions it feeds;
@@ -37,6 +39,7 @@ from typing import Any
 import sympy
 
 from .codegen.forms import Forms
+from .blockformat import scale_key
 from .codegen.host import used_host_names
 from .ir import TRUE, Assign, AxisReduction, Origin, Program, Reduction, TensorScalar, axes_of
 from .step_flags import STEP_FLAGS
@@ -52,6 +55,9 @@ class Buffer:
     # state's own dtype (``state_precision``, a per-buffer parameter of a C build / Triton launch); "fp32": scratch
     value: str  # the element value it holds (a spill holds a temp, or ``grad`` after L2 decay)
     axes: tuple[int, ...] = ()  # a reduced shape (these dims are 1): stages read it by a broadcast index
+    # a state a kernel may store as 8-bit codes: the name of its block-scale buffer (role "scale",
+    # one fp32 per 256 elements, :func:`codes_in_kernel`); None: the kernels never see its codes
+    scale: str | None = None
 
     @property
     def broadcast(self) -> bool:
@@ -152,7 +158,7 @@ class KernelPlan:
     name: str  # the optimizer (``AdamW``)
     fn: str  # the functional name (``adamw``)
     spec_path: str
-    buffers: tuple[Buffer, ...]  # param, grad, states (kahan_comp last), then spills
+    buffers: tuple[Buffer, ...]  # param, grad, states (kahan_comp last), spills, then scales
     host_inputs: tuple[str, ...]  # every host value the kernels read: the flags and the scalars
     flags: tuple[str, ...]  # compile-time host booleans
     scalars: tuple[str, ...]  # host values passed as fp32 scalars
@@ -178,12 +184,17 @@ class KernelPlan:
         """The index table row a broadcast buffer is read by (its reduced shape's position)."""
         return self.broadcasts.index(self.buffer(name).axes)
 
+    @property
+    def scales(self) -> tuple[Buffer, ...]:
+        """The block-scale buffers of the states that may be stored as 8-bit codes (``Buffer.scale``)."""
+        return tuple(b for b in self.buffers if b.role == "scale")
+
     def buffer(self, name: str) -> Buffer:
         return next(b for b in self.buffers if b.name == name)
 
     def slot(self, name: str) -> int:
         """A stored buffer's position (:func:`stored_slot`): it salts stochastic rounding's bits."""
-        return stored_slot([b.name for b in self.buffers if b.role != "spill"], name)
+        return stored_slot([b.name for b in self.buffers if b.role not in ("spill", "scale")], name)
 
     # ── text form, for golden tests and `optcompile show --plan` ──────────────────────────────
     def dump(self) -> str:
@@ -203,7 +214,8 @@ class KernelPlan:
             return f", reduced along {list(b.axes)}" if b.axes else ""
 
         out = [f"kernel plan {self.name}",
-               "  buffers: " + ", ".join(f"{b.name} ({b.storage}{shape(b)})" for b in self.buffers),
+               "  buffers: " + ", ".join(f"{b.name} ({b.storage}{shape(b)})" for b in self.buffers if b.role != "scale"),
+               "  8-bit codes: " + (", ".join(f"{b.name} (scale {b.scale})" for b in self.buffers if b.scale) or "-"),
                f"  flags: {', '.join(self.flags) or '-'}",
                f"  scalars: {', '.join(self.scalars) or '-'}"]
         for g in self.segments_after(-1):
@@ -434,6 +446,7 @@ def build(prog: Program) -> KernelPlan:
             totals=totals, flags=tuple(f for f in flags if f in read), scalars=tuple(n for n in scalars if n in read),
             uses_numel="numel" in read,
             origins=tuple(sorted({_shown(s.origin) for s in stage if s.origin}, key=Origin.sort_key))))
+    buffers = _with_scales(buffers, stages)
     optional = tuple(k for a in prog.args for k in a.keys if a.key_optional(k))
     reduced_states = {b.name for b in buffers if b.role == "state" and b.axes}
     segments = []
@@ -658,6 +671,29 @@ class _AxisSplit:
         self.program = self.prog.replace(body=tuple(kernel))
         kernel_reads = set().union(*[_names(s.expr) for s in kernel]) if kernel else set()
         self.outputs = [n for n in self.axes if n in kernel_reads]
+
+
+def codes_in_kernel(name: str, stages) -> bool:
+    """Whether state ``name`` can be loaded and stored as 8-bit codes inside the kernels: every
+    stage that reads it runs no later than the one stage that writes it, so each load decodes the
+    codes the step began with and the one store encodes the final values (a later stage reading
+    a value stored earlier in the step would see it quantized; such a state is decoded around the
+    launch instead, runtime's ``_step_eightbit``)."""
+    stores = [st.index for st in stages if any(a.buffer == name for a in st.stores)]
+    loads = [st.index for st in stages if any(a.buffer == name for a in st.loads)]
+    return len(stores) <= 1 and all(k <= j for k in loads for j in stores)
+
+
+def _with_scales(buffers: list[Buffer], stages) -> list[Buffer]:
+    """``buffers`` with each state that may be stored as codes naming its scale buffer, and those
+    scale buffers appended (after the spills: the earlier buffers keep their places)."""
+    out, scales = [], []
+    for b in buffers:
+        if b.role == "state" and b.storage == "state" and not b.axes and codes_in_kernel(b.name, stages):
+            b = dataclasses.replace(b, scale=scale_key(b.name))
+            scales.append(Buffer(b.scale, "scale", "fp32", b.name))
+        out.append(b)
+    return out + scales
 
 
 def _per_tensor(k: int, stage: list, tensor_stmts: list[TensorScalar], stage_of_value: dict) -> tuple[PerTensor, ...]:

@@ -5,7 +5,8 @@
 largest magnitude in it (absmax), and each element one 8-bit code ``q`` under square-root
 companding (a closed form, no table to search)::
 
-    encode   q = rint(top · sign(x) · sqrt(|x| / s))      (0 where s is 0 or not finite)
+    encode   q = rint(top · sign(x) · sqrt(|x| / s))      (0 where s is 0 or not finite;
+             fp32, the division and square root correctly rounded: sqrt_rn)
     decode   x̂ = sign(q) · (d · d) · s,   d = |q| / top    (fp32, in this order)
 
 ``top`` is 127 for a signed code (``int8``, ``-127..127``) and 255 for an unsigned one (``uint8``,
@@ -29,26 +30,23 @@ the param as under every ``state_precision``.
 ``uint8``) and ``optimizer.state[p][name + "_scale"]`` the scales (fp32, ``ceil(n / BLOCK)``
 elements), which is what ``state_dict()`` saves and ``torch.load(weights_only=True)`` reads back.
 
-**Step.** Each step decodes a param's 8-bit states to fp32, steps them as fp32 states (every
-backend, every pass: the math sees the exact fp32 values within the step) and encodes the new
-values, each block's scale from its new absmax. Under FSDP2 blocks would be per local shard.
+**Step.** The fused C and Triton kernels load and store the codes themselves, block by block
+(decode with the block's scale, fp32 math, encode with the new absmax: the formulas above,
+templates/fused.c.j2 and templates/triton.py.j2); elsewhere (eager, foreach, tensors a kernel
+cannot take) a param's 8-bit states are decoded to fp32, stepped as fp32 states and encoded with
+:func:`quantize_`. Either way the math sees the exact fp32 values within the step, each block's
+scale comes from its new absmax, and the codes are the same. Under FSDP2 blocks would be per
+local shard.
 """
 from __future__ import annotations
 
 import torch
 
-BLOCK = 256
+from .blockformat import BLOCK, SCALE_SUFFIX, SIGNED_TOP, UNSIGNED_TOP, scale_key  # noqa: F401
+
 MIN_NUMEL = 4096
-SCALE_SUFFIX = "_scale"
 EIGHTBIT = "8bit"
-SIGNED_TOP = 127
-UNSIGNED_TOP = 255
 QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def scale_key(name: str) -> str:
-    """The ``optimizer.state[p]`` key of state ``name``'s block scales."""
-    return name + SCALE_SUFFIX
 
 
 def code_dtype(nonnegative: bool) -> torch.dtype:
@@ -90,20 +88,37 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
     return flat.view(-1, BLOCK)
 
 
+ENCODE_ROWS = 4096  # blocks encoded at a time (bounds the fp64 temporary of sqrt_rn)
+
+
+def sqrt_rn(r: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root of fp32 ``r`` (IEEE ``sqrt``, as C's ``sqrtf`` and
+    Triton's ``sqrt_rn``). torch's CPU ``sqrt`` is not (a fifth of fp32 inputs come out one ulp
+    off on AVX-512 builds), so it runs in fp64 and rounds once: the exact root of a 24-bit
+    value lies at least 2^-50 of its binade from any fp32 rounding midpoint, farther than fp64's
+    error, so the fp32 result is the correctly rounded one."""
+    return torch.sqrt(r.to(torch.float64)).to(torch.float32)
+
+
 def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Encode ``x`` (any float dtype, ``codes``' numel) into ``codes`` (int8: signed, uint8: unsigned)
     and ``scales`` (fp32, one per block), in place."""
     top = _top(codes.dtype)
-    b = _padded(x.detach().to(torch.float32))
-    s = b.abs().amax(dim=1, keepdim=True)
-    if codes.dtype == torch.uint8:
-        b = b.clamp_min(0.0)
-    y = torch.sqrt(b.abs() / s) * top
-    q = torch.copysign(torch.round(y), b)
-    q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))  # s == 0 (0/0) or not finite
+    padded = _padded(x.detach().to(torch.float32))
     n = codes.numel()
-    codes.view(-1).copy_(q.view(-1)[:n].to(codes.dtype))
-    scales.copy_(s.view(-1))
+    out = codes.view(-1)
+    for lo in range(0, padded.shape[0], ENCODE_ROWS):
+        b = padded[lo:lo + ENCODE_ROWS]
+        s = b.abs().amax(dim=1, keepdim=True)
+        if codes.dtype == torch.uint8:
+            b = b.clamp_min(0.0)
+        y = sqrt_rn(b.abs() / s) * top
+        q = torch.copysign(torch.round(y), b)
+        q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))  # s == 0 (0/0) or not finite
+        first = lo * BLOCK
+        part = q.view(-1)[:n - first]
+        out[first:first + part.numel()].copy_(part.to(codes.dtype))
+        scales[lo:lo + ENCODE_ROWS].copy_(s.view(-1))
 
 
 def quantize(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -210,7 +210,7 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
                    optimizer_accumulation=False, group: dict | None = None,
                    stochastic_rounding: tuple[int, int | None, list[int]] | None = None,
-                   scalar_states=None, view: str | None = None) -> None:
+                   scalar_states=None, scales=None, view: str | None = None) -> None:
     """One optimizer step over lists of tensors; the body of every generated functional API.
     ``group`` is the param group of a class step (its constants decide which states exist).
     ``scalar_states``: one list of 0-dim tensors per scalar state of the algorithm (NAdam's
@@ -221,7 +221,9 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
     ``stochastic_rounding``: ``(seed, counter, param indices)`` (optcompile/rounding.py); the
     counter is the step being taken, None to take it from ``step``. Under ``torch.compile`` this
     records one ``optcompile::step`` op, which runs it when the graph runs
-    (optcompile/backends/custom_ops.py)."""
+    (optcompile/backends/custom_ops.py). ``scales``: one list per state (aligned with the params)
+    of the block scales of its 8-bit codes, None where a tensor is not codes, for a backend whose
+    kernel takes the codes (``kernel_codes``); they travel as lists after ``kahan_comps``."""
     if view is not None:
         return _write_view(info, view, params, state_lists, kahan_comps, hypers, step=step, kahan_sum=kahan_sum,
                            foreach=foreach, triton=triton, fused=fused, group=group, scalar_states=scalar_states)
@@ -244,7 +246,7 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         return
     if kahan_comps is None:
         kahan_comps = [None] * len(params)
-    lists = [params, grads, *state_lists, kahan_comps]
+    lists = [params, grads, *state_lists, kahan_comps, *(scales or ())]
     for what, lst in zip(("grad", *info.states, "kahan_comp"), lists[1:]):
         if len(lst) != len(params):
             raise ValueError(f"{info.functional}: {len(params)} params but {len(lst)} {what}s; pass one per param")
@@ -835,8 +837,9 @@ class CompiledOptimizer(Optimizer):
                            scalar_states=scalar_states)
 
     def _call_decoded(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
-                      optimizer_accumulation=False, scalar_states=None) -> None:
-        """One step of ``params`` whose states are all tensors the backends step (no 8-bit codes)."""
+                      optimizer_accumulation=False, scalar_states=None, scales=None) -> None:
+        """One step of ``params`` whose states are all tensors the backends step: no 8-bit codes, or
+        codes with their ``scales`` for a kernel that takes them (``kernel_codes``)."""
         hypers = {k: group[k] for k in self._info.keys}
         sr = None
         if group.get("stochastic_rounding"):
@@ -849,7 +852,7 @@ class CompiledOptimizer(Optimizer):
                        kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
                        triton=group.get("triton"), fused=group.get("fused"), gradient_release=gradient_release,
                        optimizer_accumulation=optimizer_accumulation, group=group, stochastic_rounding=sr,
-                       scalar_states=scalar_states)
+                       scalar_states=scalar_states, scales=scales)
 
     # ── step ───────────────────────────────────────────────────────────────────────────────────
     @torch.no_grad()
@@ -1210,41 +1213,95 @@ def _eightbit(group: dict) -> bool:
 EIGHTBIT_BATCH = 1 << 24  # params' elements per batch of decoded 8-bit states (64 MiB of fp32 per state)
 
 
+def kernel_codes(info: OptimizerInfo, group: dict, params, gradient_release: bool = False) -> frozenset:
+    """The states whose 8-bit codes the kernel that steps ``params`` loads and stores itself (the
+    fused C or Triton backend: kernel_plan's ``Buffer.scale``); empty where another backend runs
+    (eager and foreach step decoded values), the params span devices, or under torch.compile."""
+    if torch.compiler.is_compiling() or len({(p.device, p.dtype) for p in params}) != 1:
+        return frozenset()
+    name = choose_backend(params, foreach=group.get("foreach"), triton=group.get("triton"), fused=group.get("fused"),
+                          gradient_release=gradient_release)
+    if name not in ("fused", "triton") or not info.extra.get("kernels", True):
+        return frozenset()
+    return frozenset(getattr(info.backend(name), "codes", ()))
+
+
+def call_decoded(run, params, lists, scales, **host) -> None:
+    """``run(params, *lists, **host)`` with each list of 8-bit codes that has its ``scales``
+    (``lists``: ``[grads, *states, kahan_comps]``, ``scales`` one list per state) decoded to fp32
+    and encoded again after the step: a kernel's fallback when it cannot take the codes."""
+    from .quantize import dequantize, quantize_
+    lists, decoded = list(lists), []
+    for k, sc in enumerate(scales):
+        if all(s is None for s in sc):
+            continue
+        lst = list(lists[1 + k])
+        for i, s in enumerate(sc):
+            if s is not None:
+                codes, lst[i] = lst[i], dequantize(lst[i], s)
+                decoded.append((lst[i], codes, s))
+        lists[1 + k] = lst
+    run(params, *lists, **host)
+    for values, codes, s in decoded:
+        quantize_(values, codes, s)
+
+
 def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lists, kahan_comps, *, step,
                    **kw) -> None:
-    """A step of a group with 8-bit states (optcompile/quantize.py): per batch of params of about
-    ``EIGHTBIT_BATCH`` elements, decode each 8-bit state to fp32, step the batch on its backend
-    as fp32 states, and encode the new values (each block's scale from its new absmax). The group's
-    step count advances once: every batch starts from the count the step began with."""
+    """A step of a group with 8-bit states (optcompile/quantize.py). Params whose codes the
+    group's kernel takes (``kernel_codes``: the fused C and Triton kernels decode each block on
+    load and encode it on store) step in one call with their scales; for the others, per batch of
+    params of about ``EIGHTBIT_BATCH`` elements, each 8-bit state is decoded to fp32, the batch
+    steps on its backend with fp32 states and the new values are encoded (each block's scale from
+    its new absmax). Params are split by which of their states are codes (those below the size
+    threshold keep fp32 states). The group's step count advances once: every call starts from
+    the count the step began with."""
     from .quantize import dequantize, is_codes, quantize_, scale_key
     scalar_states = kw.pop("scalar_states", None)
     if isinstance(params, torch.Tensor):
         params, grads, kahan_comps = [params], [grads], [kahan_comps]
         state_lists = [[s] for s in state_lists]
         scalar_states = None if scalar_states is None else [[s] for s in scalar_states]
-    start = step.clone() if isinstance(step, torch.Tensor) else None
-    lo = 0
-    while lo < len(params):
-        hi, size = lo, 0
-        while hi < len(params) and (hi == lo or size + params[hi].numel() <= EIGHTBIT_BATCH):
-            size += params[hi].numel()
-            hi += 1
-        ps, decoded, lists = params[lo:hi], [], []
-        for name, lst in zip(opt._info.states, state_lists):
-            part = list(lst[lo:hi])
-            for i, t in enumerate(part):
-                if is_codes(t):
-                    scales = opt.state[ps[i]][scale_key(name)]
-                    part[i] = dequantize(t, scales)
-                    decoded.append((part[i], t, scales))
+    names = opt._info.states
+    direct = kernel_codes(opt._info, group, params, kw.get("gradient_release", False))
+    kinds: dict[tuple, list[int]] = {}  # which states are codes → the params that have them so
+    for i in range(len(params)):
+        kinds.setdefault(tuple(is_codes(lst[i]) for lst in state_lists), []).append(i)
+    calls = []  # (param indices, whether the kernel takes their codes)
+    for kind, idx in kinds.items():
+        if any(kind) and all(n in direct for n, c in zip(names, kind) if c):
+            calls.append((idx, True))
+            continue
+        lo = 0
+        while lo < len(idx):
+            hi, size = lo, 0
+            while hi < len(idx) and (hi == lo or size + params[idx[hi]].numel() <= EIGHTBIT_BATCH):
+                size += params[idx[hi]].numel()
+                hi += 1
+            calls.append((idx[lo:hi], False))
+            lo = hi
+    start = step.clone() if isinstance(step, torch.Tensor) and len(calls) > 1 else None
+    for idx, codes_in_kernel in calls:
+        ps, decoded, lists = [params[i] for i in idx], [], []
+        scales = [] if codes_in_kernel else None
+        for name, lst in zip(names, state_lists):
+            part = [lst[i] for i in idx]
+            if codes_in_kernel:
+                scales.append([opt.state[p][scale_key(name)] if is_codes(t) else None for p, t in zip(ps, part)])
+            else:
+                for i, t in enumerate(part):
+                    if is_codes(t):
+                        s = opt.state[ps[i]][scale_key(name)]
+                        part[i] = dequantize(t, s)
+                        decoded.append((part[i], t, s))
             lists.append(part)
         if start is not None:
             step.copy_(start)
-        opt._call_decoded(group, ps, grads[lo:hi], lists, kahan_comps[lo:hi], step=step, **kw,
-                          scalar_states=None if scalar_states is None else [s[lo:hi] for s in scalar_states])
-        for values, codes, scales in decoded:
-            quantize_(values, codes, scales)
-        lo = hi
+        opt._call_decoded(group, ps, [grads[i] for i in idx], lists, [kahan_comps[i] for i in idx], step=step, **kw,
+                          scalar_states=None if scalar_states is None else [[s[i] for i in idx] for s in scalar_states],
+                          scales=scales)
+        for values, codes, s in decoded:
+            quantize_(values, codes, s)
 
 
 def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, param: torch.Tensor) -> None:

@@ -51,6 +51,30 @@ def test_show_backends_and_ir():
     assert "decay_l2" in after.stdout and "kahan" not in after.stdout
 
 
+def test_show_state_precision_specializes_the_kernels(tmp_path):
+    """``--state-precision 8bit`` prints the fused C file with the build defines of its states
+    (int8 codes for a signed state, uint8 for a non-negative one), a file the C compiler builds as
+    is, and the Triton module with its launch's state dtypes; other backends refuse it."""
+    from optcompile import backends_available
+    fused = run("show", "specs/adamw.py", "--backend", "fused", "--state-precision", "8bit")
+    assert fused.returncode == 0, fused.stderr
+    head = fused.stdout.splitlines()[:3]
+    assert head[1].startswith("#define OC_DTYPE_exp_avg 3 ") and head[2].startswith("#define OC_DTYPE_exp_avg_sq 4 ")
+    triton = run("show", "specs/lion.py", "--backend", "triton", "--state-precision", "8bit")
+    assert "#   DTYPE_exp_avg = tl.int8" in triton.stdout and "def _store_state(" in triton.stdout
+    bf16 = run("show", "specs/adamw.py", "--backend", "fused", "--state-precision", "bf16")
+    assert "#define OC_DTYPE_exp_avg_sq 1 " in bf16.stdout
+    bad = run("show", "specs/adamw.py", "--backend", "eager", "--state-precision", "8bit")
+    assert bad.returncode != 0 and "--backend fused or --backend triton" in bad.stderr
+    cc = backends_available.c_compiler()
+    if cc is not None:
+        src = tmp_path / "adamw_8bit.c"
+        src.write_text(fused.stdout)
+        built = subprocess.run([cc, "-O1", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-DOC_DTYPE=1", str(src),
+                                "-o", str(tmp_path / "a.so"), "-lm"], capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr[-2000:]
+
+
 def test_show_prints_what_the_generators_made():
     """``show --backend`` prints each backend's file, or (eager, foreach) the host function and the
     step function exactly as they stand in the module; every registered backend is a choice."""

@@ -495,6 +495,53 @@ def test_eightbit_states_on_triton(stem, backend):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-4)
 
 
+def _codes_step_pair(cls, backend, monkeypatch, steps=3, **kw):
+    """The same bf16 training run twice on ``backend`` with 8-bit states and stochastic rounding:
+    once with the kernel loading and storing the codes, once with every 8-bit state decoded to
+    fp32 around the launch and encoded after (``runtime.kernel_codes`` turned off)."""
+    from optcompile import runtime
+    runs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(runtime, "kernel_codes", lambda *a, **k: frozenset())
+        params, opt = _train_8bit(cls, backend, torch.bfloat16, steps=steps, kwargs=kw, state_precision="8bit",
+                                  stochastic_rounding=True)
+        runs.append((params, opt))
+    monkeypatch.undo()
+    return runs
+
+
+@pytest.mark.parametrize("stem", ["adamw", "lion", "user:lamb"])
+@pytest.mark.parametrize("backend", backend_params("fused", "triton"))
+def test_eightbit_codes_in_the_kernel_equal_the_decoded_step(stem, backend, monkeypatch):
+    """The fused C and Triton kernels decode each 256-element block on load and encode it on store
+    (a tensor's last block partial; several tensors, one below the size threshold with fp32 states):
+    the same codes, scales and bf16 params, bit for bit, as decoding to fp32, stepping on the same
+    backend and encoding with torch (quantize.py): the fp32 math is the kernel's either way, and
+    the encode's division and square root are correctly rounded on both sides. LAMB has
+    reductions and spills across three stages."""
+    from pathlib import Path
+
+    import optcompile
+    from optcompile import runtime
+    if stem.startswith("user:"):
+        cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / f"{stem[5:]}.py")
+        kw = {"lr": 1e-2}
+    else:
+        cls, kw = BY_STEM[stem].cls, _kwargs(stem)
+    (got, opt), (ref, ref_opt) = _codes_step_pair(cls, backend, monkeypatch, steps=2 if backend == "triton" else 3,
+                                                  **kw)
+    group = opt.param_groups[0]
+    taken = runtime.kernel_codes(cls._info, group, got)
+    assert taken == set(n for n in cls._info.states if n != "kahan_comp"), taken  # the kernel took every state
+    _check_8bit_layout(opt, got, cls._info.extra.get("nonnegative", ()))
+    for p, q in zip(got, ref):
+        assert torch.equal(p, q), f"{stem} param {tuple(p.shape)}"
+        for k, t in opt.state[p].items():
+            if torch.is_tensor(t) and t.dim():
+                assert torch.equal(t, ref_opt.state[q][k]), f"{stem} {k} of {tuple(p.shape)}"
+
+
 def test_eightbit_training_tracks_fp32():
     """AdamW on a least-squares problem, 200 steps: 8-bit moments end within 2 % of the fp32 run's
     loss, and its weights (of scale 1) within 1e-3 on average and 5e-2 at most (two steps of lr

@@ -37,12 +37,14 @@ import torch
 from .. import backends_available, cache
 from .. import layouts
 from ..layouts import MISSING, LayoutCache
+from .. import quantize
 from ..paths import templates_dir
-from ..runtime import check_buffers
+from ..runtime import call_decoded, check_buffers
 
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-w")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+CODES = {torch.int8: 3, torch.uint8: 4}  # a state of 8-bit codes (signed, unsigned), with its scales
 _LOCK = threading.Lock()
 _WARNED: set[str] = set()
 
@@ -86,7 +88,7 @@ class Storage:
     each state's (``state_precision``), and stochastic rounding."""
 
     param: int
-    states: tuple[tuple[str, int], ...] = ()
+    states: tuple[tuple[str, int], ...] = ()  # codes 3 and 4: 8-bit codes (CODES)
     stochastic: bool = False
 
     def flags(self) -> tuple[str, ...]:
@@ -159,17 +161,20 @@ class FusedStep:
         self.segments = self.iface.get("segments", 0)
         reduced = self.iface.get("reduced", {})
         self.reduced = {k: tuple(reduced[b]) for k, b in enumerate(self.iface["buffers"][1:], 0) if b in reduced}
+        # the states whose 8-bit codes the kernel loads and stores itself (runtime.kernel_codes)
+        self.codes = tuple(self.iface.get("codes", ()))
 
-    def storage(self, params, lists, sr: bool) -> "Storage | None":
-        """The library these lists need (each state's dtype from its first tensor), or None when a
-        dtype is not one the kernel stores."""
+    def storage(self, params, lists, sr: bool, scales=None) -> "Storage | None":
+        """The library these lists need (each state's dtype from its first tensor; 8-bit codes
+        where the state has ``scales``), or None when a dtype is not one the kernel stores."""
         code = DTYPES.get(params[0].dtype)
         if code is None:
             return None
         states = []
-        for name, lst in zip(self.iface.get("states", []), lists[1:]):
+        for k, (name, lst) in enumerate(zip(self.iface.get("states", []), lists[1:])):
             t = next((x for x in lst if isinstance(x, torch.Tensor)), None)  # not a tensor: the checks name it
-            c = code if t is None else DTYPES.get(t.dtype)
+            coded = scales is not None and name in self.codes and any(s is not None for s in scales[k])
+            c = code if t is None else (CODES if coded else DTYPES).get(t.dtype)
             if c is None:
                 return None
             states.append((name, c))
@@ -198,17 +203,20 @@ class FusedStep:
     def __call__(self, params, *lists, **host):
         p0 = params[0]
         sr = host.get("_sr")
-        code = self.storage(params, lists, sr is not None)
+        scales = None
+        if len(lists) > self.n_states + 2:  # 8-bit codes' scales, one list per state (runtime.run_functional)
+            lists, scales = lists[:self.n_states + 2], lists[self.n_states + 2:]
+        code = self.storage(params, lists, sr is not None, scales)
         if p0.device.type != "cpu" or code is None:
             warn_once(f"dtype:{p0.device}:{p0.dtype}", f"the fused C kernel runs fp32/bf16/fp16 CPU tensors; "
                       f"{p0.dtype} on {p0.device} uses the eager backend")
-            return self._checked_eager(params, lists, host)
+            return self._checked_eager(params, lists, host, scales)
         try:
             fn = self._fn(code)
         except Exception as exc:  # no compiler, failed build, unloadable library: never crash a step
             warn_once(f"build:{self.source}", f"optcompile could not build the fused C kernel "
                       f"({type(exc).__name__}: {str(exc).strip()[:500]}); using the eager backend instead")
-            return self._checked_eager(params, lists, host)
+            return self._checked_eager(params, lists, host, scales)
         buffers = [params, *lists]
         numel = _FITS.get(buffers)  # the numels of a layout that fit the kernel before, or None
         if numel is MISSING:
@@ -221,13 +229,17 @@ class FusedStep:
         elif numel is not None:
             ptrs = self._known_pointers(params, lists)
         if numel is None:
+            if scales is not None:  # tensors the kernel cannot take (strided, mixed dtypes): decoded, eager
+                return self._checked_eager(params, lists, host, scales)
             return self._mixed(params, lists, host)
         spills = self.iface["spills"]  # fp32 scratch buffers, one per tensor each, after the buffers passed in
         scratch = [torch.empty(k, dtype=torch.float32) for _ in range(spills) for k in numel]
+        # the pointer table in the plan's buffer order: the lists passed in, the spills, the axis
+        # buffers (filled by the segments), the 8-bit codes' block scales
         ptrs = array.array("q", ptrs + [t.data_ptr() for t in scratch])
         c_numel = array.array("q", numel)
         extra = ()
-        if self.segments:  # the axis buffers' rows (filled by the segments), the broadcast table, the callback
+        if self.segments:  # the axis buffers' rows, the broadcast table, the callback
             ptrs.extend([0] * (len(params) * len(self.iface["axis_buffers"])))
             try:
                 extra = self._segment_args(params, lists, scratch, ptrs, host)
@@ -235,6 +247,7 @@ class FusedStep:
                 warn_once(f"broadcast:{self.source}", f"the fused C kernel cannot index this reduced shape ({exc}); "
                           "using the eager backend")
                 return self.eager(params, *lists, **host)
+        ptrs.extend(self._scale_pointers(params, lists, scales))
         self._launch(fn, len(params), c_numel.buffer_info()[0], ptrs.buffer_info()[0], host, extra)
 
     def _shapes(self, shapes):
@@ -260,7 +273,7 @@ class FusedStep:
         views = [[scratch[s * n + t].view(params[t].shape) for t in range(n)] for s in range(self.iface["spills"])]
         run = self.info.extra["kernel_segments"]
         kw = {k: v for k, v in host.items() if k != "_shards"}
-        first_axis = len(self.iface["buffers"]) - len(self.iface["axis_buffers"])
+        first_axis = self.iface["buffers"].index(self.iface["axis_buffers"][0]) if self.iface["axis_buffers"] else 0
         kept: list = []
         failed: list = []
 
@@ -282,6 +295,26 @@ class FusedStep:
                 return 1
         callback = SEGMENT_FN(segment)
         return bc, callback, kept, failed
+
+    def _scale_pointers(self, params, lists, scales) -> list[int]:
+        """The scale buffers' pointers (after the spills), 0 where a state is not 8-bit codes; the
+        kernel writes one fp32 per 256 elements of its tensor, so each must be exactly that."""
+        n, out = len(params), []
+        for name in self.codes:
+            k = self.iface["states"].index(name)
+            if scales is None or all(s is None for s in scales[k]):
+                out += [0] * n
+                continue
+            for p, t, s in zip(params, lists[1 + k], scales[k]):
+                if s is None or t is None:
+                    raise ValueError(f"{self.info.name}: {name} mixes 8-bit codes and other tensors in one call")
+                problem = quantize.check(name, t, s, p.shape)
+                if problem is None and not (s.is_contiguous() and s.is_cpu):
+                    problem = f"{quantize.scale_key(name)} is not a contiguous CPU tensor"
+                if problem is not None:
+                    raise ValueError(f"{self.info.name}: {problem}")
+                out.append(s.data_ptr())
+        return out
 
     def _dtypes(self, params, lists) -> list:
         """The dtype each list must have: the param's, or for a state its first tensor's."""
@@ -376,8 +409,10 @@ class FusedStep:
                 ptrs += [t.data_ptr() for t in lst]
         return ptrs
 
-    def _checked_eager(self, params, lists, host):
+    def _checked_eager(self, params, lists, host, scales=None):
         check_buffers(self.info, [params, *lists])
+        if scales is not None:
+            return call_decoded(self.eager, params, lists, scales, **host)
         return self.eager(params, *lists, **host)
 
     def _mixed(self, params, lists, host):

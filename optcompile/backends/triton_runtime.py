@@ -31,6 +31,7 @@ _POINTERS: OrderedDict = OrderedDict()
 _BROADCASTS: OrderedDict = OrderedDict()
 _CHECKED = LayoutCache()  # layouts that passed _check
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TL_CODES = {torch.int8: "int8", torch.uint8: "uint8"}  # a state of 8-bit codes, beside its block scales
 
 
 class UnsupportedTensors(TypeError):
@@ -180,12 +181,38 @@ def _list_dtypes(buffers) -> list:
     return out
 
 
-def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0, sr=None,
-                broadcasts=(), reduced=None) -> LaunchPlan:
+def _scale_rows(buffers, dtypes, scales, codes) -> list:
+    """The pointer-table rows of the block scales (one per state in ``codes``, its index among
+    the states): a state of int8/uint8 codes must come with its scales, one fp32 per 256 elements
+    of each tensor (optcompile/quantize.py); other states get a row of None (never read)."""
+    from .. import quantize
+    params, rows = buffers[0], []
+    for k, dtype in enumerate(dtypes[2:-1]):
+        if dtype in _TL_CODES and (not scales or k not in codes or any(s is None for s in scales[k])):
+            raise UnsupportedTensors(f"a state of 8-bit codes ({dtype}) without its block scales")
+    for k in codes:
+        if not scales or dtypes[2 + k] not in _TL_CODES:
+            rows.append([None] * len(params))
+            continue
+        for p, t, s in zip(params, buffers[2 + k], scales[k]):
+            problem = quantize.check(f"state {k}", t, s, p.shape)
+            if problem is None and (s.device != p.device or not s.is_contiguous()):
+                problem = "block scales not contiguous on their param's device"
+            if problem is not None:
+                raise ValueError(f"8-bit state: {problem}")
+        rows.append(list(scales[k]))
+    return rows
+
+
+def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int = 0, sr=None, scales=(),
+                codes: tuple[int, ...] = (), broadcasts=(), reduced=None) -> LaunchPlan:
     """The tables for one launch over ``buffers`` = (params, grads, *states, kahan_comps), and
     ``n_spills`` fp32 scratch rows (allocated per step: they would pin memory the size of the model
-    if the layout cache kept them). ``broadcasts``: the reduced shapes (dims set to 1) the kernels
-    read by a broadcast index, ``reduced``: buffer index → dims of each reduced-shape state."""
+    if the layout cache kept them). ``codes``: the states (indices among them) whose kernels take
+    8-bit codes; ``scales``: one list per state of its codes' block scales (None: not codes), as
+    runtime.run_functional passes them; their rows follow the buffers' in the pointer table.
+    ``broadcasts``: the reduced shapes (dims set to 1) the kernels read by a broadcast index,
+    ``reduced``: buffer index → dims of each reduced-shape state."""
     params = buffers[0]
     p0 = params[0]
     if p0.dtype not in _TL_DTYPES:
@@ -195,8 +222,10 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
         raise UnsupportedTensors(f"gradients of dtype {grads[0].dtype} are not supported")
     import triton.language as tl
     dtypes = _list_dtypes(buffers)
-    if any(d not in _TL_DTYPES for d in dtypes):
+    if any(d not in _TL_DTYPES and not (2 <= k < len(dtypes) - 1 and d in _TL_CODES) for k, d in enumerate(dtypes)):
         raise UnsupportedTensors(f"the Triton kernels store fp32/bf16/fp16, not {[str(d) for d in dtypes]}")
+    checked = buffers
+    buffers = tuple(buffers) + tuple(_scale_rows(buffers, dtypes, scales, codes))
     numels = tuple(p.numel() for p in params)
     key = (p0.device, tuple(dtypes), block_size) + tuple(
         0 if t is None else t.data_ptr() for tensors in buffers for t in tensors) + numels
@@ -209,11 +238,11 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
         return Pointers(torch.tensor(rows, dtype=torch.int64).to(p0.device), aligned)
 
     ptrs = _lru(_POINTERS, key, pointers)
-    if _CHECKED.get(buffers) is MISSING:
+    if _CHECKED.get(checked) is MISSING:
         # the pointer key holds addresses, not what lies there: a state replaced by another dtype or
         # strides at a freed tensor's address hits it; the layout record (or the check) does not
-        _check(buffers, dtypes, reduced)
-        _CHECKED.put(buffers, True)
+        _check(checked, dtypes, reduced)
+        _CHECKED.put(checked, True)
     broadcast = None
     if broadcasts:
         shapes = tuple((tuple(p.shape), p.stride()) for p in params)  # dense (_check): memory order by strides
@@ -223,7 +252,7 @@ def launch_plan(buffers, block_size: int, n_reductions: int = 0, n_spills: int =
     keys = None if sr is None else torch.tensor(sr.tensor_keys(), dtype=torch.int64).to(p0.device)
     return LaunchPlan(layout, ptrs.table, ptrs.aligned, getattr(tl, _TL_DTYPES[p0.dtype]),
                       getattr(tl, _TL_DTYPES[grads[0].dtype]), spills,
-                      tuple(getattr(tl, _TL_DTYPES[d]) for d in dtypes[2:-1]), keys, broadcast)
+                      tuple(getattr(tl, _TL_DTYPES.get(d) or _TL_CODES[d]) for d in dtypes[2:-1]), keys, broadcast)
 
 
 def _broadcast(device, shapes, broadcasts) -> torch.Tensor:
@@ -279,10 +308,15 @@ def load(info, path):
             if message not in _WARNED:
                 _WARNED.add(message)
                 warnings.warn(message, UserWarning, stacklevel=3)
+            n = len(info.states) + 2  # grads, states, kahan_comps; then 8-bit codes' scales, if any
+            if len(lists) > n:
+                from ..runtime import call_decoded
+                return call_decoded(info.backend("eager"), params, lists[:n], lists[n:], **host)
             info.backend("eager")(params, *lists, **host)
 
     step.launcher = launcher
     step.module = module
+    step.codes = getattr(module, "CODES", ())  # the states whose 8-bit codes the kernels take
     return step
 
 

@@ -19,6 +19,12 @@ the scalar loop, which therefore also serves as the exact reference (a test chec
 agree bit for bit). Reductions keep the scalar loop's 16-lane partition; fp32 spill buffers and
 functions without a vector form (``powf`` …) keep the variant scalar.
 
+A state of 8-bit codes (``-DOC_DTYPE_<state>=3`` int8, ``4`` uint8: ``state_precision="8bit"``,
+optcompile/quantize.py) is loaded and stored by the element loop itself: it then runs block by
+block, decoding each block with its scale into an fp32 array, stepping it as an fp32 state and
+encoding the block's new values with their absmax (``OC_GET_``/``OC_PUT_`` and the block's
+decode and encode, one place in the template).
+
 Numerics follow the other backends: storage is ``OC_T`` (float, bf16 bits or ``_Float16``,
 chosen by ``-DOC_DTYPE`` at build time), math is fp32, a store rounds to nearest-even, and a
 later read of a stored buffer sees the rounded value (``OC_ROUND``, after which the store is
@@ -36,7 +42,7 @@ import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
-from .. import kernel_plan
+from .. import blockformat, kernel_plan
 from ..ir import TRUE, Clamp, Program
 from .forms import Lerp
 from .printing import PrinterBase
@@ -268,11 +274,16 @@ def context(prog: Program) -> dict:
     scalar_src = {n: f"oc_h[{i}]" for i, n in enumerate(host_floats)}
     scalar_src.update({n: f"oc_ts[{i}]" for i, n in enumerate(ts_names)})
     scalar_src["numel"] = "(double)oc_numel"
+    # a scale buffer holds one fp32 per block of OC_QBLOCK elements: a chunk's start is a whole block;
+    # a reduced-shape buffer is read by a broadcast index from the tensor's start
     buffers = [{"name": b.name, "ctype": "float" if b.storage == "fp32" else f"OC_T_{b.name}", "const": b.role == "grad",
-                "broadcast": b.broadcast} for b in plan.buffers]
-    # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own
+                "broadcast": b.broadcast, "offset": "start / OC_QBLOCK" if b.role == "scale" else "start"}
+               for b in plan.buffers]
+    # each stored buffer's storage code: the param's (-DOC_DTYPE) or, for a state, its own (8-bit
+    # codes too, where the state names a scale buffer)
     storage = [{"name": b.name, "code": "OC_DTYPE" if b.storage != "state" else f"OC_DTYPE_{b.name}",
-                "state": b.storage == "state"} for b in plan.buffers if b.role != "spill"]
+                "state": b.storage == "state", "scale": b.scale} for b in plan.buffers
+               if b.role not in ("spill", "scale")]
     stages = [_stage(plan, st, flags, scalar_src) for st in plan.stages]
     return {
         "fn": fn,
@@ -286,9 +297,11 @@ def context(prog: Program) -> dict:
         "segments": [{"index": g.index, "after": g.after} for g in plan.segments],
         "broadcasts": [list(a) for a in plan.broadcasts],
         "broadcast_row": kernel_plan.BROADCAST_ROW,
+        "qblock": blockformat.BLOCK,
         "interface": json.dumps({"function": f"{fn}_fused_step", "host": host_floats, "flags": flags,
                                  "buffers": [b.name for b in plan.buffers], "spills": len(plan.spills),
-                                 "states": [b.name for b in plan.buffers if b.storage == "state"]} | ({
+                                 "states": [b.name for b in plan.buffers if b.storage == "state"],
+                                 "codes": [b.value for b in plan.scales]} | ({
                                      "segments": len(plan.segments), "broadcasts": [list(a) for a in plan.broadcasts],
                                      "reduced": {b.name: list(b.axes) for b in plan.buffers
                                                  if b.role == "state" and b.axes},
@@ -345,10 +358,14 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
         # a reduced-shape buffer: its element for this one (kernel_plan.broadcast_index), from the tensor's start
         at = f"oc_bidx(oc_bc + {kernel_plan.BROADCAST_ROW * plan.broadcast_of(b.name)}, oc_start + oc_i)" \
             if b.broadcast else "oc_i"
-        value = f"oc_ptr_{b.name}[{at}]" if b.storage == "fp32" else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[{at}])"
+        value = f"oc_ptr_{b.name}[{at}]" if b.storage == "fp32" else f"OC_GET_{b.name}(oc_i)" if b.scale \
+            else f"OC_LOAD_{b.name}(oc_ptr_{b.name}[{at}])"
         loads.append(f"float {b.value} = {_when(a.guard, value, '0.0f')};")
     for a in st.stores:
         b = plan.buffer(a.buffer)
+        if b.scale:  # its element, or its place in the block that is encoded once complete (8-bit codes)
+            stores.append(_if(a.guard, f"OC_PUT_{b.name}(oc_i, {b.value});"))
+            continue
         value = b.value if b.storage == "fp32" else f"OC_EXACT_{b.name}({b.value})"
         stores.append(_if(a.guard, f"oc_ptr_{b.name}[oc_i] = {value};"))
     declared = [f"float {' = 0.0f, '.join(temps)} = 0.0f;"] if temps else []
@@ -367,10 +384,26 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
             "hoisted": [{"name": k, "expr": v} for k, v, _ in hoisted.values()],
             "element": loads + declared + body + stores, "element_lanes": loads + declared + body_lanes + stores,
             "reductions": reductions, "vector": vector,
+            "codes": _codes(plan, st),
             "rounded": [{"name": n, "slot": plan.slot(n)} for n in dict.fromkeys(rounded)],
             "tscalars": [_tscalar(t, plan, flags) for t in st.own_per_tensor],
             "partials": [{"name": r.name, "op": r.op, "slot": k, "slot_ts": list(plan.per_tensor_names).index(r.name),
                           "guard": _guard_bits(r.guard, flags)} for k, r in enumerate(st.reductions)]}
+
+
+def _codes(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage) -> list[dict]:
+    """The states this stage may read or write as 8-bit codes (``Buffer.scale``): per block, the
+    decode of those it loads and the encode of those it stores, under the accesses' guards."""
+    out = []
+    for b in plan.buffers:
+        if not b.scale:
+            continue
+        load = next((a for a in st.loads if a.buffer == b.name), None)
+        store = next((a for a in st.stores if a.buffer == b.name), None)
+        if load or store:
+            out.append({"name": b.name, "scale": b.scale, "load": load is not None, "store": store is not None,
+                        "load_guard": load and _guard(load.guard), "store_guard": store and _guard(store.guard)})
+    return out
 
 
 def _variants(plan, st, flags) -> tuple[list[dict], list[int]]:

@@ -14,6 +14,11 @@ this module decides per stage kernel:
 * the reductions: per-program partials in the stage kernel, one deterministic per-tensor
   finalize kernel (``_<fn>_reduce<k>``), totals loaded by the next stage.
 
+A state with a scale buffer (``kernel_plan.Buffer.scale``) loads and stores through
+``_load_state``/``_store_state``: its dtype, or, when its ``DTYPE_<state>`` constexpr is int8 or
+uint8, 8-bit codes decoded and encoded per block of ``blockformat.BLOCK`` elements (a program's
+1,024 elements are whole blocks).
+
 Host floats are fp32 kernel arguments; host bools (flags, ``kahan``, ``update_parameters``,
 branch conditions) are ``tl.constexpr``, so untaken branches compile away. A program the kernels
 cannot express (a value that cannot be recomputed across a stage, an unprintable function) still
@@ -25,7 +30,7 @@ import sympy
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
-from .. import kernel_plan
+from .. import blockformat, kernel_plan
 from ..ir import TRUE, Clamp, Program
 from ..rounding import GOLDEN, M32
 from .forms import Lerp
@@ -240,6 +245,7 @@ class KernelBuilder:
         plan, p = self.plan, self.printer
         touched = set(st.buffers())
         pointers = [b for b in plan.buffers if b.name in touched]
+        pointers += [plan.buffer(b.scale) for b in pointers if b.scale]  # 8-bit codes' block scales
         per_tensor = self._grouped((t.guard, [f"{t.name} = {p.doprint(t.expr)}"]) for t in st.per_tensor)
         loads = []
         kinds = list(dict.fromkeys(plan.broadcast_of(a.buffer) for a in st.loads if plan.buffer(a.buffer).broadcast))
@@ -254,6 +260,10 @@ class KernelBuilder:
                                     "((_offsets % tl.load(_b + 3)) // tl.load(_b + 4)) * tl.load(_b + 5)"]))
         for a in st.loads:
             b = plan.buffer(a.buffer)
+            if b.scale:  # its dtype, or 8-bit codes decoded with their blocks' scales
+                loads.append((a.guard, [f"{b.value} = _load_state(_{b.name}_ptr, _{b.scale}_ptr, _offsets, _mask, "
+                                        f"{self.dtype(b)})"]))
+                continue
             at = f"_index{plan.broadcast_of(b.name)}" if b.broadcast else "_offsets"
             value = f"tl.load(_{b.name}_ptr + {at}, mask=_mask)"
             loads.append((a.guard, [f"{b.value} = {value}" + ("" if b.storage == "fp32" else ".to(tl.float32)")]))
@@ -263,6 +273,9 @@ class KernelBuilder:
             b = plan.buffer(a.buffer)
             if b.role == "spill":
                 line = f"tl.store(_{b.name}_ptr + _offsets, {b.value}, mask=_mask)  # fp32 scratch, read by a later stage"
+            elif b.scale:
+                line = (f"_store_state(_{b.name}_ptr, _{b.scale}_ptr, {b.name}, _start, _offsets, _mask, _n_elements, "
+                        f"{self.dtype(b)}, BLOCK_SIZE)  # exact, or 8-bit codes encoded per block")
             else:
                 line = (f"tl.store(_{b.name}_ptr + _offsets, {b.name}.to({self.dtype(b)}), mask=_mask)"
                         f"  # exact: {b.name} is already rounded")
@@ -272,7 +285,7 @@ class KernelBuilder:
             "name": self.kernel_names[st.index],
             "stage": st.index,
             "pointers": [{"name": b.name, "dtype": self.dtype(b), "spill": b.role == "spill", "value": b.value,
-                          "broadcast": b.broadcast, "axis": b.role == "axis",
+                          "broadcast": b.broadcast, "axis": b.role == "axis", "scale": b.role == "scale",
                           "row": self.table.index(b.name) if b.role not in ("spill", "axis") else 0,
                           "filled": self.filled(b.name, st.index) if b.role == "axis" else ""} for b in pointers],
             "spills": any(b.role == "spill" for b in pointers),
@@ -375,6 +388,10 @@ class KernelBuilder:
             "n_segments": len(self.plan.segments),
             "optional": list(self.plan.optional),  # None → 0.0
             "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
+            # states whose 8-bit codes the kernels load and store (runtime.kernel_codes), by state list
+            "codes": repr(tuple(b.value for b in self.plan.scales)),
+            "qblock": blockformat.BLOCK,
+            "code_index": repr(tuple(state_lists.index(f"{b.value}s") for b in self.plan.scales)),
         }
 
 

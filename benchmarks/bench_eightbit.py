@@ -1,0 +1,95 @@
+"""Fused CPU step time of 8-bit states (``state_precision="8bit"``) against bf16 states.
+
+    .venv/bin/python benchmarks/bench_eightbit.py                 # gpt2 set, one thread
+    .venv/bin/python benchmarks/bench_eightbit.py --scale 0.25 --rounds 9 --threads 2
+
+AdamW on the fused C backend with bf16 params and stochastic rounding, on bench_step.py's "gpt2"
+set (35M params at scale 1), in three configurations: bf16 states; 8-bit states loaded and stored
+by the kernel (blockwise decode on load, encode on store); and 8-bit states decoded to fp32
+around the launch and encoded after (the path eager and foreach take, forced here by turning
+``runtime.kernel_codes`` off). Each round times every configuration once (interleaved, so machine
+noise hits all alike); the table reports the median ms/step, the ratio to bf16 states, and the
+persistent bytes per param of the live tensors (params, states, scales). The load average is
+printed before and after: the development VM is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import SETS, numel  # noqa: E402
+
+from optcompile import loader, runtime  # noqa: E402
+
+CONFIGS = (("bf16 states", "bf16", True), ("8-bit, in the kernel", "8bit", True),
+           ("8-bit, decoded around it", "8bit", False))
+
+
+def persistent_bytes(opt, params) -> float:
+    total = sum(p.numel() * p.element_size() for p in params)
+    for p in params:
+        total += sum(t.numel() * t.element_size() for t in opt.state[p].values()
+                     if isinstance(t, torch.Tensor) and t.dim())
+    return total / sum(p.numel() for p in params)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="gpt2", choices=sorted(SETS))
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = SETS[args.set](args.scale)
+    cls = loader.builtin_class("adamw")
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    runs = []
+    for label, precision, direct in CONFIGS:
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in shapes]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt = cls(params, lr=1e-3, weight_decay=0.01, fused=True, stochastic_rounding=True,
+                  state_precision=precision)
+        runs.append((label, direct, params, opt, []))
+    saved = runtime.kernel_codes
+
+    def step(direct, opt):
+        runtime.kernel_codes = saved if direct else (lambda *a, **k: frozenset())
+        try:
+            t0 = time.perf_counter()
+            opt.step()
+            return time.perf_counter() - t0
+        finally:
+            runtime.kernel_codes = saved
+
+    for _, direct, _, opt, _ in runs:  # warm up: allocate states, build the libraries
+        step(direct, opt)
+        step(direct, opt)
+    load0 = os.getloadavg()
+    for _ in range(args.rounds):
+        for _, direct, _, opt, times in runs:
+            times.append(step(direct, opt))
+    load1 = os.getloadavg()
+    n = numel(shapes)
+    print(f"AdamW fused, bf16 params + stochastic rounding, set {args.set} (scale {args.scale}: {n / 1e6:.1f}M params "
+          f"in {len(shapes)} tensors), {args.threads} thread(s), {args.rounds} rounds; load average "
+          f"{load0[0]:.2f} before, {load1[0]:.2f} after\n")
+    print("| states | ms/step | × bf16 states | persistent B/param |")
+    print("|---|---|---|---|")
+    base = statistics.median(runs[0][4])
+    for label, _, params, opt, times in runs:
+        med = statistics.median(times)
+        print(f"| {label} | {med * 1e3:.1f} | {med / base:.2f} | {persistent_bytes(opt, params):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
