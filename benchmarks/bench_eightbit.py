@@ -11,6 +11,13 @@ around the launch and encoded after (the path eager and foreach take, forced her
 noise hits all alike); the table reports the median ms/step, the ratio to bf16 states, and the
 persistent bytes per param of the live tensors (params, states, scales). The load average is
 printed before and after: the development VM is shared.
+
+Optional peers, each with bf16 params and its own 8-bit AdamW, where installed (`pip install
+bitsandbytes torchao`; left out with a note otherwise): bitsandbytes' `AdamW8bit` (blockwise
+dynamic-map codes; on CPU it dequantizes to fp32 and requantizes with eager ops; no stochastic
+rounding of the params) and torchao's `AdamW8bit(bf16_stochastic_round=True)` (the same storage
+as ours: 8-bit moments, bf16 params rounded stochastically; its step is torch.compile'd, the
+first call compiles for ~15-25 s, outside the timed rounds).
 """
 from __future__ import annotations
 
@@ -32,11 +39,30 @@ CONFIGS = (("bf16 states", "bf16", True), ("8-bit, in the kernel", "8bit", True)
            ("8-bit, decoded around it", "8bit", False))
 
 
+def peers() -> tuple[list[tuple[str, object]], list[str]]:
+    """The installed peers' 8-bit AdamW factories ``(label, make(params))`` and a note per missing one."""
+    found, notes = [], []
+    try:
+        import bitsandbytes as bnb
+        found.append(("bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.01)))
+    except ImportError:
+        notes.append("no bitsandbytes row: bitsandbytes is not installed")
+    try:
+        from torchao.optim import AdamW8bit
+        found.append(("torchao AdamW8bit + SR", lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0.01,
+                                                                    bf16_stochastic_round=True)))
+    except ImportError:
+        notes.append("no torchao row: torchao is not installed")
+    return found, notes
+
+
 def persistent_bytes(opt, params) -> float:
     total = sum(p.numel() * p.element_size() for p in params)
     for p in params:
-        total += sum(t.numel() * t.element_size() for t in opt.state[p].values()
-                     if isinstance(t, torch.Tensor) and t.dim())
+        for t in opt.state[p].values():
+            if isinstance(t, torch.Tensor) and t.dim():
+                inner = [getattr(t, a) for a in getattr(t, "__tensor_flatten__", lambda: ((), None))()[0]]
+                total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
     return total / sum(p.numel() for p in params)
 
 
@@ -60,6 +86,12 @@ def main() -> None:
         opt = cls(params, lr=1e-3, weight_decay=0.01, fused=True, stochastic_rounding=True,
                   state_precision=precision)
         runs.append((label, direct, params, opt, []))
+    found, notes = peers()
+    for label, make in found:
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in shapes]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        runs.append((label, True, params, make(params), []))
     saved = runtime.kernel_codes
 
     def step(direct, opt):
@@ -83,6 +115,8 @@ def main() -> None:
     print(f"AdamW fused, bf16 params + stochastic rounding, set {args.set} (scale {args.scale}: {n / 1e6:.1f}M params "
           f"in {len(shapes)} tensors), {args.threads} thread(s), {args.rounds} rounds; load average "
           f"{load0[0]:.2f} before, {load1[0]:.2f} after\n")
+    for note in notes:
+        print(note)
     print("| states | ms/step | × bf16 states | persistent B/param |")
     print("|---|---|---|---|")
     base = statistics.median(runs[0][4])
