@@ -291,7 +291,8 @@ def test_kernels_compile_for_a_gpu_target():
                     elif n.endswith(("_partials", "_totals")):
                         sig[n] = "*fp32"
                     elif n.endswith("_ptrs") or n.lstrip("_") in ("numels", "program_tensor", "program_start",
-                                                      "tensor_first_program", "tensor_offsets", "tensor_keys"):
+                                                      "tensor_first_program", "tensor_offsets", "tensor_keys", "sizes",
+                                                      "broadcast"):
                         sig[n] = "*i64"
                     elif n.startswith("_spill"):
                         sig[n] = "*fp32"
