@@ -968,7 +968,7 @@ class CompiledOptimizer(Optimizer):
             if params:
                 states = [self.state[p] for p in params]
                 self._setup_group(group)
-                run_functional(self._info, params, None, [[s[n] for s in states] for n in self._info.states],
+                run_functional(self._info, params, None, [[_view_value(s, n) for s in states] for n in self._info.states],
                                [s["kahan_comp"] for s in states], {k: group[k] for k in self._info.keys},
                                step=group.get("step") if not self.defaults.get("gradient_release")
                                else states[0].get("step", group.get("step")),
@@ -1389,3 +1389,11 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == 1:
                 dtype = torch.float64 if name in fp64 else torch.float32
                 state[name] = t.detach().to(device="cpu", dtype=dtype).reshape(()).clone()
+
+
+def _view_value(state: dict, name: str):
+    """State ``name`` as a view write reads it: 8-bit codes decoded to fp32 (a view writes only the
+    param, so the codes stay as they are), any other state as stored."""
+    from .quantize import dequantize, is_codes, scale_key
+    t = state.get(name)
+    return dequantize(t, state[scale_key(name)]) if is_codes(t) and scale_key(name) in state else t

@@ -290,3 +290,35 @@ def test_gradient_release_steps_and_swaps_views(name):
     _check(model, ref_model, name == "SGDScheduleFree", "eval view after release steps")
     with pytest.raises(RuntimeError, match="eval mode"):
         mse_backward(model, *batches(1)[0])  # the hooks step: in eval mode they refuse
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", NAMES)
+def test_views_swap_with_8bit_states(name, backend):
+    """Under ``state_precision="8bit"`` a view reads the decoded states (the codes stay as they are):
+    eval() puts every backend's params at eager's x, and train() back at y."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs on CPU only under TRITON_INTERPRET=1")
+    runs = []
+    for b in ("eager", backend):
+        torch.manual_seed(0)
+        params = [torch.randn(64, 96, requires_grad=True), torch.randn(100, requires_grad=True)]
+        opt = getattr(optcompile, name)(params, **OPTIONS[name], state_precision="8bit", **BACKENDS[b].flags)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        codes = {n: t.clone() for n, t in opt.state[params[0]].items() if torch.is_tensor(t)}
+        y = [p.detach().clone() for p in params]
+        opt.eval()
+        x = [p.detach().clone() for p in params]
+        opt.train()
+        assert all(torch.equal(t, opt.state[params[0]][n]) for n, t in codes.items()), "a view wrote a state"
+        assert any(t.dtype in (torch.int8, torch.uint8) for t in codes.values()), "no state was stored as codes"
+        runs.append((y, x, [p.detach().clone() for p in params]))
+    (y0, x0, _), (y1, x1, back) = runs
+    for a, b, c, d, e in zip(y0, y1, x0, x1, back):
+        torch.testing.assert_close(b, a, **TOL)
+        torch.testing.assert_close(d, c, **TOL)
+        assert not torch.equal(c, a), "eval() did not move the params"
+        torch.testing.assert_close(e, b, rtol=0, atol=1e-6)  # train() after eval(): y again, up to rounding
