@@ -218,15 +218,20 @@ def test_grad_of_another_dtype(state_check):
         for o, ps in ((opt, params), (fresh, copies)):
             _set_grads(ps, k)
             ps[5].grad = ps[5].grad.double()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", fused_runtime.FusedFallbackWarning)
-                    o.step()
-                outcomes.append(None)
-            except RuntimeError as exc:
-                outcomes.append(str(exc))
+            outcomes.append(_step_outcome(o))
         assert outcomes[0] == outcomes[1]
         _same(opt, params, fresh, copies)
+
+
+def _step_outcome(opt) -> str | None:
+    """A step's error message, None if it stepped (the fallback's warning silenced)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fused_runtime.FusedFallbackWarning)
+            opt.step()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def test_grad_of_another_shape_raises(state_check):
@@ -290,13 +295,7 @@ def test_state_dtype_changed(state_check):
         state = o.state[ps[7]]
         state["exp_avg"].data = state["exp_avg"].data.view(torch.int32)
         _set_grads(ps, 5)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", fused_runtime.FusedFallbackWarning)
-                o.step()
-            outcomes.append(None)
-        except RuntimeError as exc:
-            outcomes.append(str(exc))
+        outcomes.append(_step_outcome(o))
     assert outcomes[0] == outcomes[1]
     _same(opt, params, fresh, copies)
 

@@ -249,6 +249,19 @@ def test_updates_below_the_ulp_move_a_bf16_param_only_under_stochastic_rounding(
     assert abs(out[True].mean().item() - exact) < 0.1 * steps * lr
 
 
+def _steps_4_to_6(opt, params, seed: int) -> None:
+    """Steps 4-6 of a run whose grads are bf16 draws of ``Generator(seed)``, each param in turn
+    (the draws of steps 1-3 are skipped): a resumed optimizer's, to compare with the straight run."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        for p in params:
+            torch.randn(p.shape, generator=g)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        opt.step()
+
+
 @pytest.mark.parametrize("stem, kw", [("adamw", {"state_precision": "bf16"}), ("sgd", {"momentum": 0.9})])
 @pytest.mark.parametrize("backend", backend_params("eager", "fused"))
 def test_resume_is_bit_exact(stem, kw, backend):
@@ -264,14 +277,7 @@ def test_resume_is_bit_exact(stem, kw, backend):
     resumed = [p.detach().clone().requires_grad_() for p in params]
     opt2 = BY_STEM[stem].cls(resumed, lr=1e-2, stochastic_rounding=True, **kw, **BACKENDS[backend].flags)
     opt2.load_state_dict(saved)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):  # the same grads as steps 1-3 of the straight run... then 4-6
-        for p in resumed:
-            torch.randn(p.shape, generator=g)
-    for _ in range(3):
-        for p in resumed:
-            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
-        opt2.step()
+    _steps_4_to_6(opt2, resumed, seed=1)
     for p, q in zip(resumed, straight):
         assert torch.equal(p, q)
 
@@ -583,14 +589,7 @@ def test_eightbit_resume_is_bit_exact(backend):
     resumed = [p.detach().clone().requires_grad_() for p in params]
     opt2 = cls(resumed, **kw, **BACKENDS[backend].flags)
     opt2.load_state_dict(saved)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        for p in resumed:
-            torch.randn(p.shape, generator=g)
-    for _ in range(3):
-        for p in resumed:
-            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
-        opt2.step()
+    _steps_4_to_6(opt2, resumed, seed=3)
     for p, q in zip(resumed, straight):
         assert torch.equal(p, q)
         for k, t in opt2.state[p].items():
