@@ -64,15 +64,20 @@ def shard_inputs(seed=1):
                                                            for _ in range(3)]
 
 
-def reference_steps(name, foreach):
+def _unsharded_steps(make_opt):
+    """The params after ``shard_inputs``' steps on one process, with ``make_opt(params)``."""
     params, grads = shard_inputs()
     ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = make(name, ps, foreach)
+    opt = make_opt(ps)
     for gs in grads:
         for p, g in zip(ps, gs):
             p.grad = g.clone()
         opt.step()
     return [p.detach().clone() for p in ps]
+
+
+def reference_steps(name, foreach):
+    return _unsharded_steps(lambda ps: make(name, ps, foreach))
 
 
 BACKENDS = {"eager": dict(foreach=False, triton=False, fused=False), "foreach": dict(foreach=True, triton=False, fused=False),
@@ -92,14 +97,7 @@ def make_on(name, params, backend):
 
 def reference_steps_on(name, backend):
     """``reference_steps`` on one backend: the unsharded run a sharded one is compared with."""
-    params, grads = shard_inputs()
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = make_on(name, ps, backend)
-    for gs in grads:
-        for p, g in zip(ps, gs):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach().clone() for p in ps]
+    return _unsharded_steps(lambda ps: make_on(name, ps, backend))
 
 
 class Collectives:
