@@ -427,7 +427,7 @@ def _hoist(expr, scalar_names: set, hoisted: dict):
 
 def render(prog: Program, spec_source: bytes, key: str) -> str:
     from .render import env, header, no_kernel
-    if prog.has_axes():
+    if not prog.kernel_printable():
         return no_kernel(prog, spec_source, key, "//")
     body = env().get_template("fused.c.j2").render(**context(prog))
     return header(prog, spec_source, body, key, comment="//") + body

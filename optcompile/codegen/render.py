@@ -226,7 +226,7 @@ def shard_reductions(prog: Program) -> bool:
     """Whether every reduction of ``prog`` is the all-reduce of per-shard partials, so that a
     sharded DTensor steps its local shard (optcompile/sharding.py); else the runtime steps the
     full tensor. Axis reductions have no such rule yet: a sharded dim may be the one reduced."""
-    return not prog.has_axes() and all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
+    return not prog.has_axes() and not prog.tensor_functions() and all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
 
 
 def module_context(prog: Program) -> dict:
@@ -267,10 +267,14 @@ def module_context(prog: Program) -> dict:
         "eager": eager.context(prog),
         "foreach": foreach.context(prog),
         "uses_step": prog.uses_step,
+        "tensor_functions": list(dict.fromkeys(f.source.rstrip() for f in prog.tensor_functions())),
         "whole_tensor": prog.whole_tensor(),
         "shard_reductions": shard_reductions(prog),
         "structure_extra": (f', "structure": {prog.structure()!r}' if prog.structure() else "") + (
-            ', "kernels": False' if prog.has_axes() else "") + (
+            ', "kernels": False' if not prog.kernel_printable() else "") + (
+            ', "by_shape": True' if prog.by_shape() else "") + (
+            f', "param_ndims": {prog.param_ndims!r}, "param_ndim_error": {prog.param_ndim_error!r}'
+            if prog.param_ndims else "") + (
             f', "axes": {dict((st.name, st.axes) for st in prog.states if st.axes)!r}'
             if any(st.axes for st in prog.states) else "") + _nonnegative_extra(prog),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
@@ -348,8 +352,8 @@ def _functional_extras(prog: Program) -> list[str]:
     return [f"{k}: {_ANNOT[a.type]} = {a.default!r}" for a in prog.args if a.keyword_only for k in a.keys if k in keys]
 
 
-NO_KERNEL = ("axis reductions and reduced-shape states have no Triton or C kernel yet: the triton and fused "
-             "backends run the foreach step (torch ops) instead")
+NO_KERNEL = ("axis reductions, reduced-shape states and tensor functions (spec.matrix_fn) have no Triton or C "
+             "kernel yet: the triton and fused backends run the foreach step (torch ops) instead")
 
 
 def no_kernel(prog: Program, spec_source: bytes, key: str, comment: str) -> str:

@@ -357,7 +357,7 @@ def context(prog: Program) -> dict:
 def render(prog: Program, spec_source: bytes, key: str) -> str:
     """The ``_triton.py`` module."""
     from .render import env, header, no_kernel, spec_display_path
-    if prog.has_axes():
+    if not prog.kernel_printable():
         return no_kernel(prog, spec_source, key, "#")
     ctx = context(prog)
     ctx["spec_display"] = spec_display_path(prog.spec_path)
