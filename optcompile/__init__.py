@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .version import __version__
 
-OPTIMIZERS = ("Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Adan", "ASGD", "Lion", "NAdam", "RAdam",
+OPTIMIZERS = ("Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Adan", "ASGD", "Lion", "Muon", "NAdam", "RAdam",
               "Ranger", "RMSprop", "Rprop", "SGD", "StableAdamW")
 FUNCTIONALS = tuple(n.lower() for n in OPTIMIZERS)
 

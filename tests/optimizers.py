@@ -164,6 +164,7 @@ class OptimizerInfo:
     torch_exact: tuple[str, ...] = ("eager", "foreach")
     kernels: bool = True
     nonnegative: tuple[str, ...] = ()
+    param_ndims: tuple[int, ...] = ()  # spec.param_ndim: the ranks the class accepts (Muon: 2-D), () any
 
     def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
         """The absolute tolerance for comparing ``value`` (a param: ``state=None``) between two
@@ -316,6 +317,17 @@ _ENTRIES = {e.stem: e for e in [
         differential=(dict(), dict(weight_decay=0.1), dict(weight_decay=1e-3, decouple_lr=True),
                       dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.01)),
         state_dict=dict(lr=1e-3, weight_decay=0.1)),
+    OptimizerInfo(
+        "muon", "Muon",
+        training=_training(("defaults", dict())),
+        kernel=({}, {"nesterov": False, "weight_decay": 0.0}),
+        differential=(),
+        state_dict=dict(momentum=0.9, nesterov=False),
+        torch_family=_product(nesterov=[True, False], wd__=[{}, dict(weight_decay=0.0)],
+                              opts__=[{}, dict(momentum=0.9, ns_steps=3, eps=1e-5,
+                                               ns_coefficients=(3.0, -3.2, 1.2))]),
+        kernels=False,
+        param_ndims=(2,)),
     OptimizerInfo(
         "nadam", "NAdam", nonnegative=("exp_avg_sq",),
         training=_training(("l2", dict(weight_decay=1e-2))),

@@ -25,13 +25,16 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 STEPS = 20
 
 
-def make_params(dtype=torch.float32):
-    """Two groups: a matrix and a vector; a 0-d tensor, a transposed (non-contiguous) matrix and a
-    3-d tensor (Adafactor's batch dims)."""
+def make_params(dtype=torch.float32, ndims=()):
+    """Two groups: a matrix and a vector; a 0-d tensor, a transposed (non-contiguous) matrix, a
+    3-d tensor (Adafactor's batch dims) and a tall matrix; only those of the ranks ``ndims`` where
+    the class takes only these (the registry's ``param_ndims``: Muon's matrices)."""
     g = torch.Generator().manual_seed(0)
     first = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g)]
     second = [torch.randn((), generator=g), torch.randn(3, 4, generator=g).t(), torch.randn(2, 3, 4, generator=g)]
-    return [[p.to(dtype).requires_grad_() for p in ps] for ps in (first, second)]
+    if ndims:
+        second.append(torch.randn(6, 3, generator=g))
+    return [[p.to(dtype).requires_grad_() for p in ps if not ndims or p.dim() in ndims] for ps in (first, second)]
 
 
 def like(p, values):
@@ -87,7 +90,7 @@ def compare_states(ours, theirs, exact, info):
 @pytest.mark.parametrize("stem,kw", CASES)
 def test_matches_torch_optim(stem, kw, backend):
     info = BY_STEM[stem]
-    ours, theirs = make_params(), make_params()
+    ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
     with no_kernel_warning(info, backend):
         o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
     t = train(make(info.torch_cls, theirs, kw, foreach=backend == "foreach"), theirs)
@@ -107,11 +110,11 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
     than bf16 without compensation, and every backend agrees with eager to a bf16 rounding."""
     info = BY_STEM[stem]
     kw = dict(info.training[0].kwargs)
-    ref = make_params()
+    ref = make_params(ndims=BY_STEM[stem].param_ndims)
     train(make(info.torch_cls, ref, kw, foreach=False), ref)
     errors, runs = {}, {}
     for kahan in (True, False):
-        ps = make_params(torch.bfloat16)
+        ps = make_params(torch.bfloat16, BY_STEM[stem].param_ndims)
         with no_kernel_warning(info, backend) if kahan else contextlib.nullcontext():
             opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
         if kahan:
@@ -121,7 +124,7 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
         runs[kahan] = sum(ps, [])
     assert errors[True] <= errors[False] + 1e-3, errors
     assert errors[True] < 0.05, errors
-    eager = make_params(torch.bfloat16)
+    eager = make_params(torch.bfloat16, BY_STEM[stem].param_ndims)
     train(make(info.cls, eager, kw, **BACKENDS["eager"].flags), eager)
     for a, b in zip(runs[True], sum(eager, [])):
         torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=2e-2)
@@ -131,7 +134,7 @@ def _loaded_run(stem, kw):
     """10 steps in torch.optim, then its state_dict → ours → 5 steps → ours' state_dict → torch.optim,
     against torch.optim alone for all 20 steps."""
     info = BY_STEM[stem]
-    ref, ps = make_params(), make_params()
+    ref, ps = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
     t_ref = make(info.torch_cls, ref, kw, foreach=False)
     first = make(info.torch_cls, ps, kw, foreach=False)
     g = torch.Generator().manual_seed(3)
@@ -268,7 +271,7 @@ def test_maximize_is_descent_on_the_negated_gradient(stem, backend):
         kw.update(dampening=True, torch_init=True)  # a buffer that starts from the (ascent) gradient
     runs = []
     for maximize in (True, False):
-        ps = make_params()
+        ps = make_params(ndims=BY_STEM[stem].param_ndims)
         opt = info.cls([{"params": ps[0]}, {"params": ps[1]}], **kw, maximize=maximize,
                        **BACKENDS[backend].flags)
         g = torch.Generator().manual_seed(5)
@@ -288,7 +291,7 @@ def test_maximize_is_descent_on_the_negated_gradient(stem, backend):
 def test_maximize_matches_torch_optim(stem):
     """Where a built-in is torch.optim's algorithm (tests/optimizers.py ``torch_optim``), maximize is too."""
     case = BY_STEM[stem].torch_optim[-1]
-    ours, theirs = make_params(), make_params()
+    ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
     train(getattr(optcompile, BY_STEM[stem].name)(sum(ours, []), **case.ours, maximize=True,
                                                      **BACKENDS["eager"].flags), ours)
     train(case.torch_cls(sum(theirs, []), **case.theirs, maximize=True, foreach=False), theirs)
@@ -315,7 +318,7 @@ def test_user_spec_gets_maximize(tmp_path):
 def test_torch_adam_state_dict_with_maximize_converts():
     """torch.optim.Adam(maximize=True) checkpoints convert onto optcompile.Adam, maximize kept."""
     case = BY_STEM["adam"].torch_optim[-1]
-    ours, theirs = make_params(), make_params()
+    ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
     t = train(case.torch_cls(sum(theirs, []), **case.theirs, maximize=True, foreach=False), theirs, steps=5)
     for p, q in zip(sum(ours, []), sum(theirs, [])):
         p.data.copy_(q.data)
