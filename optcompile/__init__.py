@@ -1,12 +1,13 @@
 """optcompile: optimizers written once as sympy specs, compiled to eager, foreach, Triton and
 fused C code. ``from optcompile import AdamW`` is a drop-in for ``optimi.AdamW``, and
-``from optcompile import RMSprop`` (Adadelta, Adafactor, Adagrad, Adamax, ASGD, NAdam, Rprop) for ``torch.optim``'s."""
+``from optcompile import RMSprop`` (Adadelta, Adafactor, Adagrad, Adamax, ASGD, NAdam, Rprop) for ``torch.optim``'s,
+``SGDScheduleFree`` and ``AdamWScheduleFree`` for the ``schedulefree`` package's."""
 from __future__ import annotations
 
 from .version import __version__
 
-OPTIMIZERS = ("Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Adan", "ASGD", "Lion", "Muon", "NAdam", "RAdam",
-              "Ranger", "RMSprop", "Rprop", "SGD", "StableAdamW")
+OPTIMIZERS = ("Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "AdamWScheduleFree", "Adan", "ASGD", "Lion",
+              "Muon", "NAdam", "RAdam", "Ranger", "RMSprop", "Rprop", "SGD", "SGDScheduleFree", "StableAdamW")
 FUNCTIONALS = tuple(n.lower() for n in OPTIMIZERS)
 
 __all__ = list(OPTIMIZERS) + list(FUNCTIONALS) + [

@@ -37,8 +37,10 @@ def fingerprint(spec: OptimizerSpec) -> bytes:
     lines += [f"arg {a.name} {a.kind} {a.type} {a.default!r} {a.domain} {a.labels} {a.after} {a.doc!r} {a.errors!r}"
               for a in spec.args]
     lines += [f"signature {spec.order!r}"] if spec.order else []
-    lines += [f"state {st.name} {e(st.init)} {e(st.when)} {st.scalar}" +
-              (f" nonnegative={st.nonnegative}" if st.nonnegative is not None else "") for st in spec.states]
+    lines += [f"state {st.name} {e(st.init)} {e(st.when)} {st.scalar}" + (f" axes={st.axes}" if st.axes else "")
+              + (f" precision={st.precision}" if st.precision != "fp32" else "")
+              + (f" nonnegative={st.nonnegative}" if st.nonnegative is not None else "") for st in spec.states]
+    lines += [f"view {name} {e(expr)}" for name, (expr, _) in spec.views.items()]
     lines += [f"stmt {st.kind} {st.target} {e(st.expr)} {e(st.when)} {e(st.lr)}" for st in spec.stmts]
     return "\n".join(lines).encode()
 

@@ -242,6 +242,7 @@ class ScalarState:
     init: Any
     value: str
     origin: Origin = NO_ORIGIN
+    precision: str = "fp32"  # "fp64": a 0-dim fp64 tensor, its value computed in double (no Fp32 rounding)
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,7 @@ class Program:
     scalar_states: tuple[ScalarState, ...] = ()  # 0-dim fp32 states the step reads (host inputs) and writes
     param_ndims: tuple[int, ...] = ()  # spec.param_ndim(): the param ranks the class accepts (empty: any)
     param_ndim_error: str = ""  # its ValueError message, formatted with the param's ``size``
+    views: tuple[tuple[str, Any], ...] = ()  # spec.eval_view: ("eval", param value), ("train", param value)
 
     def replace(self, **changes) -> "Program":
         return dataclasses.replace(self, **changes)
@@ -466,7 +468,7 @@ class Program:
         for s in self.records:
             out.append(f"  record {s.name} = {s.init}  (0-dim, not read by the step)")
         for s in self.scalar_states:
-            out.append(f"  scalar state {s.name} = {s.init}  (0-dim fp32, per param; stores {s.value})")
+            out.append(f"  scalar state {s.name} = {s.init}  (0-dim {s.precision}, per param; stores {s.value})")
         for h in self.host:
             guard = "" if h.guard == TRUE else f"  [only if {h.guard}]"
             out.append(f"  host {h.name}: {h.kind} = {h.expr}{guard}")
@@ -484,5 +486,7 @@ class Program:
                                f"# tensor function{batched}")
                 else:
                     out.append(f"    {guard}{st.name} = {st.expr}  # per tensor scalar")
+        for name, expr in self.views:
+            out.append(f"  view {name}: param = {expr}")
         out.append(f"  update lr = {self.update_lr}")
         return "\n".join(out) + "\n"

@@ -28,7 +28,8 @@ def lower(spec: OptimizerSpec) -> Program:
     host_syms = set(arg_syms) | {STEP, NDIM, DTYPE_EPS} | sizes | scalar_syms
     tscalar_syms: set[sympy.Symbol] = {NUMEL}
     if not spec._updated:
-        raise SpecError("the spec never calls spec.update(direction, lr=...)", file, spec.origin.line)
+        raise SpecError("the spec never calls spec.update(direction, lr=...) (nor, with weight_decay=None, "
+                        "spec.set_param(value)): it never writes the param", file, spec.origin.line)
     if "lr" not in {a.name for a in spec.args}:
         raise SpecError("missing required hyperparameter `lr`: declare lr = spec.hyper('lr', domain=Interval(0, oo))",
                         file, spec.origin.line)
@@ -137,7 +138,7 @@ def lower(spec: OptimizerSpec) -> Program:
                            Origin(file, st.origin.line), st.axes, st.nonnegative) for st in spec.states]
     states = tuple(b for b, st in zip(buffers, spec.states) if not st.scalar)
     read = set().union(*[sympy.sympify(h.expr).free_symbols for h in host],
-                       *[sympy.sympify(s.expr).free_symbols for s in body], sympy.sympify(update_lr).free_symbols)
+                       *[sympy.sympify(s.expr).free_symbols for s in body], sympy.sympify(update_lr or 0).free_symbols)
     live = {st.symbol for st in spec.states if st.scalar and (st.symbol in read or st.symbol in current)}
     records = tuple(b for b, st in zip(buffers, spec.states) if st.scalar and st.symbol not in live)
     scalar_states = []
@@ -146,7 +147,8 @@ def lower(spec: OptimizerSpec) -> Program:
             if b.when != TRUE:
                 raise SpecError(f"scalar state {st.name!r} is read or assigned by the step, so it always exists: "
                                 "when= is for tensor states and records", file, st.origin.line, st.when)
-            scalar_states.append(ir.ScalarState(st.name, b.init, current.get(st.symbol, st.symbol).name, b.origin))
+            scalar_states.append(ir.ScalarState(st.name, b.init, current.get(st.symbol, st.symbol).name, b.origin,
+                                                st.precision))
     # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
     decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after,
@@ -158,7 +160,8 @@ def lower(spec: OptimizerSpec) -> Program:
                    state_order=tuple(st.name for st in spec.states),
                    group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order,
                    state_dict_layout=spec.state_dict, scalar_states=tuple(scalar_states),
-                   param_ndims=spec.param_ndims, param_ndim_error=spec.param_ndim_error)
+                   param_ndims=spec.param_ndims, param_ndim_error=spec.param_ndim_error,
+                   views=tuple((name, expr) for name, (expr, _) in spec.views.items()))
     _check_unused(spec, prog)
     return prog
 
@@ -220,14 +223,15 @@ def _check_elementwise_choices(expr, tscalar_syms: set, file: str, line: int) ->
 def _scalar_update(spec: OptimizerSpec, stmt, host_syms: set, exact: set, current: dict, guard_of) -> HostScalar:
     """A scalar state's new value as a host scalar, computed as torch's op on its 0-dim fp32 tensor
     computes it: each host operand rounded to fp32 (scalar states already are), the result rounded
-    to fp32. Under ``when=`` the value is kept where the condition is false."""
+    to fp32; an fp64 one (``precision="fp64"``) in Python floats, which are doubles. Under ``when=`` the value is kept where the condition is false."""
     name = next(st.name for st in spec.states if st.symbol == stmt.state)
     bad = stmt.expr.free_symbols - host_syms
     if bad:
         raise SpecError(f"scalar state {name!r} holds one value per param: its new value may read "
                         "hyperparameters, the step, host lets and scalar states, not per-element or per-tensor "
                         f"values ({', '.join(sorted(s.name for s in bad))})", spec.file, stmt.origin.line, stmt.expr)
-    value = ir.Fp32(_fp32_operands(stmt.expr, exact))
+    st = next(st for st in spec.states if st.symbol == stmt.state)
+    value = stmt.expr if st.precision == "fp64" else ir.Fp32(_fp32_operands(stmt.expr, exact))  # fp64: Python floats
     if stmt.when != TRUE:
         guard = guard_of(stmt.when, stmt)
         value = sympy.Piecewise((value, guard), (current.get(stmt.state, stmt.state), True))
@@ -513,7 +517,9 @@ def _check_unused(spec: OptimizerSpec, prog: Program) -> None:
         used |= sympy.sympify(st.init).free_symbols | sympy.sympify(st.when).free_symbols
     for st in prog.scalar_states:
         used |= sympy.sympify(st.init).free_symbols
-    used |= sympy.sympify(prog.update_lr).free_symbols | sympy.sympify(prog.decay_lr or 0).free_symbols
+    used |= sympy.sympify(prog.update_lr or 0).free_symbols | sympy.sympify(prog.decay_lr or 0).free_symbols
+    for _, expr in prog.views:
+        used |= sympy.sympify(expr).free_symbols
     used_names = {s.name for s in used}
     for a in spec.args:
         if a.name == "weight_decay" and spec.weight_decay is not None:

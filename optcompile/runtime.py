@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .backends import custom_ops, registry
 from .layouts import DICT_VERSION, MISSING, LayoutCache
-from .step_flags import step_flags
+from .step_flags import step_flags, view_flags
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -260,15 +260,21 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
                    optimizer_accumulation=False, group: dict | None = None,
                    stochastic_rounding: tuple[int, int | None, list[int]] | None = None,
-                   scalar_states=None) -> None:
+                   scalar_states=None, view: str | None = None) -> None:
     """One optimizer step over lists of tensors; the body of every generated functional API.
     ``group`` is the param group of a class step (its constants decide which states exist).
     ``scalar_states``: one list of 0-dim tensors per scalar state of the algorithm (NAdam's
     ``mu_products``), read as host values and written with the step's new values.
+    ``view``: "eval" or "train" (a spec with ``spec.eval_view``) writes that view into the params
+    instead of stepping: grads are not read (pass the params), states, scalar states and the step
+    count are left as they are (``optimizer.eval()``/``train()``, :func:`swap_views`).
     ``stochastic_rounding``: ``(seed, counter, param indices)`` (optcompile/rounding.py); the
     counter is the step being taken, None to take it from ``step``. Under ``torch.compile`` this
     records one ``optcompile::step`` op, which runs it when the graph runs
     (optcompile/backends/custom_ops.py)."""
+    if view is not None:
+        return _write_view(info, view, params, state_lists, kahan_comps, hypers, step=step, kahan_sum=kahan_sum,
+                           foreach=foreach, triton=triton, fused=fused, group=group, scalar_states=scalar_states)
     if torch.compiler.is_compiling():
         if stochastic_rounding is not None:
             raise NotImplementedError(f"{info.name}: stochastic_rounding=True is not supported under torch.compile "
@@ -337,6 +343,39 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         step.add_(1)
 
 
+def _write_view(info, view, params, state_lists, kahan_comps, hypers, *, step, kahan_sum, foreach, triton, fused,
+                group, scalar_states) -> None:
+    """``run_functional(..., view=...)``: the step function with a view switch on, which writes the
+    view into the params (on the backend the step would take) and nothing else."""
+    if not info.extra.get("views"):
+        raise ValueError(f"{info.name} has no parameter views (its spec declares no spec.eval_view)")
+    if view not in ("eval", "train"):
+        raise ValueError(f"{info.name}: view={view!r}; expected 'eval' or 'train'")
+    if not params:
+        return
+    if kahan_comps is None:
+        kahan_comps = [None] * len(params)
+    lists = [params, list(params), *state_lists, kahan_comps]  # the grads' slot: never read by a view write
+    hypers = host_values(info, hypers)
+    if "maximize" in hypers:
+        hypers["maximize"] = False  # nothing negates the placeholder grads
+    if info.uses_step:
+        hypers["step"] = max(int(step.item()), 1)  # the host values the view does not read stay defined
+    alloc = hypers if group is None else {**group, **hypers}
+    types, dtypes = set(map(type, params)), {p.dtype for p in params}
+    single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
+    if any(dtype.is_complex for dtype in dtypes):
+        lists = [[_real(x) for x in lst] for lst in lists]
+    kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=False,
+              optimizer_accumulation=False, alloc=alloc, view=view)
+    if not info.scalar_states:
+        return _step_lists(info, lists, hypers, types, single, None, **kw)
+    for idx, values in scalar_state_sets(info, scalar_states):  # host inputs of the step; not written here
+        sub = {**hypers, **dict(zip(info.scalar_states, values))}
+        part = lists if idx is None else [[lst[i] for i in idx] for lst in lists]
+        _step_lists(info, part, sub, types, single, None, **kw)
+
+
 def _step_lists(info, lists, hypers, types, single, sr, **kw) -> None:
     """``run_functional`` on ``[params, grads, *states, kahan_comps]`` with these host values."""
     if any(cls.__name__ == "DTensor" for cls in types):
@@ -354,20 +393,22 @@ def scalar_state_sets(info: OptimizerInfo, scalar_states) -> list[tuple[list[int
     param holds the same values: a group stepped together from the start) is one set, ``None``
     for all of them. Read with one ``torch.stack`` per state (the tensors live on the CPU)."""
     columns = []
+    fp64 = info.extra.get("scalar_fp64", ())  # precision="fp64" states: 0-dim fp64 tensors
     for name, lst in zip(info.scalar_states, scalar_states):
+        dtype = torch.float64 if name in fp64 else torch.float32
         try:
             col = torch.stack(lst) if len(lst) > 1 else lst[0].reshape(1)
-            ok = col.shape == (len(lst),) and col.dtype == torch.float32 and col.is_cpu
+            ok = col.shape == (len(lst),) and col.dtype == dtype and col.is_cpu
         except (TypeError, RuntimeError, AttributeError):
             ok = False
-        if not ok:  # not all 0-dim fp32 CPU tensors: one at a time, with the error naming the state
+        if not ok:  # not all 0-dim CPU tensors of the state's dtype: one at a time, the error naming the state
             for t in lst:
                 if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
                     raise RuntimeError(f"{info.name}: scalar state {name} is {t!r:.60}, not a 0-dim floating-point "
                                        "tensor")
-            col = torch.tensor([t.item() for t in lst], dtype=torch.float32)
+            col = torch.tensor([t.item() for t in lst], dtype=dtype)
         columns.append(col)
-    keys = list(zip(*[c.view(torch.int32).tolist() for c in columns]))
+    keys = list(zip(*[c.view(torch.int64 if c.dtype == torch.float64 else torch.int32).tolist() for c in columns]))
     values = list(zip(*[c.tolist() for c in columns]))
     if keys.count(keys[0]) == len(keys):
         return [(None, values[0])]
@@ -382,7 +423,7 @@ def store_scalar_states(scalar_states, sets, new) -> None:
     for s, lst in enumerate(scalar_states):
         for (idx, _), values in zip(sets, new):
             targets = lst if idx is None else [lst[i] for i in idx]
-            value = torch.tensor(values[s], dtype=torch.float32)
+            value = torch.tensor(values[s], dtype=targets[0].dtype if targets[0].dtype == torch.float64 else torch.float32)
             torch._foreach_copy_(targets, [value] * len(targets))
 
 
@@ -509,7 +550,7 @@ def _max_lr_message(max_lr) -> str:
 
 
 def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradient_release, optimizer_accumulation,
-              single=None, alloc=None, sr=None, shards=None):
+              single=None, alloc=None, sr=None, shards=None, view=None):
     """Group ``[params, grads, *states, kahan_comps]`` by (device, dtype) and call the backend;
     every group's buffers are checked before the first is stepped. ``sr``: this step's stochastic
     rounding (``rounding.StochasticRounding`` over ``tensors``), passed to the backend as ``_sr``;
@@ -543,7 +584,7 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
         plans.append((device, dtype, ps, lists, name, impl, kahan, group_sr, group_shards))
     for device, dtype, ps, lists, name, impl, kahan, group_sr, group_shards in plans:
         host = info.host(**hypers, **step_flags(optimizer_accumulation=optimizer_accumulation, kahan=kahan),
-                         **structure_values(info, ps[0]))
+                         **structure_values(info, ps[0]), **(view_flags(view) if view is not None else {}))
         if group_sr is not None:
             host["_sr"] = group_sr
         if group_shards is not None:
@@ -867,6 +908,8 @@ class CompiledOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None, param: torch.Tensor | None = None):
         """One step over every param with a gradient, or of one ``param`` (gradient release)."""
+        if self._info.extra.get("views"):
+            self._check_train_mode()
         loss = None
         if closure is not None and param is None:
             with torch.enable_grad():
@@ -924,6 +967,8 @@ class CompiledOptimizer(Optimizer):
             return
         state = self.state[param]
         group = state.get("group")
+        if group is not None and self._info.extra.get("views") and not group.get("train_mode", True):
+            self._check_train_mode()
         if group is None:  # optimi: KeyError('group')
             raise ValueError("step(param=...) needs an optimizer built with gradient_release=True that holds "
                              f"this param (shape {tuple(param.shape)})")
@@ -951,6 +996,37 @@ class CompiledOptimizer(Optimizer):
             return dequantize(value, state[scale_key(name)])
         return value.to(torch.float32, copy=True)
 
+    # ── parameter views (spec.eval_view) ───────────────────────────────────────────────────────
+    def _check_train_mode(self) -> None:
+        eval_groups = [i for i, g in enumerate(self.param_groups) if not g.get("train_mode", True)]
+        if eval_groups:
+            raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode (param group"
+                               f"{'s' if len(eval_groups) > 1 else ''} {', '.join(map(str, eval_groups))}): the params "
+                               "hold the eval view, which a step must not update; call optimizer.train() before "
+                               "training steps and optimizer.eval() before evaluating or saving a checkpoint")
+
+    @torch.no_grad()
+    def _swap_views(self, view: str) -> None:
+        """``eval()``/``train()``: write view ``view`` into the params of every group not already in
+        it, then record it in the group's ``train_mode``. Params without state (never stepped) hold
+        the same value in both views and are left alone."""
+        train = view == "train"
+        for group in self.param_groups:
+            if bool(group.get("train_mode", True)) == train:
+                continue
+            params = [p for p in group["params"] if "kahan_comp" in self.state.get(p, ())]
+            if params:
+                states = [self.state[p] for p in params]
+                self._setup_group(group)
+                run_functional(self._info, params, None, [[s[n] for s in states] for n in self._info.states],
+                               [s["kahan_comp"] for s in states], {k: group[k] for k in self._info.keys},
+                               step=group.get("step") if not self.defaults.get("gradient_release")
+                               else states[0].get("step", group.get("step")),
+                               kahan_sum=group.get("kahan_sum") or False, foreach=group.get("foreach"),
+                               triton=group.get("triton"), fused=group.get("fused"), group=group,
+                               scalar_states=[[s[n] for s in states] for n in self._info.scalar_states], view=view)
+            group["train_mode"] = train
+
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True, param: torch.Tensor | None = None) -> None:
         if param is None:
@@ -974,8 +1050,8 @@ class _FusedGroup:
     and picks the same backend; ``optimizer.state`` is the same dict, no param's state dict was
     replaced, added or removed, and none of them was mutated (CPython's dict version tags, one
     read per param; without them every state tensor is looked up and compared by identity);
-    then ``FusedTable.check`` compares every param's, grad's and state's layout in one C++ pass,
-    and ``launch`` reads their data pointers afresh. Any difference and the step returns False
+    then ``FusedTable.step`` reads the grads, compares every param's, grad's and state's layout
+    in C++, reads their data pointers afresh and runs the kernel. Any difference and the step returns False
     having done nothing: the general path runs, checks, raises where something does not fit, and
     may build the table again. Hyperparameters and the step count are read from the group every step.
 
@@ -1064,9 +1140,6 @@ class _FusedGroup:
             return False
         if not self._states_unchanged(opt):
             return False
-        buffers = [params, list(map(_GRAD, params)), *self.lists]
-        if not self.table.check(buffers):
-            return False
         info = opt._info
         hypers = host_values(info, {k: group[k] for k in info.keys})
         step = group.get("step")
@@ -1080,16 +1153,14 @@ class _FusedGroup:
             if len(sets) > 1:
                 return False
             hypers.update(zip(info.scalar_states, sets[0][1]))
-        self.table.launch(buffers, info.host(**hypers, **flags))
+        if not self.table.step(info.host(**hypers, **flags)):
+            return False  # a grad or tensor changed: nothing ran
         if info.scalar_states:
             store_scalar_states(scalar_states, sets, [info.scalar_update(**hypers, **flags)])
         if info.uses_step:
             step.add_(1)
         self.ran += 1
         return True
-
-
-_GRAD = operator.attrgetter("grad")
 
 
 def _drop_fused_groups(optimizer: CompiledOptimizer, state_dict: dict) -> None:
@@ -1308,7 +1379,9 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
                 state[name], state[key] = quantize.quantize(t.to(p.device), name in nonnegative)
             else:
                 state[name] = t.to(device=p.device, dtype=state_dtype(precision, name, p.dtype))
-        for name in optimizer._info.scalar_states:  # torch cast them to the param: back to fp32 on the CPU
+        fp64 = optimizer._info.extra.get("scalar_fp64", ())
+        for name in optimizer._info.scalar_states:  # torch cast them to the param: back to fp32 (fp64) on the CPU
             t = s.get(name)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == 1:
-                state[name] = t.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
+                dtype = torch.float64 if name in fp64 else torch.float32
+                state[name] = t.detach().to(device="cpu", dtype=dtype).reshape(()).clone()

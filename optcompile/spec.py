@@ -36,13 +36,18 @@ DSL reference (``specs/*.py`` use all of it):
   hyperparameters, the step and scalar states, computed as torch's op on the fp32 tensor (host
   operands rounded to fp32, the result rounded to fp32; a ``let`` computes in double first).
   Never read, it is a record in the param's dtype for state_dict layout (StableAdamW's ``eps_sq``).
+  ``precision="fp64"``: a scalar state stored in fp64 and assigned in double (Schedule-Free's
+  running ``weight_sum``).
 * ``let(name, expr)``: a named value; where it lives follows from what it reads: hypers and
   ``step`` → host scalar (once per step), reductions → per-tensor scalar, else per element.
 * ``assign(state, expr, when=)``: ``state ← expr`` (SSA: returns the new value; reading an older
   value later snapshots it). ``when`` is a host condition (e.g. ``spec.every(k)``).
 * ``update(direction, lr=)``: ``param ← param − lr·direction``, once; ``lr`` may be per tensor
   (StableAdamW's clipped ``lr_t``) and is the lr weight decay uses. ``set_param(expr, when=)``:
-  a later param write (Ranger's ``p ← slow``).
+  a later param write (Ranger's ``p ← slow``); with ``weight_decay=None`` also the update itself,
+  written directly (no ``update``; Schedule-Free's interpolation, fine at ``lr = 0``).
+* ``eval_view(eval=, train=)``: two views of the params, elementwise from the param and the states;
+  the class gets ``train()``/``eval()`` (``train_mode`` in param groups; ``step()`` in eval raises).
 * ``mean/sum/max(expr)``: per-tensor reductions; math on them alone (``sqrt(mean(…))``) is done in
   the compute dtype before it becomes a Python float.
 * ``numel``: the element count of the tensor being stepped (per tensor, like a reduction);
@@ -206,6 +211,7 @@ class State:
     scalar: bool = False  # a 0-dim record (optimi's eps_sq), never read by the math
     axes: tuple[int, ...] = ()  # dims of the param's shape set to 1 (the shape of spec.mean(x, axis=...))
     nonnegative: bool | None = None  # declared sign (None: inferred, optcompile/nonnegative.py)
+    precision: str = "fp32"  # a scalar state's storage: "fp32" (torch.optim's 0-dim tensors) or "fp64"
 
 
 @dataclass
@@ -300,6 +306,8 @@ class OptimizerSpec:
         self._made: set[str] = set()  # symbol names the DSL made: reductions, SSA versions, renamed lets
         self._versions = itertools.count(1)
         self._updated = False
+        self._direct = False  # the param is written by spec.set_param alone (no spec.update)
+        self.views: dict[str, tuple[sympy.Expr, Origin]] = {}  # spec.eval_view: "eval"/"train" → param value
         self.alias: dict[sympy.Symbol, tuple[sympy.Symbol, int]] = {}  # value after stmt i of a buffer
         self.scalar_versions: dict[sympy.Symbol, sympy.Symbol] = {}  # a scalar state's new value → the state
 
@@ -376,7 +384,7 @@ class OptimizerSpec:
         return sym
 
     def state(self, name: str, init: Any = 0, *, when: Any = True, scalar: bool = False, axis: Any = None,
-              nonnegative: bool | None = None):
+              nonnegative: bool | None = None, precision: str = "fp32"):
         """A per-parameter buffer saved in ``optimizer.state[p][name]`` (param shape and dtype).
 
         ``axis=-1`` (or a tuple of dims) stores it in a reduced shape: the param's with those dims
@@ -385,12 +393,18 @@ class OptimizerSpec:
         the step reads or assigns it, it is an fp32 *scalar state* (torch.optim's NAdam
         ``mu_product``): read as a host value of its param, written by ``assign``. If not, it is a
         record in the param's dtype, kept only so that state_dicts match another library's layout
-        (optimi's StableAdamW ``eps_sq``).
+        (optimi's StableAdamW ``eps_sq``). ``precision="fp64"``: a scalar state stored as a 0-dim
+        fp64 tensor and computed in double, as a Python float is (a running sum such as
+        Schedule-Free's ``weight_sum``, kept as exactly as the reference's group value).
         ``nonnegative=True`` declares that the state is never negative (``False``: that it may be),
         where the compiler cannot infer it (optcompile/nonnegative.py): under
         ``state_precision="8bit"`` a non-negative state takes an unsigned code (optcompile/quantize.py).
         """
         origin = _origin(self.file)
+        if precision not in ("fp32", "fp64") or (precision != "fp32" and not scalar):
+            raise SpecError(f"state {name!r}: precision={precision!r}; a scalar state (scalar=True) is 'fp32' or "
+                            "'fp64' (a tensor state's storage is the constructor's state_precision)", self.file,
+                            origin.line)
         sym = self._new_symbol(name, origin)
         init = self._expr(init, origin, "init")
         if scalar and init.free_symbols & {self.param, self.grad}:
@@ -402,7 +416,7 @@ class OptimizerSpec:
         if nonnegative is not None and not isinstance(nonnegative, bool):
             raise SpecError(f"state {name!r}: nonnegative must be True, False or None, not {nonnegative!r}",
                             self.file, origin.line)
-        self.states.append(State(name, sym, init, when, origin, scalar, axes, nonnegative))
+        self.states.append(State(name, sym, init, when, origin, scalar, axes, nonnegative, precision))
         return sym
 
     def let(self, name: str, expr: Any):
@@ -441,6 +455,9 @@ class OptimizerSpec:
         uses instead (torch's Adafactor steps by a relative ``alpha`` but decays by the group's lr).
         """
         origin = _origin(self.file)
+        if self._direct:
+            raise SpecError("spec.update after spec.set_param: a spec that writes its param directly takes no "
+                            "spec.update (write every param value with spec.set_param)", self.file, origin.line)
         if self._updated:
             raise SpecError("spec.update called twice; use spec.set_param for later param writes",
                             self.file, origin.line)
@@ -460,15 +477,53 @@ class OptimizerSpec:
         return new
 
     def set_param(self, expr: Any, *, when: Any = True):
-        """A later parameter write after ``update`` (e.g. Ranger's lookahead ``p ← slow``)."""
+        """A parameter write ``param ← expr``: a later one after ``update`` (Ranger's lookahead
+        ``p ← slow``), or, in a spec with ``weight_decay=None``, the param update itself, written
+        directly instead of as ``p − lr·d`` (Schedule-Free's interpolation ``y``; nothing divides by
+        the learning rate, so ``lr = 0`` is a step like any other). Returns the new param."""
         origin = _origin(self.file)
         if not self._updated:
-            raise SpecError("spec.set_param needs spec.update first", self.file, origin.line)
+            if self.weight_decay is not None:
+                raise SpecError("spec.set_param before spec.update: the injected weight decay "
+                                f"(weight_decay={self.weight_decay!r}) decays by the lr of spec.update; call "
+                                "spec.update first, or declare weight_decay=None and write the param with "
+                                "spec.set_param alone", self.file, origin.line)
+            self._updated = self._direct = True
         expr = self._expr(expr, origin, "param")
         self.stmts.append(Stmt(self.param, expr, origin, "param", when=_cond(when)))
         new = sympy.Symbol(self._fresh(f"param__v{next(self._versions)}"), real=True)
         self.alias[new] = (self.param, len(self.stmts) - 1)
         return new
+
+    def eval_view(self, *, eval: Any, train: Any):
+        """Two views of the params: the step sees the *training* view; ``eval`` is the value the
+        params hold in eval mode, from the training-view ``param`` and the states, and ``train``
+        the training-view param back from the eval-view ``param`` and the states (Schedule-Free:
+        ``x = lerp(y, z, 1 − 1/β)`` and ``y = lerp(x, z, 1 − β)``). Elementwise, read-only on the
+        states, hyperparameters as host values. The class gets ``train()`` and ``eval()``, which
+        swap what the params hold on every backend; ``train_mode`` in each param group says which
+        view is live (saved in state_dicts), and ``step()`` in eval mode raises."""
+        origin = _origin(self.file)
+        if self.views:
+            raise SpecError("spec.eval_view called twice", self.file, origin.line)
+        views = {}
+        for name, value in (("eval", eval), ("train", train)):
+            expr = self._expr(value, origin, f"eval_view({name}=...)")
+            for sym in expr.free_symbols:  # a state's later SSA value: views read what the buffer holds
+                if sym in self.alias or sym in self.scalar_versions:
+                    raise SpecError(f"eval_view({name}=...) reads `{sym}`, a value the step computes; a view reads "
+                                    "the param, the states as stored and hyperparameters: pass the symbol "
+                                    "spec.state returned", self.file, origin.line, expr)
+                st = next((st for st in self.states if st.symbol == sym), None)
+                if st is not None and (st.scalar or st.axes):
+                    raise SpecError(f"eval_view({name}=...) reads `{sym}`, a scalar or reduced-shape state; a view is "
+                                    "elementwise over the param and its full-shape states", self.file, origin.line,
+                                    expr)
+                if sym in (self.grad, self.step, self.numel, self.ndim, self.dtype_eps) or sym.name in self.lets:
+                    raise SpecError(f"eval_view({name}=...) reads `{sym}`; a view may read the param, its states and "
+                                    "hyperparameters only", self.file, origin.line, expr)
+            views[name] = (expr, origin)
+        self.views = views
 
     def mean(self, expr: Any, *, axis: int | None = None):
         """Mean over all elements of this parameter (a per-tensor reduction), or with ``axis=k`` along

@@ -114,7 +114,9 @@ class OptimizerInfo:
     * ``freeze``: group values under which a step cannot move the params. ``lr=0`` where the
       step scales with lr; Rprop's lr only seeds the per-element step sizes (as in torch), so
       its step sizes are clamped to 0 instead. Empty where no group value stops the next step:
-      ASGD steps by the ``eta`` its previous step stored (lr reaches it from the step after).
+      ASGD steps by the ``eta`` its previous step stored (lr reaches it from the step after);
+      Ranger's lookahead moves p to its slow weights every k steps; Schedule-Free moves y towards
+      z by the average's weight, which lr = 0 does not make 0 once an lr was positive.
     * ``grad_states``: some state reads the gradient, so optimizer accumulation's micro-steps
       update it. Not ASGD: its only tensor state, ``ax``, averages the params, so micro-steps leave
       it as it was (only the last micro-step's gradient reaches the param, as with a stateless SGD).
@@ -128,6 +130,9 @@ class OptimizerInfo:
       stored with unsigned codes under ``state_precision="8bit"`` (RMSprop's ``square_avg`` is not:
       its ``alpha`` may exceed 1, as torch allows, and Rprop's step sizes are clamped to bounds of
       any sign).
+    * ``schedule_free``: the oracle is the ``schedulefree`` package's class of the same name
+      (:func:`schedulefree_cls`: put in train mode on construction, as optcompile's start), which
+      neither optimi nor torch.optim has; its params hold a view (``train()``/``eval()``).
     * ``kernels``: the Triton and fused backends have kernels for it. Not Adafactor (axis
       reductions): they warn and run its foreach step (codegen/render.NO_KERNEL).
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
@@ -165,6 +170,7 @@ class OptimizerInfo:
     kernels: bool = True
     nonnegative: tuple[str, ...] = ()
     param_ndims: tuple[int, ...] = ()  # spec.param_ndim: the ranks the class accepts (Muon: 2-D), () any
+    schedule_free: bool = False  # the schedulefree package's class of the same name is the oracle
 
     def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
         """The absolute tolerance for comparing ``value`` (a param: ``state=None``) between two
@@ -202,11 +208,28 @@ class OptimizerInfo:
     @property
     def oracle(self) -> tuple[type, Mapping]:
         """The reference implementation and its flags for its for-loop path on CPU: optimi's class
-        where optimi has one, else torch.optim's (the torch family)."""
+        where optimi has one, schedulefree's for the Schedule-Free classes, else torch.optim's (the
+        torch family)."""
+        if self.schedule_free:
+            return schedulefree_cls(self.name), TORCH_EAGER
         if self.optimi_cls is not None:
             return self.optimi_cls, ORACLE_EAGER
         assert self.torch_cls is not None, f"{self.name}: neither optimi nor torch.optim has it"
         return self.torch_cls, TORCH_EAGER
+
+
+def schedulefree_cls(name: str) -> type:
+    """``schedulefree.<name>`` (the test oracle of the Schedule-Free classes), in train mode from
+    construction: schedulefree's optimizers start in eval mode and raise on a step until
+    ``train()``; optcompile's start in train mode."""
+    import schedulefree
+    base = getattr(schedulefree, name)
+    return type(name, (base,), {"__init__": _train_after_init, "__module__": base.__module__})
+
+
+def _train_after_init(self, *args, **kwargs):
+    type(self).__mro__[1].__init__(self, *args, **kwargs)
+    self.train()
 
 
 def _training(*configs):
@@ -234,6 +257,10 @@ _TORCH_KERNEL = ({"maximize": True, "weight_decay": 0.01}, {"weight_decay": 0.01
 
 # fused.py's option sets for specs without their own: decay, and fully decoupled decay
 _KERNEL_DEFAULT = ({"weight_decay": 0.01}, {"weight_decay": 0.01, "decouple_lr": True})
+
+# Kahan compensates param writes; Schedule-Free's z sums every lr·g too, so in bf16 it loses the
+# small ones whatever the param does (as Ranger's slow weights): z in fp32 for the measurement
+SCHEDULE_FREE_KAHAN = dict(state_precision={"z": "fp32"})
 
 # Differential option sets: every weight-decay style, fully decoupled decay with and without
 # max_lr, and the algorithm's own switches.
@@ -292,6 +319,15 @@ _ENTRIES = {e.stem: e for e in [
                       dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
         torch_optim=(TorchCase(dict(lr=1e-2, weight_decay=0.1), torch.optim.AdamW,
                                dict(lr=1e-2, weight_decay=0.1, eps=1e-6, betas=(0.9, 0.99))),)),
+    OptimizerInfo(
+        "adamwschedulefree", "AdamWScheduleFree", nonnegative=("exp_avg_sq",),
+        training=_training(("wd-warmup", dict(weight_decay=1e-2, warmup_steps=5))),
+        kernel=({"weight_decay": 0.01, "warmup_steps": 3}, {"r": 1.0, "weight_lr_power": 0.0, "maximize": True}),
+        differential=(),
+        state_dict=dict(weight_decay=0.01, warmup_steps=3),
+        freeze={},  # lr = 0 still moves y towards z by the average's weight (0 only while every lr was 0)
+        kahan=SCHEDULE_FREE_KAHAN,
+        schedule_free=True),
     OptimizerInfo(
         "adan", "Adan", nonnegative=('exp_avg_sq',),
         training=_training(("defaults", dict())),
@@ -352,6 +388,8 @@ _ENTRIES = {e.stem: e for e in [
     OptimizerInfo(
         "ranger", "Ranger", nonnegative=('exp_avg_sq',),
         training=_training(("decoupled", dict(weight_decay=1e-2))),  # Ranger's decouple_wd defaults to True
+        # lr = 0 stops the fast weights, but a lookahead step (every k) still moves p to the slow weights
+        freeze={},
         kernel=_KERNEL_DEFAULT,
         differential=(dict(), dict(k=4, alpha=0.3, weight_decay=0.1), dict(k=5, weight_decay=0.1, decouple_wd=False),
                       dict(weight_decay=1e-3, decouple_lr=True), dict(k=3, weight_decay=1e-3, decouple_lr=True, max_lr=0.05)),
@@ -402,6 +440,15 @@ _ENTRIES = {e.stem: e for e in [
                                dict(lr=1e-2, momentum=0.9, weight_decay=0.1)),
                      TorchCase(dict(lr=1e-2, momentum=0.9, dampening=True, torch_init=True, weight_decay=0.1),
                                torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.9, weight_decay=0.1)))),
+    OptimizerInfo(
+        "sgdschedulefree", "SGDScheduleFree",
+        training=_training(("wd-warmup", dict(weight_decay=1e-2, warmup_steps=5))),
+        kernel=({"weight_decay": 0.01, "warmup_steps": 3}, {"r": 1.0, "weight_lr_power": 0.0, "maximize": True}),
+        differential=(),
+        state_dict=dict(momentum=0.8, weight_decay=0.01, warmup_steps=3),
+        freeze={},
+        kahan=SCHEDULE_FREE_KAHAN,
+        schedule_free=True),
     OptimizerInfo(
         "stableadamw", "StableAdamW", nonnegative=('exp_avg_sq',),
         training=_training(("defaults", dict())),

@@ -587,6 +587,20 @@ def test_file_size_limit_is_one_error_line_and_leaves_no_partial_entry(spec_file
     assert _entries(cache_dir) == [] and not _temps(cache_dir)
 
 
+def test_info_and_clear_count_and_remove_every_library_and_nothing_else(cache_dir):
+    """Kernels for every storage (stochastic rounding's tags end in ``s``) and the pointer reader."""
+    fused = cache_dir / __version__ / "fused"
+    fused.mkdir(parents=True)
+    ours = [fused / f"adamw-{'a' * 12}_fused-0-{'b' * 16}.so", fused / f"adamw-{'a' * 12}_fused-111s-{'c' * 16}.so",
+            fused / f"tensor_pointers-{'d' * 16}.so"]
+    theirs = [fused / "notes.so", fused / f"tensor_pointers-{'d' * 15}.so"]
+    for f in ours + theirs:
+        f.write_bytes(b"\x7fELF")
+    assert cache.info()["entries"] == len(ours)
+    assert cache.clear() == len(ours)
+    assert [f for f in ours if f.exists()] == [] and all(f.exists() for f in theirs)
+
+
 def test_dead_writers_leftovers_are_removed_and_a_directory_entry_rebuilt(spec_file, cache_dir, monkeypatch):
     key_path = loader.compile_to_cache(spec_file)
     good = key_path.read_bytes()

@@ -233,7 +233,7 @@ def test_op_runs_the_eager_step():
     args = _op_args("adamw", False, params)
     before = [p.clone() for p in params]
     torch.ops.optcompile.step(*args)
-    assert int(args[5]) == 1
+    assert int(args[6]) == 1  # (module, params, grads, states, absent, scalars, step, …)
     assert not any(torch.equal(a, b) for a, b in zip(before, params))
 
 

@@ -6,8 +6,9 @@ next steps match a freshly constructed optimizer's (one that never had a table) 
 raise what it raises. A stale pointer would write into the old memory (freed, or another
 tensor's) and leave the new tensor as it was.
 
-Every case runs twice: with CPython's dict version tags telling that ``optimizer.state`` did
-not change, and with the state looked up and compared by identity (Python 3.12+)."""
+Every case runs with CPython's dict version tags telling that ``optimizer.state`` did not
+change and with the state looked up and compared by identity (Python 3.12+), each with the data
+pointers read in one C call (``PointerReader``) and in Python (no C++ compiler)."""
 import copy
 import re
 import warnings
@@ -22,6 +23,7 @@ from optimizers import BACKENDS
 
 pytestmark = [pytest.mark.fused, pytest.mark.skipif(BACKENDS["fused"].unavailable() is not None,
                                                      reason=str(BACKENDS["fused"].unavailable()))]
+_POINTER_READER = fused_runtime.pointer_reader
 N = 40  # ≥ layouts.MIN_TENSORS: the layout is recorded, so the table is built
 SHAPES = [(8,), (3, 5)] * (N // 2)
 
@@ -32,6 +34,15 @@ def state_check(request, monkeypatch):
         pytest.skip("no dict version tags on this Python")
     if request.param == "lookups":
         monkeypatch.setattr(runtime, "DICT_VERSION", None)
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=["c-pointers", "python-pointers"])
+def pointers(request, monkeypatch):
+    if request.param == "c-pointers" and fused_runtime.pointer_reader() is None:
+        pytest.skip("no pointer reader (no C++ compiler, or torch lacks the accessor)")
+    if request.param == "python-pointers":
+        monkeypatch.setattr(fused_runtime, "pointer_reader", lambda: None)
     return request.param
 
 
@@ -117,6 +128,17 @@ def test_param_storage_swapped(state_check, how):
     assert _table(opt) is not None, "the same layout keeps its table"
 
 
+def test_param_swapped_with_swap_tensors(state_check):
+    """``torch.utils.swap_tensors``: the same Python object, another TensorImpl and memory."""
+    opt, params = _trained()
+    with torch.no_grad():
+        for i in (1, N - 3):
+            torch.utils.swap_tensors(params[i], _grad(params[i].shape, 9 + i).requires_grad_())
+    fresh, copies = _fresh(opt, params)
+    _both(opt, params, fresh, copies)
+    assert _table(opt) is not None, "the same layout keeps its table"
+
+
 @pytest.mark.parametrize("size", [(16,), (4,), (2, 4)], ids=["larger", "smaller", "reshaped"])
 def test_param_resized_raises_and_writes_nothing(state_check, size):
     opt, params = _trained()
@@ -126,6 +148,15 @@ def test_param_resized_raises_and_writes_nothing(state_check, size):
     with pytest.raises(RuntimeError, match=re.escape(f"AdamW: exp_avg has shape (8,) but its param has shape {size}")):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_param_narrowed_in_place_after_its_grad_raises(state_check):
+    """``p.data`` set to a view of its own start after the grads: the same memory, fewer elements."""
+    opt, params = _trained()
+    _set_grads(params, 5)
+    params[6].data = params[6].data[:4]
+    with pytest.raises(RuntimeError, match=r"AdamW: grad has shape \(8,\) but its param has shape \(4,\)"):
+        opt.step()
 
 
 def test_param_dtype_changed(state_check):
@@ -209,8 +240,9 @@ def test_grad_of_another_shape_raises(state_check):
 
 
 # ── states ───────────────────────────────────────────────────────────────────────────────────
-@pytest.mark.parametrize("how", ["replaced", "set_", "data", "dict replaced"])
+@pytest.mark.parametrize("how", ["replaced", "set_", "data", "dict replaced", "swap_tensors", "storage moved"])
 def test_state_tensor_changed(state_check, how):
+    """Another tensor, or the same one over other memory: the new memory is stepped."""
     opt, params = _trained()
     for i in (2, N - 2):
         state = opt.state[params[i]]
@@ -221,10 +253,52 @@ def test_state_tensor_changed(state_check, how):
             state["exp_avg_sq"].set_(new)
         elif how == "data":
             state["exp_avg_sq"].data = new
+        elif how == "swap_tensors":
+            torch.utils.swap_tensors(state["exp_avg_sq"], new)
+        elif how == "storage moved":  # the storage reallocated: the same tensor, its data elsewhere
+            before = state["exp_avg_sq"].data_ptr()
+            state["exp_avg_sq"].untyped_storage().resize_(1 << 20)
+            assert state["exp_avg_sq"].data_ptr() != before
         else:
             opt.state[params[i]] = {**state, "exp_avg_sq": new}
     fresh, copies = _fresh(opt, params)
     _both(opt, params, fresh, copies)
+
+
+@pytest.mark.parametrize("how", ["resize_", "as_strided_", "data view"])
+def test_state_reshaped_in_place_raises(state_check, how):
+    """The same tensor and memory, fewer elements: the kernel would step past its end."""
+    opt, params = _trained()
+    exp_avg = opt.state[params[0]]["exp_avg"]
+    if how == "resize_":
+        exp_avg.resize_(4)
+    elif how == "as_strided_":
+        exp_avg.as_strided_((4,), (1,))
+    else:
+        exp_avg.data = exp_avg.data[:4]
+    _set_grads(params, 5)
+    with pytest.raises(RuntimeError, match=r"AdamW: exp_avg has shape \(4,\) but its param has shape \(8,\)"):
+        opt.step()
+
+
+def test_state_dtype_changed(state_check):
+    """A state reinterpreted as another dtype (same memory, ``.data =``): not stepped as fp32."""
+    opt, params = _trained()
+    fresh, copies = _fresh(opt, params)
+    outcomes = []
+    for o, ps in ((opt, params), (fresh, copies)):
+        state = o.state[ps[7]]
+        state["exp_avg"].data = state["exp_avg"].data.view(torch.int32)
+        _set_grads(ps, 5)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fused_runtime.FusedFallbackWarning)
+                o.step()
+            outcomes.append(None)
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    _same(opt, params, fresh, copies)
 
 
 def test_state_removed(state_check):
@@ -290,10 +364,11 @@ def test_deepcopy_and_pickle_of_an_optimizer_with_tables(state_check):
 
 
 # ── the table is used, and not rebuilt over and over ─────────────────────────────────────────
-def test_training_loop_steps_from_the_table(monkeypatch):
+def test_training_loop_steps_from_the_table(monkeypatch, pointers):
     """After two general steps (the second records the layout) the table steps: no general
     path, no per-tensor pointer pass; results as a fresh optimizer's."""
     opt, params = _trained()
+    assert (_table(opt).reader is not None) == (pointers == "c-pointers")
     fresh, copies = _fresh(opt, params)
     general = []
     call = fused_runtime.FusedStep.__call__
@@ -302,6 +377,10 @@ def test_training_loop_steps_from_the_table(monkeypatch):
         _set_grads(params, k)
         opt.step()
     assert general == []
+    # layouts are remembered by the first param's id: one of a dead optimizer's, at the address a
+    # copy now has, would count as seen before (sound, as every hit compares the whole layout)
+    fused_runtime._FITS.clear()
+    runtime._CHECKED.clear()
     for k in range(10, 15):
         _set_grads(copies, k)
         fresh.step()
@@ -379,3 +458,36 @@ def test_functional_api_and_small_groups_take_the_general_path():
         optcompile.adamw(ps, [_grad((8,), k) for _ in ps], *states, None, lr=1e-3, beta1=0.9, beta2=0.99,
                          weight_decay=0.0, eps=1e-6, step=step, fused=True)
     assert int(step) == 4
+
+
+# ── the pointer reader ───────────────────────────────────────────────────────────────────────
+def test_pointer_reader_reads_data_pointers_and_refuses_what_is_not_a_tensor():
+    import array
+    reader = fused_runtime.pointer_reader()
+    if reader is None:
+        pytest.skip("no pointer reader (no C++ compiler, or torch lacks the accessor)")
+    ts = [torch.zeros(5), torch.arange(12.0).view(3, 4)[1:], torch.nn.Parameter(torch.ones(2)),
+          torch.zeros(3, dtype=torch.float16)]
+    out = array.array("q", [7] * (len(ts) + 1))
+    assert reader.read(array.array("q", [id(t) for t in ts] + [0]), out)
+    assert list(out) == [t.data_ptr() for t in ts] + [0], "0 stands for an absent tensor: NULL"
+    table = array.array("q", [7] * (len(ts) + 2))
+    assert reader.read_tuple(tuple(ts), table, 2)  # the tuple's own item pointers, no ids built
+    assert list(table) == [7, 7] + [t.data_ptr() for t in ts]
+    with pytest.raises(IndexError):
+        reader.read_tuple(tuple(ts), table, 3)
+    for other in (None, 3.0, [torch.zeros(2)]):  # torch throws: caught in C++, returned as False
+        assert not reader.read(array.array("q", [id(ts[0]), id(other)]), array.array("q", [0, 0]))
+
+
+
+def test_without_a_cxx_compiler_or_torchs_accessor_there_is_no_reader(monkeypatch):
+    """Then tables read their pointers in Python (every test here runs so too: python-pointers)."""
+    import torch._C._dynamo.guards as guards
+    build = _POINTER_READER.__wrapped__  # uncached: decides afresh
+    with monkeypatch.context() as m:
+        m.setattr(fused_runtime, "cxx_compiler", lambda: None)
+        assert build() is None
+    with monkeypatch.context() as m:
+        m.delattr(guards, "_torchinductor_pyobject_tensor_data_ptr")
+        assert build() is None

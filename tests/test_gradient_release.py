@@ -247,7 +247,10 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
     b = make_model()
     b.load_state_dict(model_sd)
     opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
-    opt_b.load_state_dict(sd)
+    # each optimizer loads its own copy: a loaded state holds the checkpoint's tensors (torch's
+    # load_state_dict does not copy them), which its steps change in place (a param's step count,
+    # Schedule-Free's z), so a second optimizer loading the same dict would resume from later
+    opt_b.load_state_dict(_roundtrip(sd))
     prepare_for_gradient_release(b, opt_b)
     for p in b.parameters():
         assert opt_b.state[p]["group"] is opt_b.param_groups[0]
@@ -262,14 +265,14 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
     c = make_model()
     c.load_state_dict(model_sd)
     opt_c = cls(c.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
-    opt_c.load_state_dict(sd)
+    opt_c.load_state_dict(_roundtrip(sd))
     prepare_for_gradient_release(c, opt_c)
     freeze = BY_STEM[stem].freeze  # group values under which a step must not move params
-    if not freeze:  # ASGD steps by the eta its last step stored: the same schedule without release
+    if not freeze:  # ASGD, Ranger, Schedule-Free: lr = 0 does not stop them; the same schedule without release
         d = make_model()
         d.load_state_dict(model_sd)
         opt_d = cls(d.parameters(), lr=1e-2, **kw, **EAGER)
-        opt_d.load_state_dict(sd)
+        opt_d.load_state_dict(_roundtrip(sd))
         for opt in (opt_c, opt_d):
             torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 0.25)
         train(c, opt_c, data[3:], True)

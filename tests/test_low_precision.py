@@ -108,8 +108,8 @@ def _decay_modes():
     out = []
     for stem in STEMS:
         params = inspect.signature(ours(stem)).parameters
-        if "weight_decay" not in params:
-            continue
+        if "weight_decay" not in params or BY_STEM[stem].schedule_free:
+            continue  # Schedule-Free: an L2 penalty at y, reaching the params through z and the average
         # L2 specs: their decoupled mode (NAdam names it torch's way)
         switch = next(({k: True} for k in ("decouple_wd", "decoupled_weight_decay") if k in params), {})
         out.append((stem, "decoupled", {"weight_decay": 1e-2, **switch}))

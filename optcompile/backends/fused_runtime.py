@@ -8,7 +8,9 @@ in ``<cache dir>/fused/``, keyed by the source's hash, the compiler's identity (
 built it. Builds follow the cache's pattern: lock, check again, build in a temp folder, atomic
 rename. Anything that stops the fused path (no compiler, a failed build, fp64 or non-CPU
 tensors, a tensor that is not contiguous) falls back to the generated eager loop, which is the
-reference implementation, with one warning per cause.
+reference implementation, with one warning per cause. The prebuilt tables' pointer reader
+(``templates/tensor_pointers.cpp``, ``PointerReader``) is built and cached the same way by the C++
+compiler; without one the tables read their pointers in Python.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ import hashlib
 import itertools
 import json
 import math
+import operator
+import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -32,6 +37,7 @@ import torch
 from .. import backends_available, cache
 from .. import layouts
 from ..layouts import MISSING, LayoutCache
+from ..paths import templates_dir
 from ..runtime import check_buffers
 
 
@@ -92,28 +98,32 @@ class Storage:
 
 
 def build(source: Path, dtype_code: "int | Storage") -> Path:
-    """The shared library of ``source`` for one dtype, from the cache or freshly compiled.
+    """The shared library of ``source`` for one dtype, from the cache or freshly compiled."""
+    cc = backends_available.c_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
+    storage = dtype_code if isinstance(dtype_code, Storage) else Storage(dtype_code)
+    return _library(source, cc, FLAGS + storage.flags(), f"{source.stem}-{storage.tag()}")
+
+
+def _library(source: Path, cc: str, flags: tuple[str, ...], stem: str) -> Path:
+    """``source`` built by ``cc`` with ``flags`` into ``<cache>/fused/<stem>-<hash>.so``.
 
     A cached library is used only if its seal (a hash of its bytes and name) holds, so a truncated
     or overwritten file is rebuilt, with a warning naming it, and never reaches ``dlopen`` (which
     dies of SIGBUS on a truncated library). Finding one writes nothing: a read-only cache works."""
-    cc = backends_available.c_compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
     text = source.read_bytes()
-    storage = dtype_code if isinstance(dtype_code, Storage) else Storage(dtype_code)
-    flags = FLAGS + storage.flags()
     h = hashlib.sha256()
     for part in (text, compiler_identity(cc).encode(), " ".join(flags).encode(), cpu_model().encode()):
         h.update(part + b"\0")
-    name = f"{cache.FUSED}/{source.stem}-{storage.tag()}-{h.hexdigest()[:16]}.so"
+    name = f"{cache.FUSED}/{stem}-{h.hexdigest()[:16]}.so"
     found = cache.find(name)
     if found is not None and cache.seal_problem(found) is None:
         return found
 
     def write(lib: Path) -> None:
-        """gcc in a work folder beside the library, named after it so that a killed build's is
-        found and removed; then a sealed, atomic write."""
+        """The compiler in a work folder beside the library, named after it so that a killed
+        build's is found and removed; then a sealed, atomic write."""
         with tempfile.TemporaryDirectory(prefix=f"{cache.BUILD_DIR}{lib.name}.", dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
             try:
@@ -354,6 +364,85 @@ def _reduce_callback(shards):
     return REDUCE_FN(reduce), failed
 
 
+CXX_FLAGS = ("-O2", "-shared", "-fPIC", "-w")
+
+
+def cxx_compiler() -> "str | None":
+    """The C++ compiler of the pointer reader ($CXX, else c++/g++/clang++ on PATH)."""
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+class PointerReader:
+    """The data pointers of many tensors in one C call.
+
+    ``read`` calls torch's accessor ``void *data_ptr(PyObject *)`` (exposed as a function address
+    for Inductor's generated C++) over an array of object addresses (``id``), in
+    ``templates/tensor_pointers.cpp``, which catches what it throws. Reading a pointer in Python
+    (``t.data_ptr()``: a method call and a new int) costs about 4× as much when the tensors'
+    metadata is out of cache, as after a step's kernel: over thousands of small tensors, a
+    quarter of a prebuilt table's step (RESULTS.md, session 5). The caller keeps the objects alive.
+    """
+
+    def __init__(self, lib, accessor: int):
+        self.accessor = accessor
+        self._read = lib.oc_data_ptrs
+        self._read.restype = ctypes.c_int
+        self._read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+
+    def read(self, objs: array.array, out: array.array) -> bool:
+        """``out[i]``: the data pointer of object ``objs[i]`` (0 stays 0); False if one is not a
+        tensor with data (``out`` is then partly written)."""
+        return self._read(self.accessor, objs.buffer_info()[0], len(objs), out.buffer_info()[0]) == 0
+
+    def read_tuple(self, objs: tuple, out: array.array, at: int) -> bool:
+        """``read`` over a tuple's items, into ``out[at:at + len(objs)]``: the C loop reads the
+        tuple's own array of object pointers (CPython's layout, checked by ``works``), so no
+        array of ids is built."""
+        if not 0 <= at <= len(out) - len(objs):
+            raise IndexError(f"{len(objs)} pointers do not fit at {at} in a table of {len(out)}")
+        return self._read(self.accessor, id(objs) + _TUPLE_ITEMS, len(objs), out.buffer_info()[0] + 8 * at) == 0
+
+    def works(self) -> bool:
+        """The pointers read match ``data_ptr()`` (a Parameter, an offset view, bf16, an empty
+        tensor), from an array of ids and from a tuple. (What torch throws is not provoked here:
+        tables read the params and states they hold and grads that passed their guard, which
+        have data; tests/test_fused_tables.py checks the catch.)"""
+        ts = [torch.nn.Parameter(torch.zeros(3)), torch.arange(10.0)[3:], torch.zeros(2, dtype=torch.bfloat16),
+              torch.zeros(0)]
+        out = array.array("q", bytes(8 * (len(ts) + 1)))
+        ok = self.read(array.array("q", list(map(id, ts)) + [0]), out)
+        items = tuple(ts)
+        layout = tuple.__itemsize__ == 8 and ctypes.c_int64.from_address(id(items) + _TUPLE_ITEMS).value == id(ts[0])
+        from_tuple = array.array("q", bytes(8 * (len(ts) + 2)))
+        return ok and list(out) == [t.data_ptr() for t in ts] + [0] and layout and \
+            self.read_tuple(items, from_tuple, 1) and list(from_tuple) == [0] + list(out)
+
+
+_TUPLE_ITEMS = tuple.__basicsize__  # where a tuple's array of item pointers starts in CPython
+
+
+@functools.cache
+def pointer_reader() -> "PointerReader | None":
+    """The pointer reader, built and checked once per process; None without torch's accessor, a
+    C++ compiler or a working build (tables then read pointers in Python: same results, slower)."""
+    try:
+        from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as accessor
+    except ImportError:
+        return None
+    cxx = cxx_compiler()
+    if not isinstance(accessor, int) or not accessor or cxx is None:
+        return None
+    try:
+        reader = PointerReader(ctypes.PyDLL(str(_library(templates_dir() / "tensor_pointers.cpp", cxx, CXX_FLAGS,
+                                                          "tensor_pointers"))), accessor)
+        return reader if reader.works() else None
+    except Exception:  # no working build: the Python reads
+        return None
+
+
 _DATA_PTR = torch.Tensor.data_ptr
 _ALIGN = 16  # fp32 elements: each tensor's scratch starts on a 64-byte line, as torch.empty's would
 
@@ -362,55 +451,77 @@ class FusedTable:
     """The pointer and size tables of one list of buffers, built once, for a training loop that
     steps the same tensors (and fresh gradients of the same layout) every step.
 
-    Per step ``check`` tells, before anything is written, whether every tensor still has the
+    The table holds the params and states it was built over (``[params, grads, *states,
+    kahan_comps]``); which of them the optimizer steps is the caller's to keep equal (runtime's
+    ``_FusedGroup``: the group's params and ``optimizer.state``). Each ``step`` reads every
+    param's ``.grad`` and tells, before anything is written, whether every tensor still has the
     layout that passed ``check_buffers`` and ``FusedStep._pointers`` when the table was built
-    (one C++ ``TensorGuards`` pass over all of them: it fails on None, another shape, stride,
-    dtype, device or requires_grad); ``launch`` then reads every data pointer afresh
-    (``p.data = other`` and ``set_()`` keep the layout and move the memory), rewrites the parts
-    of the table that moved and calls the kernel. A False ``check`` means nothing ran: the caller
-    takes the general path, which checks and names what does not fit. Which tensors are stepped
-    is the caller's to keep (runtime's ``_FusedGroup``: the optimizer's state).
+    (two C++ ``TensorGuards`` passes, over the grads and over the rest: they fail on None,
+    another shape, stride, dtype, device or requires_grad); then it reads every data pointer
+    afresh (``p.data = other`` and ``set_()`` keep the layout and move the memory) and calls the
+    kernel. False means nothing ran: the caller takes the general path, which checks and names
+    what does not fit.
+
+    Over thousands of small tensors the step's cost beside the kernel is reading the tensors'
+    metadata, which the previous step's kernel (or a forward and backward) has pushed out of the
+    caches: with the ``PointerReader`` the pointers are read in one C call (the params' and
+    states' ids are the table's, the grads' their tuple's own); without it they are read in
+    Python and only the rows that moved are rewritten.
     """
 
     def __init__(self, step: FusedStep, fn, buffers):
         params = buffers[0]
-        self.step, self.fn, self.n = step, fn, len(params)
-        absent = [lst[0] is None and lst[-1] is None and lst.count(None) == self.n for lst in buffers]
-        self.present = [i for i, none in enumerate(absent) if not none]
-        self.absent = [i for i, none in enumerate(absent) if none]
-        self.n_buffers = len(buffers)
-        self.guard = layouts.guard(list(itertools.chain.from_iterable(buffers[i] for i in self.present)))
+        self.fused, self.fn, self.n = step, fn, len(params)
+        n = self.n
+        absent = [lst[0] is None and lst[-1] is None and lst.count(None) == n for lst in buffers]
+        if absent[0] or absent[1]:
+            raise ValueError("a fused table needs every param and grad")
+        self.params = list(params)
+        self.kept_rows = [i for i, none in enumerate(absent) if i != 1 and not none]
+        self.kept = tuple(itertools.chain.from_iterable(buffers[i] for i in self.kept_rows))  # params, states
+        self.kept_guard = layouts.guard(list(self.kept))
+        self.grad_guard = layouts.guard(list(buffers[1]))
         numels = [p.numel() for p in params]
         self.numel = array.array("q", numels)
         self.spills = step.iface["spills"]
-        self.ptrs = array.array("q", bytes(8 * self.n * (len(buffers) + self.spills)))  # absent buffers: NULL
-        self.last: dict[int, list] = {i: [] for i in self.present}  # the pointers in the table, per buffer
-        self.scratch_at = len(buffers) * self.n
+        self.ptrs = array.array("q", bytes(8 * n * (len(buffers) + self.spills)))  # absent buffers: NULL
+        self.reader = pointer_reader()
+        if self.reader is not None:
+            self.objs = array.array("q", bytes(8 * n * len(buffers)))  # each pointer's tensor (its id); 0: none
+            for i in self.kept_rows:
+                self.objs[i * n:(i + 1) * n] = array.array("q", map(id, buffers[i]))
+        else:
+            self.last: dict[int, list] = {i: [] for i in (1, *self.kept_rows)}  # the pointers in the table
+        self.scratch_at = len(buffers) * n
         offsets, at = [], 0
         for k in numels:
             offsets.append(at * 4)
             at += -(-k // _ALIGN) * _ALIGN
         self.offsets, self.scratch_numel = offsets, at
 
-    def check(self, buffers) -> bool:
-        """Whether ``buffers`` (the same lists, by position, as at build; fresh grads allowed)
-        have the recorded layout: then ``launch`` may step them. Reads and writes nothing."""
-        present, n = self.present, self.n
-        if len(buffers) != self.n_buffers or any([len(buffers[i]) != n for i in present]):
+    def step(self, host: dict) -> bool:
+        """One kernel call over the table's tensors and their params' grads now, if every one of
+        them has its recorded layout; False, nothing stepped, otherwise."""
+        reader, n, ptrs = self.reader, self.n, self.ptrs
+        grads = tuple(map(_GRAD, self.params))
+        if not self.grad_guard.check(*grads):
             return False
-        if any([buffers[i].count(None) != n for i in self.absent]):
-            return False  # a state that was absent (NULL in the table) is there now
-        return self.guard.check(*itertools.chain.from_iterable([buffers[i] for i in present]))
-
-    def launch(self, buffers, host: dict) -> None:
-        """One kernel call over ``buffers``, which just passed ``check``: every data pointer is
-        read afresh and the parts of the table that moved are rewritten."""
-        n, ptrs, last = self.n, self.ptrs, self.last
-        for i in self.present:
-            now = list(map(_DATA_PTR, buffers[i]))
-            if now != last[i]:
-                ptrs[i * n:(i + 1) * n] = array.array("q", now)
-                last[i] = now
+        if reader is not None:
+            # the params and states are tensors (the table holds them), so their pointers are read
+            # first: that pulls their metadata into the cache for the guard, which then costs about
+            # 60% of what it does cold; a grad's is read once its guard proved it a tensor
+            if not (reader.read(self.objs, ptrs) and self.kept_guard.check(*self.kept)
+                    and reader.read_tuple(grads, ptrs, n)):
+                return False  # a tensor without data (the read's False): the general path names it
+        elif self.kept_guard.check(*self.kept):
+            last = self.last
+            for i, lst in ((1, grads), *((i, self.kept[k * n:(k + 1) * n]) for k, i in enumerate(self.kept_rows))):
+                now = list(map(_DATA_PTR, lst))
+                if now != last[i]:
+                    ptrs[i * n:(i + 1) * n] = array.array("q", now)
+                    last[i] = now
+        else:
+            return False
         scratch = None
         if self.spills:  # one fp32 buffer per spill for all tensors, freed after the step as before
             scratch = torch.empty(self.spills * self.scratch_numel, dtype=torch.float32)
@@ -419,8 +530,12 @@ class FusedTable:
                 at = self.scratch_at + s * n
                 ptrs[at:at + n] = array.array("q", [base + o for o in self.offsets])
                 base += self.scratch_numel * 4
-        self.step._launch(self.fn, n, self.numel.buffer_info()[0], ptrs.buffer_info()[0], host)
+        self.fused._launch(self.fn, n, self.numel.buffer_info()[0], ptrs.buffer_info()[0], host)
         del scratch
+        return True
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 # layouts (optcompile/layouts.py) whose buffers passed _pointers: their numels, or None where a

@@ -20,6 +20,7 @@ from ..signature import NOT_APPLICABLE, constructor_params
 from ..version import __version__
 from . import eager, foreach
 from ..stamp import stamp
+from ..step_flags import VIEW_FLAGS
 from .host import host_lines, pyexpr, used_host_names
 from .tensor_code import Dialect, TensorCode
 
@@ -177,7 +178,8 @@ def _init_lines(prog: Program) -> list[str]:
     lines += [line for n, line in (("ndim", "ndim = param.dim()"),
                                    ("dtype_eps", "dtype_eps = torch.finfo(param.dtype).eps")) if n in structure]
     for st in prog.scalar_states:  # torch.optim's layout: a 0-dim fp32 tensor on the CPU (read on the host)
-        lines.append(f"state[{st.name!r}] = torch.tensor(float({pyexpr(st.init)}), dtype=torch.float32)")
+        dtype = "torch.float64" if st.precision == "fp64" else "torch.float32"
+        lines.append(f"state[{st.name!r}] = torch.tensor(float({pyexpr(st.init)}), dtype={dtype})")
     if any(sympy.Symbol("grad", real=True) in sympy.sympify(st.init).free_symbols for st in prog.states):
         lines.append("grad = param.grad")
     for st in prog.states:
@@ -232,7 +234,8 @@ def shard_reductions(prog: Program) -> bool:
 def module_context(prog: Program) -> dict:
     keys = step_keys(prog)
     host_inputs = keys + [s.name for s in prog.scalar_states] + (["step"] if prog.uses_step else []) + \
-        list(prog.structure()) + ["update_parameters", "kahan"]
+        list(prog.structure()) + ["update_parameters", "kahan"] + \
+        ([f"{flag}=False" for flag in VIEW_FLAGS] if prog.views else [])
     used = used_host_names(prog)
     states = [s.name for s in prog.states if s.name != "kahan_comp"]
     spec_args = [a for a in prog.args]
@@ -258,6 +261,7 @@ def module_context(prog: Program) -> dict:
         "host_lines": host_lines(prog),
         "host_used": used,
         "scalar_states": [s.name for s in prog.scalar_states],
+        "rounds_fp32": any(s.precision == "fp32" for s in prog.scalar_states),  # imports round_fp32
         "scalar_values": [s.value for s in prog.scalar_states],
         "scalar_state_names": repr(tuple(s.name for s in prog.scalar_states)),
         "states": states,
@@ -278,8 +282,11 @@ def module_context(prog: Program) -> dict:
             f', "axes": {dict((st.name, st.axes) for st in prog.states if st.axes)!r}'
             if any(st.axes for st in prog.states) else "") + _nonnegative_extra(prog),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
-        "layout_extra": "" if prog.state_dict_layout == "optimi" else
-        f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}',
+        "views": [name for name, _ in prog.views],
+        "layout_extra": (', "views": True' if prog.views else "") + (
+            f', "scalar_fp64": {tuple(s.name for s in prog.scalar_states if s.precision == "fp64")!r}'
+            if any(s.precision == "fp64" for s in prog.scalar_states) else "") + ("" if prog.state_dict_layout == "optimi" else
+        f', "state_dict": "torch", "tuple_keys": {dict((a.name, a.keys) for a in prog.args if a.kind == "tuple")!r}'),
         "max_lr": prog.arg("max_lr") is not None,
         "traffic": traffic(prog),
         "functional_params": _functional_params(prog),

@@ -10,9 +10,10 @@ from .accumulate import accumulate_only_states
 from .finalize import finalize
 from .kahan import add_kahan_summation
 from .maximize import add_maximize
+from .views import add_views
 from .weight_decay import add_weight_decay
 
-PIPELINE = (add_weight_decay, add_maximize, accumulate_only_states, add_kahan_summation, finalize)
+PIPELINE = (add_weight_decay, add_maximize, accumulate_only_states, add_views, add_kahan_summation, finalize)
 PASS_NAMES = tuple(p.__name__ for p in PIPELINE)
 
 

@@ -167,7 +167,8 @@ def _out_of_the_way(prog: Program) -> Program:
     body = tuple(dataclasses.replace(s, expr=ren(s.expr), guard=ren(s.guard), **(
         {"symbol": ren(s.symbol)} if isinstance(s, Assign) else {"name": name(s.name)})) for s in prog.body)
     scalar_states = tuple(dataclasses.replace(s, value=name(s.value)) for s in prog.scalar_states)
-    return prog.replace(host=host, body=body, update_lr=ren(prog.update_lr), scalar_states=scalar_states,
+    return prog.replace(host=host, body=body, update_lr=None if prog.update_lr is None else ren(prog.update_lr),
+                        scalar_states=scalar_states,
                         decay_lr=None if prog.decay_lr is None else ren(prog.decay_lr))
 
 
@@ -216,7 +217,9 @@ def _trivial_host(expr) -> bool:
 
 
 def _guard_host_scalars(prog: Program) -> Program:
-    """Give each host float used only under a common guard that guard (evaluated as 0 otherwise)."""
+    """Give each host float used only under a common guard that guard (evaluated as 0 otherwise).
+    A scalar state's new value is stored after every step, so it is never guarded."""
+    stored = {s.value for s in prog.scalar_states}
     uses: dict[str, list] = {}
     for s in prog.body:
         for sym in sympy.sympify(s.expr).free_symbols:
@@ -227,7 +230,7 @@ def _guard_host_scalars(prog: Program) -> Program:
     host = list(prog.host)
     for i in reversed(range(len(host))):
         h = host[i]
-        if h.kind != "float" or h.name not in uses:
+        if h.kind != "float" or h.name not in uses or h.name in stored:
             continue
         guards = [g if g is not None else _guard_of_host_user(host, h.name) for g in uses[h.name]]
         if any(g is None or g == TRUE for g in guards):
