@@ -118,6 +118,17 @@ class IsNone(sympy.logic.boolalg.BooleanFunction):
         return None
 
 
+class IsChoice(sympy.logic.boolalg.BooleanFunction):
+    """``IsChoice(x, String(c))``: whether the choice hyperparameter ``x`` (``spec.hyper(...,
+    choices=)``) is ``c`` in this param group; a host condition, printed only by the host printer."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, x, choice):
+        return None
+
+
 class Fp32(sympy.Function):
     """``Fp32(x)``: ``x`` rounded to the nearest fp32 (ties to even; ±inf past its range). Lowering
     wraps a scalar state's new value in it, and each host operand of that value, so the assignment
@@ -193,7 +204,7 @@ class Arg:
     """A constructor argument. ``keys`` are the param_group keys (``betas`` → beta1, beta2)."""
 
     name: str
-    kind: str  # "float" | "tuple" | "flag" | "optional_float" | "optional_int" (None allowed)
+    kind: str  # "float" | "tuple" | "flag" | "optional_float" | "optional_int" (None allowed) | "choice"
     default: Any
     keys: tuple[str, ...]
     domain: Any = None
@@ -205,6 +216,7 @@ class Arg:
     errors: tuple[str, ...] = ()  # torch.optim-style ValueError messages (spec ``error=``)
     keyword_only: bool = False  # a pass's argument that comes after the runtime's, keyword-only (maximize)
     optional_keys: tuple[str, ...] = ()  # values of a tuple that may be None (Adafactor's eps1)
+    choices: tuple = ()  # kind "choice": the values it may take (strings, and None where it is a choice)
 
     @property
     def optional(self) -> bool:
@@ -361,6 +373,7 @@ class Program:
     state_order: tuple[str, ...] = ()  # every state as the spec declares it (records included)
     group_constants: tuple[tuple[str, Any], ...] = ()  # param_group entries the spec fixes
     state_dict_layout: str = "optimi"  # "torch": torch.optim's state_dict layout (and a step count)
+    torch_step: bool = True  # the torch layout keeps a per-param step (not torch.optim.Muon's)
     signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
     decay_lr: Any = None  # the lr weight decay uses where it is not update_lr (spec.update's decay_lr=)
     scalar_states: tuple[ScalarState, ...] = ()  # 0-dim fp32 states the step reads (host inputs) and writes

@@ -152,14 +152,14 @@ def lower(spec: OptimizerSpec) -> Program:
     # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
     decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after,
-                        a.errors, optional_keys=a.optional_keys) for a in spec.args)
+                        a.errors, optional_keys=a.optional_keys, choices=a.choices) for a in spec.args)
     prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
                    states=states, host=tuple(host), body=tuple(body), update_lr=update_lr, decay_lr=decay_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
                    decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
                    state_order=tuple(st.name for st in spec.states),
                    group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order,
-                   state_dict_layout=spec.state_dict, scalar_states=tuple(scalar_states),
+                   state_dict_layout=spec.state_dict, torch_step=spec.torch_step, scalar_states=tuple(scalar_states),
                    param_ndims=spec.param_ndims, param_ndim_error=spec.param_ndim_error,
                    views=tuple((name, expr) for name, (expr, _) in spec.views.items()))
     _check_unused(spec, prog)

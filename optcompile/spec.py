@@ -15,13 +15,18 @@ DSL reference (``specs/*.py`` use all of it):
   library's state_dict layout (AdamW's ``decouple_wd=True``). ``state_dict="torch"``: the class
   saves torch.optim's layout (a per-param ``step``, tuple hyperparameters such as ``betas`` under
   their own name, no state that is None) and loads it, so its state_dicts go both ways with the
-  torch.optim class of the same name; it then counts steps even where the math does not read them.
+  torch.optim class of the same name; it then counts steps even where the math does not read them,
+  unless ``torch_step=False``: torch's class keeps no step (torch.optim.Muon), and none is counted,
+  saved or expected where the math does not read ``step``.
 * ``hyper(name, default, domain, names=, type=int|float, after=, error=)``: a constructor argument
   (a tuple such as ``betas`` with ``names=``); ``domain`` (a sympy Interval, or one per element of a
   tuple) generates optimi's ValueErrors, or torch.optim's with ``error=`` (a message with the
   argument in braces, ``"Invalid epsilon value: {eps}"``; one per element of a tuple, or one for all).
   ``default=None`` makes it optional (``int | None``); ``is_none(x)`` is the host condition to branch
   on, and the math may read ``x`` only where that condition is false.
+  ``hyper(name, default, choices=(None, "a", "b"), error=)``: a string argument taking one of the
+  choices (None among them where it may be None); returns a dict from each choice to its host
+  condition (``adjust["match_rms_adamw"]``), the only way the math reads it.
   ``flag(name, default, after=)``: a bool. ``after="max_lr"`` places it after the injected ones.
 * ``signature(*names)``: the constructor's argument order after ``params`` where it must be another
   library's (torch.optim's): spec arguments, pass-added ones (``maximize``), the runtime's
@@ -78,8 +83,9 @@ from pathlib import Path
 from typing import Any
 
 import sympy
+from sympy.codegen.ast import String
 
-from .ir import DTYPE_EPS, NDIM, SIZES, AxisReduction, Clamp, IsNone
+from .ir import DTYPE_EPS, NDIM, SIZES, AxisReduction, Clamp, IsChoice, IsNone
 from .step_flags import STEP_FLAGS
 from sympy import (Abs, And, Eq, Ge, Gt, Interval, Le, Lt, Max, Min, Mod, Ne, Not, Or,  # noqa: F401
                    Piecewise, Rational, oo, sign, sqrt, exp, log)
@@ -195,6 +201,7 @@ class Arg:
     type: str = "float"
     errors: tuple[str, ...] = ()  # torch.optim-style messages (``error=``): one per value, or one for all
     optional_keys: tuple[str, ...] = ()  # values of a tuple whose default is None (may be None)
+    choices: tuple = ()  # kind "choice": the values the argument may take (strings, and None if one is)
 
     @property
     def group_keys(self) -> tuple[str, ...]:
@@ -265,6 +272,7 @@ class OptimizerSpec:
     decoupled_flag: str | None = None
     group_constants: dict = field(default_factory=dict)
     state_dict: str = "optimi"  # "torch": torch.optim's state_dict layout (optcompile/checkpoint.py)
+    torch_step: bool = True  # state_dict="torch": the torch class keeps a per-param step (Muon's does not)
     doc: str = ""
     functional: str | None = None
     args: list[Arg] = field(default_factory=list)
@@ -289,6 +297,9 @@ class OptimizerSpec:
                             self.file, self.origin.line)
         if self.state_dict not in ("optimi", "torch"):
             raise SpecError(f"state_dict={self.state_dict!r}: expected 'optimi' or 'torch'", self.file, self.origin.line)
+        if not self.torch_step and self.state_dict != "torch":
+            raise SpecError("torch_step=False is for state_dict='torch' (a torch.optim class that keeps no step)",
+                            self.file, self.origin.line)
         if not self.doc:
             module = sys.modules.get(_spec_module_name(self.file))
             self.doc = (getattr(module, "__doc__", None) or "").strip() if module else ""
@@ -313,13 +324,23 @@ class OptimizerSpec:
 
     # ── declarations ───────────────────────────────────────────────────────────────────────────
     def hyper(self, name: str, default: Any = REQUIRED, domain: sympy.Set | None = None, *, names=None,
-              doc: str = "", labels=None, after: str | None = None, type: type = float, error=None):
+              doc: str = "", labels=None, after: str | None = None, type: type = float, error=None,
+              choices=None):
         """A float hyperparameter (``names=`` makes a tuple such as ``betas``); returns its symbol(s).
 
         ``default=None`` makes an optional one (``int | None`` with ``type=int``): branch on
         ``spec.is_none(x)``; the math may read ``x`` only where that is false. ``error``: torch.optim's
-        ValueError message(s) for values outside ``domain``."""
+        ValueError message(s) for values outside ``domain``.
+
+        ``choices=("a", "b", ...)`` (strings, and ``None`` if the argument may be None): a string
+        argument that takes one of these values, validated at construction (``error``, formatted
+        with the argument, or a message listing the choices). It returns no symbol but a dict from
+        each choice to the host condition "the argument is that choice in this param group", for
+        ``Piecewise`` and ``when=``; the math reads the argument only through these conditions."""
         origin = _origin(self.file)
+        if choices is not None:
+            return self._choice(name, default, choices, origin, domain=domain, names=names, doc=doc, labels=labels,
+                                after=after, error=error)
         if type not in (int, float):
             raise SpecError(f"hyper {name!r}: type={getattr(type, '__name__', type)!r}; expected int or float "
                             "(a bool is spec.flag)", self.file, origin.line)
@@ -357,6 +378,33 @@ class OptimizerSpec:
         self._add_arg(Arg(name, default, (sym,), kind, domain, doc, origin,
                           (labels or _LABELS.get(name, name),), after, type.__name__, errors))
         return sym
+
+    def _choice(self, name, default, choices, origin, *, domain, names, doc, labels, after, error) -> dict:
+        """``hyper(name, default, choices=...)``: a string argument and one host condition per choice."""
+        where = (self.file, origin.line)
+        if domain is not None or names is not None:
+            raise SpecError(f"hyper {name!r}: a choice hyperparameter takes no domain= or names= (its values are "
+                            "the choices)", *where)
+        choices = tuple(choices) if isinstance(choices, (tuple, list)) else None
+        if not choices or len(choices) < 2 or len(set(choices)) != len(choices) or \
+                any(c is not None and not (isinstance(c, str) and c) for c in choices):
+            raise SpecError(f"hyper {name!r}: choices= must be two or more distinct non-empty strings (and None where "
+                            "the argument may be None)", *where)
+        if default is not REQUIRED and default not in choices:
+            raise SpecError(f"hyper {name!r}: default={default!r} is not one of the choices {choices!r}", *where)
+        if error is not None and not isinstance(error, str):
+            raise SpecError(f"hyper {name!r}: a choice hyperparameter takes one error message", *where)
+        sym = self._new_symbol(name, origin, real=False)
+        self._add_arg(Arg(name, default, (sym,), "choice", None, doc, origin, (labels or _LABELS.get(name, name),),
+                          after, "str", (error,) if error else (), choices=choices))
+        conditions = {}
+        for c in choices:
+            cond = sympy.Symbol(self._fresh(f"{name}_is_" + ("none" if c is None else
+                                                             "".join(ch if ch.isalnum() else "_" for ch in c))))
+            test = IsNone(sym) if c is None else IsChoice(sym, String(c))
+            self.stmts.append(Stmt(cond, test, origin, "let"))
+            conditions[c] = cond
+        return conditions
 
     def weight_decay_hyper(self, default: float = 0.0, doc: str = "", error=None):
         """Declare ``weight_decay`` at this place in the signature; the weight-decay pass uses it."""

@@ -9,6 +9,7 @@ that names it. tests/test_registry.py checks the entries against the classes and
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -193,6 +194,13 @@ class OptimizerInfo:
         """torch.optim's class of the same name where this optimizer is torch.optim's, else None."""
         return getattr(torch.optim, self.name) if self.torch_family else None
 
+    def torch_flags(self, foreach: bool = False) -> Mapping:
+        """torch.optim's flags for its for-loop (``foreach=False``) or foreach path, as its class
+        takes them: torch.optim.Muon has no ``foreach`` (one path, the for-loop)."""
+        if "foreach" not in inspect.signature(self.torch_cls.__init__).parameters:
+            return _flags()
+        return _flags(foreach=foreach)
+
     @property
     def optimi_cls(self):
         """torch-optimi's class of the same name, or None where optimi has none."""
@@ -215,7 +223,7 @@ class OptimizerInfo:
         if self.optimi_cls is not None:
             return self.optimi_cls, ORACLE_EAGER
         assert self.torch_cls is not None, f"{self.name}: neither optimi nor torch.optim has it"
-        return self.torch_cls, TORCH_EAGER
+        return self.torch_cls, self.torch_flags(foreach=False)
 
 
 def schedulefree_cls(name: str) -> type:
@@ -359,9 +367,11 @@ _ENTRIES = {e.stem: e for e in [
         kernel=({}, {"nesterov": False, "weight_decay": 0.0}),
         differential=(),
         state_dict=dict(momentum=0.9, nesterov=False),
-        torch_family=_product(nesterov=[True, False], wd__=[{}, dict(weight_decay=0.0)],
-                              opts__=[{}, dict(momentum=0.9, ns_steps=3, eps=1e-5,
-                                               ns_coefficients=(3.0, -3.2, 1.2))]),
+        # written out: _product drops False and 0 values, which are Muon's non-defaults here
+        torch_family=tuple(MappingProxyType(kw) for kw in (
+            dict(), dict(nesterov=False), dict(weight_decay=0.0, momentum=0.9), dict(adjust_lr_fn="original"),
+            dict(adjust_lr_fn="match_rms_adamw", weight_decay=0.01),
+            dict(nesterov=False, ns_steps=3, eps=1e-5, ns_coefficients=(3.0, -3.2, 1.2)))),
         kernels=False,
         param_ndims=(2,)),
     OptimizerInfo(
@@ -488,9 +498,15 @@ def case_id(kwargs: Mapping) -> str:
 
 
 # ── shared model and data for the training-loop tests ─────────────────────────────────────────
-def make_model(dtype=torch.float32):
-    """A small MLP with a LayerNorm (weights, biases and a norm's gain), seeded."""
+def make_model(dtype=torch.float32, ndims=()):
+    """A small MLP with a LayerNorm (weights, biases and a norm's gain), seeded; for a class that
+    takes only some ranks (the registry's ``param_ndims``: Muon's 2-D) one without biases and norm,
+    its weights one tall matrix and one wide."""
     torch.manual_seed(0)
+    if ndims and 1 not in ndims:
+        assert 2 in ndims, ndims
+        return torch.nn.Sequential(torch.nn.Linear(12, 24, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(24, 6, bias=False)).to(dtype)
     return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.LayerNorm(24), torch.nn.Tanh(),
                                torch.nn.Linear(24, 6)).to(dtype)
 

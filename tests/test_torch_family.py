@@ -93,7 +93,7 @@ def test_matches_torch_optim(stem, kw, backend):
     ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
     with no_kernel_warning(info, backend):
         o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
-    t = train(make(info.torch_cls, theirs, kw, foreach=backend == "foreach"), theirs)
+    t = train(make(info.torch_cls, theirs, kw, **info.torch_flags(foreach=backend == "foreach")), theirs)
     exact = backend in info.torch_exact
     for a, b in zip(sum(ours, []), sum(theirs, [])):
         if exact:
@@ -111,7 +111,7 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
     info = BY_STEM[stem]
     kw = dict(info.training[0].kwargs)
     ref = make_params(ndims=BY_STEM[stem].param_ndims)
-    train(make(info.torch_cls, ref, kw, foreach=False), ref)
+    train(make(info.torch_cls, ref, kw, **info.torch_flags()), ref)
     errors, runs = {}, {}
     for kahan in (True, False):
         ps = make_params(torch.bfloat16, BY_STEM[stem].param_ndims)
@@ -135,8 +135,8 @@ def _loaded_run(stem, kw):
     against torch.optim alone for all 20 steps."""
     info = BY_STEM[stem]
     ref, ps = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
-    t_ref = make(info.torch_cls, ref, kw, foreach=False)
-    first = make(info.torch_cls, ps, kw, foreach=False)
+    t_ref = make(info.torch_cls, ref, kw, **info.torch_flags())
+    first = make(info.torch_cls, ps, kw, **info.torch_flags())
     g = torch.Generator().manual_seed(3)
     flat_ref, flat = sum(ref, []), sum(ps, [])
     opts = [first]
@@ -145,7 +145,7 @@ def _loaded_run(stem, kw):
             opts.append(make(info.cls, ps, kw, **BACKENDS["eager"].flags))
             opts[-1].load_state_dict(opts[-2].state_dict())
         if i == 15:  # optcompile → torch.optim
-            opts.append(make(info.torch_cls, ps, kw, foreach=False))
+            opts.append(make(info.torch_cls, ps, kw, **info.torch_flags()))
             opts[-1].load_state_dict(opts[-2].state_dict())
         grads = [torch.randn(p.shape, generator=g) for p in flat]
         for p, q, gr in zip(flat_ref, flat, grads):
@@ -181,7 +181,11 @@ def test_state_dict_loads_both_ways(stem):
     ours_sd = opts[1].state_dict()  # torch.optim's layout, as torch.optim saves it
     torch_keys = set(t_ref.state_dict()["param_groups"][0])
     assert torch_keys <= set(ours_sd["param_groups"][0]), torch_keys - set(ours_sd["param_groups"][0])
-    assert all(v["step"].dtype == torch.float32 and v["step"].item() == 15 for v in ours_sd["state"].values())
+    torch_sd = t_ref.state_dict()
+    assert [set(v) for v in ours_sd["state"].values()] == [set(v) for v in torch_sd["state"].values()]
+    # a float32 step per param, as torch saves it (torch.optim.Muon keeps none)
+    assert all(v["step"].dtype == torch.float32 and v["step"].item() == 15 for v in ours_sd["state"].values()
+               if "step" in v)
 
 
 def test_state_dict_from_torch_rejects_capturable_and_bad_tuples():
@@ -200,8 +204,9 @@ def test_state_dict_from_torch_rejects_capturable_and_bad_tuples():
 
 
 # ── signatures and validation: torch.optim's ─────────────────────────────────────────────────────
+# optcompile's keyword-only extras (``foreach`` and ``maximize`` where torch's class lacks them: Muon)
 EXTRAS = {"decouple_wd", "decouple_lr", "max_lr", "kahan_sum", "triton", "gradient_release", "fused",
-          "state_precision", "stochastic_rounding", "sr_seed"}
+          "state_precision", "stochastic_rounding", "sr_seed", "foreach", "maximize"}
 
 
 @pytest.mark.parametrize("stem", [i.stem for i in FAMILY])
@@ -236,6 +241,8 @@ BAD = [  # one bad argument: torch.optim's exact message
     ("nadam", dict(lr=-1.0)), ("nadam", dict(eps=-1.0)), ("nadam", dict(betas=(1.0, 0.9))),
     ("nadam", dict(betas=(0.9, -0.1))), ("nadam", dict(weight_decay=-1.0)), ("nadam", dict(momentum_decay=-1.0)),
     ("asgd", dict(lr=-1.0)), ("asgd", dict(weight_decay=-1.0)),
+    ("muon", dict(lr=-1.0)), ("muon", dict(momentum=-0.1)), ("muon", dict(weight_decay=-1.0)),
+    ("muon", dict(adjust_lr_fn="rms")),
 ]
 
 
@@ -318,7 +325,7 @@ def test_user_spec_gets_maximize(tmp_path):
 def test_torch_adam_state_dict_with_maximize_converts():
     """torch.optim.Adam(maximize=True) checkpoints convert onto optcompile.Adam, maximize kept."""
     case = BY_STEM["adam"].torch_optim[-1]
-    ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
+    ours, theirs = make_params(), make_params()
     t = train(case.torch_cls(sum(theirs, []), **case.theirs, maximize=True, foreach=False), theirs, steps=5)
     for p, q in zip(sum(ours, []), sum(theirs, [])):
         p.data.copy_(q.data)
