@@ -498,6 +498,27 @@ def case_id(kwargs: Mapping) -> str:
 
 
 # ── shared model and data for the training-loop tests ─────────────────────────────────────────
+MATRIX_SHAPES = ((8, 8), (12, 5), (5, 12), (12, 5))  # square, tall, wide, and two of one shape
+
+
+def class_ndims(cls) -> tuple[int, ...]:
+    """The param ranks a class takes: an optcompile class's ``spec.param_ndim`` fact (carried in its
+    ``_info``), () (any) for another library's."""
+    info = getattr(cls, "_info", None)
+    return info.extra.get("param_ndims", ()) if info is not None else ()
+
+
+def param_shapes(ndims: tuple[int, ...], shapes) -> list:
+    """``shapes`` as a class takes them: all of them, or for a class that takes only some ranks
+    (``ndims``: the registry's ``param_ndims``, a class's ``_info.extra["param_ndims"]``; Muon's 2-D)
+    those of its ranks and then square, tall and wide matrices (two of one shape: batched calls)."""
+    shapes = list(shapes)
+    if not ndims:
+        return shapes
+    return [s for s in shapes if len(s) in ndims] + [s for s in MATRIX_SHAPES if len(s) in ndims]
+
+
+
 def make_model(dtype=torch.float32, ndims=()):
     """A small MLP with a LayerNorm (weights, biases and a norm's gain), seeded; for a class that
     takes only some ranks (the registry's ``param_ndims``: Muon's 2-D) one without biases and norm,
