@@ -7,7 +7,7 @@ from __future__ import annotations
 from .version import __version__
 
 OPTIMIZERS = ("Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "AdamWScheduleFree", "Adan", "ASGD", "Lion",
-              "NAdam", "RAdam", "Ranger", "RMSprop", "Rprop", "SGD", "SGDScheduleFree", "StableAdamW")
+              "Muon", "NAdam", "RAdam", "Ranger", "RMSprop", "Rprop", "SGD", "SGDScheduleFree", "StableAdamW")
 FUNCTIONALS = tuple(n.lower() for n in OPTIMIZERS)
 
 __all__ = list(OPTIMIZERS) + list(FUNCTIONALS) + [

@@ -29,7 +29,8 @@ Conversions (docs/differences.md, "Checkpoints"):
   become the group's int32 ``step`` (the largest, where params missed steps), tuple
   hyperparameters (``betas``) their keys (``beta1``, ``beta2``), a state torch does not allocate
   (RMSprop's ``momentum_buffer`` without momentum) None, and optcompile's own group keys
-  (``decouple_wd``, ``kahan_sum`` …) are kept from the optimizer.
+  (``decouple_wd``, ``kahan_sum`` …) are kept from the optimizer. torch.optim.Muon keeps no step
+  (``torch_step=False``): none is saved, and none is needed to load.
 """
 from __future__ import annotations
 
@@ -321,8 +322,9 @@ def to_torch_layout(optimizer, state_dict: dict) -> dict:
                 continue  # never stepped: torch.optim allocates it lazily too
             own = st.get("step")  # gradient release: a step per param
             new = {k: v for k, v in st.items() if v is not None and k != "step"}
-            new["step"] = torch.tensor(float(own.item() if isinstance(own, torch.Tensor) else count))
-            state[index] = {"step": new.pop("step"), **new}
+            if info.uses_step:  # not torch.optim.Muon's layout: it keeps no step
+                new = {"step": torch.tensor(float(own.item() if isinstance(own, torch.Tensor) else count)), **new}
+            state[index] = new
         groups.append(group)
     return {**state_dict, "state": state, "param_groups": groups}
 
@@ -357,12 +359,12 @@ def _from_torch_layout(optimizer, name: str, saved_groups: list, saved_state: di
             if "step" in st:
                 t = step_count(st.pop("step"), f"{name}: state[{index!r}]['step']")
                 steps.append(t)
-                if release:
+                if release and info.uses_step:
                     st["step"] = torch.tensor(t, dtype=torch.int32)
             if any(k in st for k in info.states):
                 st = {**{k: None for k in info.states}, **st}  # torch allocates no conditional state
             state[index] = st
-        if steps:  # one step per group: params that missed gradients continue at the group's
+        if steps and info.uses_step:  # one step per group: params that missed gradients continue at the group's
             new.update(setup=True, step=torch.tensor(max(steps), dtype=torch.int32))
         elif "step" in saved:  # optcompile's own (optimi) layout
             new.update(step=saved["step"], setup=saved.get("setup", True))

@@ -32,10 +32,11 @@ def fingerprint(spec: OptimizerSpec) -> bytes:
 
     lines = [f"spec {spec.name} {spec.functional} wd={spec.weight_decay} kahan={spec.kahan_sum!r} "
              f"decouple_wd={spec.decouple_wd} flag={spec.decoupled_flag} consts={sorted(spec.group_constants.items())!r}"
-             + (f" state_dict={spec.state_dict}" if spec.state_dict != "optimi" else ""),
+             + (f" state_dict={spec.state_dict}" if spec.state_dict != "optimi" else "")
+             + ("" if spec.torch_step else " torch_step=False"),
              f"doc {spec.doc!r}"]
     lines += [f"arg {a.name} {a.kind} {a.type} {a.default!r} {a.domain} {a.labels} {a.after} {a.doc!r} {a.errors!r}"
-              for a in spec.args]
+              + (f" choices={a.choices!r}" if a.choices else "") for a in spec.args]
     lines += [f"signature {spec.order!r}"] if spec.order else []
     lines += [f"state {st.name} {e(st.init)} {e(st.when)} {st.scalar}" + (f" axes={st.axes}" if st.axes else "")
               + (f" precision={st.precision}" if st.precision != "fp32" else "")

@@ -28,7 +28,8 @@ NUMEL = sympy.Symbol("numel", integer=True, positive=True)
 KAHAN_COMP = sympy.Symbol("kahan_comp", real=True)
 NDIM = sympy.Symbol("ndim", integer=True, nonnegative=True)  # the param's number of dims (structural)
 DTYPE_EPS = sympy.Symbol("dtype_eps", real=True, positive=True)  # torch.finfo(param.dtype).eps
-STRUCTURE = (NDIM.name, DTYPE_EPS.name)  # host inputs the runtime takes from the tensors of one call
+SIZES = ("size0", "size1", "size2", "size3")  # the param's dims (spec.size(k)): structural, one per call
+STRUCTURE = (NDIM.name, DTYPE_EPS.name, *SIZES)  # host inputs the runtime takes from the tensors of one call
 TRUE = sympy.true
 
 
@@ -117,6 +118,17 @@ class IsNone(sympy.logic.boolalg.BooleanFunction):
         return None
 
 
+class IsChoice(sympy.logic.boolalg.BooleanFunction):
+    """``IsChoice(x, String(c))``: whether the choice hyperparameter ``x`` (``spec.hyper(...,
+    choices=)``) is ``c`` in this param group; a host condition, printed only by the host printer."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, x, choice):
+        return None
+
+
 class Fp32(sympy.Function):
     """``Fp32(x)``: ``x`` rounded to the nearest fp32 (ties to even; ±inf past its range). Lowering
     wraps a scalar state's new value in it, and each host operand of that value, so the assignment
@@ -192,7 +204,7 @@ class Arg:
     """A constructor argument. ``keys`` are the param_group keys (``betas`` → beta1, beta2)."""
 
     name: str
-    kind: str  # "float" | "tuple" | "flag" | "optional_float" | "optional_int" (None allowed)
+    kind: str  # "float" | "tuple" | "flag" | "optional_float" | "optional_int" (None allowed) | "choice"
     default: Any
     keys: tuple[str, ...]
     domain: Any = None
@@ -204,6 +216,7 @@ class Arg:
     errors: tuple[str, ...] = ()  # torch.optim-style ValueError messages (spec ``error=``)
     keyword_only: bool = False  # a pass's argument that comes after the runtime's, keyword-only (maximize)
     optional_keys: tuple[str, ...] = ()  # values of a tuple that may be None (Adafactor's eps1)
+    choices: tuple = ()  # kind "choice": the values it may take (strings, and None where it is a choice)
 
     @property
     def optional(self) -> bool:
@@ -305,7 +318,38 @@ class TensorScalar:
         return sympy.Symbol(self.name, real=True)
 
 
-Stmt = Union[Assign, Reduction, TensorScalar]
+@dataclass(frozen=True)
+class TensorFunction:
+    """``name ← fn(x, *args)``: a host tensor function of one whole tensor between elementwise stages
+    (``spec.matrix_fn``: Muon's Newton–Schulz orthogonalization). ``expr`` is ``Tuple(x, *args)``:
+    ``x`` an element value of this stage (a temp), ``args`` host values; the result is an element
+    value of the param's shape, read by later stages. ``fn`` names the function, whose ``source``
+    the generated module holds; ``batched``: it takes a stack of same-shaped tensors at once."""
+
+    name: str
+    fn: str
+    expr: Any
+    guard: Any = TRUE
+    origin: Origin = NO_ORIGIN
+    source: str = ""
+    batched: bool = False
+
+    @property
+    def sym(self) -> sympy.Symbol:
+        return sympy.Symbol(self.name, real=True)
+
+    @property
+    def input(self) -> sympy.Symbol:
+        return self.expr.args[0]
+
+    @property
+    def args(self) -> tuple:
+        return tuple(self.expr.args[1:])
+
+
+Stmt = Union[Assign, Reduction, TensorScalar, TensorFunction]
+
+STAGE_BOUNDARIES = (Reduction, TensorFunction)  # what later stages read only after a whole stage ran
 
 
 @dataclass(frozen=True)
@@ -329,9 +373,12 @@ class Program:
     state_order: tuple[str, ...] = ()  # every state as the spec declares it (records included)
     group_constants: tuple[tuple[str, Any], ...] = ()  # param_group entries the spec fixes
     state_dict_layout: str = "optimi"  # "torch": torch.optim's state_dict layout (and a step count)
+    torch_step: bool = True  # the torch layout keeps a per-param step (not torch.optim.Muon's)
     signature: tuple[str, ...] = ()  # spec.signature(): constructor order after params ("*": keyword-only)
     decay_lr: Any = None  # the lr weight decay uses where it is not update_lr (spec.update's decay_lr=)
     scalar_states: tuple[ScalarState, ...] = ()  # 0-dim fp32 states the step reads (host inputs) and writes
+    param_ndims: tuple[int, ...] = ()  # spec.param_ndim(): the param ranks the class accepts (empty: any)
+    param_ndim_error: str = ""  # its ValueError message, formatted with the param's ``size``
     views: tuple[tuple[str, Any], ...] = ()  # spec.eval_view: ("eval", param value), ("train", param value)
 
     def replace(self, **changes) -> "Program":
@@ -366,7 +413,16 @@ class Program:
         reductions, reduced-shape states, ``ndim``); if not, any slice of a tensor steps exactly like
         the whole (CPU chunking, DTensor shards)."""
         return self.uses_numel() or self.has_axes() or NDIM.name in self.structure() or \
-            any(isinstance(s, (Reduction, TensorScalar)) for s in self.body)
+            any(isinstance(s, (Reduction, TensorScalar, TensorFunction)) for s in self.body) or \
+            any(n in self.structure() for n in SIZES)
+
+    def tensor_functions(self) -> tuple[TensorFunction, ...]:
+        return tuple(s for s in self.body if isinstance(s, TensorFunction))
+
+    def by_shape(self) -> bool:
+        """Whether the runtime calls each step function on params of one shape: the spec reads the
+        param's sizes (``spec.size(k)``) or batches a tensor function over same-shaped params."""
+        return any(n in self.structure() for n in SIZES) or any(f.batched for f in self.tensor_functions())
 
     def has_axes(self) -> bool:
         """Whether values of a reduced shape occur: axis reductions or states stored reduced."""
@@ -395,13 +451,13 @@ class Program:
         stages: list[list[Stmt]] = [[]]
         current = 0
         for stmt in self.body:
-            deps = [stage_of[s.name] + (1 if isinstance(self._def(s.name), Reduction) else 0)
+            deps = [stage_of[s.name] + (1 if isinstance(self._def(s.name), STAGE_BOUNDARIES) else 0)
                     for s in sympy.sympify(stmt.expr).free_symbols if s.name in stage_of]
             current = max([current] + deps)
             while len(stages) <= current:
                 stages.append([])
             stages[current].append(stmt)
-            if isinstance(stmt, (Reduction, TensorScalar)):
+            if isinstance(stmt, (Reduction, TensorScalar, TensorFunction)):
                 stage_of[stmt.name] = current
         return stages
 
@@ -432,6 +488,10 @@ class Program:
                     out.append(f"    {guard}{st.target} = {st.expr}")
                 elif isinstance(st, Reduction):
                     out.append(f"    {guard}{st.name} = {st.op}({st.expr})  # per tensor")
+                elif isinstance(st, TensorFunction):
+                    batched = ", batched" if st.batched else ""
+                    out.append(f"    {guard}{st.name} = {st.fn}({', '.join(map(str, st.expr.args))})  "
+                               f"# tensor function{batched}")
                 else:
                     out.append(f"    {guard}{st.name} = {st.expr}  # per tensor scalar")
         for name, expr in self.views:

@@ -469,6 +469,9 @@ def build(prog: Program) -> KernelPlan:
 
 def unsupported(prog: Program) -> str | None:
     """Why the kernel backends cannot take ``prog`` (then they run its foreach step), or None."""
+    if prog.tensor_functions():
+        return ("a tensor function (spec.matrix_fn) between stages runs only as torch ops yet, so the kernel "
+                "backends run the whole step there")
     try:
         build(prog)
     except NotImplementedError as exc:

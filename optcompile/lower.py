@@ -13,8 +13,8 @@ import sympy
 from sympy.logic.boolalg import Boolean
 
 from . import ir
-from .ir import (DTYPE_EPS, GRAD, NDIM, NUMEL, PARAM, STEP, TRUE, Assign, AxisReduction, HostScalar, IsNone, Namer,
-                 Origin, Program, Reduction, StateBuffer, TensorScalar, axes_of, satisfiable)
+from .ir import (DTYPE_EPS, GRAD, NDIM, NUMEL, PARAM, SIZES, STEP, TRUE, Assign, AxisReduction, HostScalar, IsNone,
+                 Namer, Origin, Program, Reduction, StateBuffer, TensorFunction, TensorScalar, axes_of, satisfiable)
 from .spec import GENERATED_CODE_NAMES, RESERVED_NAMES, OptimizerSpec, SpecError
 
 def lower(spec: OptimizerSpec) -> Program:
@@ -24,7 +24,8 @@ def lower(spec: OptimizerSpec) -> Program:
     buffers = {PARAM} | set(state_syms)
     arg_syms = {s for a in spec.args for s in a.symbols}
     scalar_syms = {st.symbol for st in spec.states if st.scalar}  # per-param host values, stored as fp32
-    host_syms = set(arg_syms) | {STEP, NDIM, DTYPE_EPS} | scalar_syms
+    sizes = {sympy.Symbol(n, integer=True, positive=True) for n in SIZES}
+    host_syms = set(arg_syms) | {STEP, NDIM, DTYPE_EPS} | sizes | scalar_syms
     tscalar_syms: set[sympy.Symbol] = {NUMEL}
     if not spec._updated:
         raise SpecError("the spec never calls spec.update(direction, lr=...) (nor, with weight_decay=None, "
@@ -84,6 +85,8 @@ def lower(spec: OptimizerSpec) -> Program:
             host_syms.add(stmt.target)
             scalar_syms.add(stmt.target)
             current[stmt.state] = stmt.target
+        elif stmt.kind == "matrix_fn":
+            body.extend(_tensor_function(spec, stmt, host_syms, names, where(stmt), guard_of))
         elif stmt.kind == "reduce":
             op = _reduction_op(spec, stmt)
             if not (syms - host_syms - tscalar_syms):
@@ -149,20 +152,46 @@ def lower(spec: OptimizerSpec) -> Program:
     # the flag that switches a proximal decay to decoupled (Adan's ``adam_wd``), as the spec's own symbol
     decoupled_flag = next((sym for a in spec.args if a.name == spec.decoupled_flag for sym in a.symbols), None)
     args = tuple(ir.Arg(a.name, a.kind, a.default, a.group_keys, a.domain, a.labels, a.doc, "", a.type, a.after,
-                        a.errors, optional_keys=a.optional_keys) for a in spec.args)
+                        a.errors, optional_keys=a.optional_keys, choices=a.choices) for a in spec.args)
     prog = Program(name=spec.name, functional=spec.functional, doc=spec.doc, spec_path=file, args=args,
                    states=states, host=tuple(host), body=tuple(body), update_lr=update_lr, decay_lr=decay_lr,
                    weight_decay=spec.weight_decay, kahan_default=spec.kahan_sum, uses_step=False,
                    decouple_wd_default=bool(spec.decouple_wd), decoupled_flag=decoupled_flag,
                    state_order=tuple(st.name for st in spec.states),
                    group_constants=tuple(spec.group_constants.items()), records=records, signature=spec.order,
-                   state_dict_layout=spec.state_dict, scalar_states=tuple(scalar_states),
+                   state_dict_layout=spec.state_dict, torch_step=spec.torch_step, scalar_states=tuple(scalar_states),
+                   param_ndims=spec.param_ndims, param_ndim_error=spec.param_ndim_error,
                    views=tuple((name, expr) for name, (expr, _) in spec.views.items()))
     _check_unused(spec, prog)
     return prog
 
 
 # ── helpers ────────────────────────────────────────────────────────────────────────────────────
+def _tensor_function(spec: OptimizerSpec, stmt, host_syms: set, names: Namer, origin: Origin, guard_of) -> list:
+    """``spec.matrix_fn(fn, x, *args)``: the input as an element temp (so the stage computing it is
+    an ordinary elementwise one), then the tensor function reading it, a stage boundary."""
+    decl = next(m for m in spec.matrix_fns if m.symbol == stmt.target)
+    x, *args = stmt.expr.args
+    where = (spec.file, stmt.origin.line)
+    if not spec.param_ndims:
+        raise SpecError(f"spec.matrix_fn({decl.fn}, ...): declare the param ranks the function takes with "
+                        "spec.param_ndim(...) (Muon: spec.param_ndim(2)), so other params get a clear error", *where)
+    for a in args:
+        if sympy.sympify(a).free_symbols - host_syms:
+            bad = ", ".join(sorted(v.name for v in sympy.sympify(a).free_symbols - host_syms))
+            raise SpecError(f"spec.matrix_fn({decl.fn}, ...): its extra arguments are host values "
+                            f"(hyperparameters, host lets, numbers), not per-element or per-tensor ones ({bad})", *where)
+    if not sympy.sympify(x).free_symbols - host_syms:
+        raise SpecError(f"spec.matrix_fn({decl.fn}, x): x is the same in every element; the function takes an "
+                        "element value (a tensor of the param's shape)", *where)
+    if sympy.sympify(x).atoms(AxisReduction):
+        raise SpecError(f"spec.matrix_fn({decl.fn}, x): x may not be of a reduced shape (an axis reduction)", *where)
+    inp = sympy.Symbol(names.fresh(f"{decl.fn}_in"), real=True)
+    return [*_split_piecewise(inp, x, TRUE, stmt, host_syms, guard_of, names),
+            TensorFunction(stmt.target.name, decl.fn, sympy.Tuple(inp, *args), TRUE, origin, decl.source,
+                           decl.batched)]
+
+
 def _check_state_lists(spec: OptimizerSpec) -> None:
     """The functional form and every step function take a state's buffers as one list named
     ``<state>s`` (optimi's ``exp_avgs``): that name must be free, as the API names are."""
@@ -373,6 +402,9 @@ def _check_shapes(spec: OptimizerSpec, body, scalar_syms) -> None:
                                 "reduce an element value (param, grad, a state or math on them)", spec.file,
                                 s.origin.line, red.args[0])
         if isinstance(s, Reduction):
+            continue
+        if isinstance(s, TensorFunction):  # of a full-shape input (checked in _tensor_function)
+            known[s.name] = frozenset()
             continue
         axes = axes_of(expr, known)
         target = s.name if isinstance(s, TensorScalar) else s.target

@@ -135,30 +135,80 @@ class OptimizerInfo:
         return self.backends[name]
 
 
-def _group_by_device_and_dtype(params, lists, single: bool | None = None, by_ndim: bool = False):
-    """Indices of params per (device, dtype), and per ``ndim`` where the algorithm reads it (a
-    structural host value, one per call); one group (no copy) in the common case."""
+def _group_by_device_and_dtype(params, lists, single: bool | None = None, by_ndim: bool = False,
+                               by_shape: bool = False):
+    """Indices of params per (device, dtype), and per ``ndim`` or per shape where the algorithm
+    reads it (structural host values, one per call; a tensor function batched over same-shaped
+    params); one group (no copy) in the common case."""
     first = params[0]
-    if by_ndim:
-        single = single and all(p.dim() == first.dim() for p in params)
+
+    def part(p):
+        return tuple(p.shape) if by_shape else p.dim() if by_ndim else 0
+
+    if by_ndim or by_shape:
+        single = single and all(part(p) == part(first) for p in params)
     if single if single is not None else all(p.device == first.device and p.dtype == first.dtype and
-                                             (not by_ndim or p.dim() == first.dim()) for p in params):
+                                             part(p) == part(first) for p in params):
         return [(first.device, first.dtype, params, lists)]
     groups: dict = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype, p.dim() if by_ndim else 0), []).append(i)
+        groups.setdefault((p.device, p.dtype, part(p)), []).append(i)
     return [(dev, dt, [params[i] for i in idx], [[lst[i] for i in idx] for lst in lists])
             for (dev, dt, _), idx in groups.items()]
 
 
 def structure_values(info: "OptimizerInfo", param: torch.Tensor) -> dict:
-    """The structural host inputs a spec reads (``spec.ndim``, ``spec.dtype_eps``), from the first
-    param of a call: every param of one call shares them (``_group_by_device_and_dtype``)."""
+    """The structural host inputs a spec reads (``spec.ndim``, ``spec.dtype_eps``, ``spec.size(k)``),
+    from the first param of a call: every param of one call shares them (``_group_by_device_and_dtype``)."""
     names = info.extra.get("structure", ())
     if not names:
         return {}
     values = {"ndim": param.dim(), "dtype_eps": torch.finfo(param.dtype).eps}
-    return {n: values[n] for n in names}
+    for k in range(4):
+        values[f"size{k}"] = param.shape[k] if k < param.dim() else None
+    out = {n: values[n] for n in names}
+    missing = [n for n, v in out.items() if v is None]
+    if missing:
+        raise ValueError(f"{info.name} reads {', '.join(missing)} (spec.size), but a param has shape "
+                         f"{tuple(param.shape)}; declare the ranks it takes with spec.param_ndim(...)")
+    return out
+
+
+def apply_tensor_fn(fn, x: torch.Tensor, *args, batched: bool = False) -> torch.Tensor:
+    """``fn(x, *args)`` of a spec's ``spec.matrix_fn``, checked: a tensor of ``x``'s shape, returned
+    in ``x``'s dtype (a bf16 Newton–Schulz result is exact in fp32). ``batched``: ``fn`` takes a
+    stack, so it gets a batch of one."""
+    y = fn(x.unsqueeze(0), *args) if batched else fn(x, *args)
+    want = (1, *x.shape) if batched else tuple(x.shape)
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != want:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise RuntimeError(f"spec.matrix_fn: {fn.__name__} returned {got} for an input of shape {want}; it must "
+                           "return a tensor of its input's shape")
+    return (y[0] if batched else y).to(x.dtype)
+
+
+def apply_tensor_fn_stacked(fn, xs: list, *args) -> list:
+    """A batched ``spec.matrix_fn`` over same-shaped tensors: once over their stack."""
+    stack = torch.stack(xs)
+    y = fn(stack, *args)
+    if not isinstance(y, torch.Tensor) or y.shape != stack.shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise RuntimeError(f"spec.matrix_fn: {fn.__name__} returned {got} for a batch of shape "
+                           f"{tuple(stack.shape)}; it must return a tensor of its input's shape")
+    return list(y.to(stack.dtype).unbind(0))
+
+
+def check_param_ndim(info: "OptimizerInfo", params) -> None:
+    """``spec.param_ndim(...)``: a param of another rank is a ``ValueError`` (Muon: 2-D only)."""
+    ndims = info.extra.get("param_ndims")
+    if not ndims:
+        return
+    for p in params:
+        if p.dim() not in ndims:
+            error = info.extra.get("param_ndim_error") or (
+                f"{info.name} only supports parameters with {' or '.join(map(str, ndims))} dims; found a parameter "
+                "of size {size}")
+            raise ValueError(error.format(size=p.size()))
 
 
 def reduced_shape(shape, axes, name: str = "state") -> tuple[int, ...]:
@@ -511,7 +561,8 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
     indexed = sr is not None or shards is not None
     positions = [list(range(len(tensors[0])))] if indexed else []  # which of the tensors each group has
     groups = _group_by_device_and_dtype(tensors[0], tensors[1:] + positions, single,
-                                        by_ndim="ndim" in info.extra.get("structure", ()))
+                                        by_ndim="ndim" in info.extra.get("structure", ()),
+                                        by_shape=info.extra.get("by_shape", False))
     if len(groups) > 1:
         check_buffers(info, tensors)
     plans = []
@@ -759,6 +810,7 @@ class CompiledOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        check_param_ndim(self._info, group["params"])
         if self.defaults.get("gradient_release") and hasattr(self, "_optimizer_accumulation"):
             # a group added after construction steps under gradient release too (optimi: KeyError)
             group["foreach"] = False

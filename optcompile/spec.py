@@ -15,13 +15,18 @@ DSL reference (``specs/*.py`` use all of it):
   library's state_dict layout (AdamW's ``decouple_wd=True``). ``state_dict="torch"``: the class
   saves torch.optim's layout (a per-param ``step``, tuple hyperparameters such as ``betas`` under
   their own name, no state that is None) and loads it, so its state_dicts go both ways with the
-  torch.optim class of the same name; it then counts steps even where the math does not read them.
+  torch.optim class of the same name; it then counts steps even where the math does not read them,
+  unless ``torch_step=False``: torch's class keeps no step (torch.optim.Muon), and none is counted,
+  saved or expected where the math does not read ``step``.
 * ``hyper(name, default, domain, names=, type=int|float, after=, error=)``: a constructor argument
   (a tuple such as ``betas`` with ``names=``); ``domain`` (a sympy Interval, or one per element of a
   tuple) generates optimi's ValueErrors, or torch.optim's with ``error=`` (a message with the
   argument in braces, ``"Invalid epsilon value: {eps}"``; one per element of a tuple, or one for all).
   ``default=None`` makes it optional (``int | None``); ``is_none(x)`` is the host condition to branch
   on, and the math may read ``x`` only where that condition is false.
+  ``hyper(name, default, choices=(None, "a", "b"), error=)``: a string argument taking one of the
+  choices (None among them where it may be None); returns a dict from each choice to its host
+  condition (``adjust["match_rms_adamw"]``), the only way the math reads it.
   ``flag(name, default, after=)``: a bool. ``after="max_lr"`` places it after the injected ones.
 * ``signature(*names)``: the constructor's argument order after ``params`` where it must be another
   library's (torch.optim's): spec arguments, pass-added ones (``maximize``), the runtime's
@@ -64,19 +69,23 @@ DSL reference (``specs/*.py`` use all of it):
 """
 from __future__ import annotations
 
+import builtins
+import dis
 import importlib.util
 import inspect
 import itertools
 import keyword
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sympy
+from sympy.codegen.ast import String
 
-from .ir import DTYPE_EPS, NDIM, AxisReduction, Clamp, IsNone
+from .ir import DTYPE_EPS, NDIM, SIZES, AxisReduction, Clamp, IsChoice, IsNone
 from .step_flags import STEP_FLAGS
 from sympy import (Abs, And, Eq, Ge, Gt, Interval, Le, Lt, Max, Min, Mod, Ne, Not, Or,  # noqa: F401
                    Piecewise, Rational, oo, sign, sqrt, exp, log)
@@ -129,7 +138,7 @@ RESERVED_NAMES = frozenset({
     "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
     "triton", "fused", "gradient_release", "optimizer_accumulation", "setup", "decouple_wd",
     "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults", *STEP_FLAGS,
-    "state_precision", "stochastic_rounding", "sr_seed", "sr_step", "ndim", "dtype_eps",
+    "state_precision", "stochastic_rounding", "sr_seed", "sr_step", "ndim", "dtype_eps", *SIZES,
 })
 
 # Names the generated code itself uses at module level (modules, helpers, the builtins and C math
@@ -192,6 +201,7 @@ class Arg:
     type: str = "float"
     errors: tuple[str, ...] = ()  # torch.optim-style messages (``error=``): one per value, or one for all
     optional_keys: tuple[str, ...] = ()  # values of a tuple whose default is None (may be None)
+    choices: tuple = ()  # kind "choice": the values the argument may take (strings, and None if one is)
 
     @property
     def group_keys(self) -> tuple[str, ...]:
@@ -226,6 +236,17 @@ class Stmt:
 
 
 @dataclass
+class MatrixFnDecl:
+    """A host tensor function as ``spec.matrix_fn`` received it: its name and source, checked."""
+
+    symbol: sympy.Symbol
+    fn: str
+    source: str
+    batched: bool
+    origin: Origin
+
+
+@dataclass
 class ReductionDecl:
     symbol: sympy.Symbol
     op: str
@@ -251,6 +272,7 @@ class OptimizerSpec:
     decoupled_flag: str | None = None
     group_constants: dict = field(default_factory=dict)
     state_dict: str = "optimi"  # "torch": torch.optim's state_dict layout (optcompile/checkpoint.py)
+    torch_step: bool = True  # state_dict="torch": the torch class keeps a per-param step (Muon's does not)
     doc: str = ""
     functional: str | None = None
     args: list[Arg] = field(default_factory=list)
@@ -261,6 +283,9 @@ class OptimizerSpec:
     file: str = "<spec>"
     origin: Origin | None = None
     order: tuple[str, ...] = ()  # spec.signature(): the constructor's argument order, "*" keyword-only
+    matrix_fns: list[MatrixFnDecl] = field(default_factory=list)
+    param_ndims: tuple[int, ...] = ()  # spec.param_ndim(): the param ranks the class accepts
+    param_ndim_error: str = ""
 
     def __post_init__(self) -> None:
         self.file = _caller_file()
@@ -272,6 +297,9 @@ class OptimizerSpec:
                             self.file, self.origin.line)
         if self.state_dict not in ("optimi", "torch"):
             raise SpecError(f"state_dict={self.state_dict!r}: expected 'optimi' or 'torch'", self.file, self.origin.line)
+        if not self.torch_step and self.state_dict != "torch":
+            raise SpecError("torch_step=False is for state_dict='torch' (a torch.optim class that keeps no step)",
+                            self.file, self.origin.line)
         if not self.doc:
             module = sys.modules.get(_spec_module_name(self.file))
             self.doc = (getattr(module, "__doc__", None) or "").strip() if module else ""
@@ -283,7 +311,8 @@ class OptimizerSpec:
         self.ndim = NDIM  # the param's number of dims: a structural host value (one per call, see runtime)
         self.dtype_eps = DTYPE_EPS  # torch.finfo(param.dtype).eps: a host value per (device, dtype) group
         self._names: dict[str, Origin] = {"param": self.origin, "grad": self.origin, "step": self.origin,
-                                          "numel": self.origin, "ndim": self.origin, "dtype_eps": self.origin}
+                                          "numel": self.origin, "ndim": self.origin, "dtype_eps": self.origin,
+                                          **{n: self.origin for n in SIZES}}
         self._is_none: dict[sympy.Symbol, sympy.Symbol] = {}  # optional hyper → its `is_none` host bool
         self._made: set[str] = set()  # symbol names the DSL made: reductions, SSA versions, renamed lets
         self._versions = itertools.count(1)
@@ -295,13 +324,23 @@ class OptimizerSpec:
 
     # ── declarations ───────────────────────────────────────────────────────────────────────────
     def hyper(self, name: str, default: Any = REQUIRED, domain: sympy.Set | None = None, *, names=None,
-              doc: str = "", labels=None, after: str | None = None, type: type = float, error=None):
+              doc: str = "", labels=None, after: str | None = None, type: type = float, error=None,
+              choices=None):
         """A float hyperparameter (``names=`` makes a tuple such as ``betas``); returns its symbol(s).
 
         ``default=None`` makes an optional one (``int | None`` with ``type=int``): branch on
         ``spec.is_none(x)``; the math may read ``x`` only where that is false. ``error``: torch.optim's
-        ValueError message(s) for values outside ``domain``."""
+        ValueError message(s) for values outside ``domain``.
+
+        ``choices=("a", "b", ...)`` (strings, and ``None`` if the argument may be None): a string
+        argument that takes one of these values, validated at construction (``error``, formatted
+        with the argument, or a message listing the choices). It returns no symbol but a dict from
+        each choice to the host condition "the argument is that choice in this param group", for
+        ``Piecewise`` and ``when=``; the math reads the argument only through these conditions."""
         origin = _origin(self.file)
+        if choices is not None:
+            return self._choice(name, default, choices, origin, domain=domain, names=names, doc=doc, labels=labels,
+                                after=after, error=error)
         if type not in (int, float):
             raise SpecError(f"hyper {name!r}: type={getattr(type, '__name__', type)!r}; expected int or float "
                             "(a bool is spec.flag)", self.file, origin.line)
@@ -339,6 +378,33 @@ class OptimizerSpec:
         self._add_arg(Arg(name, default, (sym,), kind, domain, doc, origin,
                           (labels or _LABELS.get(name, name),), after, type.__name__, errors))
         return sym
+
+    def _choice(self, name, default, choices, origin, *, domain, names, doc, labels, after, error) -> dict:
+        """``hyper(name, default, choices=...)``: a string argument and one host condition per choice."""
+        where = (self.file, origin.line)
+        if domain is not None or names is not None:
+            raise SpecError(f"hyper {name!r}: a choice hyperparameter takes no domain= or names= (its values are "
+                            "the choices)", *where)
+        choices = tuple(choices) if isinstance(choices, (tuple, list)) else None
+        if not choices or len(choices) < 2 or len(set(choices)) != len(choices) or \
+                any(c is not None and not (isinstance(c, str) and c) for c in choices):
+            raise SpecError(f"hyper {name!r}: choices= must be two or more distinct non-empty strings (and None where "
+                            "the argument may be None)", *where)
+        if default is not REQUIRED and default not in choices:
+            raise SpecError(f"hyper {name!r}: default={default!r} is not one of the choices {choices!r}", *where)
+        if error is not None and not isinstance(error, str):
+            raise SpecError(f"hyper {name!r}: a choice hyperparameter takes one error message", *where)
+        sym = self._new_symbol(name, origin, real=False)
+        self._add_arg(Arg(name, default, (sym,), "choice", None, doc, origin, (labels or _LABELS.get(name, name),),
+                          after, "str", (error,) if error else (), choices=choices))
+        conditions = {}
+        for c in choices:
+            cond = sympy.Symbol(self._fresh(f"{name}_is_" + ("none" if c is None else
+                                                             "".join(ch if ch.isalnum() else "_" for ch in c))))
+            test = IsNone(sym) if c is None else IsChoice(sym, String(c))
+            self.stmts.append(Stmt(cond, test, origin, "let"))
+            conditions[c] = cond
+        return conditions
 
     def weight_decay_hyper(self, default: float = 0.0, doc: str = "", error=None):
         """Declare ``weight_decay`` at this place in the signature; the weight-decay pass uses it."""
@@ -520,6 +586,71 @@ class OptimizerSpec:
         """Maximum over all elements of this parameter (a per-tensor reduction), or along dim ``axis``."""
         return self._reduce("max", expr, axis)
 
+    def size(self, k: int):
+        """The size of dim ``k`` (0 … 3) of the param: a *structural* host value, as ``spec.ndim``;
+        the runtime calls each step function on params of one shape. Muon's learning-rate
+        adjustment: ``lr * sqrt(Max(1, spec.size(0) / spec.size(1)))``."""
+        origin = _origin(self.file)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(SIZES):
+            raise SpecError(f"spec.size({k!r}): expected a dim 0 … {len(SIZES) - 1} (counted from the first)",
+                            self.file, origin.line)
+        return sympy.Symbol(SIZES[k], integer=True, positive=True)
+
+    def param_ndim(self, *ndims: int, error: str = ""):
+        """The param ranks the optimizer accepts (Muon: 2-D only): the class raises ``ValueError``
+        for any other, at construction and in ``add_param_group``, with ``error`` (formatted with
+        ``size``, the param's ``torch.Size``) or a message naming the ranks and the size."""
+        origin = _origin(self.file)
+        if not ndims or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in ndims):
+            raise SpecError(f"spec.param_ndim{ndims!r}: expected one or more non-negative ints", self.file,
+                            origin.line)
+        if self.param_ndims:
+            raise SpecError("spec.param_ndim is called twice", self.file, origin.line)
+        self.param_ndims, self.param_ndim_error = tuple(sorted(set(ndims))), error
+
+    def matrix_fn(self, fn, x: Any, *args: Any, batched: bool = False):
+        """A host tensor function of the whole tensor between elementwise stages:
+        ``fn(X, *args) -> Tensor`` of ``X``'s shape, where ``X`` is the element value ``x`` as a
+        tensor of the param's shape (fp32 for low-precision params) and ``args`` are host values
+        (hyperparameters, host lets, numbers). ``batched=True``: ``X`` is a stack of same-shaped
+        tensors (a leading batch dim; write ``fn`` with ``.mT`` and ``@``), and the runtime calls
+        it once per shape. ``fn`` is a module-level ``def`` of the spec file that uses only its
+        arguments, ``torch`` and ``math``: its source is copied into the generated module. The
+        result is an element value of the later stage. Declare the param ranks it takes with
+        ``spec.param_ndim(...)``."""
+        origin = _origin(self.file)
+        name = getattr(fn, "__name__", None)
+        where = (self.file, origin.line)
+        if not inspect.isfunction(fn) or name == "<lambda>":
+            raise SpecError(f"spec.matrix_fn: {fn!r} is not a function defined with `def` (a lambda or another "
+                            "callable has no source to copy into the generated code)", *where)
+        if fn.__code__.co_freevars:
+            raise SpecError(f"spec.matrix_fn: {name} reads variables of an enclosing function "
+                            f"({', '.join(fn.__code__.co_freevars)}); define it at module level and pass values "
+                            "as arguments", *where)
+        if fn.__qualname__ != name:
+            raise SpecError(f"spec.matrix_fn: {fn.__qualname__} is not defined at module level", *where)
+        bad = sorted(_global_names(fn.__code__) - {"torch", "math"} - set(dir(builtins)))
+        if bad:
+            raise SpecError(f"spec.matrix_fn: {name} reads module-level names other than torch and math "
+                            f"({', '.join(bad)}); pass them as arguments", *where)
+        if name.startswith("_") or name.lower().startswith("oc_") or name in GENERATED_CODE_NAMES | RESERVED_NAMES:
+            raise SpecError(f"spec.matrix_fn: the function name {name!r} clashes with the generated code; "
+                            "rename it", *where)
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError) as exc:
+            raise SpecError(f"spec.matrix_fn: no source for {name} ({exc})", *where) from None
+        known = next((m for m in self.matrix_fns if m.fn == name), None)
+        if known is not None and (known.source != source or known.batched != batched):
+            raise SpecError(f"spec.matrix_fn: two different functions named {name!r}", *where)
+        x = self._expr(x, origin, f"matrix_fn({name}, x)")
+        host_args = tuple(self._expr(a, origin, f"matrix_fn({name}, ...) argument") for a in args)
+        sym = sympy.Symbol(self._fresh(f"{name}_out"), real=True)
+        self.matrix_fns.append(MatrixFnDecl(sym, name, textwrap.dedent(source), bool(batched), origin))
+        self.stmts.append(Stmt(sym, sympy.Tuple(x, *host_args), origin, "matrix_fn"))
+        return sym
+
     def is_none(self, hyper: sympy.Symbol):
         """The host condition "the optional hyperparameter ``hyper`` is None in this param group",
         for ``Piecewise`` and ``when=``: ``Piecewise((1, spec.is_none(t0)), (Min(step / t0, 1), True))``."""
@@ -656,6 +787,15 @@ def _display(file: str) -> str:
         return rel if not rel.startswith("..") else path
     except ValueError:
         return path
+
+
+def _global_names(code) -> set[str]:
+    """The global names a function's code reads (its nested functions' too)."""
+    reads = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            reads |= _global_names(const)
+    return reads
 
 
 def load_spec(path: str | os.PathLike) -> OptimizerSpec:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sympy
 
-from .ir import Assign, Program, Reduction, TensorScalar
+from .ir import Assign, Program, Reduction, TensorFunction, TensorScalar
 from .step_flags import STEP_FLAGS
 
 
@@ -36,6 +36,10 @@ def verify(prog: Program, after: str = "lower") -> None:
         elif isinstance(s, (Reduction, TensorScalar)):
             if isinstance(s, TensorScalar) and free - host - {x.name for x in prog.body if isinstance(x, (Reduction, TensorScalar))} - {"numel"}:
                 raise VerifyError(f"after {after}: tensor scalar {s.name} uses per-element values")
+            defined.add(s.name)
+        elif isinstance(s, TensorFunction):
+            if {x.name for a in s.args for x in sympy.sympify(a).free_symbols} - host:
+                raise VerifyError(f"after {after}: tensor function {s.name}'s arguments are not host values")
             defined.add(s.name)
     for st in prog.states:
         if st.name not in stored:

@@ -9,6 +9,7 @@ that names it. tests/test_registry.py checks the entries against the classes and
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -133,6 +134,8 @@ class OptimizerInfo:
     * ``schedule_free``: the oracle is the ``schedulefree`` package's class of the same name
       (:func:`schedulefree_cls`: put in train mode on construction, as optcompile's start), which
       neither optimi nor torch.optim has; its params hold a view (``train()``/``eval()``).
+    * ``kernels``: the Triton and fused backends have kernels for it. Not Muon: its tensor
+      function (``spec.matrix_fn``) runs as torch ops, so those backends warn and run its foreach step.
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
       zero two backends' fp32 values differ by a few ulps of the *terms*: the backend comparisons
       (tests/test_fused.py, tests/test_triton.py) allow an absolute error of ``SUMMED_ULPS`` fp32
@@ -165,7 +168,9 @@ class OptimizerInfo:
     kahan: Mapping = field(default_factory=dict)
     summed_states: tuple[str, ...] = ()
     torch_exact: tuple[str, ...] = ("eager", "foreach")
+    kernels: bool = True
     nonnegative: tuple[str, ...] = ()
+    param_ndims: tuple[int, ...] = ()  # spec.param_ndim: the ranks the class accepts (Muon: 2-D), () any
     schedule_free: bool = False  # the schedulefree package's class of the same name is the oracle
 
     def fp32_atol(self, state: str | None, value: torch.Tensor, atol: float) -> float:
@@ -189,6 +194,13 @@ class OptimizerInfo:
         """torch.optim's class of the same name where this optimizer is torch.optim's, else None."""
         return getattr(torch.optim, self.name) if self.torch_family else None
 
+    def torch_flags(self, foreach: bool = False) -> Mapping:
+        """torch.optim's flags for its for-loop (``foreach=False``) or foreach path, as its class
+        takes them: torch.optim.Muon has no ``foreach`` (one path, the for-loop)."""
+        if "foreach" not in inspect.signature(self.torch_cls.__init__).parameters:
+            return _flags()
+        return _flags(foreach=foreach)
+
     @property
     def optimi_cls(self):
         """torch-optimi's class of the same name, or None where optimi has none."""
@@ -211,7 +223,7 @@ class OptimizerInfo:
         if self.optimi_cls is not None:
             return self.optimi_cls, ORACLE_EAGER
         assert self.torch_cls is not None, f"{self.name}: neither optimi nor torch.optim has it"
-        return self.torch_cls, TORCH_EAGER
+        return self.torch_cls, self.torch_flags(foreach=False)
 
 
 def schedulefree_cls(name: str) -> type:
@@ -349,6 +361,19 @@ _ENTRIES = {e.stem: e for e in [
                       dict(weight_decay=1e-3, decouple_lr=True, max_lr=0.01)),
         state_dict=dict(lr=1e-3, weight_decay=0.1)),
     OptimizerInfo(
+        "muon", "Muon",
+        training=_training(("defaults", dict())),
+        kernel=({}, {"nesterov": False, "weight_decay": 0.0}),
+        differential=(),
+        state_dict=dict(momentum=0.9, nesterov=False),
+        # written out: _product drops False and 0 values, which are Muon's non-defaults here
+        torch_family=tuple(MappingProxyType(kw) for kw in (
+            dict(), dict(nesterov=False), dict(weight_decay=0.0, momentum=0.9), dict(adjust_lr_fn="original"),
+            dict(adjust_lr_fn="match_rms_adamw", weight_decay=0.01),
+            dict(nesterov=False, ns_steps=3, eps=1e-5, ns_coefficients=(3.0, -3.2, 1.2)))),
+        kernels=False,
+        param_ndims=(2,)),
+    OptimizerInfo(
         "nadam", "NAdam", nonnegative=("exp_avg_sq",),
         training=_training(("l2", dict(weight_decay=1e-2))),
         kernel=({"weight_decay": 0.01}, {"weight_decay": 0.01, "decoupled_weight_decay": True, "maximize": True},
@@ -472,9 +497,36 @@ def case_id(kwargs: Mapping) -> str:
 
 
 # ── shared model and data for the training-loop tests ─────────────────────────────────────────
-def make_model(dtype=torch.float32):
-    """A small MLP with a LayerNorm (weights, biases and a norm's gain), seeded."""
+MATRIX_SHAPES = ((8, 8), (12, 5), (5, 12), (12, 5))  # square, tall, wide, and two of one shape
+
+
+def class_ndims(cls) -> tuple[int, ...]:
+    """The param ranks a class takes: an optcompile class's ``spec.param_ndim`` fact (carried in its
+    ``_info``), () (any) for another library's."""
+    info = getattr(cls, "_info", None)
+    return info.extra.get("param_ndims", ()) if info is not None else ()
+
+
+def param_shapes(ndims: tuple[int, ...], shapes) -> list:
+    """``shapes`` as a class takes them: all of them, or for a class that takes only some ranks
+    (``ndims``: the registry's ``param_ndims``, a class's ``_info.extra["param_ndims"]``; Muon's 2-D)
+    those of its ranks and then square, tall and wide matrices (two of one shape: batched calls)."""
+    shapes = list(shapes)
+    if not ndims:
+        return shapes
+    return [s for s in shapes if len(s) in ndims] + [s for s in MATRIX_SHAPES if len(s) in ndims]
+
+
+
+def make_model(dtype=torch.float32, ndims=()):
+    """A small MLP with a LayerNorm (weights, biases and a norm's gain), seeded; for a class that
+    takes only some ranks (the registry's ``param_ndims``: Muon's 2-D) one without biases and norm,
+    its weights one tall matrix and one wide."""
     torch.manual_seed(0)
+    if ndims and 1 not in ndims:
+        assert 2 in ndims, ndims
+        return torch.nn.Sequential(torch.nn.Linear(12, 24, bias=False), torch.nn.Tanh(),
+                                   torch.nn.Linear(24, 6, bias=False)).to(dtype)
     return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.LayerNorm(24), torch.nn.Tanh(),
                                torch.nn.Linear(24, 6)).to(dtype)
 

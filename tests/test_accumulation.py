@@ -68,7 +68,7 @@ def test_micro_steps_update_states_not_params(stem, kw, dtype):
     """The accumulation pass guards every param write (and the decay in it, and StableAdamW's RMS)
     with ``update_parameters``: exact equality of params across micro-steps, even in bf16+Kahan."""
     cls = ours(stem)
-    model = make_model(dtype)
+    model = make_model(dtype, ndims=BY_STEM[stem].param_ndims)
     decay = {"weight_decay": 0.1} if BY_STEM[stem].weight_decay else {}  # (Rprop has none)
     opt = cls(model.parameters(), lr=1e-2, gradient_release=True, **decay,
               **{k: v for k, v in kw.items() if k != "weight_decay"}, **EAGER)

@@ -41,7 +41,7 @@ def test_release_equals_normal_step(stem, kw, dtype):
     """Same seed and data: the eager per-param step is the eager per-list step, bit for bit, also
     in bf16 with Kahan (8 steps, so Ranger's lookahead (k=6) and RAdam's rectified phase run)."""
     cls, data = ours(stem), batches(8)
-    a, b = make_model(dtype), make_model(dtype)
+    a, b = make_model(dtype, ndims=BY_STEM[stem].param_ndims), make_model(dtype, ndims=BY_STEM[stem].param_ndims)
     kahan = {"kahan_sum": True} if dtype == torch.bfloat16 else {}
     opt_a = cls(a.parameters(), lr=1e-2, **kahan, **kw, **EAGER)
     opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kahan, **kw, **EAGER)
@@ -233,7 +233,7 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
     """Fixed optimi bug 5: after load_state_dict, state[p]["group"] is the live param_group, so an
     LR scheduler attached after the resume is obeyed by the release steps."""
     cls, data = ours(stem), batches(6)
-    a = make_model()
+    a = make_model(ndims=BY_STEM[stem].param_ndims)
     opt_a = cls(a.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     prepare_for_gradient_release(a, opt_a)
     train(a, opt_a, data[:3], True)
@@ -244,7 +244,7 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
     model_sd = {k: v.clone() for k, v in a.state_dict().items()}
 
     # 1) resuming continues exactly like the uninterrupted run
-    b = make_model()
+    b = make_model(ndims=BY_STEM[stem].param_ndims)
     b.load_state_dict(model_sd)
     opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     # each optimizer loads its own copy: a loaded state holds the checkpoint's tensors (torch's
@@ -262,14 +262,14 @@ def test_resume_continues_and_follows_lr_schedule(stem, kw):
         assert torch.equal(pa, pb)
 
     # 2) a scheduler set up after the resume reaches the release steps
-    c = make_model()
+    c = make_model(ndims=BY_STEM[stem].param_ndims)
     c.load_state_dict(model_sd)
     opt_c = cls(c.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_c.load_state_dict(_roundtrip(sd))
     prepare_for_gradient_release(c, opt_c)
     freeze = BY_STEM[stem].freeze  # group values under which a step must not move params
     if not freeze:  # ASGD, Ranger, Schedule-Free: lr = 0 does not stop them; the same schedule without release
-        d = make_model()
+        d = make_model(ndims=BY_STEM[stem].param_ndims)
         d.load_state_dict(model_sd)
         opt_d = cls(d.parameters(), lr=1e-2, **kw, **EAGER)
         opt_d.load_state_dict(_roundtrip(sd))
@@ -294,10 +294,10 @@ def test_switch_from_normal_steps_to_release(stem, kw):
     """A checkpoint of normal steps resumes under gradient release: each param's step counter
     continues from the group's, so the run equals the uninterrupted normal one bit for bit."""
     cls, data = ours(stem), batches(6)
-    a = make_model()
+    a = make_model(ndims=BY_STEM[stem].param_ndims)
     opt_a = cls(a.parameters(), lr=1e-2, **kw, **EAGER)
     train(a, opt_a, data[:3], False)
-    b = make_model()
+    b = make_model(ndims=BY_STEM[stem].param_ndims)
     b.load_state_dict(a.state_dict())
     opt_b = cls(b.parameters(), lr=1e-2, gradient_release=True, **kw, **EAGER)
     opt_b.load_state_dict(_roundtrip(opt_a.state_dict()))

@@ -17,7 +17,7 @@ import torch
 
 import optimi
 from optcompile import loader
-from optimizers import BACKENDS, BY_STEM, STEMS, TORCH_BACKENDS, training_cases
+from optimizers import BACKENDS, BY_STEM, STEMS, TORCH_BACKENDS, class_ndims, param_shapes, training_cases
 RESULTS = {}  # printed at the end of the module (pytest -s) for the report
 
 
@@ -53,8 +53,10 @@ def _regress(cls, dtype, kahan, backend, steps=200, lr=1e-3, storage=torch.bfloa
     x = torch.randn(64, 16, generator=g)
     y = x @ torch.randn(16, 8, generator=g)
     w = torch.randn(16, 8, generator=g).to(storage).to(dtype).requires_grad_()
-    b = torch.randn(8, generator=g).to(storage).to(dtype).requires_grad_()
-    opt = cls([w, b], lr=lr, kahan_sum=kahan, **BACKENDS[backend].flags, **kw)
+    b = torch.randn(8, generator=g).to(storage).to(dtype)
+    ndims = class_ndims(cls)
+    stepped = [w, b.requires_grad_()] if not ndims or 1 in ndims else [w]  # Muon: the matrix only
+    opt = cls(stepped, lr=lr, kahan_sum=kahan, **BACKENDS[backend].flags, **kw)
     for _ in range(steps):
         ((x @ w.float() + b.float() - y) ** 2).mean().backward()
         opt.step()
@@ -125,7 +127,8 @@ def test_decay_is_compensated(stem, mode, kw):
     Kahan not at all (each step's 1e-5 relative change is below half a bf16 ulp, 2**-9); bf16 with
     Kahan within 1% of fp32. One optimizer, three param groups, so one step() runs all three."""
     g = torch.Generator().manual_seed(0)
-    start = (torch.rand(96, generator=g) * 1.5 + 0.5).bfloat16()  # in [0.5, 2): no subnormals
+    shape = (12, 8) if BY_STEM[stem].param_ndims == (2,) else (96,)  # Muon: a matrix of as many elements
+    start = (torch.rand(shape, generator=g) * 1.5 + 0.5).bfloat16()  # in [0.5, 2): no subnormals
     kahan, plain, fp32 = start.clone(), start.clone(), start.float()
     for p in (kahan, plain, fp32):
         p.grad = torch.zeros_like(p)
@@ -166,8 +169,9 @@ def _run(cls, dtype, kahan, steps, *, round_to_bf16=None, **kw):
     states (and, if "params", the params) to bf16 after every step: fp32 compute, bf16 storage.
     Returns (params, optimizer, per-element sum of |Δp| over the steps)."""
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=g).bfloat16().to(dtype) for s in SHAPES]
-    grads = [[torch.randn(s, generator=g).bfloat16().to(dtype) for s in SHAPES] for _ in range(steps)]
+    shapes = param_shapes(class_ndims(cls), SHAPES)
+    params = [torch.randn(s, generator=g).bfloat16().to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=g).bfloat16().to(dtype) for s in shapes] for _ in range(steps)]
     opt = cls(params, lr=1e-3, kahan_sum=kahan, **kw)
     travel = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     for step_grads in grads:

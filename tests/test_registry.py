@@ -33,7 +33,8 @@ def test_entry_matches_its_class_and_every_config_constructs(info):
     option a class lacks fails here instead of quietly testing something else."""
     cls = info.cls
     assert cls.__name__ == info.name and getattr(optcompile, info.name) is cls
-    p = [torch.nn.Parameter(torch.zeros(3))]
+    ndim = 1 if not info.param_ndims or 1 in info.param_ndims else info.param_ndims[0]
+    p = [torch.nn.Parameter(torch.zeros((3,) * ndim))]
     configs = [c.kwargs for c in info.training] + list(info.differential) + [info.stateful, info.state_dict]
     for kw in configs + list(info.kernel):
         cls(p, **{"lr": info.lr, **kw}, **optimizers.EAGER)
@@ -49,6 +50,7 @@ def test_entry_matches_its_class_and_every_config_constructs(info):
     group = cls(p, **{"lr": info.lr, **info.kahan}, **optimizers.EAGER).param_groups[0]
     assert set(info.freeze) <= set(group), f"freeze {dict(info.freeze)}: not group keys"
     assert set(info.summed_states) <= set(cls._info.states), "summed_states"
+    assert info.param_ndims == cls._info.extra.get("param_ndims", ()), "param_ndims"
     assert info.oracle[0].__name__ == info.name
     for case in info.torch_optim:
         cls(p, **case.ours, **optimizers.EAGER)

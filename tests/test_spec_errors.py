@@ -71,6 +71,14 @@ CASES = {
     "is_none_of_required_hyper": ("a = spec.hyper('a', 1.0)\n"
                                   "spec.update(Piecewise((g, spec.is_none(a)), (g * a, True)), lr=lr)", 7,
                                   ["`a` is not an optional hyperparameter"], None),
+    "choice_default_not_a_choice": ("r = spec.hyper('r', 'c', choices=('a', 'b'))\nspec.update(g, lr=lr)", 6,
+                                    ["default='c' is not one of the choices"], None),
+    "choice_one_choice": ("r = spec.hyper('r', 'a', choices=('a',))\nspec.update(g, lr=lr)", 6,
+                          ["two or more distinct non-empty strings"], None),
+    "choice_not_a_string": ("r = spec.hyper('r', 'a', choices=('a', 1.5))\nspec.update(g, lr=lr)", 6,
+                            ["two or more distinct non-empty strings"], None),
+    "choice_with_domain": ("r = spec.hyper('r', 'a', Interval(0, 1), choices=('a', 'b'))\nspec.update(g, lr=lr)", 6,
+                           ["takes no domain="], None),
     "int_hyper_float_default": ("k = spec.hyper('k', 2.5, type=int)\nspec.update(g * k, lr=lr)", 6,
                                 ["default=2.5 is not an int or None"], None),
     "state_when_reads_step": ("m = spec.state('m', when=spec.step > 2)\nm = spec.assign(m, g + m, when=spec.step > 2)\n"
@@ -187,6 +195,14 @@ def test_cli_subprocess_exit_status(tmp_path):
     assert "Traceback" not in r.stderr and f"{path}:6:" in r.stderr
     assert r.stderr.count("\n") == 1
     assert not cache.exists()
+
+
+def test_torch_step_needs_the_torch_layout(tmp_path):
+    path = tmp_path / "nostep.py"
+    path.write_text(HEAD.replace('weight_decay=None)', 'weight_decay=None, torch_step=False)') +
+                    "spec.update(g, lr=lr)\n")
+    with pytest.raises(SpecError, match=r"nostep.py:3: torch_step=False is for state_dict='torch'"):
+        compile_spec(path)
 
 
 def test_spec_error_fields():

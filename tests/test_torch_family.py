@@ -8,6 +8,7 @@ fp32, 20 steps, two param groups, a StepLR schedule. Tolerances: eager and forea
 Triton kernels evaluate the same math in fp32 with other roundings (``rsqrt``, fused multiply-adds,
 division order): ``rtol=1e-5, atol=1e-6`` after 20 steps (seen: ≤ 3e-7 absolute).
 """
+import contextlib
 import inspect
 
 import pytest
@@ -25,13 +26,16 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 STEPS = 20
 
 
-def make_params(dtype=torch.float32):
-    """Two groups: a matrix and a vector; a 0-d tensor, a transposed (non-contiguous) matrix and a
-    3-d tensor (Adafactor's batch dims)."""
+def make_params(dtype=torch.float32, ndims=()):
+    """Two groups: a matrix and a vector; a 0-d tensor, a transposed (non-contiguous) matrix, a
+    3-d tensor (Adafactor's batch dims) and a tall matrix; only those of the ranks ``ndims`` where
+    the class takes only these (the registry's ``param_ndims``: Muon's matrices)."""
     g = torch.Generator().manual_seed(0)
     first = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g)]
     second = [torch.randn((), generator=g), torch.randn(3, 4, generator=g).t(), torch.randn(2, 3, 4, generator=g)]
-    return [[p.to(dtype).requires_grad_() for p in ps] for ps in (first, second)]
+    if ndims:
+        second.append(torch.randn(6, 3, generator=g))
+    return [[p.to(dtype).requires_grad_() for p in ps if not ndims or p.dim() in ndims] for ps in (first, second)]
 
 
 def like(p, values):
@@ -57,6 +61,16 @@ def train(opt, params, steps=STEPS, seed=1):
     return opt
 
 
+def no_kernel_warning(info, backend):
+    """A spec without Triton/C kernels (``kernels=False``: Muon's tensor function) says so once and
+    runs its foreach step."""
+    if info.kernels or backend in ("eager", "foreach"):
+        return contextlib.nullcontext()
+    import optcompile.runtime as rt
+    rt._NO_KERNEL_WARNED.discard((info.name, backend))
+    return pytest.warns(UserWarning, match=f"{info.name}: no {backend} kernels for this spec")
+
+
 def states(opt):
     return [opt.state[p] for g in opt.param_groups for p in g["params"]]
 
@@ -78,9 +92,10 @@ def compare_states(ours, theirs, exact, info):
 @pytest.mark.parametrize("stem,kw", CASES)
 def test_matches_torch_optim(stem, kw, backend):
     info = BY_STEM[stem]
-    ours, theirs = make_params(), make_params()
-    o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
-    t = train(make(info.torch_cls, theirs, kw, foreach=backend == "foreach"), theirs)
+    ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
+    with no_kernel_warning(info, backend):
+        o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
+    t = train(make(info.torch_cls, theirs, kw, **info.torch_flags(foreach=backend == "foreach")), theirs)
     exact = backend in info.torch_exact
     for a, b in zip(sum(ours, []), sum(theirs, [])):
         if exact:
@@ -97,12 +112,13 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
     than bf16 without compensation, and every backend agrees with eager to a bf16 rounding."""
     info = BY_STEM[stem]
     kw = dict(info.training[0].kwargs)
-    ref = make_params()
-    train(make(info.torch_cls, ref, kw, foreach=False), ref)
+    ref = make_params(ndims=BY_STEM[stem].param_ndims)
+    train(make(info.torch_cls, ref, kw, **info.torch_flags()), ref)
     errors, runs = {}, {}
     for kahan in (True, False):
-        ps = make_params(torch.bfloat16)
-        opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
+        ps = make_params(torch.bfloat16, BY_STEM[stem].param_ndims)
+        with no_kernel_warning(info, backend) if kahan else contextlib.nullcontext():
+            opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
         if kahan:
             assert all(s["kahan_comp"] is not None for s in states(opt))
         errors[kahan] = max((p.float() - r).abs().max().item() for p, r in zip(sum(ps, []), sum(ref, [])))
@@ -110,7 +126,7 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
         runs[kahan] = sum(ps, [])
     assert errors[True] <= errors[False] + 1e-3, errors
     assert errors[True] < 0.05, errors
-    eager = make_params(torch.bfloat16)
+    eager = make_params(torch.bfloat16, BY_STEM[stem].param_ndims)
     train(make(info.cls, eager, kw, **BACKENDS["eager"].flags), eager)
     for a, b in zip(runs[True], sum(eager, [])):
         torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=2e-2)
@@ -120,9 +136,9 @@ def _loaded_run(stem, kw):
     """10 steps in torch.optim, then its state_dict → ours → 5 steps → ours' state_dict → torch.optim,
     against torch.optim alone for all 20 steps."""
     info = BY_STEM[stem]
-    ref, ps = make_params(), make_params()
-    t_ref = make(info.torch_cls, ref, kw, foreach=False)
-    first = make(info.torch_cls, ps, kw, foreach=False)
+    ref, ps = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
+    t_ref = make(info.torch_cls, ref, kw, **info.torch_flags())
+    first = make(info.torch_cls, ps, kw, **info.torch_flags())
     g = torch.Generator().manual_seed(3)
     flat_ref, flat = sum(ref, []), sum(ps, [])
     opts = [first]
@@ -131,7 +147,7 @@ def _loaded_run(stem, kw):
             opts.append(make(info.cls, ps, kw, **BACKENDS["eager"].flags))
             opts[-1].load_state_dict(opts[-2].state_dict())
         if i == 15:  # optcompile → torch.optim
-            opts.append(make(info.torch_cls, ps, kw, foreach=False))
+            opts.append(make(info.torch_cls, ps, kw, **info.torch_flags()))
             opts[-1].load_state_dict(opts[-2].state_dict())
         grads = [torch.randn(p.shape, generator=g) for p in flat]
         for p, q, gr in zip(flat_ref, flat, grads):
@@ -167,7 +183,11 @@ def test_state_dict_loads_both_ways(stem):
     ours_sd = opts[1].state_dict()  # torch.optim's layout, as torch.optim saves it
     torch_keys = set(t_ref.state_dict()["param_groups"][0])
     assert torch_keys <= set(ours_sd["param_groups"][0]), torch_keys - set(ours_sd["param_groups"][0])
-    assert all(v["step"].dtype == torch.float32 and v["step"].item() == 15 for v in ours_sd["state"].values())
+    torch_sd = t_ref.state_dict()
+    assert [set(v) for v in ours_sd["state"].values()] == [set(v) for v in torch_sd["state"].values()]
+    # a float32 step per param, as torch saves it (torch.optim.Muon keeps none)
+    assert all(v["step"].dtype == torch.float32 and v["step"].item() == 15 for v in ours_sd["state"].values()
+               if "step" in v)
 
 
 def test_state_dict_from_torch_rejects_capturable_and_bad_tuples():
@@ -186,8 +206,9 @@ def test_state_dict_from_torch_rejects_capturable_and_bad_tuples():
 
 
 # ── signatures and validation: torch.optim's ─────────────────────────────────────────────────────
+# optcompile's keyword-only extras (``foreach`` and ``maximize`` where torch's class lacks them: Muon)
 EXTRAS = {"decouple_wd", "decouple_lr", "max_lr", "kahan_sum", "triton", "gradient_release", "fused",
-          "state_precision", "stochastic_rounding", "sr_seed"}
+          "state_precision", "stochastic_rounding", "sr_seed", "foreach", "maximize"}
 
 
 @pytest.mark.parametrize("stem", [i.stem for i in FAMILY])
@@ -222,6 +243,8 @@ BAD = [  # one bad argument: torch.optim's exact message
     ("nadam", dict(lr=-1.0)), ("nadam", dict(eps=-1.0)), ("nadam", dict(betas=(1.0, 0.9))),
     ("nadam", dict(betas=(0.9, -0.1))), ("nadam", dict(weight_decay=-1.0)), ("nadam", dict(momentum_decay=-1.0)),
     ("asgd", dict(lr=-1.0)), ("asgd", dict(weight_decay=-1.0)),
+    ("muon", dict(lr=-1.0)), ("muon", dict(momentum=-0.1)), ("muon", dict(weight_decay=-1.0)),
+    ("muon", dict(adjust_lr_fn="rms")),
 ]
 
 
@@ -257,7 +280,7 @@ def test_maximize_is_descent_on_the_negated_gradient(stem, backend):
         kw.update(dampening=True, torch_init=True)  # a buffer that starts from the (ascent) gradient
     runs = []
     for maximize in (True, False):
-        ps = make_params()
+        ps = make_params(ndims=BY_STEM[stem].param_ndims)
         opt = info.cls([{"params": ps[0]}, {"params": ps[1]}], **kw, maximize=maximize,
                        **BACKENDS[backend].flags)
         g = torch.Generator().manual_seed(5)
@@ -277,7 +300,7 @@ def test_maximize_is_descent_on_the_negated_gradient(stem, backend):
 def test_maximize_matches_torch_optim(stem):
     """Where a built-in is torch.optim's algorithm (tests/optimizers.py ``torch_optim``), maximize is too."""
     case = BY_STEM[stem].torch_optim[-1]
-    ours, theirs = make_params(), make_params()
+    ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
     train(getattr(optcompile, BY_STEM[stem].name)(sum(ours, []), **case.ours, maximize=True,
                                                      **BACKENDS["eager"].flags), ours)
     train(case.torch_cls(sum(theirs, []), **case.theirs, maximize=True, foreach=False), theirs)

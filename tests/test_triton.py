@@ -37,7 +37,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 from optcompile.codegen.triton import TritonPrinter  # noqa: E402
 from optcompile.kernel_plan import ordered_terms  # noqa: E402
 from optcompile.loader import builtin_module, compile_spec  # noqa: E402
-from optimizers import BACKENDS, BY_STEM, STEMS  # noqa: E402
+from optimizers import BACKENDS, BY_STEM, STEMS, class_ndims, param_shapes  # noqa: E402
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ FP32 = dict(rtol=1e-5, atol=1e-6)
 
 def _groups(cls, params):
     """Three groups: defaults, another lr with weight decay, fully decoupled decay (+ momentum)."""
-    keys = cls([torch.nn.Parameter(torch.zeros(1))], lr=1e-3).defaults
+    keys = cls._info.keys
     a, b, c = params[:2], params[2:4], params[4:]
     second = {"params": b, "lr": 3e-3}
     third = {"params": c, "lr": 2e-3}
@@ -72,6 +72,7 @@ def _groups(cls, params):
 
 def _run(cls, dtype, backend, steps=STEPS, sizes=SIZES, **kw):
     torch.manual_seed(0)
+    sizes = param_shapes(class_ndims(cls), sizes)
     params = [torch.nn.Parameter(torch.randn(s).to(DEVICE, dtype)) for s in sizes]
     flags = BACKENDS[backend].flags
     opt = cls(_groups(cls, params), lr=1e-3, **flags, **kw)

@@ -2,8 +2,10 @@
 optional states, Signum's clipping functions, a periodic `every`/`set_param` anchor, a stateless
 step, Adamax's elementwise Max with a max-reduction clip and a param-dependent init, ClipSGD's
 tensor Piecewise against a hyperparameter and a flag, AdaGrad's hyperparameter-initialised
-state, Nesterov's guarded read of a `when=` state, CyclicSGD's scalar state): every
-backend must compile them and agree with the eager backend, in fp32 and bf16."""
+state, Nesterov's guarded read of a `when=` state, CyclicSGD's scalar state, ChoiceSGD's string
+choice, RowNormMomentum's batched matrix function): every backend must compile them and agree
+with the eager backend, in fp32 and bf16."""
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -24,12 +26,17 @@ OPTIONS = {"lamb": {}, "rmsprop": {"centered": True, "momentum": 0.9, "weight_de
            "rmsnormsgd": {"momentum": 0.8, "weight_decay": 0.1},
            "clampsgd": {"clip": 0.3, "max_ratio": 1.5, "weight_decay": 0.1},
            "warmupavgsgd": {"warmup": 4, "weight_decay": 0.1},
-           "rownormsgd": {"beta": 0.8, "weight_decay": 0.1}, "cyclicsgd": {"period": 3}}
+           "rownormsgd": {"beta": 0.8, "weight_decay": 0.1}, "cyclicsgd": {"period": 3},
+           "choicesgd": {"rule": "clip", "weight_decay": 0.1}, "rownormmomentum": {"weight_decay": 0.1}}
 
 
 def _run(cls, kw, dtype, backend):
     torch.manual_seed(0)
-    params = [torch.randn(s).to(dtype).requires_grad_() for s in [(3,), (1025,), (0,), (7, 9)]]
+    shapes = [(3,), (1025,), (0,), (7, 9)]
+    ndims = cls._info.extra.get("param_ndims")  # spec.param_ndim: the ranks the class takes
+    if ndims:
+        shapes = [s for s in shapes + [(7, 9), (9, 7), (4, 4)] if len(s) in ndims]
+    params = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
     opt = cls(params, lr=1e-2, **kw, **backend)
     for _ in range(6):
         for p in params:
@@ -202,10 +209,17 @@ def _ref_warmupavgsgd(p, g, st, t, lr, warmup=None, avg_start=3, weight_decay=0.
     return p
 
 
+def _ref_choicesgd(p, g, st, t, lr, momentum=0.9, rule=None, weight_decay=0.0):
+    st["exp_avg"] = m = momentum * st.get("exp_avg", torch.zeros_like(p)) + g
+    d = g + momentum * m if rule == "nesterov" else m.clamp(-1, 1) if rule == "clip" else m
+    return p * (1 - lr * weight_decay) - lr * d
+
+
 FEATURES = {  # spec stem: (reference, options to run with)
     "rmsnormsgd": (_ref_rmsnormsgd, [{"momentum": 0.8, "weight_decay": 0.1}]),
     "clampsgd": (_ref_clampsgd, [{"clip": 0.3, "max_ratio": 1.5, "weight_decay": 0.1}]),
     "warmupavgsgd": (_ref_warmupavgsgd, [{"warmup": 4, "weight_decay": 0.1}, {}]),
+    "choicesgd": (_ref_choicesgd, [{"rule": "nesterov", "weight_decay": 0.1}, {"rule": "clip", "momentum": 0.5}, {}]),
 }
 SHAPES = [(3,), (1025,), (0,), (7, 9)]
 
@@ -322,6 +336,60 @@ def test_axis_reduction_spec_matches_torch_reference(backend):
         torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
         assert opt.state[p]["row_sq"].shape == s_.shape
         torch.testing.assert_close(opt.state[p]["row_sq"], s_, rtol=1e-5, atol=1e-7)
+
+
+def test_choice_hyperparameter_is_validated_and_documented():
+    """A string choice (tests/user_specs/choicesgd.py): annotated, documented with its values, and
+    any other value refused at construction, naming the argument and the choices."""
+    import inspect
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / "choicesgd.py")
+    rule = inspect.signature(cls.__init__).parameters["rule"]
+    assert (rule.default, rule.annotation) == (None, str | None)
+    assert "one of None, 'nesterov', 'clip'" in " ".join(cls.__doc__.split())
+    with pytest.raises(ValueError, match=r"^Invalid rule: rule='sign'; expected one of None, 'nesterov', 'clip'$"):
+        cls([torch.zeros(2, requires_grad=True)], lr=1e-2, rule="sign")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_kahan"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_batched_matrix_fn_spec_matches_torch_reference(backend, dtype):
+    """RowNormMomentum (tests/user_specs/rownormmomentum.py: a batched ``spec.matrix_fn``, one call
+    per shape on the stack of same-shaped params) against the algorithm written by hand in torch,
+    on square, tall and wide matrices, two of one shape; bf16 with Kahan summation tracks the fp32
+    reference. The Triton and fused backends run its foreach step and say so once."""
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / "rownormmomentum.py")
+    shapes = [(5, 5), (7, 3), (3, 7), (7, 3)]
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(s, generator=gen) for s in shapes]
+    ours = [p.clone().to(dtype).requires_grad_() for p in ref]
+    opt = cls(ours, lr=1e-2, momentum=0.8, weight_decay=0.1, **BACKENDS[backend].flags)
+    mom = [torch.zeros(s) for s in shapes]
+    import optcompile.runtime as rt
+    rt._NO_KERNEL_WARNED.clear()
+    warns = pytest.warns(UserWarning, match="RowNormMomentum: no .* kernels for this spec") \
+        if backend in ("triton", "fused") else contextlib.nullcontext()
+    with warns:
+        for _ in range(8):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            for p, gr in zip(ours, grads):
+                p.grad = gr.to(dtype)
+            opt.step()
+            for p, m, gr in zip(ref, mom, grads):
+                m.mul_(0.8).add_(gr.to(dtype).float())
+                p.mul_(1 - 1e-2 * 0.1).sub_(m / (m.norm(dim=-1, keepdim=True) + 1e-8), alpha=1e-2)
+    for p, r, m in zip(ours, ref, mom):
+        if dtype == torch.float32:
+            torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=1e-5, atol=1e-6)
+        else:  # bf16 states; the Kahan-compensated params stay on the fp32 trajectory within bf16 ulps
+            exact = p.detach().float() + opt.state[p]["kahan_comp"].float()
+            torch.testing.assert_close(exact, r, rtol=2**-7, atol=2e-3)
+
+
+def test_matrix_fn_spec_refuses_other_ranks():
+    cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / "rownormmomentum.py")
+    with pytest.raises(ValueError, match=r"RowNormMomentum"):
+        cls([torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)], lr=1e-2)
 
 
 # ── scalar states: per-param host values the step reads and writes (cyclicsgd.py) ──────────────

@@ -54,6 +54,9 @@ class HostPrinter(PrinterBase, PythonCodePrinter):
     def _print_IsNone(self, expr):
         return f"({self._print(expr.args[0])} is None)"
 
+    def _print_IsChoice(self, expr):
+        return f"({self._print(expr.args[0])} == {expr.args[1].text!r})"
+
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"(({x}) > 0) - (({x}) < 0)"

@@ -66,7 +66,7 @@ def header(prog: Program, spec_source: bytes, body: str, key: str, comment: str 
 
 
 # ── the Python module: host scalars, state init, eager, foreach, functional and class ───────────
-_ANNOT = {"float": "float", "int": "int", "bool": "bool"}
+_ANNOT = {"float": "float", "int": "int", "bool": "bool", "str": "str"}
 SHARED_DOCS = {
     "kahan_sum": "Enables Kahan summation for more accurate parameter updates when training in low "
                  "precision (float16 or bfloat16). If unspecified, automatically applies for low precision "
@@ -94,10 +94,18 @@ def _wrap(name: str, doc: str, default: str | None) -> str:
     return textwrap.fill(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 12).strip()
 
 
+def _arg_doc(a) -> str:
+    """An argument's Args text: the spec's ``doc=`` (or the shared one), and a choice's values."""
+    doc = a.doc or SHARED_DOCS.get(a.name, a.name)
+    if a.kind == "choice":
+        doc += "; one of " + ", ".join(map(repr, a.choices))
+    return doc
+
+
 def _annotation(a) -> str:
     if a.kind == "tuple":
         return "tuple[" + ", ".join(_ANNOT[a.type] + (" | None" if k in a.optional_keys else "") for k in a.keys) + "]"
-    if a.optional:
+    if a.optional or (a.kind == "choice" and None in a.choices):
         return f"{_ANNOT[a.type]} | None"
     return _ANNOT[a.type]
 
@@ -115,6 +123,10 @@ def _validation(a) -> list[str]:
     """optimi's ValueErrors (or torch.optim's, with ``error=``), generated from each argument's
     sympy domain (an optional argument may also be None; an optional int must be an int)."""
     out = []
+    if a.kind == "choice":
+        message = a.errors[0] if a.errors else \
+            f"Invalid {a.labels[0]}: {a.name}={{{a.name}!r}}; expected one of {', '.join(map(repr, a.choices))}"
+        return [(f"if {a.name} not in {a.choices!r}:", f"raise ValueError(f{message!r})")]
     if a.kind == "optional_int":
         out.append((f"if {a.name} is not None and (isinstance({a.name}, bool) or not isinstance({a.name}, int)):",
                     f'raise ValueError(f"Invalid {a.labels[0]}: {a.name}={{{a.name}!r}} (an int or None)")'))
@@ -228,7 +240,7 @@ def shard_reductions(prog: Program) -> bool:
     """Whether every reduction of ``prog`` is the all-reduce of per-shard partials, so that a
     sharded DTensor steps its local shard (optcompile/sharding.py); else the runtime steps the
     full tensor. Axis reductions have no such rule yet: a sharded dim may be the one reduced."""
-    return not prog.has_axes() and all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
+    return not prog.has_axes() and not prog.tensor_functions() and all(s.op in SHARD_COMBINED_OPS for s in prog.body if isinstance(s, Reduction))
 
 
 def module_context(prog: Program) -> dict:
@@ -252,14 +264,14 @@ def module_context(prog: Program) -> dict:
         "summary": first_line.strip(),
         "doc_rest": rest.strip("\n"),
         "args": [{"name": a.name, "annotation": _annotation(a), "default": _default(a),
-                  "doc": _wrap(a.name, a.doc or SHARED_DOCS.get(a.name, a.name), _default(a)), "keys": a.keys, "kind": a.kind} for a in spec_args],
+                  "doc": _wrap(a.name, _arg_doc(a), _default(a)), "keys": a.keys, "kind": a.kind} for a in spec_args],
         "kahan_default": repr(prog.kahan_default),
         # optimi checks its own arguments first, then the base class checks lr and weight_decay
         # torch.optim-style specs (error=) check in declaration order, as torch does
         "validations": [v for a in (spec_args if any(a.errors for a in spec_args) else sorted(
             spec_args, key=lambda a: ("lr", "weight_decay").index(a.name) + 1 if a.name in ("lr", "weight_decay")
             else 0)) for v in _validation(a)],
-        "signature": _signature(prog, {a.name: _wrap(a.name, a.doc or SHARED_DOCS.get(a.name, a.name), _default(a))
+        "signature": _signature(prog, {a.name: _wrap(a.name, _arg_doc(a), _default(a))
                                        for a in spec_args}),
         "not_applicable": [n for n in prog.signature if n in NOT_APPLICABLE],
         "host_inputs": host_inputs,
@@ -277,11 +289,15 @@ def module_context(prog: Program) -> dict:
         "foreach": foreach.context(prog),
         "segments": segments,
         "uses_step": prog.uses_step,
+        "tensor_functions": list(dict.fromkeys(f.source.rstrip() for f in prog.tensor_functions())),
         "whole_tensor": prog.whole_tensor(),
         "shard_reductions": shard_reductions(prog),
         "structure_extra": (f', "structure": {prog.structure()!r}' if prog.structure() else "") + (
             f', "kernels": False, "no_kernel": {no_kernel_reason!r}' if no_kernel_reason else "") + (
             f', "kernel_segments": _segments_{prog.functional}' if segments else "") + (
+            ', "by_shape": True' if prog.by_shape() else "") + (
+            f', "param_ndims": {prog.param_ndims!r}, "param_ndim_error": {prog.param_ndim_error!r}'
+            if prog.param_ndims else "") + (
             f', "axes": {dict((st.name, st.axes) for st in prog.states if st.axes)!r}'
             if any(st.axes for st in prog.states) else "") + _nonnegative_extra(prog),
         # torch.optim's state_dict layout: its tuple hyperparameters, saved under their own name
@@ -338,7 +354,9 @@ def _functional_params(prog: Program) -> list[str]:
         for k in a.keys:
             if k not in keys:
                 continue
-            if a.key_optional(k):
+            if a.kind == "choice":
+                out.append(f"{k}: {_annotation(a)}")
+            elif a.key_optional(k):
                 out.append(f"{k}: {_ANNOT[a.type]} | None = None")
             elif a.kind == "flag":
                 out.append(f"{k}: bool = {a.default!r}" if a.name == "decouple_lr" or a.after else f"{k}: bool")

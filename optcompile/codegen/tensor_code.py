@@ -13,7 +13,7 @@ import itertools
 
 import sympy
 
-from ..ir import TRUE, AxisReduction, Clamp, Program, Reduction, TensorScalar, satisfiable
+from ..ir import TRUE, AxisReduction, Clamp, Program, Reduction, TensorFunction, TensorScalar, satisfiable
 from .forms import Forms
 from .host import HostPrinter, host_of, pyexpr
 
@@ -74,6 +74,11 @@ class Dialect:
     def along(self, op: str, x: str, axis: int) -> str:
         """``x`` reduced along dim ``axis``, keeping it (``spec.mean(x, axis=...)``)."""
         return _along(op, x, axis)
+
+    def tensor_fn(self, fn: str, x: str, args: list[str], batched: bool) -> str:
+        """A host tensor function (``spec.matrix_fn``) of one tensor, its result checked and in
+        ``x``'s dtype (runtime.apply_tensor_fn); a batched one sees a batch of one."""
+        return f"_apply_tensor_fn({', '.join([fn, x, *args])}{', batched=True' if batched else ''})"
 
     def sync(self, name: str, slot: int) -> list[str]:
         """After storing a low-precision buffer that is read again: read back the rounded value.
@@ -142,6 +147,13 @@ class ForeachDialect(Dialect):
 
     def along(self, op: str, x: str, axis: int) -> str:
         return f"[{_along(op, '_x', axis)} for _x in {x}]"
+
+    def tensor_fn(self, fn: str, x: str, args: list[str], batched: bool) -> str:
+        """Per tensor, or once over the stack of the call's tensors (same-shaped: the runtime groups
+        the params of a batched function by shape)."""
+        if batched:
+            return f"_apply_tensor_fn_stacked({', '.join([fn, x, *args])})"
+        return f"[_apply_tensor_fn({', '.join([fn, '_x', *args])}) for _x in {x}]"
 
     def sync(self, name: str, slot: int) -> list[str]:
         return [f"if {name} is not _{name}_s:", "    " + self.store(name, slot),
@@ -369,6 +381,10 @@ class TensorCode:
             self.scalar_line(self.device_name(s.name), _DEVICE_PRINTER.doprint(on_device), names)
             if s.name in self.floats:
                 self.scalar_line(s.name, f"{s.name}_t.item()", [f"{s.name}_t"])
+        elif isinstance(s, TensorFunction):
+            x = self.atom(s.input)
+            self.emit(f"{s.name} = {self.d.tensor_fn(s.fn, x, [self.scalar(a) for a in s.args], s.batched)}")
+            self.owned.add(s.name)
         else:
             self.assign(s.symbol, sympy.sympify(s.expr))
 

@@ -84,8 +84,8 @@ def finalize(prog: Program) -> Program:
     prog = _guard_host_scalars(prog)
     used = set().union(*(sympy.sympify(h.expr).free_symbols for h in prog.host)) | \
         set().union(*(sympy.sympify(s.expr).free_symbols for s in prog.body))
-    # torch.optim's state_dict layout keeps a step count for every algorithm
-    uses_step = STEP.name in {x.name for x in used} or prog.state_dict_layout == "torch"
+    # torch.optim's state_dict layout keeps a step count for every algorithm but Muon
+    uses_step = STEP.name in {x.name for x in used} or (prog.state_dict_layout == "torch" and prog.torch_step)
     return _out_of_the_way(prog.replace(uses_step=uses_step))
 
 
