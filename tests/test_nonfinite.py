@@ -28,7 +28,9 @@ SPECS = STEMS
 BACKENDS = {name: backend.flags for name, backend in REGISTRY.items()}
 PATTERNS = ["nan", "posinf", "neginf", "nan_once", "posinf_once", "huge", "wd_inf"]
 SIZES = [(37,), (5,)]  # the first param gets the non-finite element; the second stays clean
-POISONED = 5
+MATRIX_SIZES = [(8, 5), (3, 4)]  # the same for a class that takes only matrices (Muon: its
+# Newton-Schulz step spreads one element's NaN over the whole matrix, in torch.optim.Muon too)
+POISONED = 5  # in the first param's flat order
 STEPS = 3
 
 
@@ -39,21 +41,22 @@ def _skip_unavailable(backend):
         pytest.skip("no C compiler")
 
 
-def _grad(pattern, step, shape, gen):
+def _grad(pattern, step, shape, gen, first):
     g = torch.randn(shape, generator=gen)
     if pattern == "huge":
         return g * 1e30
     kind, _, once = pattern.partition("_")
-    if shape == SIZES[0] and kind in ("nan", "posinf", "neginf") and not (once and step > 0):
-        g[POISONED] = {"nan": float("nan"), "posinf": float("inf"), "neginf": -float("inf")}[kind]
+    if first and kind in ("nan", "posinf", "neginf") and not (once and step > 0):
+        g.view(-1)[POISONED] = {"nan": float("nan"), "posinf": float("inf"), "neginf": -float("inf")}[kind]
     return g
 
 
 def _run(cls, pattern, dtype, flags):
     """Params and their param-shaped states after STEPS steps, as {name: tensor}."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SIZES]
     info = BY_NAME[cls.__name__]
+    sizes = MATRIX_SIZES if info.param_ndims == (2,) else SIZES
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in sizes]
     kw = dict(info.stateful)  # every state (SGD's momentum buffer, RMSprop's grad_avg)
     if pattern == "wd_inf":
         kw["weight_decay"] = float("inf")
@@ -61,8 +64,8 @@ def _run(cls, pattern, dtype, flags):
         warnings.simplefilter("ignore")  # optimi's weight-decay advice
         opt = cls(params, lr=1e-2, **kw, **flags)
         for step in range(STEPS):
-            for p in params:
-                p.grad = _grad(pattern, step, p.shape, gen).to(dtype)
+            for i, p in enumerate(params):
+                p.grad = _grad(pattern, step, p.shape, gen, i == 0).to(dtype)
             opt.step()
     out = {}
     for i, p in enumerate(params):
