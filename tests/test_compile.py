@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from optcompile.backends import custom_ops
 
-from optimizers import BACKENDS, BY_STEM, STEMS, backend_params, batches, make_model, mse_backward
+from optimizers import BACKENDS, BY_STEM, STEMS, backend_params, batches, make_model, mse_backward, param_shapes
 
 STEPS = 5
 
@@ -32,10 +32,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _params(dtype=torch.float32):
+def _params(dtype=torch.float32, ndims=()):
+    """A matrix, a vector and a 3-d tensor; of a class that takes only some ranks (Muon), those it takes."""
     torch.manual_seed(0)
-    return [torch.randn(8, 4, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype, requires_grad=True),
-            torch.randn(3, 2, 2, dtype=dtype, requires_grad=True)]
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in param_shapes(ndims, [(8, 4), (5,), (3, 2, 2)])]
 
 
 def _set_grads(params, i):
@@ -50,7 +50,7 @@ def _pair(stem, backend, dtype=torch.float32, **kwargs):
     config = {"lr": info.lr, **dict(info.training[0].kwargs), **BACKENDS[backend].flags, **kwargs}
     out = []
     for _ in range(2):
-        params = _params(dtype)
+        params = _params(dtype, info.param_ndims)
         out.append((params, info.cls(params, **config)))
     return out
 
