@@ -5,8 +5,11 @@ runtime's edge cases (mixed dtypes in one group, grad=None, complex, sparse, non
 Every comparison is differential: against the same optimizer run another way that must give the
 same bits (equal), or against torch.optim / optimi where the algorithms coincide (tolerance given).
 """
+import json
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,3 +444,30 @@ def test_mixed_devices_in_one_group(foreach):
         ref_opt.step()
     assert all(torch.equal(p, q) for p, q in zip(cpu, ref))
     assert opt.state[meta]["exp_avg"].device.type == "meta"
+
+
+def test_example_transformer_trains_with_muon_adamw_and_schedule_free(monkeypatch, capsys):
+    """examples/muon_adamw.py (the README's held-out losses) at toy length: every setup trains
+    (it exits if a loss does not fall) and is scored."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    import muon_adamw
+    monkeypatch.setattr(sys, "argv", ["muon_adamw.py", "--steps", "8", "--lr", "1e-2"])
+    muon_adamw.main()
+    out = capsys.readouterr().out
+    assert all(f"{name}: held-out loss" in out for name in muon_adamw.SETUPS), out
+
+
+def test_training_quality_benchmark_tabulates_and_saves_curves(tmp_path):
+    """benchmarks/train_quality.py (the README's quality table) at toy length."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_quality.py"
+    spec = importlib.util.spec_from_file_location("train_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.json"
+    assert mod.main(["--steps", "4", "--runs", "fp32,bf16 + SR + 8-bit states", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"fp32", "bf16 + SR + 8-bit states"}
+    assert results["fp32"]["bytes_per_param"] == 12.0 and results["bf16 + SR + 8-bit states"]["bytes_per_param"] < 6
+    assert all(len(r["losses"]) == 4 for r in results.values())
