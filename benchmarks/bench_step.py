@@ -142,10 +142,14 @@ def ours_backends(cls, device: str, kw: dict):
 
 
 def torch_paths(tcls, label: str, kw: dict):
-    """(label, factory) for torch.optim's for-loop, foreach and (where ``tcls`` has one) fused step."""
+    """(label, factory) for torch.optim's for-loop, foreach and fused step, those ``tcls`` has
+    (torch.optim.Muon has only its loop)."""
+    args = tcls.__init__.__code__.co_varnames
+    if "foreach" not in args:
+        return [(f"torch {label} loop", lambda ps, k: tcls(ps, **kw))]
     out = [(f"torch {label} loop", lambda ps, k: tcls(ps, foreach=False, **kw)),
            (f"torch {label} foreach", lambda ps, k: tcls(ps, foreach=True, **kw))]
-    if "fused" in tcls.__init__.__code__.co_varnames:
+    if "fused" in args:
         out.append((f"torch {label} fused", lambda ps, k: tcls(ps, fused=True, **kw)))
     return out
 
@@ -536,11 +540,13 @@ def machine_line(device: str) -> str:
             f"{os.getloadavg()[0]:.1f} (other processes share the cores)")
 
 
-def timed_rows(sets: dict, cases, dtypes, makers_of, timing: dict):
+def timed_rows(sets: dict, cases, dtypes, makers_of, timing: dict, shapes_of=None):
     """(set name, shapes, case, dtype name, {column: median s/step}) for every set × case × dtype,
-    ``makers_of(case)`` giving the implementations to time."""
-    for set_name, shapes in sets.items():
+    ``makers_of(case)`` giving the implementations to time, ``shapes_of(case, shapes)`` the
+    shapes it takes of a set (all of them by default)."""
+    for set_name, all_shapes in sets.items():
         for case in cases:
+            shapes = all_shapes if shapes_of is None else shapes_of(case, all_shapes)
             for dname in dtypes:
                 dtype, kahan = DTYPES[dname]
                 res = time_implementations(makers_of(case), shapes, dtype, kahan, **timing)
@@ -594,13 +600,20 @@ def torch_family_table(sets, stems, dtypes, only, timing, where) -> list[str]:
     lines = emit([f"## {where}", ""] + table_head(["set", "optimizer", "dtype", *cols, "× torch best"]))
     for set_name, shapes, (stem, options), dname, by_col in timed_rows(
             sets, torch_family_cases(stems), dtypes,
-            lambda case: torch_family_implementations(*case, device, only), timing):
+            lambda case: torch_family_implementations(*case, device, only), timing, shapes_of=_ranks_taken):
         best = min(((by_col[c], c) for c in theirs if c in by_col), default=None)
         best_cell = f"{ratio(by_col.get(ours), best[0])} ({best[1].split()[1]})" if best else "–"
         row = [set_label(set_name, shapes), " ".join([stem] + [f"{k}={v}" for k, v in options.items()]),
                "bf16 (ours +Kahan)" if DTYPES[dname][1] else dname]
         lines += emit(["| " + " | ".join(row + [fmt_ms(by_col.get(c)) for c in cols] + [best_cell]) + " |"])
     return lines
+
+
+def _ranks_taken(case, shapes):
+    """The shapes of a set a class takes: those of the ranks in its ``spec.param_ndim`` (Muon's
+    matrices), else all."""
+    ndims = loader.builtin_module(case[0])._INFO.extra.get("param_ndims", ())
+    return [s for s in shapes if not ndims or len(s) in ndims]
 
 
 def rewrite_block(path: Path, tag: str, block: list[str]) -> None:

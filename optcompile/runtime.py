@@ -234,9 +234,13 @@ def reduced_full(param: torch.Tensor, axes, value: float, name: str) -> torch.Te
     return param.new_full(reduced_shape(param.shape, axes, f"state {name!r}"), value)
 
 
-def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_release=False) -> str:
+def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_release=False,
+                   segments=False) -> str:
     """Explicit choices win (fused, then triton, then foreach); otherwise the fastest that works:
-    Triton on GPUs, the fused C kernel on CPU, foreach on other devices, the for-loop last."""
+    Triton on GPUs, the fused C kernel on CPU, foreach on other devices, the for-loop last.
+    ``segments``: the spec has values of a reduced shape (Adafactor), whose fused kernel reads them
+    by a broadcast index (an int64 division per element, no SIMD loop): slower on CPU than the
+    for-loop (benchmarks/RESULTS.md), which the automatic choice then takes."""
     if fused:
         return "fused"
     if triton:
@@ -248,7 +252,7 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
     device = params[0].device
     from . import backends_available as avail
     if device.type == "cpu":
-        if fused is None and avail.fused_cpu():
+        if fused is None and avail.fused_cpu() and not segments:
             return "fused"
         return "eager"
     if triton is None and avail.triton_on(device):
@@ -575,7 +579,8 @@ def _dispatch(info, tensors, hypers, *, kahan_sum, foreach, triton, fused, gradi
             if shards is not None:
                 group_shards = shards if len(groups) == 1 else shards.take(taken)
         # per group: a CPU group may get the fused C kernel while a CUDA group gets Triton
-        name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release)
+        name = choose_backend(ps, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
+                              segments="kernel_segments" in info.extra)
         if name in ("triton", "fused") and not info.extra.get("kernels", True):
             name = _without_kernels(info, name, gradient_release)
         impl = info.backend(name)
@@ -1272,7 +1277,7 @@ def kernel_codes(info: OptimizerInfo, group: dict, params, gradient_release: boo
     if torch.compiler.is_compiling() or len({(p.device, p.dtype) for p in params}) != 1:
         return frozenset()
     name = choose_backend(params, foreach=group.get("foreach"), triton=group.get("triton"), fused=group.get("fused"),
-                          gradient_release=gradient_release)
+                          gradient_release=gradient_release, segments="kernel_segments" in info.extra)
     if name not in ("fused", "triton") or not info.extra.get("kernels", True):
         return frozenset()
     return frozenset(getattr(info.backend(name), "codes", ()))
