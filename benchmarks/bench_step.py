@@ -547,6 +547,8 @@ def timed_rows(sets: dict, cases, dtypes, makers_of, timing: dict, shapes_of=Non
     for set_name, all_shapes in sets.items():
         for case in cases:
             shapes = all_shapes if shapes_of is None else shapes_of(case, all_shapes)
+            if not shapes:  # none of the set's tensors has a rank the class takes
+                continue
             for dname in dtypes:
                 dtype, kahan = DTYPES[dname]
                 res = time_implementations(makers_of(case), shapes, dtype, kahan, **timing)

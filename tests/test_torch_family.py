@@ -338,3 +338,14 @@ def test_torch_adam_state_dict_with_maximize_converts():
     train(t, theirs, steps=5, seed=2)
     for a, b in zip(sum(ours, []), sum(theirs, [])):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_reduced_shape_specs_default_to_the_loop_on_cpu():
+    """Adafactor's fused kernel reads its factors by a broadcast index and is slower than the
+    for-loop on CPU (README, the torch.optim family benchmark): the automatic choice is the loop,
+    an explicit ``fused=True`` the kernel."""
+    from optcompile.runtime import choose_backend
+    assert "kernel_segments" in BY_STEM["adafactor"].cls._info.extra
+    p = [torch.zeros(3, 4)]
+    assert choose_backend(p, segments=True) == "eager" and choose_backend(p, fused=True, segments=True) == "fused"
+    assert choose_backend(p) == "fused" or not optcompile.backends_available.fused_cpu()
