@@ -8,12 +8,14 @@ import torch
 
 import optcompile
 from optcompile import prepare_for_gradient_release
-from optimizers import BACKENDS, EAGER, NAMES, backend_params
+from optimizers import BACKENDS, BY_NAME, EAGER, NAMES, backend_params
 
 
 def _train(name, dtype, accumulate, steps, **kw):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+    bias = not BY_NAME[name].param_ndims  # a class that takes only matrices (Muon): no biases
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=bias), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 4, bias=bias)).to(dtype)
     opt = getattr(optcompile, name)(model.parameters(), lr=1e-2, gradient_release=True, **kw)
     prepare_for_gradient_release(model, opt)
     for i in range(steps):
