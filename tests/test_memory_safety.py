@@ -219,7 +219,11 @@ def test_layout_record_misses_on_every_change():
 def test_fused_skips_its_checks_only_for_a_recorded_layout(monkeypatch):
     """The first two steps run the Python checks (the second records the layout); later steps
     compare layouts in C++; a state replaced by a smaller tensor runs them again, and raises."""
+    from optcompile import runtime
     from optcompile.backends import fused_runtime
+    # layouts recorded by earlier tests' tensors at the same addresses would count as this one's
+    fused_runtime._FITS.clear()
+    runtime._CHECKED.clear()
     calls = []
     checks = fused_runtime.FusedStep._pointers
     monkeypatch.setattr(fused_runtime.FusedStep, "_pointers", staticmethod(lambda *a: calls.append(1) or checks(*a)))
