@@ -322,14 +322,10 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
         if counter is None:
             counter = hypers["step"]
         sr = StochasticRounding(step_key(seed, counter), tuple(index), (0,) * len(index))
-    types, dtypes = set(map(type, params)), {p.dtype for p in params}
-    single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
-    if any(dtype.is_complex for dtype in dtypes):
-        lists = [[_real(x) for x in lst] for lst in lists]
     kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=gradient_release,
               optimizer_accumulation=optimizer_accumulation, alloc=alloc)
     if not info.scalar_states:
-        _step_lists(info, lists, hypers, types, single, sr, **kw)
+        _step_lists(info, lists, hypers, sr, **kw)
     else:  # params holding equal scalar-state values step together, with those values' host scalars
         sets = scalar_state_sets(info, scalar_states)
         if len(sets) > 1:
@@ -340,9 +336,9 @@ def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps,
             sub = {**hypers, **dict(zip(info.scalar_states, values))}
             new.append(info.scalar_update(**sub, **flags))
             if idx is None:
-                _step_lists(info, lists, sub, types, single, sr, **kw)
+                _step_lists(info, lists, sub, sr, **kw)
             else:
-                _step_lists(info, [[lst[i] for i in idx] for lst in lists], sub, types, single,
+                _step_lists(info, [[lst[i] for i in idx] for lst in lists], sub,
                             None if sr is None else sr.take(idx), **kw)
         store_scalar_states(scalar_states, sets, new)
     if info.uses_step:
@@ -368,22 +364,23 @@ def _write_view(info, view, params, state_lists, kahan_comps, hypers, *, step, k
     if info.uses_step:
         hypers["step"] = max(int(step.item()), 1)  # the host values the view does not read stay defined
     alloc = hypers if group is None else {**group, **hypers}
+    kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=False,
+              optimizer_accumulation=False, alloc=alloc, view=view)
+    if not info.scalar_states:
+        return _step_lists(info, lists, hypers, None, **kw)
+    for idx, values in scalar_state_sets(info, scalar_states):  # host inputs of the step; not written here
+        sub = {**hypers, **dict(zip(info.scalar_states, values))}
+        part = lists if idx is None else [[lst[i] for i in idx] for lst in lists]
+        _step_lists(info, part, sub, None, **kw)
+
+
+def _step_lists(info, lists, hypers, sr, **kw) -> None:
+    """``run_functional`` on ``[params, grads, *states, kahan_comps]`` with these host values."""
+    params = lists[0]
     types, dtypes = set(map(type, params)), {p.dtype for p in params}
     single = len(dtypes) == 1 and (all([p.is_cpu for p in params]) or len({p.device for p in params}) == 1)
     if any(dtype.is_complex for dtype in dtypes):
         lists = [[_real(x) for x in lst] for lst in lists]
-    kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused, gradient_release=False,
-              optimizer_accumulation=False, alloc=alloc, view=view)
-    if not info.scalar_states:
-        return _step_lists(info, lists, hypers, types, single, None, **kw)
-    for idx, values in scalar_state_sets(info, scalar_states):  # host inputs of the step; not written here
-        sub = {**hypers, **dict(zip(info.scalar_states, values))}
-        part = lists if idx is None else [[lst[i] for i in idx] for lst in lists]
-        _step_lists(info, part, sub, types, single, None, **kw)
-
-
-def _step_lists(info, lists, hypers, types, single, sr, **kw) -> None:
-    """``run_functional`` on ``[params, grads, *states, kahan_comps]`` with these host values."""
     if any(cls.__name__ == "DTensor" for cls in types):
         if _needs_whole_tensor(info) and any([_is_sharded(p) for p in lists[0]]):
             if not _step_shards(info, lists, hypers, sr=sr, **kw):
