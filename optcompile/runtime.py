@@ -103,6 +103,24 @@ def exp(x: float) -> float:
         return math.inf
 
 
+def power(x: float, y: float) -> float:
+    """IEEE ``pow`` (C's): ±inf on overflow and for 0 to a negative power, NaN for a negative base
+    to a non-integer power (Python raises ``OverflowError``/``ZeroDivisionError`` or returns a
+    complex number); ``math.pow``, the same C function as ``x ** y`` on floats, elsewhere."""
+    try:
+        return math.pow(x, y)
+    except OverflowError:
+        return -math.inf if x < 0 and _odd_integer(y) else math.inf
+    except ValueError:  # 0 to a negative power, or a negative base to a non-integer one
+        if x == 0:
+            return math.copysign(math.inf, x) if _odd_integer(y) else math.inf
+        return math.nan
+
+
+def _odd_integer(y: float) -> bool:
+    return math.isfinite(y) and y == int(y) and int(y) % 2 == 1
+
+
 def log(x: float) -> float:
     """IEEE ``log``: -inf at 0, NaN below 0 (``math.log`` raises)."""
     if x > 0:

@@ -202,6 +202,11 @@ def test_host_math_is_ieee_and_identical_to_math_for_other_values():
     assert runtime.rsqrt(0.0) == math.inf and math.isnan(runtime.rsqrt(-2.0))
     assert runtime.reciprocal(0.0) == math.inf and runtime.reciprocal(-0.0) == -math.inf
     assert runtime.log(0.0) == -math.inf and math.isnan(runtime.log(-1.0)) and runtime.log(math.inf) == math.inf
+    assert runtime.power(10.0, 400.0) == math.inf and runtime.power(-10.0, 401.0) == -math.inf
+    assert runtime.power(0.0, -1.0) == math.inf and runtime.power(-0.0, -3.0) == -math.inf
+    assert runtime.power(-0.0, -2.0) == math.inf and math.isnan(runtime.power(-8.0, 1 / 3))
+    for x, y in [(0.999, 7), (0.9, 1e6), (2.0, -3), (-2.0, 3.0), (0.96, 0.004 * 11), (5, 2), (math.nan, 0.0)]:
+        assert runtime.power(x, y) == x ** y
     for x in (0.0, 1e-300, 0.5, 1 - 0.999**7, 2.0, 1e300, math.inf):
         assert runtime.sqrt(x) == math.sqrt(x)
         assert x == 0 or runtime.rsqrt(x) == 1.0 / math.sqrt(x)

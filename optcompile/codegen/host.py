@@ -15,8 +15,9 @@ from .printing import PrinterBase
 
 class HostPrinter(PrinterBase, PythonCodePrinter):
     """Python floats and bools; ``math`` for transcendental functions; conditions as ``and/or``.
-    IEEE results where Python raises (``math.sqrt(-inf)``, ``1.0 / 0.0``): NaN and ±inf like the
-    kernels, from ``runtime.sqrt``/``rsqrt``/``reciprocal``/``log`` (identical to math's otherwise)."""
+    IEEE results where Python raises (``math.sqrt(-inf)``, ``1.0 / 0.0``, ``10.0**400``): NaN and ±inf
+    like the kernels, from ``runtime.sqrt``/``rsqrt``/``reciprocal``/``log``/``power`` (identical to
+    math's otherwise)."""
 
     FUNCTIONS = {"exp": "_exp", "log": "_log", "Abs": "abs"}
     SQRT, RSQRT = "_sqrt", "_rsqrt"
@@ -28,7 +29,8 @@ class HostPrinter(PrinterBase, PythonCodePrinter):
         return f"_reciprocal({self._print(base)})" if n == 1 else None
 
     def power(self, base, exp) -> str:
-        return f"{self.parenthesize(base, 100)}**{self.parenthesize(exp, 100)}"
+        """``runtime.power`` (``_pow``): C's ``pow``, ±inf or NaN where Python's ``**`` raises."""
+        return f"_pow({self._print(base)}, {self._print(exp)})"
 
     def _print_Max(self, expr):
         return self._nan_ignoring("max", expr)

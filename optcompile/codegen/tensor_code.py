@@ -204,6 +204,9 @@ class DevicePrinter(HostPrinter):
     def reciprocal(self, base, n: int) -> str | None:  # torch's division is IEEE already (±inf at 0)
         return f"(1.0 / {self.parenthesize(base, 100)})" if n == 1 else None
 
+    def power(self, base, exp) -> str:  # and so is its pow
+        return f"{self.parenthesize(base, 100)}**{self.parenthesize(exp, 100)}"
+
     def receiver(self, e) -> str:
         """``e`` as the receiver of a method call: a name or a single call as printed, anything
         else in parentheses (``.item()`` would bind to the last factor of ``a/b``)."""
