@@ -733,8 +733,10 @@ def _step_shards(info, lists, hypers, **kw) -> bool:
 
 def _step_on_full_tensors(info, lists, hypers, **kw) -> None:
     """Sharded DTensors whose reductions cannot be combined from the shards' partials (a
-    ``Partial`` placement; see :func:`_step_shards`): every rank gathers the whole tensors, steps
-    them, and keeps its own shard. Costs an all-gather of param, grad and states per step."""
+    ``Partial`` placement, axis reductions; see :func:`_step_shards`) or that take whole tensors
+    (a ``spec.matrix_fn``: Muon's Newton–Schulz of the full momentum): every rank gathers the whole
+    tensors, steps them, and keeps its own shard. Costs an all-gather of param, grad and states per
+    step (bit-exact with an unsharded step)."""
     from torch.distributed.tensor import distribute_tensor
     full = [[x.full_tensor() if _is_dtensor(x) else x for x in lst] for lst in lists]
     _dispatch(info, full, hypers, **kw)
