@@ -238,9 +238,11 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
                    segments=False) -> str:
     """Explicit choices win (fused, then triton, then foreach); otherwise the fastest that works:
     Triton on GPUs, the fused C kernel on CPU, foreach on other devices, the for-loop last.
-    ``segments``: the spec has values of a reduced shape (Adafactor), whose fused kernel reads them
-    by a broadcast index (an int64 division per element, no SIMD loop): slower on CPU than the
-    for-loop (benchmarks/RESULTS.md), which the automatic choice then takes."""
+    ``segments``: the spec's kernels have torch segments between their stages: values of a reduced
+    shape (Adafactor), which its fused kernel reads by a broadcast index (an int64 division per
+    element, no SIMD loop), slower on CPU than the for-loop (benchmarks/RESULTS.md), or a tensor
+    function (Muon), matmul-bound on any backend (benchmarks/bench_muon.py); the automatic choice
+    then takes the for-loop."""
     if fused:
         return "fused"
     if triton:
