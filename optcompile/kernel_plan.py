@@ -24,7 +24,10 @@ computes it, in terms that no printer re-derives:
   that compute them run as torch ops in a *segment* between two stages (:class:`Segment`); a stage
   reads a reduced-shape state, or an axis value from an fp32 buffer the segment fills, by a
   broadcast index (:func:`broadcast_index`); the full-shape operand of an axis reduction reaches
-  the segment through a spill.
+  the segment through a spill;
+* **tensor functions** (``spec.matrix_fn``, Muon's Newton–Schulz) are segment statements too: their
+  input reaches the segment through a spill, and their result, an fp32 buffer of the param's shape
+  and strides that the segment fills, is read by later stages at the element's own position.
 
 A kernel printer (codegen/triton.py, codegen/c.py) walks the plan and spells it; it decides only
 what is particular to its target (Triton's launch grid, C's variants and SIMD loop).
@@ -41,7 +44,7 @@ import sympy
 from .codegen.forms import Forms
 from .blockformat import scale_key
 from .codegen.host import used_host_names
-from .ir import TRUE, Assign, AxisReduction, Origin, Program, Reduction, TensorScalar, axes_of
+from .ir import TRUE, Assign, AxisReduction, Origin, Program, Reduction, TensorFunction, TensorScalar, axes_of
 from .step_flags import STEP_FLAGS
 
 
@@ -50,7 +53,8 @@ class Buffer:
     """Memory a kernel reads or writes per element."""
 
     name: str
-    role: str  # "param" | "grad" | "state" | "spill" | "axis" (a reduced-shape value a segment computes)
+    role: str  # "param" | "grad" | "state" | "spill" | "axis" (a value a segment computes: of a reduced
+    # shape, or a tensor function's result, of the param's shape)
     storage: str  # "param": the group's dtype (param, kahan_comp); "grad": the grads' dtype; "state": the
     # state's own dtype (``state_precision``, a per-buffer parameter of a C build / Triton launch); "fp32": scratch
     value: str  # the element value it holds (a spill holds a temp, or ``grad`` after L2 decay)
@@ -139,14 +143,15 @@ class Stage:
 @dataclass(frozen=True)
 class Segment:
     """Torch ops between kernel stage ``after`` and the next (-1: before the first): the statements
-    of a reduced shape (axis reductions, updates of reduced-shape states), printed as the foreach
-    backend prints them (codegen/segments.py). They read reduced-shape states and the spills of the
-    full-shape values they reduce, write the reduced-shape states back (rounded to their storage),
-    and fill the ``outputs`` axis buffers that later stages read."""
+    of a reduced shape (axis reductions, updates of reduced-shape states) and tensor functions
+    (``spec.matrix_fn``), printed as the foreach backend prints them (codegen/segments.py). They
+    read reduced-shape states and the spills of the full-shape values they reduce or transform,
+    write the reduced-shape states back (rounded to their storage), and fill the ``outputs`` axis
+    buffers that later stages read."""
 
     index: int
     after: int
-    body: tuple[Assign, ...]
+    body: tuple[Assign | TensorFunction, ...]
     spills: tuple[str, ...]  # spill buffers it reads (each holds a full-shape value, ``Buffer.value``)
     states: tuple[str, ...]  # reduced-shape states it reads or writes
     written: tuple[str, ...]  # those it writes
@@ -207,8 +212,14 @@ class KernelPlan:
         def segment(g: Segment) -> list[str]:
             lines = [f"  segment {g.index} (torch ops):"]
             for s in g.body:
-                lines.append(f"    {s.target} = {text(s.expr)}{when(s.guard)}")
-            return lines + [f"    fill {n} (fp32, broadcast)" for n in g.outputs]
+                if isinstance(s, TensorFunction):
+                    batched = ", batched over same-shaped params" if s.batched else ""
+                    lines.append(f"    {s.name} = {s.fn}({', '.join(map(text, s.expr.args))}){when(s.guard)}"
+                                 f"  (tensor function{batched})")
+                else:
+                    lines.append(f"    {s.target} = {text(s.expr)}{when(s.guard)}")
+            return lines + [f"    fill {n} (fp32, {'broadcast' if self.buffer(n).axes else 'param shape'})"
+                            for n in g.outputs]
 
         def shape(b: Buffer) -> str:
             return f", reduced along {list(b.axes)}" if b.axes else ""
@@ -254,6 +265,11 @@ def stored_slot(names, name: str) -> int:
 # ── building ───────────────────────────────────────────────────────────────────────────────────
 def _names(e) -> set[str]:
     return {s.name for s in sympy.sympify(e).free_symbols}
+
+
+def target_of(s) -> str:
+    """The name a statement sets (a tensor function's result, a per-tensor value, an assignment's target)."""
+    return s.name if isinstance(s, (TensorFunction, TensorScalar, Reduction)) else s.target
 
 
 def _condition_names(e) -> set[str]:
@@ -352,7 +368,7 @@ def _spills(prog: Program, stages: list[list], stored: set[str],
 def build(prog: Program) -> KernelPlan:
     """The plan of ``prog``; NotImplementedError (naming what) for a program the kernels cannot take."""
     original = prog
-    split = _AxisSplit(prog) if prog.has_axes() else None
+    split = _AxisSplit(prog) if prog.has_axes() or prog.tensor_functions() else None
     stages_ir = prog.stages() if split is None else split.stages
     segments_ir = [] if split is None else split.segments
     if split is not None:
@@ -452,14 +468,14 @@ def build(prog: Program) -> KernelPlan:
     segments = []
     for i, (after, body) in enumerate(segments_ir):
         read = set().union(*[_names(s.expr) for s in body])
-        written = [s.target for s in body if s.target in reduced_states]
+        written = [target_of(s) for s in body if target_of(s) in reduced_states]
         later_reads = set().union(*[_names(s.expr) for st in stages_ir[after + 1:] for s in st]) if after + 1 < \
             len(stages_ir) else set()
         segments.append(Segment(
             i, after, tuple(body), tuple(spill_of[n] for n in sorted(segment_reads[i])),
             tuple(b.name for b in buffers if b.name in reduced_states and b.name in read | set(written)),
             tuple(dict.fromkeys(written)),
-            tuple(n for n in dict.fromkeys(s.target for s in body) if n in axis_values and n in later_reads)))
+            tuple(n for n in dict.fromkeys(target_of(s) for s in body) if n in axis_values and n in later_reads)))
     broadcasts = tuple(dict.fromkeys(b.axes for b in buffers if b.axes and any(
         b.name in {a.buffer for a in st.loads} for st in stages)))
     return KernelPlan(prog.name, prog.functional, prog.spec_path, tuple(buffers), tuple(used), tuple(flags),
@@ -469,9 +485,6 @@ def build(prog: Program) -> KernelPlan:
 
 def unsupported(prog: Program) -> str | None:
     """Why the kernel backends cannot take ``prog`` (then they run its foreach step), or None."""
-    if prog.tensor_functions():
-        return ("a tensor function (spec.matrix_fn) between stages runs only as torch ops yet, so the kernel "
-                "backends run the whole step there")
     try:
         build(prog)
     except NotImplementedError as exc:
@@ -525,10 +538,12 @@ def broadcast_index(shape, axes, strides=None) -> tuple[int, ...]:
 
 
 class _AxisSplit:
-    """A program with values of a reduced shape, as kernel stages and the segments between them.
+    """A program with values of a reduced shape or tensor functions, as kernel stages and the
+    segments between them.
 
     Each statement is a *kernel* statement (full-shape element math, per-tensor values) or a
-    *segment* statement (an assignment of a reduced shape: a reduced-shape state, a reduced temp).
+    *segment* statement (an assignment of a reduced shape: a reduced-shape state, a reduced temp;
+    a tensor function, whose input is a kernel temp that reaches the segment through a spill).
     An axis reduction inside a kernel statement becomes a segment temp (``axis0 = AxisMean(…)``)
     that the kernel reads by a broadcast index; the full-shape operand of an axis reduction is a
     kernel temp (``axis_in0``), which reaches the segment through a spill. Statements are then
@@ -564,6 +579,9 @@ class _AxisSplit:
         if isinstance(s, TensorScalar):
             self.out.append(("kernel", s))
             return
+        if isinstance(s, TensorFunction):
+            self.tensor_function(s)
+            return
         shape = self.shape(s.expr)
         if isinstance(s, Reduction):
             if shape:
@@ -586,6 +604,24 @@ class _AxisSplit:
         if s.target not in self.stored:
             self.known[s.target] = frozenset()  # a kernel temp: one value per element
         self.out.append(("kernel", dataclasses.replace(s, expr=self.kernel_expr(s.expr, s.guard, s.origin))))
+
+    def tensor_function(self, s: TensorFunction) -> None:
+        """``s`` as a segment statement over a kernel temp (a state or the grad it reads is copied
+        into one first); its result is a full-shape value that later kernel statements read."""
+        x = s.input
+        if not (isinstance(x, sympy.Symbol) and x.name not in self.stored | {"grad"} and
+                self.known.get(x.name) == frozenset()):
+            sym = sympy.Symbol(self.fresh(f"{s.fn}_in"), real=True)
+            self.known[sym.name] = frozenset()
+            self.out.append(("kernel", Assign(sym, x, s.guard, s.origin)))
+            s = dataclasses.replace(s, expr=sympy.Tuple(sym, *s.args))
+        bad = sorted(_names(s.expr) & self.per_tensor)
+        if bad:
+            raise NotImplementedError(f"{self.prog.name}: a tensor function ({_shown(s.origin)}) reads the "
+                                      f"per-tensor {', '.join(bad)}, which the kernels' torch segments do not take")
+        self.known[s.name] = frozenset()
+        self.axes[s.name] = ()
+        self.out.append(("segment", s))
 
     @staticmethod
     def outermost(e) -> list:

@@ -256,9 +256,11 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
                    segments=False) -> str:
     """Explicit choices win (fused, then triton, then foreach); otherwise the fastest that works:
     Triton on GPUs, the fused C kernel on CPU, foreach on other devices, the for-loop last.
-    ``segments``: the spec has values of a reduced shape (Adafactor), whose fused kernel reads them
-    by a broadcast index (an int64 division per element, no SIMD loop): slower on CPU than the
-    for-loop (benchmarks/RESULTS.md), which the automatic choice then takes."""
+    ``segments``: the spec's kernels have torch segments between their stages: values of a reduced
+    shape (Adafactor), which its fused kernel reads by a broadcast index (an int64 division per
+    element, no SIMD loop), slower on CPU than the for-loop (benchmarks/RESULTS.md), or a tensor
+    function (Muon), matmul-bound on any backend (benchmarks/bench_muon.py); the automatic choice
+    then takes the for-loop."""
     if fused:
         return "fused"
     if triton:
@@ -748,8 +750,10 @@ def _step_shards(info, lists, hypers, **kw) -> bool:
 
 def _step_on_full_tensors(info, lists, hypers, **kw) -> None:
     """Sharded DTensors whose reductions cannot be combined from the shards' partials (a
-    ``Partial`` placement; see :func:`_step_shards`): every rank gathers the whole tensors, steps
-    them, and keeps its own shard. Costs an all-gather of param, grad and states per step."""
+    ``Partial`` placement, axis reductions; see :func:`_step_shards`) or that take whole tensors
+    (a ``spec.matrix_fn``: Muon's Newton–Schulz of the full momentum): every rank gathers the whole
+    tensors, steps them, and keeps its own shard. Costs an all-gather of param, grad and states per
+    step (bit-exact with an unsharded step)."""
     from torch.distributed.tensor import distribute_tensor
     full = [[x.full_tensor() if _is_dtensor(x) else x for x in lst] for lst in lists]
     _dispatch(info, full, hypers, **kw)

@@ -15,9 +15,10 @@ STEPS = 4
 BATCH = 16  # per rank
 
 
-def model_and_data(seed=0, world=2):
+def model_and_data(seed=0, world=2, bias=True):
+    """A two-layer MLP and its batches; ``bias=False``: matrices only (Muon takes nothing else)."""
     g = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10, bias=bias), torch.nn.Tanh(), torch.nn.Linear(10, 3, bias=bias))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
@@ -93,6 +94,30 @@ def sharded_backends() -> list[str]:
 
 def make_on(name, params, backend):
     return opt_class(name)(params, lr=1e-2, **BACKENDS[backend], **kwargs(name))
+
+
+def matrix_shard_inputs():
+    """``shard_inputs``' matrices: (7, 3) splits 4 + 3 rows, (1, 4) leaves rank 1 an empty shard."""
+    params, grads = shard_inputs()
+    return [params[0], params[2]], [[gs[0], gs[2]] for gs in grads]
+
+
+def reference_matrix_training(name, backend):
+    """``reference_training`` of the matrices-only model on one backend (Muon's FSDP2 check)."""
+    model, xs, ys = model_and_data(bias=False)
+    train(model, make_on(name, model.parameters(), backend), xs, ys)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def reference_matrix_steps(name, backend):
+    params, grads = matrix_shard_inputs()
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = make_on(name, ps, backend)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in ps]
 
 
 def reference_steps_on(name, backend):
@@ -197,6 +222,28 @@ def main() -> None:
                 lone.grad = distribute_tensor(gs[2], mesh, [Shard(0)])
                 opt.step()
             results[("sharded_lone", name, backend)] = lone.full_tensor().detach().clone()
+
+    # Muon (whole matrices: Newton–Schulz of the full momentum): FSDP2 training, and sharded
+    # DTensor steps, on every backend; each step gathers the full tensors (runtime._step_on_full_tensors)
+    for backend in sharded_backends():
+        model, xs, ys = model_and_data(world=world, bias=False)
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        train(model, make_on("muon", model.parameters(), backend), xs, ys, rank, world)
+        results[("fsdp2_muon", backend)] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        results[("fsdp2_muon_local_shape", backend)] = [tuple(p.to_local().shape) for p in model.parameters()]
+        params, grads = matrix_shard_inputs()
+        ps = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in params]
+        opt = make_on("muon", ps, backend)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+        results[("dtensor_muon", backend)] = [p.full_tensor().detach().clone() for p in ps]
+        results[("dtensor_muon_state", backend)] = [
+            (type(opt.state[p]["momentum_buffer"]).__name__, tuple(opt.state[p]["momentum_buffer"].to_local().shape))
+            for p in ps]
 
     from optcompile.sharding import ShardedReductions
     shards = ShardedReductions((3, 2, 1), (dist.group.WORLD,))

@@ -134,8 +134,6 @@ class OptimizerInfo:
     * ``schedule_free``: the oracle is the ``schedulefree`` package's class of the same name
       (:func:`schedulefree_cls`: put in train mode on construction, as optcompile's start), which
       neither optimi nor torch.optim has; its params hold a view (``train()``/``eval()``).
-    * ``kernels``: the Triton and fused backends have kernels for it. Not Muon: its tensor
-      function (``spec.matrix_fn``) runs as torch ops, so those backends warn and run its foreach step.
     * ``summed_states``: states that sum terms much larger than themselves, so where one crosses
       zero two backends' fp32 values differ by a few ulps of the *terms*: the backend comparisons
       (tests/test_fused.py, tests/test_triton.py) allow an absolute error of ``SUMMED_ULPS`` fp32
@@ -168,7 +166,6 @@ class OptimizerInfo:
     kahan: Mapping = field(default_factory=dict)
     summed_states: tuple[str, ...] = ()
     torch_exact: tuple[str, ...] = ("eager", "foreach")
-    kernels: bool = True
     nonnegative: tuple[str, ...] = ()
     param_ndims: tuple[int, ...] = ()  # spec.param_ndim: the ranks the class accepts (Muon: 2-D), () any
     schedule_free: bool = False  # the schedulefree package's class of the same name is the oracle
@@ -371,7 +368,6 @@ _ENTRIES = {e.stem: e for e in [
             dict(), dict(nesterov=False), dict(weight_decay=0.0, momentum=0.9), dict(adjust_lr_fn="original"),
             dict(adjust_lr_fn="match_rms_adamw", weight_decay=0.01),
             dict(nesterov=False, ns_steps=3, eps=1e-5, ns_coefficients=(3.0, -3.2, 1.2)))),
-        kernels=False,
         param_ndims=(2,)),
     OptimizerInfo(
         "nadam", "NAdam", nonnegative=("exp_avg_sq",),

@@ -24,8 +24,8 @@ from optcompile.paths import builtin_specs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-# every built-in but those that take only matrices (Muon): the worker's model has 1-D params, and
-# Muon's FSDP2 path (whole tensors) has no gloo test yet
+# every built-in but those that take only matrices (Muon): the worker's model has 1-D params
+# (Muon's FSDP2 runs on a matrices-only model: test_fsdp2_muon_*)
 NAMES = [p.stem for p in builtin_specs() if not builtin_module(p.stem)._INFO.extra.get("param_ndims")]
 
 REDUCTION_SPEC = """\
@@ -152,3 +152,20 @@ def test_sharded_reduction_rules(results):
     torch.testing.assert_close(ops["sum"], torch.tensor([7.0, nan, -5.0]), equal_nan=True)
     torch.testing.assert_close(ops["mean"], torch.tensor([7.0 / 3, nan, -5.0]), equal_nan=True)
     torch.testing.assert_close(ops["max"], torch.tensor([4.0, nan, -5.0]), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", w.sharded_backends())
+def test_fsdp2_muon_matches_unsharded(results, backend):
+    """Muon orthogonalizes whole matrices, so a sharded step gathers param, grad and momentum
+    (runtime._step_on_full_tensors), steps them whole on every rank and keeps each rank's shard.
+    Sharded DTensor steps on the same grads are bit-exact with the unsharded run; FSDP2 training
+    matches it up to the reduce-scatter's rounding of the gradients (which a bf16 Newton–Schulz
+    may turn into a bf16 ulp of the update: lr·2⁻⁸)."""
+    res, _ = results
+    assert res[("fsdp2_muon_local_shape", backend)] == [(5, 6), (2, 10)], "params were not sharded"
+    _close(res[("fsdp2_muon", backend)], w.reference_matrix_training("muon", backend), 1e-4, 1e-4,
+           f"fsdp2 muon on {backend}")
+    for i, (a, b) in enumerate(zip(res[("dtensor_muon", backend)], w.reference_matrix_steps("muon", backend))):
+        assert torch.equal(a, b), f"muon on {backend}, tensor {i}: max diff {(a - b).abs().max()}"
+    # the momentum stays sharded: rank 0's rows of (7, 3) and of (1, 4)
+    assert res[("dtensor_muon_state", backend)] == [("DTensor", (4, 3)), ("DTensor", (1, 4))]

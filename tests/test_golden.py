@@ -38,6 +38,13 @@ def test_ir_after_each_pass(spec):
     _check(f"{spec}.plan.txt", kernel_plan.build(build_program(s)).dump())
 
 
+@pytest.mark.parametrize("spec", ["muon"])
+def test_plan_with_segments(spec):
+    """A kernel plan with torch segments between its stages (Muon: Newton–Schulz between the
+    momentum kernel and the param-update kernel)."""
+    _check(f"{spec}.plan.txt", kernel_plan.build(build_program(as_spec(ROOT / "specs" / f"{spec}.py"))).dump())
+
+
 def test_passes_are_idempotent():
     from optcompile.passes import run_passes
     for spec in ("adamw", "sgd", "adan"):

@@ -2,20 +2,20 @@
 groups (the second at half the lr) under a StepLR schedule, square, tall and wide matrices.
 
 eager and foreach are **bit-exact** with torch's (only, for-loop) path in fp32, params and
-momentum buffers. triton and fused have no kernels for a spec with a host matrix function
-(``spec.matrix_fn``): they say so once (a ``UserWarning``) and run the foreach step, so they are
-bit-exact too. bf16 with Kahan summation tracks torch in fp32 on every backend. The rank error,
-``adjust_lr_fn``'s error and the state_dict round trip (torch → optcompile → torch) are torch's.
+momentum buffers. triton and fused run their kernels around the matrix function (stage 0: the
+momentum and the Nesterov blend; a segment: Newton–Schulz as torch ops on the kernel's fp32 spill;
+stage 1: the decayed param update): momentum buffers are bit-exact there too, params within
+``rtol=1e-5, atol=1e-6`` after 24 steps (the kernels' ``p·(1−γλ) − γ'·O`` rounds without torch's
+fused multiply-add; seen: ≤ 2e-6 absolute, ≤ 7e-6 relative). bf16 with Kahan summation tracks
+torch in fp32 on every backend. The rank error, ``adjust_lr_fn``'s error and the state_dict round
+trip (torch → optcompile → torch) are torch's.
 """
-import contextlib
 import inspect
-import warnings
 
 import pytest
 import torch
 
 import optcompile
-import optcompile.runtime as rt
 from optimizers import BACKENDS, backend_params
 
 STEPS = 24
@@ -45,48 +45,41 @@ def train(opt, params, steps=STEPS):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
     for grads in gradients(params, steps):
         for p, gr in zip(sum(params, []), grads):
-            p.grad = gr.to(p.dtype)
+            p.grad = torch.empty_like(p).copy_(gr)  # laid out like its param (a transposed one too)
         opt.step()
         sched.step()
     return opt
 
 
-@contextlib.contextmanager
-def fallback_warning(backend):
-    """Triton and fused warn once that they run the foreach step (no kernels around a matrix function)."""
-    rt._NO_KERNEL_WARNED.discard(("Muon", backend))
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        yield
-    said = [w for w in record if "kernels for this spec" in str(w.message)]
-    assert len(said) == (backend in ("triton", "fused")), [str(w.message) for w in said]
-    assert all(f"Muon: no {backend} kernels for this spec" in str(w.message) for w in said)
+KERNEL_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+pytestmark = [pytest.mark.filterwarnings("error:.*kernels")]  # every backend runs its own code (no fallback)
 
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
 def test_matches_torch_muon(kw, backend):
     ours, theirs = make_params(), make_params()
-    with fallback_warning(backend):
-        o = train(make(optcompile.Muon, ours, kw, **BACKENDS[backend].flags), ours)
+    o = train(make(optcompile.Muon, ours, kw, **BACKENDS[backend].flags), ours)
     t = train(make(torch.optim.Muon, theirs, kw), theirs)
     for a, b in zip(sum(ours, []), sum(theirs, [])):
-        assert torch.equal(a, b), f"{tuple(a.shape)}: max |Δ| = {(a - b).abs().max():.3g}"
+        if backend in ("eager", "foreach"):
+            assert torch.equal(a, b), f"{tuple(a.shape)}: max |Δ| = {(a - b).abs().max():.3g}"
+        else:
+            torch.testing.assert_close(a, b, **KERNEL_TOLERANCE)
         assert torch.equal(o.state[a]["momentum_buffer"], t.state[b]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_bf16_kahan_tracks_fp32_torch(backend):
     """bf16 params with Kahan summation stay closer to torch's fp32 trajectory than without, on
-    every backend (the matrix function reads the momentum widened to fp32)."""
+    every backend (the matrix function reads the momentum widened to fp32: the kernels' fp32 spill)."""
     kw = dict(lr=0.02, weight_decay=0.01)
     ref = make_params()
     train(make(torch.optim.Muon, ref, kw), ref)
     errors = {}
     for kahan in (True, False):
         ps = make_params(torch.bfloat16)
-        with fallback_warning(backend) if kahan else warnings.catch_warnings():
-            opt = train(make(optcompile.Muon, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
+        opt = train(make(optcompile.Muon, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
         exact = [p.detach().float() + (opt.state[p]["kahan_comp"].float() if kahan else 0) for p in sum(ps, [])]
         errors[kahan] = max(float((a - b.detach()).abs().max()) for a, b in zip(exact, sum(ref, [])))
     assert errors[True] < errors[False], errors
@@ -146,3 +139,23 @@ def test_state_dict_round_trip_with_torch(kw):
         assert torch.equal(a, b), f"max |Δ| = {(a - b).abs().max():.3g}"
     for a, b in zip(ps[0] + ps[1], ref[0] + ref[1]):
         assert torch.equal(legs[-1].state[a]["momentum_buffer"], t_ref.state[b]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_transposed_matrices_match_torch_muon(backend):
+    """Dense but not contiguous params (a transposed tall matrix, next to a contiguous one of its
+    shape): the kernels' spill holds a param's elements in memory order, so the matrix function
+    must see the spill as the param's view and its result must be laid out like the param."""
+    def make_t():
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn(9, 4, generator=g).t().requires_grad_(), torch.randn(4, 9, generator=g).requires_grad_()]
+    ours, theirs = make_t(), make_t()
+    assert not ours[0].is_contiguous()
+    o = train(make(optcompile.Muon, [ours, []], {}, **BACKENDS[backend].flags), [ours, []], steps=6)
+    t = train(make(torch.optim.Muon, [theirs, []], {}), [theirs, []], steps=6)
+    for a, b in zip(ours, theirs):
+        if backend in ("eager", "foreach"):
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, **KERNEL_TOLERANCE)
+        assert torch.equal(o.state[a]["momentum_buffer"], t.state[b]["momentum_buffer"])

@@ -8,7 +8,6 @@ fp32, 20 steps, two param groups, a StepLR schedule. Tolerances: eager and forea
 Triton kernels evaluate the same math in fp32 with other roundings (``rsqrt``, fused multiply-adds,
 division order): ``rtol=1e-5, atol=1e-6`` after 20 steps (seen: ≤ 3e-7 absolute).
 """
-import contextlib
 import inspect
 
 import pytest
@@ -61,16 +60,6 @@ def train(opt, params, steps=STEPS, seed=1):
     return opt
 
 
-def no_kernel_warning(info, backend):
-    """A spec without Triton/C kernels (``kernels=False``: Muon's tensor function) says so once and
-    runs its foreach step."""
-    if info.kernels or backend in ("eager", "foreach"):
-        return contextlib.nullcontext()
-    import optcompile.runtime as rt
-    rt._NO_KERNEL_WARNED.discard((info.name, backend))
-    return pytest.warns(UserWarning, match=f"{info.name}: no {backend} kernels for this spec")
-
-
 def states(opt):
     return [opt.state[p] for g in opt.param_groups for p in g["params"]]
 
@@ -93,8 +82,7 @@ def compare_states(ours, theirs, exact, info):
 def test_matches_torch_optim(stem, kw, backend):
     info = BY_STEM[stem]
     ours, theirs = make_params(ndims=BY_STEM[stem].param_ndims), make_params(ndims=BY_STEM[stem].param_ndims)
-    with no_kernel_warning(info, backend):
-        o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
+    o = train(make(info.cls, ours, kw, **BACKENDS[backend].flags), ours)
     t = train(make(info.torch_cls, theirs, kw, **info.torch_flags(foreach=backend == "foreach")), theirs)
     exact = backend in info.torch_exact
     for a, b in zip(sum(ours, []), sum(theirs, [])):
@@ -117,8 +105,7 @@ def test_bf16_kahan_tracks_fp32_torch(stem, backend):
     errors, runs = {}, {}
     for kahan in (True, False):
         ps = make_params(torch.bfloat16, BY_STEM[stem].param_ndims)
-        with no_kernel_warning(info, backend) if kahan else contextlib.nullcontext():
-            opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
+        opt = train(make(info.cls, ps, kw, kahan_sum=kahan, **BACKENDS[backend].flags), ps)
         if kahan:
             assert all(s["kahan_comp"] is not None for s in states(opt))
         errors[kahan] = max((p.float() - r).abs().max().item() for p, r in zip(sum(ps, []), sum(ref, [])))

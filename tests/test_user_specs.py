@@ -5,7 +5,6 @@ tensor Piecewise against a hyperparameter and a flag, AdaGrad's hyperparameter-i
 state, Nesterov's guarded read of a `when=` state, CyclicSGD's scalar state, ChoiceSGD's string
 choice, RowNormMomentum's batched matrix function): every backend must compile them and agree
 with the eager backend, in fp32 and bf16."""
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -54,17 +53,12 @@ def test_user_spec_backends_agree_with_eager(path, backend, dtype):
     cls = optcompile.compile_spec(path)
     kw = OPTIONS[path.stem]
     want = _run(cls, kw, dtype, EAGER)
-    reason = cls._info.extra.get("no_kernel")  # RowNormSGD's axis reduction included: Triton and C kernels,
-    assert reason is None or "spec.matrix_fn" in reason, reason  # except around a tensor function
-    if reason is None or backend == "foreach":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*kernels")  # neither skipped nor missing
-            got = _run(cls, kw, dtype, BACKENDS[backend].flags)
-    else:  # the documented fallback: the foreach step, said once
-        import optcompile.runtime as rt
-        rt._NO_KERNEL_WARNED.discard((cls.__name__, backend))
-        with pytest.warns(UserWarning, match=f"{cls.__name__}: no {backend} kernels for this spec"):
-            got = _run(cls, kw, dtype, BACKENDS[backend].flags)
+    # every user spec has Triton and C kernels (RowNormSGD's axis reduction and RowNormMomentum's
+    # tensor function included: torch segments between kernel stages)
+    assert cls._info.extra.get("no_kernel") is None, cls._info.extra.get("no_kernel")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*kernels")  # neither skipped nor missing
+        got = _run(cls, kw, dtype, BACKENDS[backend].flags)
     for a, b in zip(got, want):
         if dtype == torch.float32:  # fp32 math in another association order: a few ulp over 6 steps
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -363,7 +357,8 @@ def test_batched_matrix_fn_spec_matches_torch_reference(backend, dtype):
     """RowNormMomentum (tests/user_specs/rownormmomentum.py: a batched ``spec.matrix_fn``, one call
     per shape on the stack of same-shaped params) against the algorithm written by hand in torch,
     on square, tall and wide matrices, two of one shape; bf16 with Kahan summation tracks the fp32
-    reference. The Triton and fused backends run its foreach step and say so once."""
+    reference. The Triton and fused backends run it as kernels around the function, which runs on
+    the stack of their fp32 spills (no fallback, no warning)."""
     cls = optcompile.compile_spec(Path(__file__).parent / "user_specs" / "rownormmomentum.py")
     shapes = [(5, 5), (7, 3), (3, 7), (7, 3)]
     gen = torch.Generator().manual_seed(0)
@@ -371,11 +366,8 @@ def test_batched_matrix_fn_spec_matches_torch_reference(backend, dtype):
     ours = [p.clone().to(dtype).requires_grad_() for p in ref]
     opt = cls(ours, lr=1e-2, momentum=0.8, weight_decay=0.1, **BACKENDS[backend].flags)
     mom = [torch.zeros(s) for s in shapes]
-    import optcompile.runtime as rt
-    rt._NO_KERNEL_WARNED.clear()
-    warns = pytest.warns(UserWarning, match="RowNormMomentum: no .* kernels for this spec") \
-        if backend in ("triton", "fused") else contextlib.nullcontext()
-    with warns:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*kernels")
         for _ in range(8):
             grads = [torch.randn(s, generator=gen) for s in shapes]
             for p, gr in zip(ours, grads):

@@ -88,16 +88,23 @@ class LaunchPlan:
         at = row.storage_offset()
         return [torch.as_strided(row, p.shape, p.stride(), at + o) for o, p in zip(self.layout.host_offsets, params)]
 
-    def pointer_rows(self, lists) -> torch.Tensor:
+    def pointer_rows(self, lists, like=None) -> torch.Tensor:
         """The pointer table of a segment's axis buffers: int64 [len(lists), n_tensors], 0 where a
         value was not computed (its readers' guard is off). Each is made a contiguous fp32 tensor
-        (a reduction of a permuted layout keeps it), held by the plan until the step ends."""
+        (a reduction of a permuted layout keeps it), held by the plan until the step ends; where
+        ``like`` names the params (a tensor function's result, of the param's shape), it is laid
+        out like its param instead, since the kernels read it at the element's memory position."""
         rows = []
-        for values in lists:
+        for k, values in enumerate(lists):
             if values is None:
                 rows.append([0] * self.layout.n_tensors)
                 continue
-            values = [t.contiguous().float() for t in values]
+            params = like[k] if like is not None else None
+            if params is None:
+                values = [t.contiguous().float() for t in values]
+            else:
+                values = [t.float() if t.stride() == p.stride() else
+                          torch.empty_like(p, dtype=torch.float32).copy_(t) for t, p in zip(values, params)]
             self.held.append(values)
             rows.append([t.data_ptr() for t in values])
         return torch.tensor(rows, dtype=torch.int64).to(self.layout.numels.device)

@@ -369,8 +369,9 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
         value = b.value if b.storage == "fp32" else f"OC_EXACT_{b.name}({b.value})"
         stores.append(_if(a.guard, f"oc_ptr_{b.name}[oc_i] = {value};"))
     declared = [f"float {' = 0.0f, '.join(temps)} = 0.0f;"] if temps else []
-    spills = any(plan.buffer(n).role == "spill" or plan.buffer(n).broadcast for n in st.buffers())
-    # fp32 spill rows (and broadcast loads) are not in the even/odd lane order
+    spills = any(plan.buffer(n).role in ("spill", "axis") or plan.buffer(n).broadcast for n in st.buffers())
+    # fp32 spill rows and segments' buffers (a tensor function's result; broadcast loads) are not in
+    # the even/odd lane order
     vector = None if vbody is None or spills else {
         "loads": [{"name": a.buffer, "value": plan.buffer(a.buffer).value, "guard": _guard(a.guard)}
                   for a in st.loads],

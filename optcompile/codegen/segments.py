@@ -1,27 +1,33 @@
 """The kernel backends' segments as torch code: the statements of a reduced shape (axis reductions,
-updates of reduced-shape states) that run between two kernel stages (kernel_plan.Segment).
+updates of reduced-shape states) and the tensor functions (``spec.matrix_fn``) that run between two
+kernel stages (kernel_plan.Segment).
 
 A segment is printed by the foreach backend's printer (tensor_code.py) over the lists of one
 (device, dtype) group, so its math, grouping and rounding are the foreach step's: reduced-shape
 states are read from their storage into fp32 views, updated, and written back rounded to their
 storage (to nearest, or stochastically with the foreach backend's bits); the full-shape values it
 reduces come from the kernels' fp32 spills, as views shaped like the params; the values later
-stages read are fp32 tensors of a reduced shape (the axis buffers). The Triton launcher runs these
+stages read are fp32 tensors of a reduced shape (the axis buffers), or of the param's shape (a
+tensor function's result, over the fp32 spill of its input: per tensor, or once over the stack
+of same-shaped params where the function is batched). The Triton launcher runs these
 lines between its launches; the fused C kernel calls them back between its stages.
 """
 from __future__ import annotations
 
 import itertools
 
-from ..ir import TRUE, Program
-from ..kernel_plan import KernelPlan, Segment
+from ..ir import TRUE, Program, TensorFunction
+from ..kernel_plan import KernelPlan, Segment, target_of
 from .tensor_code import ForeachDialect, buffer_slot, emit_body
 
 
 def lines(prog: Program, plan: KernelPlan, seg: Segment, spill: str) -> list[str]:
     """``seg`` as Python lines over ``params`` and the state lists (``<state>s``); ``spill``: the
     expression (with ``{i}``, the spill's row) of a spill's per-tensor views."""
-    out = [f"# segment {seg.index}: torch ops on values of a reduced shape (the foreach backend's)",
+    fns = [s.fn for s in seg.body if isinstance(s, TensorFunction)]
+    what = " and ".join((["on values of a reduced shape"] if len(fns) < len(seg.body) else []) +
+                        [f"of the tensor function {f}" for f in dict.fromkeys(fns)])
+    out = [f"# segment {seg.index}: torch ops {what} (the foreach backend's)",
            "param = params  # the foreach printer's list (its length, for host scalars zipped with it)"]
     for n in seg.states:
         out.append(f"_{n}_s = {n}s")
@@ -30,7 +36,7 @@ def lines(prog: Program, plan: KernelPlan, seg: Segment, spill: str) -> list[str
     for name in seg.spills:
         out.append(f"{plan.buffer(name).value} = {spill.format(i=spills.index(name))}")
     out += [f"{n} = None  # computed only where its readers run" for n in seg.outputs
-            if any(s.target == n and s.guard != TRUE for s in seg.body)]
+            if any(target_of(s) == n and s.guard != TRUE for s in seg.body)]
     body, written = emit_body(prog, ForeachDialect(), seg.body, itertools.count())
     out += body
     for n in written:

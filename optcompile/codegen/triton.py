@@ -359,7 +359,9 @@ class KernelBuilder:
         from .segments import lines
         return {"kind": "segment", "index": seg.index,
                 "lines": lines(self.prog, self.plan, seg, "_plan.spill_views({i}, params)"),
-                "outputs": list(seg.outputs)}
+                "outputs": list(seg.outputs),
+                # a tensor function's result is laid out like its param (read at the element's position)
+                "like": ["None" if self.plan.buffer(n).axes else "params" for n in seg.outputs]}
 
     def context(self) -> dict:
         launches = [self.segment(g) for g in self.plan.segments_after(-1)]
@@ -386,6 +388,7 @@ class KernelBuilder:
             "uses_numel": any(st.uses_numel for st in self.plan.stages),
             "n_launches": sum(1 for k in launches if k["kind"] != "segment"),
             "n_segments": len(self.plan.segments),
+            "tensor_functions": list(dict.fromkeys(f.source.rstrip() for f in self.prog.tensor_functions())),
             "optional": list(self.plan.optional),  # None → 0.0
             "state_dtypes": [self.dtype(b) for b in self.plan.buffers if b.storage == "state"],
             # states whose 8-bit codes the kernels load and store (runtime.kernel_codes), by state list
