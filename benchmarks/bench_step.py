@@ -20,8 +20,14 @@ keywords: ours eager/foreach/fused against torch's for-loop/foreach (and fused w
 one), and "× torch best", ours fused over torch's fastest path.
 
 Optional peer: DeepSpeed's ``DeepSpeedCPUAdam`` (ZeRO-Offload's CPU Adam) for AdamW on CPU,
-when ``deepspeed`` is installed and its C++ op builds (``pip install -e .[bench]``); it keeps
-fp32 states for bf16 params. Without it the column is left out with a one-line note.
+when ``deepspeed`` is installed and its C++ op builds (``pip install -e .[bench]``; the first
+build takes minutes, then it is cached in ~/.cache/torch_extensions); it keeps fp32 states for
+bf16 params, so ``--dtypes`` ``bf16-fp32states`` (bf16 params, ours ``state_precision="fp32"``
+without Kahan summation) compares like with like. Without it the column is left out with a
+one-line note:
+
+    .venv/bin/python benchmarks/bench_step.py --optimizers adamw --sets gpt2 --threads 1 \
+        --dtypes fp32,bf16,bf16-fp32states --only "fused,deepspeed" --rounds 10 --steps 3
 """
 from __future__ import annotations
 
@@ -138,7 +144,8 @@ def ours_backends(cls, device: str, kw: dict):
     last = ("ours fused", dict(fused=True)) if device == "cpu" else ("ours triton", dict(triton=True))
     paths = [("ours eager", dict(foreach=False, triton=False, fused=False)),
              ("ours foreach", dict(foreach=True, triton=False, fused=False)), last]
-    return [(label, lambda ps, k, flags=flags: cls(ps, kahan_sum=k, **flags, **kw)) for label, flags in paths]
+    return [(label, lambda ps, k, flags=flags, **more: cls(ps, kahan_sum=k, **flags, **kw, **more))
+            for label, flags in paths]
 
 
 def torch_paths(tcls, label: str, kw: dict):
@@ -222,7 +229,10 @@ def deepspeed_cpu_adam():
 def deepspeed_agreement(dcls, steps: int = 20) -> str:
     """How close DeepSpeedCPUAdam(adamw_mode=True) stays to torch.optim.AdamW, so the column
     compares the same algorithm: fp32 params, and bf16 params against fp32 AdamW whose param is
-    rounded to bf16 after every step (what fp32 states + one rounding per step amount to)."""
+    rounded to bf16 after every step (what fp32 states + one rounding per step amount to); and,
+    for bf16, ours fused with ``state_precision="fp32"`` (the bf16-fp32states rows) against the
+    same reference."""
+    from optcompile import AdamW
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=gen) for s in ((1000,), (37, 53))]
@@ -230,13 +240,17 @@ def deepspeed_agreement(dcls, steps: int = 20) -> str:
     for dtype in (torch.float32, torch.bfloat16):
         theirs = [p.to(dtype, copy=True).requires_grad_() for p in start]
         ref = [p.to(dtype).to(torch.float32, copy=True).requires_grad_() for p in start]
+        ours = [p.to(dtype, copy=True).requires_grad_() for p in start]
         ds, ta = dcls(theirs, adamw_mode=True, **kw), torch.optim.AdamW(ref, foreach=False, **kw)
+        oc = AdamW(ours, fused=True, state_precision="fp32", kahan_sum=False, **kw)
         for _ in range(steps):
-            for a, b in zip(theirs, ref):
+            for a, b, c in zip(theirs, ref, ours):
                 a.grad = torch.randn(a.shape, generator=gen).to(dtype)
                 b.grad = a.grad.float()
+                c.grad = a.grad.clone()
             ds.step()
             ta.step()
+            oc.step()
             with torch.no_grad():
                 for b in ref:
                     b.copy_(b.to(dtype).float())
@@ -244,19 +258,28 @@ def deepspeed_agreement(dcls, steps: int = 20) -> str:
         differ = sum(int((a.detach().float() != b.detach()).sum()) for a, b in zip(theirs, ref))
         out.append(f"{str(dtype).split('.')[1]} max |Δparam| {diff:.1e}, {differ} of "
                    f"{sum(p.numel() for p in start)} differ")
+        if dtype == torch.bfloat16:
+            mine = max((c.detach().float() - b.detach()).abs().max().item() for c, b in zip(ours, ref))
+            flips = sum(int((c.detach().float() != b.detach()).sum()) for c, b in zip(ours, ref))
+            out[-1] += f" (ours fused, fp32 states: {mine:.1e}, {flips} differ: fp32 rounding, then bf16's)"
     return f"against torch.optim.AdamW over {steps} steps: " + "; ".join(out)
 
 
-def traffic_bytes(name: str) -> int:
-    """fp32 bytes per param from the generated file's header (``= 28 B/param/step``)."""
+def traffic_buffers(name: str) -> tuple[list[str], list[str]]:
+    """The buffers an ideal fused pass reads and writes, from the generated file's header
+    (``reads param grad exp_avg exp_avg_sq, writes exp_avg exp_avg_sq param = 28 B/param/step``)."""
     head = (generated_dir() / f"{name}.py").read_text().splitlines()[5]
-    return int(re.search(r"= (\d+) B/param", head).group(1))
+    m = re.search(r"reads ([\w ]*), writes ([\w ]*) = \d+ B/param", head)
+    return m.group(1).split(), m.group(2).split()
 
 
-def ideal_bytes(name: str, numel: int, dtype: torch.dtype, kahan: bool) -> float:
-    b = traffic_bytes(name)
-    per = b if dtype == torch.float32 else b // 2 + (4 if kahan else 0)
-    return per * numel
+def ideal_bytes(name: str, numel: int, dtype: torch.dtype, kahan: bool, fp32_states: bool = False) -> float:
+    """Bytes per step: param and grad in ``dtype``, states in it too unless ``fp32_states``; Kahan
+    summation adds a read and a write of ``kahan_comp`` (the param's dtype)."""
+    size = dtype.itemsize
+    reads, writes = traffic_buffers(name)
+    per = sum(size if b in ("param", "grad") or not fp32_states else 4 for b in reads + writes)
+    return (per + (2 * size if kahan else 0)) * numel
 
 
 # ── timing ──────────────────────────────────────────────────────────────────────────────────────
@@ -426,7 +449,14 @@ def column_of(label: str) -> str:
     return "torch " + label.rsplit(" ", 1)[1]
 
 
-DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, True)}  # (dtype, ours' Kahan summation)
+# (param dtype, ours' Kahan summation); "bf16-fp32states": bf16 params with ours' states in fp32 and no
+# Kahan summation, DeepSpeedCPUAdam's storage (torch and optimi keep bf16 states there)
+DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, True), "bf16-fp32states": (torch.bfloat16, False)}
+OURS_DTYPE_OPTIONS = {"bf16-fp32states": {"state_precision": "fp32"}}
+
+
+def dtype_label(dname: str) -> str:
+    return {"bf16": "bf16 (ours +Kahan)", "bf16-fp32states": "bf16, ours fp32 states"}.get(dname, dname)
 README_TAG = "torch-family"  # --readme rewrites README.md between <!-- bench:torch-family:begin/end -->
 
 
@@ -491,8 +521,9 @@ def main(argv=None) -> int:
     if ds_note:
         notes.append(ds_note + ("; AdamW rows only (adamw_mode=True, ours' hyperparameters); with bf16 "
                                 "params it keeps fp32 exp_avg/exp_avg_sq and rounds the param once per "
-                                "step (22 B/param), while ours runs bf16 states + Kahan (18 B/param)"
-                                if with_ds else ""))
+                                "step (22 B/param): like with like on the bf16-fp32states rows (ours "
+                                "state_precision=\"fp32\", no Kahan: 22 B/param); on the bf16 rows ours "
+                                "runs bf16 states + Kahan (18 B/param)" if with_ds else ""))
     title = "# optcompile torch.optim-family step benchmark" if family else "# optcompile step benchmark"
     lines = emit([title, ""] + [f"- {n}" for n in notes] + [""])
     sets = {name: SETS[name](args.scale) for name in args.sets.split(",")}
@@ -551,7 +582,11 @@ def timed_rows(sets: dict, cases, dtypes, makers_of, timing: dict, shapes_of=Non
                 continue
             for dname in dtypes:
                 dtype, kahan = DTYPES[dname]
-                res = time_implementations(makers_of(case), shapes, dtype, kahan, **timing)
+                makers, more = makers_of(case), OURS_DTYPE_OPTIONS.get(dname)
+                if more:
+                    makers = [(label, functools.partial(make, **more) if label.startswith("ours") else make)
+                              for label, make in makers]
+                res = time_implementations(makers, shapes, dtype, kahan, **timing)
                 yield set_name, shapes, case, dname, {column_of(label): t for label, t in res.items()}
 
 
@@ -579,9 +614,10 @@ def step_table(sets, optimizers, dtypes, only, timing, where, with_ds) -> list[s
         ours = by_col.get(cols[2])
         opt_best = min([by_col[c] for c in ("optimi loop", "optimi foreach", "optimi triton") if c in by_col],
                        default=None)
-        gbs = ideal_bytes(name, numel(shapes), dtype, kahan) / ours / 1e9 if ours else None
+        fp32_states = OURS_DTYPE_OPTIONS.get(dname, {}).get("state_precision") == "fp32"
+        gbs = ideal_bytes(name, numel(shapes), dtype, kahan, fp32_states) / ours / 1e9 if ours else None
         row = [set_label(set_name, shapes), f"{name} (torch: {torch_counterpart(name)[2]})",
-               dname + ("+Kahan" if kahan else "")]
+               dtype_label(dname)]
         row += [fmt_ms(by_col.get(c)) for c in cols]
         row += [f"{gbs:.1f}" if gbs else "–", f"{100 * gbs / bw:.0f}%" if gbs else "–",
                 ratio(ours, by_col.get("torch fused")), ratio(ours, opt_best)]
@@ -606,7 +642,7 @@ def torch_family_table(sets, stems, dtypes, only, timing, where) -> list[str]:
         best = min(((by_col[c], c) for c in theirs if c in by_col), default=None)
         best_cell = f"{ratio(by_col.get(ours), best[0])} ({best[1].split()[1]})" if best else "–"
         row = [set_label(set_name, shapes), " ".join([stem] + [f"{k}={v}" for k, v in options.items()]),
-               "bf16 (ours +Kahan)" if DTYPES[dname][1] else dname]
+               dtype_label(dname)]
         lines += emit(["| " + " | ".join(row + [fmt_ms(by_col.get(c)) for c in cols] + [best_cell]) + " |"])
     return lines
 

@@ -5,9 +5,10 @@ AdamW on ``small``, in interleaved rounds inside one process (RESULTS.md, sessio
     .venv/bin/python benchmarks/bench_tables.py                  # 20 rounds × 10 steps, one thread
     .venv/bin/python benchmarks/bench_tables.py --clock cpu      # this thread's CPU time (busy machines)
 
-Rows: ours from prebuilt tables with the pointers read in one C call (the default where a C++
-compiler is found), ours from tables that read them in Python (no C++ compiler), ours over
-``small-flat``, and ``torch.optim.AdamW(fused=True)`` over ``small``. Every optimizer has its own
+Rows: ours from prebuilt tables checked and read by the C++ table checker (the default where a
+C++ compiler and torch's headers are found), ours from tables checked by torch's TensorGuards
+with the pointers read in one C call (no torch headers), or in Python (no C++ compiler), ours
+over ``small-flat``, and ``torch.optim.AdamW(fused=True)`` over ``small``. Every optimizer has its own
 params and states and steps the same grads; the table shows the minimum and the median ms/step
 of the rounds and their ratios to ``small-flat`` and to torch fused.
 """
@@ -49,17 +50,26 @@ def ours(params):
     return optcompile.AdamW(params, fused=True, **HYPERS)
 
 
-def ours_python_pointers(params):
-    """Ours whose tables read the data pointers in Python, as without a C++ compiler."""
-    real = fused_runtime.pointer_reader
-    fused_runtime.pointer_reader = lambda: None
-    try:
-        opt = ours(params)
-        for _ in range(3):
-            opt.step()  # the table is built within these steps, without the reader
-    finally:
-        fused_runtime.pointer_reader = real
-    return opt
+def _without(*names):
+    """Ours whose tables are built without ``fused_runtime``'s ``names`` (factories of the C++
+    helpers), as on a machine where they cannot be built."""
+    def make(params):
+        real = {n: getattr(fused_runtime, n) for n in names}
+        for n in names:
+            setattr(fused_runtime, n, lambda: None)
+        try:
+            opt = ours(params)
+            for _ in range(3):
+                opt.step()  # the table is built within these steps, without them
+        finally:
+            for n, f in real.items():
+                setattr(fused_runtime, n, f)
+        return opt
+    return make
+
+
+ours_guards = _without("table_checker")  # torch's TensorGuards, the pointers read in one C call
+ours_python_pointers = _without("table_checker", "pointer_reader")  # no C++ compiler
 
 
 def table(opt):
@@ -83,15 +93,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     small, flat = many_small(1.0), many_small_flat(1.0)
-    rows = {"ours, C pointers": build(small, ours), "ours, Python pointers": build(small, ours_python_pointers),
+    rows = {"ours, C++ checker": build(small, ours), "ours, guards + C pointers": build(small, ours_guards),
+            "ours, guards + Python pointers": build(small, ours_python_pointers),
             "ours, small-flat": build(flat, ours), "torch fused": build(small, torch_fused)}
-    tables = {label: table(rows[label]) for label in ("ours, C pointers", "ours, Python pointers")}
+    tables = {label: table(rows[label]) for label in list(rows)[:3]}
     if None in tables.values():
         print("no fused table was built (no C compiler?)", file=sys.stderr)
         return 1
-    if tables["ours, C pointers"].reader is None:
-        print("no pointer reader (no C++ compiler): both rows of ours read in Python", file=sys.stderr)
-        del rows["ours, C pointers"]
+    if tables["ours, C++ checker"].checked is None:
+        print("no C++ table checker (no C++ compiler or torch headers): its row left out", file=sys.stderr)
+        del rows["ours, C++ checker"]
+    if tables["ours, guards + C pointers"].reader is None:
+        print("no pointer reader (no C++ compiler): its row left out", file=sys.stderr)
+        del rows["ours, guards + C pointers"]
     times: dict[str, list[float]] = {label: [] for label in rows}
     load = os.getloadavg()[0]
     for _ in range(args.rounds):

@@ -15,12 +15,14 @@
 # torch) does not travel to the GPU machine, so it uses the first of $PYTHON, .venv/bin/python,
 # python3 whose torch sees a GPU, with optcompile imported from this tree (PYTHONPATH) and its
 # dependencies (torch, triton, jinja2, sympy, numpy, filelock; pytest for phase 1) from that
-# Python. torch-optimi is optional: when it is missing and .whl/torch_optimi-*.whl is in the tree,
-# it is installed from that wheel into a temporary folder (--no-index); otherwise the optimi
-# columns stay empty.
+# Python. torch-optimi is optional: when it is missing, it is taken from .whl/site/optimi (a copy
+# of an installed one, written by --prepare) or installed from .whl/torch_optimi-*.whl into a
+# temporary folder (--no-index); otherwise the optimi columns stay empty. .whl is ignored by git:
+# carry it to the GPU machine with the tree.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--tests-timeout S] [--bench-timeout S]
 #                                [--skip-tests] [--skip-bench] [--smoke]
+#   bash benchmarks/gpu_check.sh --prepare   # here, before: copy this machine's optimi into .whl/site
 #   --smoke: every phase at toy size on CPU (interpreter tests subset, tiny benchmark), to check
 #            this script itself on a machine without a GPU.
 set -uo pipefail
@@ -43,6 +45,14 @@ while [ $# -gt 0 ]; do
         --skip-tests) SKIP_TESTS=1; shift ;;
         --skip-bench) SKIP_BENCH=1; shift ;;
         --smoke) SMOKE=1; shift ;;
+        --prepare)
+            # torch-optimi is pure Python: a copy of the installed package (and its metadata) runs anywhere
+            src=$("${PYTHON:-.venv/bin/python}" -c 'import optimi, os; print(os.path.dirname(optimi.__file__))') || {
+                echo "gpu_check.sh --prepare: ${PYTHON:-.venv/bin/python} cannot import optimi" >&2; exit 3; }
+            rm -rf .whl/site && mkdir -p .whl/site && cp -r "$src" .whl/site/ &&
+                cp -r "$(dirname "$src")"/torch_optimi-*.dist-info .whl/site/ 2>/dev/null
+            find .whl/site -name __pycache__ -prune -exec rm -rf {} +
+            echo "gpu_check.sh: optimi copied from $src into .whl/site (carry .whl with the tree)"; exit 0 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (--help lists them)" >&2; exit 64 ;;
     esac
@@ -79,11 +89,14 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if ! "$PY" -c "import optimi" >/dev/null 2>&1; then
     wheel=$(ls .whl/torch_optimi-*.whl 2>/dev/null | head -1)
-    if [ -n "$wheel" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$wheel"; then
+    if [ -d .whl/site/optimi ] && PYTHONPATH="$PYTHONPATH:$ROOT/.whl/site" "$PY" -c "import optimi" >/dev/null 2>&1; then
+        export PYTHONPATH="$PYTHONPATH:$ROOT/.whl/site"
+        echo "  torch-optimi from .whl/site (copied by --prepare)"
+    elif [ -n "$wheel" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$wheel"; then
         export PYTHONPATH="$PYTHONPATH:$WORK/site"
         echo "  torch-optimi installed from $wheel (no network)"
     else
-        echo "  torch-optimi not found (no .whl/torch_optimi-*.whl to install): the optimi columns stay empty"
+        echo "  torch-optimi not found (no .whl/site/optimi or .whl/torch_optimi-*.whl): the optimi columns stay empty"
     fi
 fi
 missing=$("$PY" - <<'EOF'

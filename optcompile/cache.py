@@ -37,7 +37,8 @@ _FALLBACK: dict[Path, Path] = {}  # unusable cache folder → the temp folder us
 # The names optcompile creates; nothing else under the root is ever counted or deleted.
 VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)+(?:[.+_-]?[A-Za-z0-9]+)*")  # <root>/0.1.0/
 ENTRY = re.compile(r"\w+-[0-9a-f]{12}(?:_[a-z]+)?\.(?:py|c)")  # adamw-a71c52e09d4f_triton.py
-# fused/adamw-…_fused-<storage tag: 0, 111s …>-<hash>.so, and the pointer reader's tensor_pointers-<hash>.so
+# fused/adamw-…_fused-<storage tag: 0, 111s …>-<hash>.so, the pointer reader's tensor_pointers-<hash>.so and
+# the table checker's table_check-<hash>.so
 LIBRARY = re.compile(r"[\w.-]+-(?:[0-9]+s?-)?[0-9a-f]{16}\.so")
 FUSED = "fused"
 BUILD_DIR = "optcompile-cc-"  # fused/optcompile-cc-<library>.<random>/: a compiler's work folder

@@ -588,11 +588,12 @@ def test_file_size_limit_is_one_error_line_and_leaves_no_partial_entry(spec_file
 
 
 def test_info_and_clear_count_and_remove_every_library_and_nothing_else(cache_dir):
-    """Kernels for every storage (stochastic rounding's tags end in ``s``) and the pointer reader."""
+    """Kernels for every storage (stochastic rounding's tags end in ``s``), the pointer reader and
+    the table checker."""
     fused = cache_dir / __version__ / "fused"
     fused.mkdir(parents=True)
     ours = [fused / f"adamw-{'a' * 12}_fused-0-{'b' * 16}.so", fused / f"adamw-{'a' * 12}_fused-111s-{'c' * 16}.so",
-            fused / f"tensor_pointers-{'d' * 16}.so"]
+            fused / f"tensor_pointers-{'d' * 16}.so", fused / f"table_check-{'e' * 16}.so"]
     theirs = [fused / "notes.so", fused / f"tensor_pointers-{'d' * 15}.so"]
     for f in ours + theirs:
         f.write_bytes(b"\x7fELF")

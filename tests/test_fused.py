@@ -170,20 +170,26 @@ def test_simd_and_scalar_loops_agree_bitwise(name, kahan):
 
 
 def test_many_tensors_and_threads_agree():
-    """300 tensors in one call; the chunk partition (and so the result) is thread-count independent."""
+    """300 tensors in one call, empty ones and tensors of several chunks among them (each thread
+    carries its tensor from chunk to chunk); the chunk partition (and so the result) is
+    thread-count independent."""
     shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=torch.Generator().manual_seed(3))]
+    for i in (0, 1, 77, 150, 151, 298, 299):
+        shapes[i] = (0,)
+    for i in (2, 78, 152, 297):
+        shapes[i] = (2 * CHUNK + 7,)
     ref_p, _ = _run("adamw", {"weight_decay": 0.1}, torch.float32, False, "eager", 3, shapes)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one_p, one_s = _run("adamw", {"weight_decay": 0.1}, torch.float32, False, "fused", 3, shapes)
-        torch.set_num_threads(2)
-        two_p, two_s = _run("adamw", {"weight_decay": 0.1}, torch.float32, False, "fused", 3, shapes)
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run("adamw", {"weight_decay": 0.1}, torch.float32, False, "fused", 3, shapes)[0])
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(ref_p, one_p, two_p):
+    for a, b, c, d in zip(ref_p, *runs):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
-        assert torch.equal(b, c)
+        assert torch.equal(b, c) and torch.equal(b, d)
 
 
 def test_non_contiguous_falls_back_correctly():

@@ -8,7 +8,8 @@ tensor's) and leave the new tensor as it was.
 
 Every case runs with CPython's dict version tags telling that ``optimizer.state`` did not
 change and with the state looked up and compared by identity (Python 3.12+), each with the data
-pointers read in one C call (``PointerReader``) and in Python (no C++ compiler)."""
+pointers read in one C call (``PointerReader``) and in Python (no C++ compiler), and with the
+C++ table checker (``TableChecker``: every layout, the grads and the pointers in one call)."""
 import copy
 import re
 import warnings
@@ -37,8 +38,12 @@ def state_check(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True, params=["c-pointers", "python-pointers"])
+@pytest.fixture(autouse=True, params=["checker", "c-pointers", "python-pointers"])
 def pointers(request, monkeypatch):
+    if request.param == "checker" and fused_runtime.table_checker() is None:
+        pytest.skip("no C++ table checker (no C++ compiler, or torch's headers are missing)")
+    if request.param != "checker":  # torch's guards, the pointers read in one C call or in Python
+        monkeypatch.setattr(fused_runtime, "table_checker", lambda: None)
     if request.param == "c-pointers" and fused_runtime.pointer_reader() is None:
         pytest.skip("no pointer reader (no C++ compiler, or torch lacks the accessor)")
     if request.param == "python-pointers":
@@ -368,6 +373,7 @@ def test_training_loop_steps_from_the_table(monkeypatch, pointers):
     path, no per-tensor pointer pass; results as a fresh optimizer's."""
     opt, params = _trained()
     assert (_table(opt).reader is not None) == (pointers == "c-pointers")
+    assert (_table(opt).checked is not None) == (pointers == "checker")
     fresh, copies = _fresh(opt, params)
     general = []
     call = fused_runtime.FusedStep.__call__
@@ -478,6 +484,51 @@ def test_pointer_reader_reads_data_pointers_and_refuses_what_is_not_a_tensor():
     for other in (None, 3.0, [torch.zeros(2)]):  # torch throws: caught in C++, returned as False
         assert not reader.read(array.array("q", [id(ts[0]), id(other)]), array.array("q", [0, 0]))
 
+
+
+def test_table_checker_records_layouts_and_reads_pointers():
+    """The C++ checker on its own: pointers as ``data_ptr()``; a param or state whose layout
+    changed (1) or a grad that is missing or of other strides (2) refuse the table; a storage
+    swapped under the same layout, and a TensorImpl swapped into the same object, are read afresh."""
+    import array
+    checker = fused_runtime.table_checker()
+    if checker is None:
+        pytest.skip("no C++ table checker (no C++ compiler, or torch's headers are missing)")
+    assert checker.works()
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    states = [torch.zeros(4, 3), torch.zeros(5)]
+    table = checker.new(ps, ps + states, [0, 1, 4, 5])
+    out = array.array("q", bytes(8 * 6))
+    want = lambda: [t.data_ptr() for t in ps] + [p.grad.data_ptr() for p in ps] + [s.data_ptr() for s in states]
+    assert table.check(out) == 0 and list(out) == want()
+    table.release()
+    ps[1].data = torch.randn(5)  # another storage, the same layout
+    ps[0].grad = torch.randn(4, 3)
+    assert table.check(out) == 0 and list(out) == want()
+    table.release()
+    with torch.no_grad():  # another TensorImpl in the same Python object
+        torch.utils.swap_tensors(ps[1], torch.nn.Parameter(torch.randn(5)))
+    ps[1].grad = torch.randn(5)
+    assert table.check(out) == 0 and list(out) == want()
+    table.release()
+    for change, code in ((lambda: setattr(ps[1], "grad", None), 2),
+                         (lambda: setattr(ps[0], "grad", torch.randn(3, 4).t()), 2),
+                         (lambda: states[1].resize_(6), 1),
+                         (lambda: setattr(ps[0], "data", torch.randn(12)), 1),
+                         (lambda: setattr(ps[1], "data", torch.randn(5, dtype=torch.float64)), 1)):
+        before = [p.grad for p in ps], [p.data for p in ps]
+        change()
+        assert table.check(out) == code
+        table.release()
+        states[1].resize_(5)
+        for p, g, d in zip(ps, *before):
+            p.data = d
+            p.grad = g
+        assert table.check(out) == 0, "back to the recorded layouts"
+        table.release()
+    checker.new(ps, ps, [0, 1])  # freed when collected
 
 
 def test_without_a_cxx_compiler_or_torchs_accessor_there_is_no_reader(monkeypatch):

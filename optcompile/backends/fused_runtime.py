@@ -8,9 +8,11 @@ in ``<cache dir>/fused/``, keyed by the source's hash, the compiler's identity (
 built it. Builds follow the cache's pattern: lock, check again, build in a temp folder, atomic
 rename. Anything that stops the fused path (no compiler, a failed build, fp64 or non-CPU
 tensors, a tensor that is not contiguous) falls back to the generated eager loop, which is the
-reference implementation, with one warning per cause. The prebuilt tables' pointer reader
-(``templates/tensor_pointers.cpp``, ``PointerReader``) is built and cached the same way by the C++
-compiler; without one the tables read their pointers in Python.
+reference implementation, with one warning per cause. The prebuilt tables' checker
+(``templates/table_check.cpp``, ``TableChecker``, against torch's headers) and pointer reader
+(``templates/tensor_pointers.cpp``, ``PointerReader``) are built and cached the same way by the
+C++ compiler; without the checker the tables are checked by torch's ``TensorGuards``, and without
+the reader they read their pointers in Python.
 """
 from __future__ import annotations
 
@@ -543,6 +545,136 @@ def pointer_reader() -> "PointerReader | None":
         return None
 
 
+def _torch_cxx_flags() -> "tuple[str, ...] | None":
+    """The flags that build C++ against this torch's c10 and ATen headers and link its libc10
+    (the torch version among them, so that another torch builds another library), or None
+    where they are missing."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    if not (include / "c10" / "core" / "TensorImpl.h").is_file() or not lib.is_dir():
+        return None
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    return ("-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-DOC_TORCH_VERSION={torch.__version__}", f"-I{include}",
+            f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-L{lib}", "-Wl,--no-as-needed", "-lc10",
+            f"-Wl,-rpath,{lib}")
+
+
+class TableChecker:
+    """A prebuilt table's per-step check and pointer reads in one C++ call
+    (``templates/table_check.cpp``, built against torch's headers): every param's and state's
+    layout against its record, the params' grads read from their autograd metadata and checked
+    against theirs, every data pointer written into the kernel's table. It reads the
+    ``TensorImpl``s directly, prefetching a few tensors ahead, so over thousands of small tensors
+    whose metadata the kernel has pushed out of the caches it costs about a fifth of
+    ``TensorGuards`` and the ``PointerReader`` (benchmarks/bench_tables.py). The tensors are
+    passed as their Python objects (held by the caller), whose TensorImpl is read afresh every
+    step (``torch.utils.swap_tensors`` replaces it), at the offset ``_impl_offset`` found."""
+
+    def __init__(self, lib, impl_at: int):
+        self.impl_at = impl_at  # where a tensor's Python object holds its TensorImpl pointer (_impl_offset)
+        self._new, self._check, self._release, self.free = (lib.oc_table_new, lib.oc_table_check,
+                                                             lib.oc_table_release, lib.oc_table_free)
+        self._new.restype = ctypes.c_void_p
+        self._new.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                              ctypes.c_void_p]
+        self._check.restype = ctypes.c_int
+        self._check.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._release.restype = None
+        self._release.argtypes = [ctypes.c_void_p]
+        self.free.restype = None
+        self.free.argtypes = [ctypes.c_void_p]
+
+    def new(self, params, kept, slots) -> "_Checked | None":
+        """A record of ``params`` (and their grads now) and ``kept`` (the caller holds them all),
+        ``kept[k]``'s pointer going to row ``slots[k]``; None where a grad is missing."""
+        pc = array.array("q", map(id, params))
+        kc = array.array("q", map(id, kept))
+        sc = array.array("q", slots)
+        handle = self._new(self.impl_at, len(pc), pc.buffer_info()[0], len(kc), kc.buffer_info()[0],
+                           sc.buffer_info()[0])
+        return _Checked(self, handle) if handle else None
+
+    def works(self) -> bool:
+        """Pointers match ``data_ptr()`` (a Parameter, an offset view, bf16); a resized param, a
+        grad of other strides and a missing grad are refused."""
+        ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.arange(10.0)[3:]),
+              torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.bfloat16))]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        state = [torch.zeros(3), torch.zeros(7), torch.zeros(2, 2, dtype=torch.bfloat16)]
+        table = self.new(ps, ps + state, [0, 1, 2, 6, 7, 8])
+        if table is None:
+            return False
+        out = array.array("q", bytes(8 * 9))
+        ok = table.check(out) == 0 and list(out) == [t.data_ptr() for t in ps + [p.grad for p in ps] + state]
+        table.release()
+        ps[2].grad = torch.ones(2, 2, dtype=torch.bfloat16).t()
+        ok = ok and table.check(out) == 2
+        ps[2].grad = None
+        ok = ok and table.check(out) == 2
+        ps[2].grad = torch.ones(2, 2, dtype=torch.bfloat16)
+        ok = ok and table.check(out) == 0
+        table.release()
+        ps[0].data = torch.zeros(4)
+        ok = ok and table.check(out) == 1
+        ps[0].data = torch.zeros(3)
+        with torch.no_grad():  # another TensorImpl in the same object: read afresh
+            torch.utils.swap_tensors(ps[0], torch.nn.Parameter(torch.ones(3)))
+        ps[0].grad = torch.ones(3)
+        ok = ok and table.check(out) == 0 and out[0] == ps[0].data_ptr() and out[3] == ps[0].grad.data_ptr()
+        table.release()
+        return ok
+
+
+def _impl_offset() -> "int | None":
+    """Where a tensor's Python object holds its TensorImpl pointer (``Tensor._cdata``; torch's
+    ``THPVariable``: after the object header), the same for a tensor, a Parameter and a view;
+    None where it is not found."""
+    ts = [torch.zeros(3), torch.nn.Parameter(torch.zeros(2)), torch.arange(6.0)[2:]]
+    for at in range(8, 64, 8):
+        if all(ctypes.c_int64.from_address(id(t) + at).value == t._cdata for t in ts):
+            return at
+    return None
+
+
+class _Checked:
+    """One table's record in the C++ checker, freed with this object."""
+
+    def __init__(self, checker: TableChecker, handle: int):
+        self.checker, self.handle = checker, handle
+        self._addr = None
+
+    def check(self, ptrs: array.array) -> int:
+        """0: every tensor has its recorded layout, its pointer is in ``ptrs`` and the grads are
+        held until ``release``; else nothing to run (1 a param or state changed, 2 a grad, 3
+        torch refused a tensor)."""
+        return self.checker._check(self.handle, ptrs.buffer_info()[0])
+
+    def release(self) -> None:
+        self.checker._release(self.handle)
+
+    def __del__(self):
+        handle, self.handle = self.handle, None
+        if handle:
+            self.checker.free(handle)
+
+
+@functools.cache
+def table_checker() -> "TableChecker | None":
+    """The C++ table checker, built and checked once per process; None without torch's headers,
+    a C++ compiler or a working build (tables then use ``TensorGuards`` and the pointer reader)."""
+    flags, cxx, impl_at = _torch_cxx_flags(), cxx_compiler(), _impl_offset()
+    if flags is None or cxx is None or impl_at is None:
+        return None
+    try:
+        checker = TableChecker(ctypes.PyDLL(str(_library(templates_dir() / "table_check.cpp", cxx, flags,
+                                                         "table_check"))), impl_at)
+        return checker if checker.works() else None
+    except Exception:  # no working build: the guards and the pointer reader
+        return None
+
+
 _DATA_PTR = torch.Tensor.data_ptr
 _ALIGN = 16  # fp32 elements: each tensor's scratch starts on a 64-byte line, as torch.empty's would
 
@@ -564,9 +696,11 @@ class FusedTable:
 
     Over thousands of small tensors the step's cost beside the kernel is reading the tensors'
     metadata, which the previous step's kernel (or a forward and backward) has pushed out of the
-    caches: with the ``PointerReader`` the pointers are read in one C call (the params' and
-    states' ids are the table's, the grads' their tuple's own); without it they are read in
-    Python and only the rows that moved are rewritten.
+    caches. With the ``TableChecker`` all of the above is one C++ call that prefetches ahead (the
+    grads read from the params' autograd metadata, held until the kernel returns); else with the
+    ``PointerReader`` the pointers are read in one C call (the params' and states' ids are the
+    table's, the grads' their tuple's own); without either they are read in Python and only the
+    rows that moved are rewritten.
     """
 
     def __init__(self, step: FusedStep, fn, buffers):
@@ -579,19 +713,24 @@ class FusedTable:
         self.params = list(params)
         self.kept_rows = [i for i, none in enumerate(absent) if i != 1 and not none]
         self.kept = tuple(itertools.chain.from_iterable(buffers[i] for i in self.kept_rows))  # params, states
-        self.kept_guard = layouts.guard(list(self.kept))
-        self.grad_guard = layouts.guard(list(buffers[1]))
         numels = [p.numel() for p in params]
         self.numel = array.array("q", numels)
         self.spills = step.iface["spills"]
         self.ptrs = array.array("q", bytes(8 * n * (len(buffers) + self.spills)))  # absent buffers: NULL
-        self.reader = pointer_reader()
-        if self.reader is not None:
-            self.objs = array.array("q", bytes(8 * n * len(buffers)))  # each pointer's tensor (its id); 0: none
-            for i in self.kept_rows:
-                self.objs[i * n:(i + 1) * n] = array.array("q", map(id, buffers[i]))
-        else:
-            self.last: dict[int, list] = {i: [] for i in (1, *self.kept_rows)}  # the pointers in the table
+        checker = table_checker()
+        self.checked = None if checker is None or any(g is not p.grad for p, g in zip(params, buffers[1])) else \
+            checker.new(self.params, self.kept, [i * n + k for i in self.kept_rows for k in range(n)])
+        self.reader = None
+        if self.checked is None:  # without the C++ checker: torch's guards, the pointers read apart
+            self.kept_guard = layouts.guard(list(self.kept))
+            self.grad_guard = layouts.guard(list(buffers[1]))
+            self.reader = pointer_reader()
+            if self.reader is not None:
+                self.objs = array.array("q", bytes(8 * n * len(buffers)))  # each pointer's tensor (its id); 0: none
+                for i in self.kept_rows:
+                    self.objs[i * n:(i + 1) * n] = array.array("q", map(id, buffers[i]))
+            else:
+                self.last: dict[int, list] = {i: [] for i in (1, *self.kept_rows)}  # the pointers in the table
         self.scratch_at = len(buffers) * n
         offsets, at = [], 0
         for k in numels:
@@ -603,6 +742,14 @@ class FusedTable:
         """One kernel call over the table's tensors and their params' grads now, if every one of
         them has its recorded layout; False, nothing stepped, otherwise."""
         reader, n, ptrs = self.reader, self.n, self.ptrs
+        if self.checked is not None:
+            if self.checked.check(ptrs) != 0:
+                return False
+            try:
+                self._run(host)
+            finally:
+                self.checked.release()  # the grads, held while the kernel ran
+            return True
         grads = tuple(map(_GRAD, self.params))
         if not self.grad_guard.check(*grads):
             return False
@@ -622,6 +769,12 @@ class FusedTable:
                     last[i] = now
         else:
             return False
+        self._run(host)
+        return True
+
+    def _run(self, host: dict) -> None:
+        """The kernel over the table, whose pointers were just read (and the spills' scratch)."""
+        n, ptrs = self.n, self.ptrs
         scratch = None
         if self.spills:  # one fp32 buffer per spill for all tensors, freed after the step as before
             scratch = torch.empty(self.spills * self.scratch_numel, dtype=torch.float32)
@@ -632,7 +785,6 @@ class FusedTable:
                 base += self.scratch_numel * 4
         self.fused._launch(self.fn, n, self.numel.buffer_info()[0], ptrs.buffer_info()[0], host)
         del scratch
-        return True
 
 
 _GRAD = operator.attrgetter("grad")
