@@ -643,7 +643,6 @@ class _Checked:
 
     def __init__(self, checker: TableChecker, handle: int):
         self.checker, self.handle = checker, handle
-        self._addr = None
 
     def check(self, ptrs: array.array) -> int:
         """0: every tensor has its recorded layout, its pointer is in ``ptrs`` and the grads are
