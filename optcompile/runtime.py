@@ -998,9 +998,9 @@ class CompiledOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: no {name!r} for this param (shape "
                              f"{tuple(getattr(param, 'shape', ()))}): states are allocated at its first step, and "
                              "only under the hyperparameters that use them")
-        from .quantize import dequantize, is_codes, scale_key
+        from .quantize import dequantize_state, is_codes, scale_key
         if is_codes(value) and scale_key(name) in state:
-            return dequantize(value, state[scale_key(name)])
+            return dequantize_state(value, state[scale_key(name)])
         return value.to(torch.float32, copy=True)
 
     # ── parameter views (spec.eval_view) ───────────────────────────────────────────────────────
@@ -1280,6 +1280,8 @@ def kernel_codes(info: OptimizerInfo, group: dict, params, gradient_release: boo
                           gradient_release=gradient_release, segments="kernel_segments" in info.extra)
     if name not in ("fused", "triton") or not info.extra.get("kernels", True):
         return frozenset()
+    if _needs_whole_tensor(info) and not info.extra.get("shard_reductions") and any(map(_is_sharded, params)):
+        return frozenset()  # stepped on gathered whole tensors (_step_on_full_tensors): decoded states
     return frozenset(getattr(info.backend(name), "codes", ()))
 
 
@@ -1313,7 +1315,7 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
     its new absmax). Params are split by which of their states are codes (those below the size
     threshold keep fp32 states). The group's step count advances once: every call starts from
     the count the step began with."""
-    from .quantize import dequantize, is_codes, quantize_, scale_key
+    from .quantize import dequantize_state, is_codes, local_scales, quantize_state_, scale_key
     scalar_states = kw.pop("scalar_states", None)
     if isinstance(params, torch.Tensor):
         params, grads, kahan_comps = [params], [grads], [kahan_comps]
@@ -1344,12 +1346,13 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
         for name, lst in zip(names, state_lists):
             part = [lst[i] for i in idx]
             if codes_in_kernel:
-                scales.append([opt.state[p][scale_key(name)] if is_codes(t) else None for p, t in zip(ps, part)])
+                scales.append([local_scales(t, opt.state[p][scale_key(name)]) if is_codes(t) else None
+                               for p, t in zip(ps, part)])
             else:
                 for i, t in enumerate(part):
                     if is_codes(t):
                         s = opt.state[ps[i]][scale_key(name)]
-                        part[i] = dequantize(t, s)
+                        part[i] = dequantize_state(t, s)
                         decoded.append((part[i], t, s))
             lists.append(part)
         if start is not None:
@@ -1358,7 +1361,7 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
                           scalar_states=None if scalar_states is None else [[s[i] for i in idx] for s in scalar_states],
                           scales=scales)
         for values, codes, s in decoded:
-            quantize_(values, codes, s)
+            quantize_state_(values, codes, s)
 
 
 def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, param: torch.Tensor) -> None:
@@ -1373,10 +1376,8 @@ def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, pa
         t = state.get(name)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             if quantize.requested(precision, name) and quantize.applies(param, t.shape):
-                if _is_dtensor(param):
-                    raise NotImplementedError(f"{info.name}: state_precision='8bit' is not supported for DTensor "
-                                              "(FSDP2) params yet; use 'bf16' or 'fp32' states")
-                state[name], state[quantize.scale_key(name)] = quantize.quantize(
+                # a DTensor's (FSDP2) blocks are per local shard, codes and scales DTensors (quantize.py)
+                state[name], state[quantize.scale_key(name)] = quantize.quantize_state(
                     t, name in info.extra.get("nonnegative", ()))
                 continue
             want = state_dtype(precision, name, param.dtype)
@@ -1432,12 +1433,12 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
                 if want8 and t.dtype == code:
                     state[name], state[key] = t.to(p.device, copy=True), s[key].to(p.device, copy=True)
                     continue
-                t = quantize.dequantize(t, s[key])
+                t = quantize.dequantize_state(t, s[key])
             elif not t.is_floating_point():
                 continue
             state.pop(key, None)
             if want8:
-                state[name], state[key] = quantize.quantize(t.to(p.device), name in nonnegative)
+                state[name], state[key] = quantize.quantize_state(t.to(p.device), name in nonnegative)
             else:
                 state[name] = t.to(device=p.device, dtype=state_dtype(precision, name, p.dtype))
         fp64 = optimizer._info.extra.get("scalar_fp64", ())
@@ -1451,6 +1452,6 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
 def _view_value(state: dict, name: str):
     """State ``name`` as a view write reads it: 8-bit codes decoded to fp32 (a view writes only the
     param, so the codes stay as they are), any other state as stored."""
-    from .quantize import dequantize, is_codes, scale_key
+    from .quantize import dequantize_state, is_codes, scale_key
     t = state.get(name)
-    return dequantize(t, state[scale_key(name)]) if is_codes(t) and scale_key(name) in state else t
+    return dequantize_state(t, state[scale_key(name)]) if is_codes(t) and scale_key(name) in state else t
