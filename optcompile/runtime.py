@@ -7,6 +7,7 @@ optimizer accumulation. Importing it does not import sympy or the compiler.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -260,12 +261,107 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
     return "eager" if gradient_release or foreach is False else "foreach"
 
 
+def functional_step(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
+                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
+                    optimizer_accumulation=False, scalar_states=None, scales=None, sr_seed=None,
+                    sr_step=None) -> None:
+    """The body of every generated functional form (``optcompile.adamw(...)``): :func:`run_functional`
+    with the functional form's two memory-lean arguments.
+
+    ``scales``: states passed as 8-bit codes (int8/uint8 tensors of the param's shape, as
+    ``optcompile.quantize.quantize(x, nonnegative)`` makes them) with their fp32 block scales,
+    ``{state name: [scales per param, None where that param's state is full precision]}`` (a
+    tensor instead of a list under gradient release). The step decodes, steps and encodes them
+    in place (codes and scales), exactly as the class does under ``state_precision="8bit"``: the
+    fused C and Triton kernels take the codes themselves. A code tensor without its scales, or
+    scales beside a full-precision state, is a ValueError naming the argument.
+
+    ``sr_seed``: round the low-precision (bf16/fp16) params and float states stochastically,
+    the random bits a hash of (seed, step, the param's position in the list, element): the same
+    bits as the class with ``stochastic_rounding=True, sr_seed=seed`` over one param group in the
+    same order. A spec that keeps no step count takes ``sr_step``, the number of the step being
+    taken (1 for the first), for the bits. Not with ``kahan_sum=True``."""
+    fn = info.functional
+    single = isinstance(params, torch.Tensor)
+    n = 1 if single else len(params)
+    sr = None
+    if sr_seed is not None:
+        if isinstance(sr_seed, bool) or not isinstance(sr_seed, int):
+            raise TypeError(f"{fn}: sr_seed must be an int (the stochastic-rounding seed), not {type(sr_seed).__name__}")
+        if kahan_sum:
+            raise ValueError(f"{fn}: sr_seed (stochastic rounding) and kahan_sum=True cannot be used together")
+        if not info.uses_step and sr_step is None:
+            raise ValueError(f"{fn}: sr_seed needs sr_step, the number of the step being taken (1 for the first): "
+                             f"{info.name} keeps no step count, and the random bits depend on it")
+        sr = (sr_seed, None if info.uses_step else int(sr_step), list(range(n)))
+    elif sr_step is not None:
+        raise ValueError(f"{fn}: sr_step is given without sr_seed (it numbers the steps of stochastic rounding)")
+    kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused)
+    codes = _functional_codes(info, params, state_lists, scales)
+    if codes is None:
+        return run_functional(info, params, grads, state_lists, kahan_comps, hypers, step=step, **kw,
+                              gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+                              stochastic_rounding=sr, scalar_states=scalar_states)
+    position = {id(p): i for i, p in enumerate([params] if single else params)}
+
+    def call(ps, gs, lists, kcs, **more):
+        index = [position[id(p)] for p in ps]
+        run_functional(info, ps, gs, lists, kcs, hypers, **kw, **more,
+                       stochastic_rounding=None if sr is None else (sr[0], sr[1], index))
+    if kahan_comps is None:
+        kahan_comps = None if single else [None] * n
+    _step_eightbit(info, {"foreach": foreach, "triton": triton, "fused": fused}, params, grads, state_lists,
+                   kahan_comps, step=step, scale_of=lambda p, name: codes[position[id(p)], name], call=call,
+                   gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+                   scalar_states=scalar_states)
+
+
+def _functional_codes(info: OptimizerInfo, params, state_lists, scales) -> dict | None:
+    """The functional form's 8-bit states, checked: ``{(param position, state): scales}``, or None
+    where no state is codes."""
+    from . import quantize
+    fn = info.functional
+    single = isinstance(params, torch.Tensor)
+    ps = [params] if single else list(params)
+    if scales is not None:
+        if not isinstance(scales, dict):
+            raise TypeError(f"{fn}: scales must be a dict from state name to a list of block scales, not "
+                            f"{type(scales).__name__}")
+        unknown = [k for k in scales if k not in info.states]
+        if unknown:
+            raise ValueError(f"{fn}: scales names {', '.join(map(repr, unknown))}, not a state of {info.name} (its "
+                             f"states: {', '.join(info.states)})")
+    found = {}
+    for name, lst in zip(info.states, state_lists):
+        lst = [lst] if single else lst
+        given = None if scales is None else scales.get(name)
+        if given is not None:
+            given = [given] if single and isinstance(given, torch.Tensor) else list(given)
+            if len(given) != len(ps):
+                raise ValueError(f"{fn}: scales[{name!r}] has {len(given)} entries for {len(ps)} params")
+        for i, (p, t) in enumerate(zip(ps, lst)):
+            s = None if given is None else given[i]
+            if quantize.is_codes(t):
+                if s is None:
+                    raise ValueError(f"{fn}: {name}s[{i}] holds 8-bit codes ({t.dtype}): pass its block scales as "
+                                     f"scales[{name!r}][{i}] (optcompile.quantize.quantize makes both)")
+                problem = quantize.check(name, t, s, p.shape)
+                if problem:
+                    raise ValueError(f"{fn}: {problem}")
+                found[i, name] = s
+            elif s is not None:
+                raise ValueError(f"{fn}: scales[{name!r}][{i}] is given, but {name}s[{i}] is not 8-bit codes "
+                                 f"({'None' if t is None else t.dtype})")
+    return found or None
+
+
 def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
                    optimizer_accumulation=False, group: dict | None = None,
                    stochastic_rounding: tuple[int, int | None, list[int]] | None = None,
                    scalar_states=None, scales=None, view: str | None = None) -> None:
-    """One optimizer step over lists of tensors; the body of every generated functional API.
+    """One optimizer step over lists of tensors (the engine under :func:`functional_step`, the
+    generated functional forms' body, and of every class step).
     ``group`` is the param group of a class step (its constants decide which states exist).
     ``scalar_states``: one list of 0-dim tensors per scalar state of the algorithm (NAdam's
     ``mu_products``), read as host values and written with the step's new values.
@@ -885,7 +981,10 @@ class CompiledOptimizer(Optimizer):
     def _call(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
               optimizer_accumulation=False, scalar_states=None) -> None:
         if _eightbit(group):
-            _step_eightbit(self, group, params, grads, state_lists, kahan_comps, step=step,
+            from .quantize import scale_key
+            _step_eightbit(self._info, group, params, grads, state_lists, kahan_comps, step=step,
+                           scale_of=lambda p, name: self.state[p][scale_key(name)],
+                           call=functools.partial(self._call_decoded, group),
                            gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
                            scalar_states=scalar_states)
             return
@@ -1305,8 +1404,8 @@ def call_decoded(run, params, lists, scales, **host) -> None:
         quantize_(values, codes, s)
 
 
-def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lists, kahan_comps, *, step,
-                   **kw) -> None:
+def _step_eightbit(info: OptimizerInfo, group: dict, params, grads, state_lists, kahan_comps, *, step, scale_of,
+                   call, **kw) -> None:
     """A step of a group with 8-bit states (optcompile/quantize.py). Params whose codes the
     group's kernel takes (``kernel_codes``: the fused C and Triton kernels decode each block on
     load and encode it on store) step in one call with their scales; for the others, per batch of
@@ -1314,15 +1413,18 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
     steps on its backend with fp32 states and the new values are encoded (each block's scale from
     its new absmax). Params are split by which of their states are codes (those below the size
     threshold keep fp32 states). The group's step count advances once: every call starts from
-    the count the step began with."""
-    from .quantize import dequantize_state, is_codes, local_scales, quantize_state_, scale_key
+    the count the step began with. ``scale_of(param, name)``: the scales of a param's codes;
+    ``call(params, grads, state_lists, kahan_comps, *, step, scales, scalar_states, **kw)``: one
+    step of states the backends take (``CompiledOptimizer._call_decoded``, or the functional
+    form's ``run_functional``)."""
+    from .quantize import dequantize_state, is_codes, local_scales, quantize_state_
     scalar_states = kw.pop("scalar_states", None)
     if isinstance(params, torch.Tensor):
         params, grads, kahan_comps = [params], [grads], [kahan_comps]
         state_lists = [[s] for s in state_lists]
         scalar_states = None if scalar_states is None else [[s] for s in scalar_states]
-    names = opt._info.states
-    direct = kernel_codes(opt._info, group, params, kw.get("gradient_release", False))
+    names = info.states
+    direct = kernel_codes(info, group, params, kw.get("gradient_release", False))
     kinds: dict[tuple, list[int]] = {}  # which states are codes → the params that have them so
     for i in range(len(params)):
         kinds.setdefault(tuple(is_codes(lst[i]) for lst in state_lists), []).append(i)
@@ -1346,20 +1448,19 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
         for name, lst in zip(names, state_lists):
             part = [lst[i] for i in idx]
             if codes_in_kernel:
-                scales.append([local_scales(t, opt.state[p][scale_key(name)]) if is_codes(t) else None
-                               for p, t in zip(ps, part)])
+                scales.append([local_scales(t, scale_of(p, name)) if is_codes(t) else None for p, t in zip(ps, part)])
             else:
                 for i, t in enumerate(part):
                     if is_codes(t):
-                        s = opt.state[ps[i]][scale_key(name)]
+                        s = scale_of(ps[i], name)
                         part[i] = dequantize_state(t, s)
                         decoded.append((part[i], t, s))
             lists.append(part)
         if start is not None:
             step.copy_(start)
-        opt._call_decoded(group, ps, [grads[i] for i in idx], lists, [kahan_comps[i] for i in idx], step=step, **kw,
-                          scalar_states=None if scalar_states is None else [[s[i] for i in idx] for s in scalar_states],
-                          scales=scales)
+        call(ps, [grads[i] for i in idx], lists, [kahan_comps[i] for i in idx], step=step, **kw,
+             scalar_states=None if scalar_states is None else [[s[i] for i in idx] for s in scalar_states],
+             scales=scales)
         for values, codes, s in decoded:
             quantize_state_(values, codes, s)
 

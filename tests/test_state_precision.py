@@ -772,3 +772,72 @@ def test_eightbit_fused_encode_and_decode_are_correctly_rounded(monkeypatch):
     (got, got_state), (ref, ref_state) = runs
     assert torch.equal(got, ref)
     assert all(torch.equal(t, ref_state[k]) for k, t in got_state.items())
+
+
+# ── the functional forms: 8-bit codes with their scales, stochastic rounding by seed ────────────
+def _functional_args(stem: str):
+    if stem == "adamw":
+        return dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-6), {"weight_decay": 0.01, "lr": 1e-2}
+    return dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01), {"weight_decay": 0.01, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("backend", backend_params("eager", "foreach", "fused"))
+@pytest.mark.parametrize("stem", ["adamw", "lion"])
+def test_functional_form_takes_eightbit_codes_and_a_rounding_seed(stem, backend):
+    """``optcompile.adamw(..., scales=..., sr_seed=...)`` over codes made by quantize(), bf16 params:
+    the params, codes and scales equal the class's with ``state_precision="8bit",
+    stochastic_rounding=True`` and the same seed, bit for bit (Lion keeps no step count: the
+    functional form numbers its steps with ``sr_step``); a small param's states stay fp32."""
+    import optcompile
+    info = BY_STEM[stem]
+    fn = getattr(optcompile, stem)
+    args, class_kw = _functional_args(stem)
+    torch.manual_seed(0)
+    shapes = [(70, 64), (10,)]
+    ref = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in shapes]
+    params = [p.detach().clone() for p in ref]
+    opt = info.cls(ref, **class_kw, betas=(0.9, 0.99), **({"eps": 1e-6} if stem == "adamw" else {}),
+                   state_precision="8bit", stochastic_rounding=True, sr_seed=11, **BACKENDS[backend].flags)
+    nonnegative = info.nonnegative
+    states, scales = [], {}
+    for name in info.cls._info.states:
+        made = [quantize.quantize(torch.zeros(s), name in nonnegative) if torch.Size(s).numel() >= 4096
+                else (torch.zeros(s), None) for s in shapes]
+        states.append([c for c, _ in made])
+        scales[name] = [s for _, s in made]
+    step = torch.tensor(0, dtype=torch.int32)
+    for k in range(3):
+        grads = [torch.randn(s).bfloat16() for s in shapes]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        opt.step()
+        extra = {"step": step} if stem == "adamw" else {"sr_step": k + 1}
+        fn(params, grads, *states, **args, **extra, scales=scales, sr_seed=11, **BACKENDS[backend].flags)
+    for i, (p, q) in enumerate(zip(params, ref)):
+        assert torch.equal(p, q), f"{stem} param {i}"
+        for name, lst in zip(info.cls._info.states, states):
+            assert torch.equal(lst[i], opt.state[q][name]), f"{stem} {name} of param {i}"
+            if scales[name][i] is not None:
+                assert torch.equal(scales[name][i], opt.state[q][quantize.scale_key(name)])
+
+
+def test_functional_form_errors_name_the_argument():
+    import optcompile
+    p, g = torch.zeros(64, 64), torch.ones(64, 64)
+    codes, sc = quantize.quantize(torch.zeros(64, 64), False)
+    v_codes, v_sc = quantize.quantize(torch.zeros(64, 64), True)
+    args = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-6, step=torch.tensor(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] holds 8-bit codes .*scales\['exp_avg'\]\[0\]"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args)
+    with pytest.raises(ValueError, match="scales names 'm', not a state of AdamW"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args, scales={"exp_avg": [sc], "m": [sc]})
+    with pytest.raises(ValueError, match=r"scales\['exp_avg_sq'\]\[0\] is given, but exp_avg_sqs\[0\] is not 8-bit"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args,
+                         scales={"exp_avg": [sc], "exp_avg_sq": [v_sc]})
+    with pytest.raises(ValueError, match=r"exp_avg_sq_scale is torch.float32 of shape \(15,\)"):
+        optcompile.adamw([p], [g], [codes], [v_codes], **args, scales={"exp_avg": [sc], "exp_avg_sq": [v_sc[:15]]})
+    with pytest.raises(ValueError, match="sr_seed .* and kahan_sum=True cannot be used together"):
+        optcompile.adamw([p], [g], [torch.zeros(64, 64)], [torch.zeros(64, 64)], **args, sr_seed=1, kahan_sum=True)
+    with pytest.raises(ValueError, match="sr_seed needs sr_step"):
+        optcompile.lion([p], [g], [torch.zeros(64, 64)], lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, sr_seed=1)
+    assert args["step"] == 0  # nothing stepped
