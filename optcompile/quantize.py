@@ -119,15 +119,17 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> Non
     out = codes.view(-1)
     for lo in range(0, padded.shape[0], ENCODE_ROWS):
         b = padded[lo:lo + ENCODE_ROWS]
-        s = b.abs().amax(dim=1, keepdim=True)
+        a = b.abs()
+        s = a.amax(dim=1, keepdim=True)
         if codes.dtype == torch.uint8:
-            b = b.clamp_min(0.0)
-        y = sqrt_rn(b.abs() / s) * top
-        q = torch.copysign(torch.round(y), b)
-        q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))  # s == 0 (0/0) or not finite
+            a = b.clamp_min(0.0)
+        q = sqrt_rn(a.div_(s)).mul_(top).round_()
+        if codes.dtype == torch.int8:
+            q = torch.copysign(q, b, out=q)
+        q = q.nan_to_num_(0.0, 0.0, 0.0)  # s == 0 (0/0) or not finite: code 0
         first = lo * BLOCK
         part = q.view(-1)[:n - first]
-        out[first:first + part.numel()].copy_(part.to(codes.dtype))
+        out[first:first + part.numel()].copy_(part)
         scales[lo:lo + ENCODE_ROWS].copy_(s.view(-1))
 
 
@@ -139,13 +141,29 @@ def quantize(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Te
     return codes, scales
 
 
+DECODE_ELEMENTS = 1 << 16  # elements decoded at a time (the temporaries stay small and in cache)
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The fp32 values ``codes`` and ``scales`` hold (a new tensor of ``codes``' shape)."""
     top = _top(codes.dtype)
-    q = _padded(codes.to(torch.float32))
-    d = q.abs() / top
-    x = torch.copysign(d * d, q) * scales.view(-1, 1)
-    return x.view(-1)[:codes.numel()].view(codes.shape)
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    for lo in range(0, n, DECODE_ELEMENTS):
+        hi = min(lo + DECODE_ELEMENTS, n)
+        q = flat[lo:hi].to(torch.float32)
+        d = q.abs().div_(top)
+        x = d.mul_(d)
+        if codes.dtype == torch.int8:
+            x = x.copysign_(q)
+        full = (hi - lo) // BLOCK * BLOCK  # DECODE_ELEMENTS is whole blocks: lo is a block's start
+        b0 = lo // BLOCK
+        torch.mul(x[:full].view(-1, BLOCK), scales[b0:b0 + full // BLOCK].view(-1, 1),
+                  out=out[lo:lo + full].view(-1, BLOCK))
+        if full < hi - lo:
+            torch.mul(x[full:], scales[b0 + full // BLOCK], out=out[lo + full:hi])
+    return out.view(codes.shape)
 
 
 def check(name: str, codes, scales, shape) -> str | None:
