@@ -263,12 +263,12 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
 
 def functional_step(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
                     kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
-                    optimizer_accumulation=False, scalar_states=None, scales=None, sr_seed=None,
+                    optimizer_accumulation=False, scalar_states=None, code_scales=None, sr_seed=None,
                     sr_step=None) -> None:
     """The body of every generated functional form (``optcompile.adamw(...)``): :func:`run_functional`
     with the functional form's two memory-lean arguments.
 
-    ``scales``: states passed as 8-bit codes (int8/uint8 tensors of the param's shape, as
+    ``code_scales``: states passed as 8-bit codes (int8/uint8 tensors of the param's shape, as
     ``optcompile.quantize.quantize(x, nonnegative)`` makes them) with their fp32 block scales,
     ``{state name: [scales per param, None where that param's state is full precision]}`` (a
     tensor instead of a list under gradient release). The step decodes, steps and encodes them
@@ -297,7 +297,7 @@ def functional_step(info: OptimizerInfo, params, grads, state_lists, kahan_comps
     elif sr_step is not None:
         raise ValueError(f"{fn}: sr_step is given without sr_seed (it numbers the steps of stochastic rounding)")
     kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused)
-    codes = _functional_codes(info, params, state_lists, scales)
+    codes = _functional_codes(info, params, state_lists, code_scales)
     if codes is None:
         return run_functional(info, params, grads, state_lists, kahan_comps, hypers, step=step, **kw,
                               gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
@@ -325,11 +325,11 @@ def _functional_codes(info: OptimizerInfo, params, state_lists, scales) -> dict 
     ps = [params] if single else list(params)
     if scales is not None:
         if not isinstance(scales, dict):
-            raise TypeError(f"{fn}: scales must be a dict from state name to a list of block scales, not "
+            raise TypeError(f"{fn}: code_scales must be a dict from state name to a list of block scales, not "
                             f"{type(scales).__name__}")
         unknown = [k for k in scales if k not in info.states]
         if unknown:
-            raise ValueError(f"{fn}: scales names {', '.join(map(repr, unknown))}, not a state of {info.name} (its "
+            raise ValueError(f"{fn}: code_scales names {', '.join(map(repr, unknown))}, not a state of {info.name} (its "
                              f"states: {', '.join(info.states)})")
     found = {}
     for name, lst in zip(info.states, state_lists):
@@ -338,19 +338,19 @@ def _functional_codes(info: OptimizerInfo, params, state_lists, scales) -> dict 
         if given is not None:
             given = [given] if single and isinstance(given, torch.Tensor) else list(given)
             if len(given) != len(ps):
-                raise ValueError(f"{fn}: scales[{name!r}] has {len(given)} entries for {len(ps)} params")
+                raise ValueError(f"{fn}: code_scales[{name!r}] has {len(given)} entries for {len(ps)} params")
         for i, (p, t) in enumerate(zip(ps, lst)):
             s = None if given is None else given[i]
             if quantize.is_codes(t):
                 if s is None:
                     raise ValueError(f"{fn}: {name}s[{i}] holds 8-bit codes ({t.dtype}): pass its block scales as "
-                                     f"scales[{name!r}][{i}] (optcompile.quantize.quantize makes both)")
+                                     f"code_scales[{name!r}][{i}] (optcompile.quantize.quantize makes both)")
                 problem = quantize.check(name, t, s, p.shape)
                 if problem:
                     raise ValueError(f"{fn}: {problem}")
                 found[i, name] = s
             elif s is not None:
-                raise ValueError(f"{fn}: scales[{name!r}][{i}] is given, but {name}s[{i}] is not 8-bit codes "
+                raise ValueError(f"{fn}: code_scales[{name!r}][{i}] is given, but {name}s[{i}] is not 8-bit codes "
                                  f"({'None' if t is None else t.dtype})")
     return found or None
 

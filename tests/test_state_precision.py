@@ -784,7 +784,7 @@ def _functional_args(stem: str):
 @pytest.mark.parametrize("backend", backend_params("eager", "foreach", "fused"))
 @pytest.mark.parametrize("stem", ["adamw", "lion"])
 def test_functional_form_takes_eightbit_codes_and_a_rounding_seed(stem, backend):
-    """``optcompile.adamw(..., scales=..., sr_seed=...)`` over codes made by quantize(), bf16 params:
+    """``optcompile.adamw(..., code_scales=..., sr_seed=...)`` over codes made by quantize(), bf16 params:
     the params, codes and scales equal the class's with ``state_precision="8bit",
     stochastic_rounding=True`` and the same seed, bit for bit (Lion keeps no step count: the
     functional form numbers its steps with ``sr_step``); a small param's states stay fp32."""
@@ -812,7 +812,7 @@ def test_functional_form_takes_eightbit_codes_and_a_rounding_seed(stem, backend)
             p.grad = g.clone()
         opt.step()
         extra = {"step": step} if stem == "adamw" else {"sr_step": k + 1}
-        fn(params, grads, *states, **args, **extra, scales=scales, sr_seed=11, **BACKENDS[backend].flags)
+        fn(params, grads, *states, **args, **extra, code_scales=scales, sr_seed=11, **BACKENDS[backend].flags)
     for i, (p, q) in enumerate(zip(params, ref)):
         assert torch.equal(p, q), f"{stem} param {i}"
         for name, lst in zip(info.cls._info.states, states):
@@ -829,13 +829,13 @@ def test_functional_form_errors_name_the_argument():
     args = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-6, step=torch.tensor(0, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] holds 8-bit codes .*scales\['exp_avg'\]\[0\]"):
         optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args)
-    with pytest.raises(ValueError, match="scales names 'm', not a state of AdamW"):
-        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args, scales={"exp_avg": [sc], "m": [sc]})
+    with pytest.raises(ValueError, match="code_scales names 'm', not a state of AdamW"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args, code_scales={"exp_avg": [sc], "m": [sc]})
     with pytest.raises(ValueError, match=r"scales\['exp_avg_sq'\]\[0\] is given, but exp_avg_sqs\[0\] is not 8-bit"):
         optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args,
-                         scales={"exp_avg": [sc], "exp_avg_sq": [v_sc]})
+                         code_scales={"exp_avg": [sc], "exp_avg_sq": [v_sc]})
     with pytest.raises(ValueError, match=r"exp_avg_sq_scale is torch.float32 of shape \(15,\)"):
-        optcompile.adamw([p], [g], [codes], [v_codes], **args, scales={"exp_avg": [sc], "exp_avg_sq": [v_sc[:15]]})
+        optcompile.adamw([p], [g], [codes], [v_codes], **args, code_scales={"exp_avg": [sc], "exp_avg_sq": [v_sc[:15]]})
     with pytest.raises(ValueError, match="sr_seed .* and kahan_sum=True cannot be used together"):
         optcompile.adamw([p], [g], [torch.zeros(64, 64)], [torch.zeros(64, 64)], **args, sr_seed=1, kahan_sum=True)
     with pytest.raises(ValueError, match="sr_seed needs sr_step"):
