@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_eightbit.py                 # gpt2 set, one thread
     .venv/bin/python benchmarks/bench_eightbit.py --scale 0.25 --rounds 9 --threads 2
+    .venv/bin/python benchmarks/bench_eightbit.py --scale 0.25 --rounds 15 --cpu-time --no-peers   # a loaded machine
 
 AdamW on the fused C backend with bf16 params and stochastic rounding, on bench_step.py's "gpt2"
 set (35M params at scale 1), in three configurations: bf16 states; 8-bit states loaded and stored
@@ -10,7 +11,10 @@ around the launch and encoded after (the path eager and foreach take, forced her
 ``runtime.kernel_codes`` off). Each round times every configuration once (interleaved, so machine
 noise hits all alike); the table reports the median ms/step, the ratio to bf16 states, and the
 persistent bytes per param of the live tensors (params, states, scales). The load average is
-printed before and after: the development VM is shared.
+printed before and after: the development VM is shared. ``--cpu-time`` times each step by the
+calling thread's CPU time instead of the wall clock (one thread only: the step then runs on the
+calling thread), which other processes on a loaded machine do not inflate; ``--no-peers`` leaves
+out bitsandbytes and torchao (their steps take most of a run's time).
 
 Optional peers, each with bf16 params and its own 8-bit AdamW, where installed (`pip install
 bitsandbytes torchao`; left out with a note otherwise): bitsandbytes' `AdamW8bit` (blockwise
@@ -72,7 +76,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cpu-time", action="store_true", help="time steps by the thread's CPU time (--threads 1)")
+    ap.add_argument("--no-peers", action="store_true", help="leave out bitsandbytes and torchao")
     args = ap.parse_args()
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time measures the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     shapes = SETS[args.set](args.scale)
     cls = loader.builtin_class("adamw")
@@ -86,7 +95,7 @@ def main() -> None:
         opt = cls(params, lr=1e-3, weight_decay=0.01, fused=True, stochastic_rounding=True,
                   state_precision=precision)
         runs.append((label, direct, params, opt, []))
-    found, notes = peers()
+    found, notes = ([], ["no peer rows: --no-peers"]) if args.no_peers else peers()
     for label, make in found:
         params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in shapes]
         for p, gr in zip(params, grads):
@@ -97,9 +106,9 @@ def main() -> None:
     def step(direct, opt):
         runtime.kernel_codes = saved if direct else (lambda *a, **k: frozenset())
         try:
-            t0 = time.perf_counter()
+            t0 = clock()
             opt.step()
-            return time.perf_counter() - t0
+            return clock() - t0
         finally:
             runtime.kernel_codes = saved
 
@@ -113,7 +122,8 @@ def main() -> None:
     load1 = os.getloadavg()
     n = numel(shapes)
     print(f"AdamW fused, bf16 params + stochastic rounding, set {args.set} (scale {args.scale}: {n / 1e6:.1f}M params "
-          f"in {len(shapes)} tensors), {args.threads} thread(s), {args.rounds} rounds; load average "
+          f"in {len(shapes)} tensors), {args.threads} thread(s), {args.rounds} rounds, "
+          f"{'thread CPU time' if args.cpu_time else 'wall clock'}; load average "
           f"{load0[0]:.2f} before, {load1[0]:.2f} after\n")
     for note in notes:
         print(note)

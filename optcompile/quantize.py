@@ -35,8 +35,18 @@ elements), which is what ``state_dict()`` saves and ``torch.load(weights_only=Tr
 templates/fused.c.j2 and templates/triton.py.j2); elsewhere (eager, foreach, tensors a kernel
 cannot take) a param's 8-bit states are decoded to fp32, stepped as fp32 states and encoded with
 :func:`quantize_`. Either way the math sees the exact fp32 values within the step, each block's
-scale comes from its new absmax, and the codes are the same. Under FSDP2 blocks would be per
-local shard.
+scale comes from its new absmax, and the codes are the same.
+
+**Sharded params (FSDP2, DTensor).** Blocks are per local shard: each rank encodes its own
+shard (row-major, its last block partial) and no step communicates for the codes. Whether a
+state is 8-bit is decided on the param's global size (every rank agrees). The codes are a
+DTensor with the param's mesh, placements, shape and stride (``codes.to_local()`` is the shard's
+codes); the scales are a DTensor with one row per shard: global shape ``(shards of each sharded
+mesh dim..., blocks of the largest local shard)``, a ``Shard(i)`` placement for the i-th mesh dim
+that shards the param and ``Replicate()`` for the others, each rank's local row its own shard's
+scales, zero-padded past its blocks. So ``state_dict()`` holds DTensors only, which torch's
+distributed checkpoint saves and loads per rank; the codes cannot be resharded to another world
+size without decoding (``dequantize_state``: the values as a DTensor of the param's layout).
 """
 from __future__ import annotations
 
@@ -109,15 +119,17 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> Non
     out = codes.view(-1)
     for lo in range(0, padded.shape[0], ENCODE_ROWS):
         b = padded[lo:lo + ENCODE_ROWS]
-        s = b.abs().amax(dim=1, keepdim=True)
+        a = b.abs()
+        s = a.amax(dim=1, keepdim=True)
         if codes.dtype == torch.uint8:
-            b = b.clamp_min(0.0)
-        y = sqrt_rn(b.abs() / s) * top
-        q = torch.copysign(torch.round(y), b)
-        q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))  # s == 0 (0/0) or not finite
+            a = b.clamp_min(0.0)
+        q = sqrt_rn(a.div_(s)).mul_(top).round_()
+        if codes.dtype == torch.int8:
+            q = torch.copysign(q, b, out=q)
+        q = q.nan_to_num_(0.0, 0.0, 0.0)  # s == 0 (0/0) or not finite: code 0
         first = lo * BLOCK
         part = q.view(-1)[:n - first]
-        out[first:first + part.numel()].copy_(part.to(codes.dtype))
+        out[first:first + part.numel()].copy_(part)
         scales[lo:lo + ENCODE_ROWS].copy_(s.view(-1))
 
 
@@ -129,13 +141,29 @@ def quantize(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Te
     return codes, scales
 
 
+DECODE_ELEMENTS = 1 << 16  # elements decoded at a time (the temporaries stay small and in cache)
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The fp32 values ``codes`` and ``scales`` hold (a new tensor of ``codes``' shape)."""
     top = _top(codes.dtype)
-    q = _padded(codes.to(torch.float32))
-    d = q.abs() / top
-    x = torch.copysign(d * d, q) * scales.view(-1, 1)
-    return x.view(-1)[:codes.numel()].view(codes.shape)
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    for lo in range(0, n, DECODE_ELEMENTS):
+        hi = min(lo + DECODE_ELEMENTS, n)
+        q = flat[lo:hi].to(torch.float32)
+        d = q.abs().div_(top)
+        x = d.mul_(d)
+        if codes.dtype == torch.int8:
+            x = x.copysign_(q)
+        full = (hi - lo) // BLOCK * BLOCK  # DECODE_ELEMENTS is whole blocks: lo is a block's start
+        b0 = lo // BLOCK
+        torch.mul(x[:full].view(-1, BLOCK), scales[b0:b0 + full // BLOCK].view(-1, 1),
+                  out=out[lo:lo + full].view(-1, BLOCK))
+        if full < hi - lo:
+            torch.mul(x[full:], scales[b0 + full // BLOCK], out=out[lo + full:hi])
+    return out.view(codes.shape)
 
 
 def check(name: str, codes, scales, shape) -> str | None:
@@ -146,11 +174,94 @@ def check(name: str, codes, scales, shape) -> str | None:
         return f"{name} has dtype {codes.dtype} beside {scale_key(name)}; 8-bit codes are int8 or uint8"
     if tuple(codes.shape) != tuple(shape):
         return f"{name} (8-bit codes) has shape {tuple(codes.shape)}, expected {tuple(shape)}"
-    want = blocks(codes.numel())
-    if scales.dtype != torch.float32 or tuple(scales.shape) != (want,):
+    if is_dtensor(codes) != is_dtensor(scales):
+        return (f"{name} and {scale_key(name)} must both be DTensors or both plain tensors (got "
+                f"{type(codes).__name__} and {type(scales).__name__})")
+    want = _scale_shape(codes) if is_dtensor(codes) else (blocks(codes.numel()),)
+    if scales.dtype != torch.float32 or tuple(scales.shape) != want:
         return (f"{scale_key(name)} is {scales.dtype} of shape {tuple(scales.shape)}, expected float32 of "
-                f"shape ({want},) (one scale per {BLOCK} elements)")
+                f"shape {want} (one scale per {BLOCK} elements{' of each local shard' if is_dtensor(codes) else ''})")
     return None
+
+
+# ── sharded params (DTensor): blocks per local shard ────────────────────────────────────────────
+def is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "to_local")
+
+
+def _largest_local_numel(x) -> int:
+    """The element count of ``x``'s largest local shard (torch.chunk's split: the first shards
+    take ``ceil(size / shards)``), from its global shape and placements: no communication."""
+    shape = list(x.shape)
+    for dim, placement in enumerate(x.placements):
+        if placement.is_shard():
+            d = placement.dim
+            shape[d] = -(-shape[d] // x.device_mesh.size(dim))
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def _scale_layout(x):
+    """The scales' placements for DTensor ``x`` (Shard(i) for the i-th mesh dim sharding it,
+    Replicate elsewhere) and the local row's leading shape."""
+    from torch.distributed.tensor import Replicate, Shard
+    placements, k = [], 0
+    for placement in x.placements:
+        if placement.is_shard():
+            placements.append(Shard(k))
+            k += 1
+        elif placement.is_replicate():
+            placements.append(Replicate())
+        else:
+            raise NotImplementedError(f"state_precision='8bit' does not support a DTensor param with a "
+                                      f"{placement} placement (only Shard and Replicate)")
+    return placements, (1,) * k
+
+
+def _scale_shape(codes) -> tuple[int, ...]:
+    sharded = [codes.device_mesh.size(i) for i, pl in enumerate(codes.placements) if pl.is_shard()]
+    return (*sharded, blocks(_largest_local_numel(codes)))
+
+
+def quantize_state(x: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` of a state; a DTensor's per local shard, as DTensors (the module docstring)."""
+    if not is_dtensor(x):
+        return quantize(x, nonnegative)
+    from torch.distributed.tensor import DTensor
+    codes, scales = quantize(x.to_local(), nonnegative)
+    placements, lead = _scale_layout(x)
+    row = torch.zeros(lead + (blocks(_largest_local_numel(x)),), dtype=torch.float32, device=scales.device)
+    row.view(-1)[:scales.numel()].copy_(scales)
+    mesh = x.device_mesh
+    return (DTensor.from_local(codes, mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride()),
+            DTensor.from_local(row, mesh, placements, run_check=False, shape=_scale_shape(x),
+                               stride=torch.empty(_scale_shape(x), device="meta").stride()))
+
+
+def local_scales(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The 1-D fp32 scales of the codes this process holds (a view: writes land in ``scales``):
+    ``scales`` itself, or a DTensor's local row without its padding."""
+    if not is_dtensor(scales):
+        return scales
+    return scales.to_local().view(-1)[:blocks(codes.to_local().numel() if is_dtensor(codes) else codes.numel())]
+
+
+def dequantize_state(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize`; for DTensor codes a DTensor of their layout (each rank decodes its shard)."""
+    if not is_dtensor(codes):
+        return dequantize(codes, scales)
+    from torch.distributed.tensor import DTensor
+    values = dequantize(codes.to_local(), local_scales(codes, scales))
+    return DTensor.from_local(values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape,
+                              stride=codes.stride())
+
+
+def quantize_state_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """:func:`quantize_` into a state's codes and scales (DTensors: each rank its local shard)."""
+    local = x.to_local() if is_dtensor(x) else x
+    quantize_(local, codes.to_local() if is_dtensor(codes) else codes, local_scales(codes, scales))
 
 
 def is_codes(t) -> bool:

@@ -7,6 +7,7 @@ optimizer accumulation. Importing it does not import sympy or the compiler.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -280,12 +281,107 @@ def choose_backend(params, *, foreach=None, triton=None, fused=None, gradient_re
     return "eager" if gradient_release or foreach is False else "foreach"
 
 
+def functional_step(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
+                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
+                    optimizer_accumulation=False, scalar_states=None, code_scales=None, sr_seed=None,
+                    sr_step=None) -> None:
+    """The body of every generated functional form (``optcompile.adamw(...)``): :func:`run_functional`
+    with the functional form's two memory-lean arguments.
+
+    ``code_scales``: states passed as 8-bit codes (int8/uint8 tensors of the param's shape, as
+    ``optcompile.quantize.quantize(x, nonnegative)`` makes them) with their fp32 block scales,
+    ``{state name: [scales per param, None where that param's state is full precision]}`` (a
+    tensor instead of a list under gradient release). The step decodes, steps and encodes them
+    in place (codes and scales), exactly as the class does under ``state_precision="8bit"``: the
+    fused C and Triton kernels take the codes themselves. A code tensor without its scales, or
+    scales beside a full-precision state, is a ValueError naming the argument.
+
+    ``sr_seed``: round the low-precision (bf16/fp16) params and float states stochastically,
+    the random bits a hash of (seed, step, the param's position in the list, element): the same
+    bits as the class with ``stochastic_rounding=True, sr_seed=seed`` over one param group in the
+    same order. A spec that keeps no step count takes ``sr_step``, the number of the step being
+    taken (1 for the first), for the bits. Not with ``kahan_sum=True``."""
+    fn = info.functional
+    single = isinstance(params, torch.Tensor)
+    n = 1 if single else len(params)
+    sr = None
+    if sr_seed is not None:
+        if isinstance(sr_seed, bool) or not isinstance(sr_seed, int):
+            raise TypeError(f"{fn}: sr_seed must be an int (the stochastic-rounding seed), not {type(sr_seed).__name__}")
+        if kahan_sum:
+            raise ValueError(f"{fn}: sr_seed (stochastic rounding) and kahan_sum=True cannot be used together")
+        if not info.uses_step and sr_step is None:
+            raise ValueError(f"{fn}: sr_seed needs sr_step, the number of the step being taken (1 for the first): "
+                             f"{info.name} keeps no step count, and the random bits depend on it")
+        sr = (sr_seed, None if info.uses_step else int(sr_step), list(range(n)))
+    elif sr_step is not None:
+        raise ValueError(f"{fn}: sr_step is given without sr_seed (it numbers the steps of stochastic rounding)")
+    kw = dict(kahan_sum=kahan_sum, foreach=foreach, triton=triton, fused=fused)
+    codes = _functional_codes(info, params, state_lists, code_scales)
+    if codes is None:
+        return run_functional(info, params, grads, state_lists, kahan_comps, hypers, step=step, **kw,
+                              gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+                              stochastic_rounding=sr, scalar_states=scalar_states)
+    position = {id(p): i for i, p in enumerate([params] if single else params)}
+
+    def call(ps, gs, lists, kcs, **more):
+        index = [position[id(p)] for p in ps]
+        run_functional(info, ps, gs, lists, kcs, hypers, **kw, **more,
+                       stochastic_rounding=None if sr is None else (sr[0], sr[1], index))
+    if kahan_comps is None:
+        kahan_comps = None if single else [None] * n
+    _step_eightbit(info, {"foreach": foreach, "triton": triton, "fused": fused}, params, grads, state_lists,
+                   kahan_comps, step=step, scale_of=lambda p, name: codes[position[id(p)], name], call=call,
+                   gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
+                   scalar_states=scalar_states)
+
+
+def _functional_codes(info: OptimizerInfo, params, state_lists, scales) -> dict | None:
+    """The functional form's 8-bit states, checked: ``{(param position, state): scales}``, or None
+    where no state is codes."""
+    from . import quantize
+    fn = info.functional
+    single = isinstance(params, torch.Tensor)
+    ps = [params] if single else list(params)
+    if scales is not None:
+        if not isinstance(scales, dict):
+            raise TypeError(f"{fn}: code_scales must be a dict from state name to a list of block scales, not "
+                            f"{type(scales).__name__}")
+        unknown = [k for k in scales if k not in info.states]
+        if unknown:
+            raise ValueError(f"{fn}: code_scales names {', '.join(map(repr, unknown))}, not a state of {info.name} (its "
+                             f"states: {', '.join(info.states)})")
+    found = {}
+    for name, lst in zip(info.states, state_lists):
+        lst = [lst] if single else lst
+        given = None if scales is None else scales.get(name)
+        if given is not None:
+            given = [given] if single and isinstance(given, torch.Tensor) else list(given)
+            if len(given) != len(ps):
+                raise ValueError(f"{fn}: code_scales[{name!r}] has {len(given)} entries for {len(ps)} params")
+        for i, (p, t) in enumerate(zip(ps, lst)):
+            s = None if given is None else given[i]
+            if quantize.is_codes(t):
+                if s is None:
+                    raise ValueError(f"{fn}: {name}s[{i}] holds 8-bit codes ({t.dtype}): pass its block scales as "
+                                     f"code_scales[{name!r}][{i}] (optcompile.quantize.quantize makes both)")
+                problem = quantize.check(name, t, s, p.shape)
+                if problem:
+                    raise ValueError(f"{fn}: {problem}")
+                found[i, name] = s
+            elif s is not None:
+                raise ValueError(f"{fn}: code_scales[{name!r}][{i}] is given, but {name}s[{i}] is not 8-bit codes "
+                                 f"({'None' if t is None else t.dtype})")
+    return found or None
+
+
 def run_functional(info: OptimizerInfo, params, grads, state_lists, kahan_comps, hypers: dict, *, step,
                    kahan_sum=False, foreach=False, triton=False, fused=False, gradient_release=False,
                    optimizer_accumulation=False, group: dict | None = None,
                    stochastic_rounding: tuple[int, int | None, list[int]] | None = None,
                    scalar_states=None, scales=None, view: str | None = None) -> None:
-    """One optimizer step over lists of tensors; the body of every generated functional API.
+    """One optimizer step over lists of tensors (the engine under :func:`functional_step`, the
+    generated functional forms' body, and of every class step).
     ``group`` is the param group of a class step (its constants decide which states exist).
     ``scalar_states``: one list of 0-dim tensors per scalar state of the algorithm (NAdam's
     ``mu_products``), read as host values and written with the step's new values.
@@ -904,7 +1000,10 @@ class CompiledOptimizer(Optimizer):
     def _call(self, group: dict, params, grads, state_lists, kahan_comps, *, step, gradient_release=False,
               optimizer_accumulation=False, scalar_states=None) -> None:
         if _eightbit(group):
-            _step_eightbit(self, group, params, grads, state_lists, kahan_comps, step=step,
+            from .quantize import scale_key
+            _step_eightbit(self._info, group, params, grads, state_lists, kahan_comps, step=step,
+                           scale_of=lambda p, name: self.state[p][scale_key(name)],
+                           call=functools.partial(self._call_decoded, group),
                            gradient_release=gradient_release, optimizer_accumulation=optimizer_accumulation,
                            scalar_states=scalar_states)
             return
@@ -1017,9 +1116,9 @@ class CompiledOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: no {name!r} for this param (shape "
                              f"{tuple(getattr(param, 'shape', ()))}): states are allocated at its first step, and "
                              "only under the hyperparameters that use them")
-        from .quantize import dequantize, is_codes, scale_key
+        from .quantize import dequantize_state, is_codes, scale_key
         if is_codes(value) and scale_key(name) in state:
-            return dequantize(value, state[scale_key(name)])
+            return dequantize_state(value, state[scale_key(name)])
         return value.to(torch.float32, copy=True)
 
     # ── parameter views (spec.eval_view) ───────────────────────────────────────────────────────
@@ -1299,6 +1398,8 @@ def kernel_codes(info: OptimizerInfo, group: dict, params, gradient_release: boo
                           gradient_release=gradient_release, segments="kernel_segments" in info.extra)
     if name not in ("fused", "triton") or not info.extra.get("kernels", True):
         return frozenset()
+    if _needs_whole_tensor(info) and not info.extra.get("shard_reductions") and any(map(_is_sharded, params)):
+        return frozenset()  # stepped on gathered whole tensors (_step_on_full_tensors): decoded states
     return frozenset(getattr(info.backend(name), "codes", ()))
 
 
@@ -1322,8 +1423,8 @@ def call_decoded(run, params, lists, scales, **host) -> None:
         quantize_(values, codes, s)
 
 
-def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lists, kahan_comps, *, step,
-                   **kw) -> None:
+def _step_eightbit(info: OptimizerInfo, group: dict, params, grads, state_lists, kahan_comps, *, step, scale_of,
+                   call, **kw) -> None:
     """A step of a group with 8-bit states (optcompile/quantize.py). Params whose codes the
     group's kernel takes (``kernel_codes``: the fused C and Triton kernels decode each block on
     load and encode it on store) step in one call with their scales; for the others, per batch of
@@ -1331,15 +1432,18 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
     steps on its backend with fp32 states and the new values are encoded (each block's scale from
     its new absmax). Params are split by which of their states are codes (those below the size
     threshold keep fp32 states). The group's step count advances once: every call starts from
-    the count the step began with."""
-    from .quantize import dequantize, is_codes, quantize_, scale_key
+    the count the step began with. ``scale_of(param, name)``: the scales of a param's codes;
+    ``call(params, grads, state_lists, kahan_comps, *, step, scales, scalar_states, **kw)``: one
+    step of states the backends take (``CompiledOptimizer._call_decoded``, or the functional
+    form's ``run_functional``)."""
+    from .quantize import dequantize_state, is_codes, local_scales, quantize_state_
     scalar_states = kw.pop("scalar_states", None)
     if isinstance(params, torch.Tensor):
         params, grads, kahan_comps = [params], [grads], [kahan_comps]
         state_lists = [[s] for s in state_lists]
         scalar_states = None if scalar_states is None else [[s] for s in scalar_states]
-    names = opt._info.states
-    direct = kernel_codes(opt._info, group, params, kw.get("gradient_release", False))
+    names = info.states
+    direct = kernel_codes(info, group, params, kw.get("gradient_release", False))
     kinds: dict[tuple, list[int]] = {}  # which states are codes → the params that have them so
     for i in range(len(params)):
         kinds.setdefault(tuple(is_codes(lst[i]) for lst in state_lists), []).append(i)
@@ -1363,21 +1467,21 @@ def _step_eightbit(opt: CompiledOptimizer, group: dict, params, grads, state_lis
         for name, lst in zip(names, state_lists):
             part = [lst[i] for i in idx]
             if codes_in_kernel:
-                scales.append([opt.state[p][scale_key(name)] if is_codes(t) else None for p, t in zip(ps, part)])
+                scales.append([local_scales(t, scale_of(p, name)) if is_codes(t) else None for p, t in zip(ps, part)])
             else:
                 for i, t in enumerate(part):
                     if is_codes(t):
-                        s = opt.state[ps[i]][scale_key(name)]
-                        part[i] = dequantize(t, s)
+                        s = scale_of(ps[i], name)
+                        part[i] = dequantize_state(t, s)
                         decoded.append((part[i], t, s))
             lists.append(part)
         if start is not None:
             step.copy_(start)
-        opt._call_decoded(group, ps, [grads[i] for i in idx], lists, [kahan_comps[i] for i in idx], step=step, **kw,
-                          scalar_states=None if scalar_states is None else [[s[i] for i in idx] for s in scalar_states],
-                          scales=scales)
+        call(ps, [grads[i] for i in idx], lists, [kahan_comps[i] for i in idx], step=step, **kw,
+             scalar_states=None if scalar_states is None else [[s[i] for i in idx] for s in scalar_states],
+             scales=scales)
         for values, codes, s in decoded:
-            quantize_(values, codes, s)
+            quantize_state_(values, codes, s)
 
 
 def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, param: torch.Tensor) -> None:
@@ -1392,10 +1496,8 @@ def _store_states_in_precision(info: OptimizerInfo, group: dict, state: dict, pa
         t = state.get(name)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             if quantize.requested(precision, name) and quantize.applies(param, t.shape):
-                if _is_dtensor(param):
-                    raise NotImplementedError(f"{info.name}: state_precision='8bit' is not supported for DTensor "
-                                              "(FSDP2) params yet; use 'bf16' or 'fp32' states")
-                state[name], state[quantize.scale_key(name)] = quantize.quantize(
+                # a DTensor's (FSDP2) blocks are per local shard, codes and scales DTensors (quantize.py)
+                state[name], state[quantize.scale_key(name)] = quantize.quantize_state(
                     t, name in info.extra.get("nonnegative", ()))
                 continue
             want = state_dtype(precision, name, param.dtype)
@@ -1451,12 +1553,12 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
                 if want8 and t.dtype == code:
                     state[name], state[key] = t.to(p.device, copy=True), s[key].to(p.device, copy=True)
                     continue
-                t = quantize.dequantize(t, s[key])
+                t = quantize.dequantize_state(t, s[key])
             elif not t.is_floating_point():
                 continue
             state.pop(key, None)
             if want8:
-                state[name], state[key] = quantize.quantize(t.to(p.device), name in nonnegative)
+                state[name], state[key] = quantize.quantize_state(t.to(p.device), name in nonnegative)
             else:
                 state[name] = t.to(device=p.device, dtype=state_dtype(precision, name, p.dtype))
         fp64 = optimizer._info.extra.get("scalar_fp64", ())
@@ -1470,6 +1572,6 @@ def _restore_state_precision(optimizer: CompiledOptimizer) -> None:
 def _view_value(state: dict, name: str):
     """State ``name`` as a view write reads it: 8-bit codes decoded to fp32 (a view writes only the
     param, so the codes stay as they are), any other state as stored."""
-    from .quantize import dequantize, is_codes, scale_key
+    from .quantize import dequantize_state, is_codes, scale_key
     t = state.get(name)
-    return dequantize(t, state[scale_key(name)]) if is_codes(t) and scale_key(name) in state else t
+    return dequantize_state(t, state[scale_key(name)]) if is_codes(t) and scale_key(name) in state else t

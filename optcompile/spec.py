@@ -138,7 +138,7 @@ RESERVED_NAMES = frozenset({
     "param", "grad", "step", "params", "grads", "kahan_comp", "kahan_comps", "kahan_sum", "foreach",
     "triton", "fused", "gradient_release", "optimizer_accumulation", "setup", "decouple_wd",
     "decouple_lr", "max_lr", "group", "state", "numel", "self", "closure", "defaults", *STEP_FLAGS,
-    "state_precision", "stochastic_rounding", "sr_seed", "sr_step", "ndim", "dtype_eps", *SIZES,
+    "state_precision", "stochastic_rounding", "sr_seed", "sr_step", "code_scales", "code_scale", "ndim", "dtype_eps", *SIZES,
 })
 
 # Names the generated code itself uses at module level (modules, helpers, the builtins and C math

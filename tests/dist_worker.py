@@ -125,6 +125,41 @@ def reference_steps_on(name, backend):
     return _unsharded_steps(lambda ps: make_on(name, ps, backend))
 
 
+def eightbit_inputs(seed=2):
+    """Full tensors for the 8-bit check (state_precision="8bit", blocks of 256 per local shard):
+    (8, 1024), whose shards over 2 ranks are whole blocks; (17, 1000), split 9000 / 8000
+    elements, so rank 1's blocks start off the unsharded run's; (5,), below the size threshold."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 1024), (17, 1000), (5,)]
+    return [torch.randn(s, generator=g) for s in shapes], [[torch.randn(s, generator=g) for s in shapes]
+                                                           for _ in range(3)]
+
+
+def make_8bit(params, backend):
+    return opt_class("adamw")(params, lr=1e-2, weight_decay=0.01, state_precision="8bit", **BACKENDS[backend])
+
+
+def eightbit_reference(backend, world=2):
+    """``eightbit_inputs``' steps on one process with each sharded tensor stepped as its two
+    row shards, separate params: per-shard blocks, so an elementwise step matches bit for bit."""
+    params, grads = eightbit_inputs()
+
+    def split(t):
+        return [c.clone() for c in t.chunk(world)] if t.numel() >= 4096 else [t.clone()]
+    ps = [torch.nn.Parameter(c) for t in params for c in split(t)]
+    opt = make_8bit(ps, backend)
+    for gs in grads:
+        for p, g in zip(ps, [c for t in gs for c in split(t)]):
+            p.grad = g
+        opt.step()
+    out, k = [], 0
+    for t in params:
+        n = len(split(t))
+        out.append(torch.cat([p.detach() for p in ps[k:k + n]]))
+        k += n
+    return out, torch.cat([opt.dequantized_state(p, "exp_avg") for p in ps[2:4]])
+
+
 class Collectives:
     """Counts, while active, the collectives a step makes: all-reduces, and every way of
     gathering a tensor (c10d all-gathers, functional all-gathers, DTensor's full_tensor and
@@ -244,6 +279,36 @@ def main() -> None:
         results[("dtensor_muon_state", backend)] = [
             (type(opt.state[p]["momentum_buffer"]).__name__, tuple(opt.state[p]["momentum_buffer"].to_local().shape))
             for p in ps]
+
+    # 8-bit states of sharded params: blocks per local shard, a resumed step bit for bit
+    import io
+    for backend in ["eager", "foreach", "fused"]:
+        params, grads = eightbit_inputs()
+        ps = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in params]
+        opt = make_8bit(ps, backend)
+        for k, gs in enumerate(grads):
+            if k == len(grads) - 1:  # the checkpoint before the last step, through weights_only
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                before = [p.detach().clone() for p in ps]
+            for p, g in zip(ps, gs):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+        results[("8bit", backend)] = [p.full_tensor().detach().clone() for p in ps]
+        results[("8bit_state", backend)] = [
+            {k: (type(v).__name__, v.dtype, tuple(v.shape), [str(pl) for pl in v.placements], tuple(v.to_local().shape))
+             for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim()} for p in ps]
+        results[("8bit_dequantized", backend)] = opt.dequantized_state(ps[1], "exp_avg").full_tensor()
+        from optcompile.runtime import kernel_codes
+        results[("8bit_in_kernel", backend)] = sorted(kernel_codes(opt._info, opt.param_groups[0], ps[:2]))
+        resumed = [torch.nn.Parameter(b) for b in before]
+        opt2 = make_8bit(resumed, backend)
+        buf.seek(0)
+        opt2.load_state_dict(torch.load(buf, weights_only=True))
+        for p, g in zip(resumed, grads[-1]):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt2.step()
+        results[("8bit_resumed", backend)] = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(resumed, ps))
 
     from optcompile.sharding import ShardedReductions
     shards = ShardedReductions((3, 2, 1), (dist.group.WORLD,))

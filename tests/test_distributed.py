@@ -169,3 +169,25 @@ def test_fsdp2_muon_matches_unsharded(results, backend):
         assert torch.equal(a, b), f"muon on {backend}, tensor {i}: max diff {(a - b).abs().max()}"
     # the momentum stays sharded: rank 0's rows of (7, 3) and of (1, 4)
     assert res[("dtensor_muon_state", backend)] == [("DTensor", (4, 3)), ("DTensor", (1, 4))]
+
+
+@pytest.mark.parametrize("backend", ["eager", "foreach", "fused"])
+def test_fsdp2_eightbit_states_are_per_local_shard(results, backend):
+    """state_precision="8bit" on sharded DTensor params (uneven shards, blocks not aligned with
+    the unsharded tensor's on rank 1): the step equals, bit for bit, stepping each row shard as a
+    separate param (the fused kernel loading and storing the codes itself); codes are DTensors of the param's layout, scales DTensors with one row per
+    shard (rank 1's padded); dequantized_state gives a DTensor; a state dict through
+    torch.load(weights_only=True) resumes bit for bit; a small param keeps fp32 states."""
+    res, _ = results
+    want, want_exp_avg = w.eightbit_reference(backend)
+    for i, (a, b) in enumerate(zip(res[("8bit", backend)], want)):
+        assert torch.equal(a, b), f"tensor {i}: max diff {(a - b).abs().max()}"
+    aligned, uneven, small = res[("8bit_state", backend)]
+    assert aligned["exp_avg"] == ("DTensor", torch.int8, (8, 1024), ["S(0)"], (4, 1024))
+    assert aligned["exp_avg_sq"][:3] == ("DTensor", torch.uint8, (8, 1024))
+    assert aligned["exp_avg_scale"] == ("DTensor", torch.float32, (2, 16), ["S(0)"], (1, 16))
+    assert uneven["exp_avg_scale"] == ("DTensor", torch.float32, (2, 36), ["S(0)"], (1, 36))  # 9000 elements: 36 blocks
+    assert set(small) == {"exp_avg", "exp_avg_sq"} and small["exp_avg"][1] == torch.float32
+    assert torch.equal(res[("8bit_dequantized", backend)], want_exp_avg)
+    assert res[("8bit_in_kernel", backend)] == (["exp_avg", "exp_avg_sq"] if backend == "fused" else [])
+    assert res[("8bit_resumed", backend)]

@@ -10,7 +10,7 @@ import optcompile
 NAMES = optcompile.OPTIMIZERS
 # optimi's classes; those that are torch.optim's take torch.optim's signature (tests/test_torch_family.py)
 OPTIMI_NAMES = [n for n in NAMES if hasattr(optimi, n)]
-ADDED = {"fused", "maximize", "state_precision", "stochastic_rounding", "sr_seed"}  # optcompile's keyword-only extras
+ADDED = {"fused", "maximize", "state_precision", "stochastic_rounding", "sr_seed", "sr_step", "code_scales"}  # optcompile's keyword-only extras
 
 
 def _annotation(p):

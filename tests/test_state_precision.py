@@ -709,3 +709,135 @@ def test_user_spec_declares_a_nonnegative_state(backend):
     full, _ = _train_8bit(cls, "eager", lr=1e-2)
     for p, q in zip(params, full):  # 4 steps of ~0.03 each: 8-bit moments stay within 1e-2 of the fp32 run
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-2)
+
+
+def _edge_values() -> torch.Tensor:
+    """Blocks that probe the fused kernel's encode (optcompile/templates/fused.c.j2): each block's
+    first element sets its scale s (a random mantissa; exponents inside and just outside the
+    range where the kernel divides by multiplying with 1/s and correcting once, and near the ends
+    of fp32), the others sit within 3 ulps of each signed and unsigned code's rounding midpoint
+    s·((k + ½)/top)², where a quotient one ulp off would change the code."""
+    g = torch.Generator().manual_seed(13)
+    exponents = [0, -20, -79, -80, -81, -100, -126, -130, 40, 119, 120, 121, 126, 127]
+    blocks = []
+    for e in exponents:
+        for top in (127, 255):
+            s = torch.ldexp(1 + torch.rand((), generator=g), torch.tensor(e)).float()
+            mid = s * ((torch.arange(top, dtype=torch.float64) + 0.5) / top) ** 2
+            near = mid.float().view(-1, 1).view(torch.int32) + torch.arange(-3, 4, dtype=torch.int32)
+            vals = near.view(torch.float32).reshape(-1)
+            vals = vals[torch.isfinite(vals) & (vals <= s)]
+            signs = torch.where(torch.rand(vals.shape, generator=g) < 0.5, -1.0, 1.0)
+            for lo in range(0, vals.numel(), 255):
+                part = vals[lo:lo + 255] * signs[lo:lo + 255]
+                blocks.append(torch.cat([s.view(1), part, part.new_zeros(255 - part.numel())]))
+    return torch.cat(blocks)
+
+
+def test_eightbit_fused_encode_and_decode_are_correctly_rounded(monkeypatch):
+    """The fused kernel's encode equals quantize_ (torch's correctly rounded division and square
+    root) on values within ulps of every code's rounding boundary, at scales across fp32's range;
+    and its decode of every code (a block holding all 255 signed or 256 unsigned codes) steps an
+    fp32 param bit for bit as the torch-decoded state does."""
+    from optcompile import runtime
+    cls = BY_STEM["adamw"].cls
+    x = _edge_values()
+    p = torch.nn.Parameter(torch.zeros_like(x))
+    opt = cls([p], lr=1e-3, betas=(0.0, 0.0), fused=True, state_precision="8bit")
+    p.grad = x.clone()
+    opt.step()  # betas 0: exp_avg is the grad, exp_avg_sq its square, each encoded by the kernel
+    for name, value in (("exp_avg", x), ("exp_avg_sq", x * x)):
+        codes, scales = quantize.quantize(value, name == "exp_avg_sq")
+        assert torch.equal(opt.state[p][quantize.scale_key(name)], scales), name
+        assert torch.equal(opt.state[p][name], codes), name
+    n = 256 * 16  # MIN_NUMEL
+    signed = torch.arange(-127, 128, dtype=torch.int8)
+    runs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(runtime, "kernel_codes", lambda *a, **k: frozenset())
+        p = torch.nn.Parameter(torch.linspace(-1, 1, n))
+        opt = cls([p], lr=1e-2, betas=(0.5, 0.5), fused=True, state_precision="8bit")
+        p.grad = torch.zeros(n)
+        opt.step()
+        state = opt.state[p]
+        state["exp_avg"].copy_(torch.cat([signed, signed[:1]]).repeat(16))
+        state["exp_avg_sq"].copy_(torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(16))
+        state["exp_avg_scale"].copy_(torch.logspace(-30, 30, 16))
+        state["exp_avg_sq_scale"].copy_(torch.logspace(-36, 36, 16))
+        p.grad = torch.linspace(-1e-3, 1e-3, n)
+        opt.step()
+        runs.append((p.detach().clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.dim()}))
+    monkeypatch.undo()
+    (got, got_state), (ref, ref_state) = runs
+    assert torch.equal(got, ref)
+    assert all(torch.equal(t, ref_state[k]) for k, t in got_state.items())
+
+
+# ── the functional forms: 8-bit codes with their scales, stochastic rounding by seed ────────────
+def _functional_args(stem: str):
+    if stem == "adamw":
+        return dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.01, eps=1e-6), {"weight_decay": 0.01, "lr": 1e-2}
+    return dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01), {"weight_decay": 0.01, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("backend", backend_params("eager", "foreach", "fused"))
+@pytest.mark.parametrize("stem", ["adamw", "lion"])
+def test_functional_form_takes_eightbit_codes_and_a_rounding_seed(stem, backend):
+    """``optcompile.adamw(..., code_scales=..., sr_seed=...)`` over codes made by quantize(), bf16 params:
+    the params, codes and scales equal the class's with ``state_precision="8bit",
+    stochastic_rounding=True`` and the same seed, bit for bit (Lion keeps no step count: the
+    functional form numbers its steps with ``sr_step``); a small param's states stay fp32."""
+    import optcompile
+    info = BY_STEM[stem]
+    fn = getattr(optcompile, stem)
+    args, class_kw = _functional_args(stem)
+    torch.manual_seed(0)
+    shapes = [(70, 64), (10,)]
+    ref = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in shapes]
+    params = [p.detach().clone() for p in ref]
+    opt = info.cls(ref, **class_kw, betas=(0.9, 0.99), **({"eps": 1e-6} if stem == "adamw" else {}),
+                   state_precision="8bit", stochastic_rounding=True, sr_seed=11, **BACKENDS[backend].flags)
+    nonnegative = info.nonnegative
+    states, scales = [], {}
+    for name in info.cls._info.states:
+        made = [quantize.quantize(torch.zeros(s), name in nonnegative) if torch.Size(s).numel() >= 4096
+                else (torch.zeros(s), None) for s in shapes]
+        states.append([c for c, _ in made])
+        scales[name] = [s for _, s in made]
+    step = torch.tensor(0, dtype=torch.int32)
+    for k in range(3):
+        grads = [torch.randn(s).bfloat16() for s in shapes]
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        opt.step()
+        extra = {"step": step} if stem == "adamw" else {"sr_step": k + 1}
+        fn(params, grads, *states, **args, **extra, code_scales=scales, sr_seed=11, **BACKENDS[backend].flags)
+    for i, (p, q) in enumerate(zip(params, ref)):
+        assert torch.equal(p, q), f"{stem} param {i}"
+        for name, lst in zip(info.cls._info.states, states):
+            assert torch.equal(lst[i], opt.state[q][name]), f"{stem} {name} of param {i}"
+            if scales[name][i] is not None:
+                assert torch.equal(scales[name][i], opt.state[q][quantize.scale_key(name)])
+
+
+def test_functional_form_errors_name_the_argument():
+    import optcompile
+    p, g = torch.zeros(64, 64), torch.ones(64, 64)
+    codes, sc = quantize.quantize(torch.zeros(64, 64), False)
+    v_codes, v_sc = quantize.quantize(torch.zeros(64, 64), True)
+    args = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-6, step=torch.tensor(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] holds 8-bit codes .*scales\['exp_avg'\]\[0\]"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args)
+    with pytest.raises(ValueError, match="code_scales names 'm', not a state of AdamW"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args, code_scales={"exp_avg": [sc], "m": [sc]})
+    with pytest.raises(ValueError, match=r"scales\['exp_avg_sq'\]\[0\] is given, but exp_avg_sqs\[0\] is not 8-bit"):
+        optcompile.adamw([p], [g], [codes], [torch.zeros(64, 64)], **args,
+                         code_scales={"exp_avg": [sc], "exp_avg_sq": [v_sc]})
+    with pytest.raises(ValueError, match=r"exp_avg_sq_scale is torch.float32 of shape \(15,\)"):
+        optcompile.adamw([p], [g], [codes], [v_codes], **args, code_scales={"exp_avg": [sc], "exp_avg_sq": [v_sc[:15]]})
+    with pytest.raises(ValueError, match="sr_seed .* and kahan_sum=True cannot be used together"):
+        optcompile.adamw([p], [g], [torch.zeros(64, 64)], [torch.zeros(64, 64)], **args, sr_seed=1, kahan_sum=True)
+    with pytest.raises(ValueError, match="sr_seed needs sr_step"):
+        optcompile.lion([p], [g], [torch.zeros(64, 64)], lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, sr_seed=1)
+    assert args["step"] == 0  # nothing stepped
