@@ -363,7 +363,7 @@ def test_vector_printer_golden():
 # ── storage rounding, bit for bit against torch ─────────────────────────────────────────────────
 def _converter(tmp_path, dtype_code):
     """The generated file's own OC_STORE (and, in bf16 with AVX2, the SIMD loop's rounding and
-    even/odd packing), compiled alone into float → storage-bits functions."""
+    its bf16 and fp32 even/odd loads and stores), compiled alone into float → storage-bits functions."""
     text = (generated_dir() / "adamw_fused.c").read_text()
     start = text.index("#define OC_CHUNK")
     end = text.index("#ifndef OC_SIMD\n#define OC_SIMD 0\n#endif") + len("#ifndef OC_SIMD\n#define OC_SIMD 0\n#endif")
@@ -382,13 +382,19 @@ def _converter(tmp_path, dtype_code):
                     for (int j = 0; j < 8; j++) x[k][j] = in[i + 2 * j + k];  // even, odd elements
                     bits[k] = oc_vrne(x[k], &nan);
                 }
-                oc_vstore16(out + i, bits);
+                oc_vstore_1(out + i, bits);
                 flagged[i / 16] = (char)oc_vany(nan);
-                oc_vu back = oc_vload16(out + i);  // unpacking gives the rounded values back
+                oc_v2 back = oc_vload_1(out + i);  // unpacking gives the rounded values back
                 for (int k = 0; k < 2; k++) {
-                    oc_vf unpacked = oc_vhalf(back, k), rounded = oc_vround(x[k], &nan);
-                    if (!flagged[i / 16] && memcmp(&unpacked, &rounded, 32)) return -1;
+                    oc_vf rounded = oc_vround_1(x[k], &nan);
+                    if (!flagged[i / 16] && memcmp(&back.h[k], &rounded, 32)) return -1;
                 }
+                float wide[16];  // an fp32 buffer's load and store: the same even/odd halves
+                oc_v2 halves = oc_vload_0(in + i);
+                oc_vu raw[2] = {(oc_vu)halves.h[0], (oc_vu)halves.h[1]};
+                oc_vstore_0(wide, raw);
+                if (memcmp(&halves.h[0], &x[0], 32) || memcmp(&halves.h[1], &x[1], 32) || memcmp(wide, in + i, 64))
+                    return -2;
             }
             return 1;
         #else
@@ -411,7 +417,8 @@ def _converter(tmp_path, dtype_code):
             return out
         flagged = torch.zeros(x.numel() // 16, dtype=torch.int8)
         rc = so.convert_simd(x.data_ptr(), out.data_ptr(), x.numel(), flagged.data_ptr())
-        assert rc != -1, "oc_vhalf(oc_vload16(stored)) differs from oc_vround"
+        assert rc != -1, "oc_vload_1(stored) differs from oc_vround_1"
+        assert rc != -2, "oc_vload_0 does not give the even/odd halves, or oc_vstore_0 does not put them back"
         return (out, flagged.bool()) if rc == 1 else None
     return convert
 

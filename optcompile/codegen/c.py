@@ -16,7 +16,11 @@ and narrows in the wrong lane order and blends a NaN case into every rounding. T
 unpacks 16 bf16 as even/odd lanes with one shift and one mask, rounds to nearest even without
 the NaN case, ORs a NaN test into a flag instead, and on a flag leaves the rest of the chunk to
 the scalar loop, which therefore also serves as the exact reference (a test checks the two loops
-agree bit for bit). Reductions keep the scalar loop's 16-lane partition; fp32 spill buffers and
+agree bit for bit). The other buffers of a bf16-param step load and store in the same lane
+order (``OC_VGET_``/``OC_VPUT_``): an fp32 state, or an 8-bit state's block of decoded values, by
+two shuffles; stochastic rounding (``OC_VROUND_``) draws the bits of the lanes' element indices.
+With AVX2 only this loop vectorises such steps: the scalar loop's per-element conversions and
+hash do not. Reductions keep the scalar loop's 16-lane partition; fp32 spill buffers and
 functions without a vector form (``powf`` …) keep the variant scalar.
 
 A state of 8-bit codes (``-DOC_DTYPE_<state>=3`` int8, ``4`` uint8: ``state_precision="8bit"``,
@@ -346,7 +350,7 @@ def _stage(plan: kernel_plan.KernelPlan, st: kernel_plan.Stage, flags: list[str]
         if t not in loaded and t not in temps:
             temps.append(t)
         if s.rounds:  # a later read sees the stored value, and the store is exact
-            rhs, vrhs = f"OC_ROUND_{t}({rhs})", f"oc_vround({vrhs}, &oc_nan)"
+            rhs, vrhs = f"OC_ROUND_{t}({rhs})", f"OC_VROUND_{t}({vrhs})"
             rounded.append(t)
         body.append(_if(s.guard, f"{t} = {rhs};"))
         body_lanes.append(body[-1])
